@@ -1,0 +1,1 @@
+//! Interval aggregates (mergeable histograms, counters, gauges) built from request records.

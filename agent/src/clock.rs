@@ -1,0 +1,1 @@
+//! Kernel CLOCK_MONOTONIC → Unix-epoch wall-clock conversion.

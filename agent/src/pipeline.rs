@@ -1,0 +1,1 @@
+//! Wires probes → events → reconstruct → aggregate → sinks.

@@ -1,0 +1,170 @@
+//! The unit of output: one completed HTTP request/response exchange, with its token timeline.
+//!
+//! Times are kernel CLOCK_MONOTONIC nanoseconds (`*_ns`) as the probes report them; sinks convert
+//! to Unix-epoch time with [`crate::clock::Clock`]. No prompt or completion text is ever stored:
+//! only sizes, counts and metadata.
+
+use std::net::SocketAddr;
+
+/// Why an exchange did not complete normally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestError {
+    /// Response status 400–499.
+    Http4xx,
+    /// Response status 500–599.
+    Http5xx,
+    /// The client closed or reset the connection before the response ended.
+    ClientDisconnect,
+    /// The server closed the connection before the response ended.
+    ServerClose,
+    /// The response body ended (or the stream was cut) in the middle of an event, or a streaming
+    /// response ended without its terminal marker.
+    Truncated,
+    /// The byte stream could not be parsed as HTTP/1.1 (or captured bytes were lost mid-message).
+    Malformed,
+    /// The traced process exited with the exchange in flight.
+    ProcessExit,
+}
+
+impl RequestError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestError::Http4xx => "http_4xx",
+            RequestError::Http5xx => "http_5xx",
+            RequestError::ClientDisconnect => "client_disconnect",
+            RequestError::ServerClose => "server_close",
+            RequestError::Truncated => "truncated",
+            RequestError::Malformed => "malformed",
+            RequestError::ProcessExit => "process_exit",
+        }
+    }
+}
+
+/// Where the output token count came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenCountSource {
+    /// `usage.completion_tokens` carried by the response.
+    Usage,
+    /// Counted from the content events (per-token logprobs where present, else one per event
+    /// per choice).
+    Counted,
+}
+
+/// One completed exchange.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestRecord {
+    pub pid: u32,
+    /// Connection identity (kernel conn id), stable for the connection's lifetime.
+    pub conn_id: u64,
+    /// The client's address, when known.
+    pub peer: Option<SocketAddr>,
+    /// Sequence number of this exchange on its connection (0-based; >0 means keep-alive reuse).
+    pub seq_on_conn: u32,
+    pub method: String,
+    /// Request path without the query string.
+    pub path: String,
+    /// Response status; `None` when no response status line was seen.
+    pub status: Option<u16>,
+    /// `model` from the request body (or, failing that, from the response events).
+    pub model: Option<String>,
+    /// `stream` flag from the request body; falls back to `Content-Type: text/event-stream`.
+    pub stream: bool,
+    /// Time the request's first byte was read by the server.
+    pub start_ns: u64,
+    /// Time the last request byte was read.
+    pub request_end_ns: Option<u64>,
+    /// Time the response status line was written.
+    pub response_start_ns: Option<u64>,
+    /// Time of the first event carrying generated content.
+    pub first_token_ns: Option<u64>,
+    /// Time the response ended (last body byte written) or the exchange was cut off.
+    pub end_ns: u64,
+    /// Emission time of every content event, in order (the first equals `first_token_ns`).
+    pub token_ns: Vec<u64>,
+    /// Tokens carried by each content event (same length as `token_ns`).
+    pub tokens_per_event: Vec<u32>,
+    /// Output tokens (see `token_count_source`).
+    pub output_tokens: Option<u64>,
+    pub token_count_source: Option<TokenCountSource>,
+    /// `usage.prompt_tokens`, when the response carries it.
+    pub prompt_tokens: Option<u64>,
+    /// Last `finish_reason` seen (`stop`, `length`, ...), a closed vocabulary, not content.
+    pub finish_reason: Option<String>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub error: Option<RequestError>,
+}
+
+impl RequestRecord {
+    /// Time to first token in nanoseconds.
+    pub fn ttft_ns(&self) -> Option<u64> {
+        self.first_token_ns.map(|t| t.saturating_sub(self.start_ns))
+    }
+
+    pub fn e2e_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+
+    /// Gaps between consecutive content events (inter-token latency as benchmark clients
+    /// measure it: one gap per event after the first).
+    pub fn itl_ns(&self) -> impl Iterator<Item = u64> + '_ {
+        self.token_ns.windows(2).map(|w| w[1].saturating_sub(w[0]))
+    }
+
+    /// Time per output token after the first: (last content event − first) / (tokens − 1),
+    /// as vLLM's benchmark defines TPOT.
+    pub fn tpot_ns(&self) -> Option<u64> {
+        let first = self.first_token_ns?;
+        let last = *self.token_ns.last()?;
+        let tokens = self.output_tokens?;
+        (tokens > 1).then(|| (last.saturating_sub(first)) / (tokens - 1))
+    }
+
+    pub fn is_streaming(&self) -> bool {
+        self.stream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> RequestRecord {
+        RequestRecord {
+            pid: 1,
+            conn_id: 1,
+            peer: None,
+            seq_on_conn: 0,
+            method: "POST".into(),
+            path: "/v1/completions".into(),
+            status: Some(200),
+            model: None,
+            stream: true,
+            start_ns: 1_000,
+            request_end_ns: Some(1_100),
+            response_start_ns: Some(1_500),
+            first_token_ns: Some(2_000),
+            end_ns: 5_000,
+            token_ns: vec![2_000, 3_000, 4_500],
+            tokens_per_event: vec![1, 1, 2],
+            output_tokens: Some(4),
+            token_count_source: Some(TokenCountSource::Counted),
+            prompt_tokens: None,
+            finish_reason: None,
+            request_bytes: 10,
+            response_bytes: 20,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn derived_latencies() {
+        let r = rec();
+        assert_eq!(r.ttft_ns(), Some(1_000));
+        assert_eq!(r.e2e_ns(), 4_000);
+        assert_eq!(r.itl_ns().collect::<Vec<_>>(), vec![1_000, 1_500]);
+        assert_eq!(r.tpot_ns(), Some(2_500 / 3));
+    }
+}

@@ -1,0 +1,1 @@
+//! Where results go: JSON lines, the Prometheus endpoint, the gRPC stream to the collector.

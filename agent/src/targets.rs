@@ -1,0 +1,1 @@
+//! Which processes to trace: `--pid`s and the owners of `--port` listeners, found in /proc.

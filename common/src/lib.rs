@@ -1,0 +1,157 @@
+//! The event ABI shared by infertap's eBPF programs (`agent-ebpf`) and the user-space agent.
+//!
+//! Every record crossing the ring buffer starts with an [`EventHeader`]; `captured` payload bytes
+//! follow it directly. Layouts are `#[repr(C)]` with explicit padding so both sides agree without
+//! relying on the compiler.
+#![no_std]
+
+/// Largest payload the kernel copies per syscall. A power of two so the eBPF side can bound
+/// lengths with a mask the verifier understands.
+pub const MAX_CAPTURE: usize = 4096;
+/// Default per-syscall capture when the user does not choose one.
+pub const DEFAULT_CAPTURE: u32 = 1024;
+
+/// What an event describes (`EventHeader::kind`).
+pub mod kind {
+    /// Bytes read from a traced connection (read, readv, recvfrom, recvmsg, recvmmsg).
+    /// `ret` is the byte count; 0 means the peer closed its side (EOF).
+    pub const READ: u8 = 1;
+    /// Bytes written to a traced connection (write, writev, sendto, sendmsg, sendmmsg).
+    pub const WRITE: u8 = 2;
+    /// A connection accepted by a traced process; payload is the peer `sockaddr` (if the caller
+    /// asked for it), `ret` the new fd.
+    pub const ACCEPT: u8 = 3;
+    /// The traced process closed a traced connection's fd.
+    pub const CLOSE: u8 = 4;
+    /// A traced process forked: `ret` holds the child's tgid.
+    pub const FORK: u8 = 5;
+    /// A traced process (its thread-group leader) exited.
+    pub const EXIT: u8 = 6;
+}
+
+/// Which syscall produced a READ/WRITE event (`EventHeader::syscall`), for diagnostics and stats.
+pub mod syscall {
+    pub const READ: u8 = 1;
+    pub const READV: u8 = 2;
+    pub const RECVFROM: u8 = 3;
+    pub const RECVMSG: u8 = 4;
+    pub const RECVMMSG: u8 = 5;
+    pub const WRITE: u8 = 6;
+    pub const WRITEV: u8 = 7;
+    pub const SENDTO: u8 = 8;
+    pub const SENDMSG: u8 = 9;
+    pub const SENDMMSG: u8 = 10;
+    pub const ACCEPT: u8 = 11;
+    pub const ACCEPT4: u8 = 12;
+    pub const CLOSE: u8 = 13;
+
+    pub fn name(nr: u8) -> &'static str {
+        match nr {
+            READ => "read",
+            READV => "readv",
+            RECVFROM => "recvfrom",
+            RECVMSG => "recvmsg",
+            RECVMMSG => "recvmmsg",
+            WRITE => "write",
+            WRITEV => "writev",
+            SENDTO => "sendto",
+            SENDMSG => "sendmsg",
+            SENDMMSG => "sendmmsg",
+            ACCEPT => "accept",
+            ACCEPT4 => "accept4",
+            CLOSE => "close",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Header of every ring-buffer record. 48 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at syscall entry.
+    pub ts_enter_ns: u64,
+    /// CLOCK_MONOTONIC at syscall exit (equal to `ts_enter_ns` for events without an exit).
+    pub ts_exit_ns: u64,
+    /// `tgid << 32 | tid` of the calling thread.
+    pub pid_tgid: u64,
+    /// Identifies one connection across fd reuse: the CLOCK_MONOTONIC time the kernel side began
+    /// tracking it (accept exit), or a value user space chose when it registered the socket.
+    pub conn_id: u64,
+    /// Syscall return value: bytes transferred, a new fd, a child tgid, or `-errno`.
+    pub ret: i64,
+    /// The file descriptor concerned (-1 when not applicable).
+    pub fd: i32,
+    /// Payload bytes that follow this header (≤ `MAX_CAPTURE`, ≤ `ret`).
+    pub captured: u16,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// One of [`syscall`].
+    pub syscall: u8,
+}
+
+pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// Value of the kernel's per-connection map: a connection the agent follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub conn_id: u64,
+}
+
+/// Key of the per-connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+/// Indices of the per-CPU drop/diagnostic counters (`COUNTERS` array).
+pub mod counter {
+    /// Ring buffer full: an event was lost.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// The in-flight syscall map was full: an event was lost.
+    pub const INFLIGHT_FULL: u32 = 1;
+    /// The connection map was full: a new connection is not traced.
+    pub const CONN_MAP_FULL: u32 = 2;
+    /// Copying the payload from user memory failed (payload omitted, lengths kept).
+    pub const PAYLOAD_FAULT: u32 = 3;
+    /// Payload longer than the capture limit (truncated, lengths kept). Not a loss.
+    pub const PAYLOAD_TRUNCATED: u32 = 4;
+    /// Events emitted.
+    pub const EVENTS: u32 = 5;
+    /// Syscalls on traced connections seen at entry.
+    pub const TRACED_SYSCALLS: u32 = 6;
+    pub const COUNT: u32 = 8;
+
+    pub fn name(i: u32) -> &'static str {
+        match i {
+            RINGBUF_FULL => "ringbuf_full",
+            INFLIGHT_FULL => "inflight_full",
+            CONN_MAP_FULL => "conn_map_full",
+            PAYLOAD_FAULT => "payload_fault",
+            PAYLOAD_TRUNCATED => "payload_truncated",
+            EVENTS => "events",
+            TRACED_SYSCALLS => "traced_syscalls",
+            _ => "unused",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` integers with explicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::EventHeader {}
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn header_layout_is_stable() {
+        assert_eq!(super::HEADER_LEN, 48);
+        assert_eq!(core::mem::size_of::<super::ConnKey>(), 8);
+    }
+}
