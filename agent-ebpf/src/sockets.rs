@@ -137,7 +137,7 @@ const EINTR: i64 = 4;
 const EINPROGRESS: i64 = 115;
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *c += 1 };
@@ -152,7 +152,7 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
 }
 
 #[inline(always)]
-fn is_target(tgid: u32) -> bool {
+pub(crate) fn is_target(tgid: u32) -> bool {
     // SAFETY: the value is only tested for presence.
     unsafe { TARGETS.get(&tgid).is_some() }
 }
@@ -459,7 +459,13 @@ fn emit_record(rec: &mut Record) -> u32 {
 
 #[inline(always)]
 fn emit_header(header: &EventHeader) {
-    match EVENTS.output::<EventHeader>(header, wakeup_flags()) {
+    emit_small(header);
+}
+
+/// Emits a small fixed-size record built on the stack.
+#[inline(always)]
+pub(crate) fn emit_small<T>(record: &T) {
+    match EVENTS.output::<T>(record, wakeup_flags()) {
         Ok(()) => bump(counter::EVENTS),
         Err(_) => bump(counter::RINGBUF_FULL),
     }
