@@ -43,8 +43,8 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("exit_io", "syscalls", "sys_exit_sendto"),
     ("exit_io", "syscalls", "sys_exit_sendmsg"),
     ("exit_io", "syscalls", "sys_exit_sendmmsg"),
-    ("exit_io", "syscalls", "sys_exit_accept4"),
-    ("exit_io", "syscalls", "sys_exit_accept"),
+    ("exit_accept", "syscalls", "sys_exit_accept4"),
+    ("exit_accept", "syscalls", "sys_exit_accept"),
     ("on_fork", "sched", "sched_process_fork"),
     ("on_exit", "sched", "sched_process_exit"),
 ];
