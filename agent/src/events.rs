@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use infertap_common::{kind, EventHeader, HEADER_LEN};
+use infertap_common::{cuda, kind, EventHeader, HEADER_LEN};
 
 /// Identifies one traced connection: the process and the kernel's connection id (which survives
 /// fd reuse, unlike the fd).
@@ -85,11 +85,28 @@ pub enum ProcEvent {
     Exit { pid: u32, ts_ns: u64 },
 }
 
+/// One CUDA API call seen by the uprobes in per-event mode (trace windows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaCall {
+    pub pid: u32,
+    pub tid: u32,
+    pub func: &'static cuda::Func,
+    pub start_ns: u64,
+    /// Return time, for functions with a return probe (synchronisation, blocking copies).
+    pub end_ns: Option<u64>,
+    pub bytes: Option<u64>,
+    pub copy: cuda::CopyKind,
+    /// Kernel handle (driver launches), host stub address (runtime launches) or graph.
+    pub handle: u64,
+    pub stream: u64,
+}
+
 /// A decoded ring-buffer record.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     Conn(ConnEvent<'a>),
     Proc(ProcEvent),
+    Cuda(CudaCall),
 }
 
 /// Why a record could not be decoded (counted, never fatal).
@@ -101,6 +118,8 @@ pub enum DecodeError {
     PayloadLength { claimed: usize, present: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u8),
+    #[error("unknown CUDA function id {0}")]
+    UnknownCudaFunc(u16),
 }
 
 /// Errnos that mean the connection is gone (as opposed to EAGAIN and friends, which the kernel
@@ -151,6 +170,34 @@ pub fn split(record: &[u8]) -> Result<(EventHeader, &[u8]), DecodeError> {
         });
     }
     Ok((header, &payload[..claimed]))
+}
+
+fn decode_cuda(h: &EventHeader, payload: &[u8]) -> Result<CudaCall, DecodeError> {
+    let cookie = cuda::Cookie(h.conn_id);
+    let func = cuda::func(cookie.func_id()).ok_or(DecodeError::UnknownCudaFunc(cookie.func_id()))?;
+    let word = |i: usize| {
+        payload
+            .get(i * 8..i * 8 + 8)
+            .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+    };
+    let copy = match h.fd {
+        1 => cuda::CopyKind::HostToDevice,
+        2 => cuda::CopyKind::DeviceToHost,
+        3 => cuda::CopyKind::DeviceToDevice,
+        4 => cuda::CopyKind::HostToHost,
+        _ => cuda::CopyKind::Unknown,
+    };
+    Ok(CudaCall {
+        pid: (h.pid_tgid >> 32) as u32,
+        tid: h.pid_tgid as u32,
+        func,
+        start_ns: h.ts_enter_ns,
+        end_ns: cookie.timed().then_some(h.ts_exit_ns),
+        bytes: (h.ret >= 0).then_some(h.ret as u64),
+        copy,
+        handle: word(0),
+        stream: word(1),
+    })
 }
 
 /// Decodes one ring-buffer record.
@@ -211,6 +258,7 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
             pid,
             ts_ns: h.ts_enter_ns,
         }),
+        kind::CUDA_CALL => Event::Cuda(decode_cuda(&h, payload)?),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Some(ev))
@@ -271,6 +319,28 @@ mod tests {
             decode(&record(h, b"xy")),
             Err(DecodeError::PayloadLength { .. })
         ));
+    }
+
+    #[test]
+    fn decodes_cuda_calls() {
+        let f = cuda::FUNCS.iter().find(|f| f.symbol == "cuStreamSynchronize").unwrap();
+        let h = EventHeader {
+            ts_enter_ns: 100,
+            ts_exit_ns: 5_100,
+            pid_tgid: (9u64 << 32) | 10,
+            conn_id: cuda::Cookie::of(f).0,
+            ret: -1,
+            fd: 0,
+            captured: 16,
+            kind: kind::CUDA_CALL,
+            syscall: 0,
+        };
+        let mut payload = 0xabcu64.to_ne_bytes().to_vec();
+        payload.extend_from_slice(&0x99u64.to_ne_bytes());
+        let Some(Event::Cuda(c)) = decode(&record(h, &payload)).unwrap() else { panic!() };
+        assert_eq!((c.pid, c.tid, c.func.symbol), (9, 10, "cuStreamSynchronize"));
+        assert_eq!((c.start_ns, c.end_ns, c.bytes), (100, Some(5_100), None));
+        assert_eq!((c.handle, c.stream), (0xabc, 0x99));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct Pipeline {
     records: Vec<RequestRecord>,
     /// Called for every completed request (aggregates, GPU correlation, ...).
     observers: Vec<Box<dyn FnMut(&RequestRecord) + Send>>,
+    /// Called for every CUDA call record (per-event mode only: trace windows).
+    cuda_observers: Vec<Box<dyn FnMut(&events::CudaCall) + Send>>,
 }
 
 impl Pipeline {
@@ -81,12 +83,17 @@ impl Pipeline {
             stats: PipelineStats::default(),
             records: Vec::new(),
             observers: Vec::new(),
+            cuda_observers: Vec::new(),
             opts,
         })
     }
 
     pub fn add_observer(&mut self, f: impl FnMut(&RequestRecord) + Send + 'static) {
         self.observers.push(Box::new(f));
+    }
+
+    pub fn add_cuda_observer(&mut self, f: impl FnMut(&events::CudaCall) + Send + 'static) {
+        self.cuda_observers.push(Box::new(f));
     }
 
     pub fn reconstructor(&self) -> &Reconstructor {
@@ -178,6 +185,11 @@ impl Pipeline {
                 self.recon.on_process_exit(pid, ts_ns, &mut self.records);
                 self.probes.forget_process(pid);
                 self.known_pids.remove(&pid);
+            }
+            Ok(Some(Event::Cuda(call))) => {
+                for obs in &mut self.cuda_observers {
+                    obs(&call);
+                }
             }
             Ok(Some(Event::Proc(ProcEvent::Fork { .. }))) | Ok(None) => {}
             Err(e) => {
