@@ -122,14 +122,29 @@ impl Aggregator {
             }
         };
         if r.is_streaming() {
-            observe(&schema::TIME_TO_FIRST_TOKEN, &mut r.ttft_ns().map(secs).into_iter());
+            observe(
+                &schema::TIME_TO_FIRST_TOKEN,
+                &mut r.ttft_ns().map(secs).into_iter(),
+            );
         }
         observe(&schema::INTER_TOKEN_LATENCY, &mut r.itl_ns().map(secs));
         if ok {
-            observe(&schema::TIME_PER_OUTPUT_TOKEN, &mut r.tpot_ns().map(secs).into_iter());
-            observe(&schema::E2E_REQUEST_LATENCY, &mut std::iter::once(secs(r.e2e_ns())));
-            observe(&schema::REQUEST_OUTPUT_TOKENS, &mut r.output_tokens.map(|n| n as f64).into_iter());
-            observe(&schema::REQUEST_PROMPT_TOKENS, &mut r.prompt_tokens.map(|n| n as f64).into_iter());
+            observe(
+                &schema::TIME_PER_OUTPUT_TOKEN,
+                &mut r.tpot_ns().map(secs).into_iter(),
+            );
+            observe(
+                &schema::E2E_REQUEST_LATENCY,
+                &mut std::iter::once(secs(r.e2e_ns())),
+            );
+            observe(
+                &schema::REQUEST_OUTPUT_TOKENS,
+                &mut r.output_tokens.map(|n| n as f64).into_iter(),
+            );
+            observe(
+                &schema::REQUEST_PROMPT_TOKENS,
+                &mut r.prompt_tokens.map(|n| n as f64).into_iter(),
+            );
         }
     }
 
@@ -143,15 +158,21 @@ impl Aggregator {
     /// Sets `infertap_events_dropped_total{reason}` to a cumulative count kept by the dropping
     /// component (ring buffer, parser, exporter). `reason` must come from a small fixed set.
     pub fn set_drops(&mut self, reason: &str, cumulative_total: u64) {
-        let labels = vec![(schema::LABEL_REASON.to_owned(), schema::clamp_label_value(reason).to_owned())];
-        self.cumulative.lock().set_counter(&schema::EVENTS_DROPPED, labels, cumulative_total);
+        let labels = vec![(
+            schema::LABEL_REASON.to_owned(),
+            schema::clamp_label_value(reason).to_owned(),
+        )];
+        self.cumulative
+            .lock()
+            .set_counter(&schema::EVENTS_DROPPED, labels, cumulative_total);
     }
 
     /// Ends the current interval at `now_unix_ns` and returns what changed during it (histogram
     /// and counter deltas, current gauges). `sequence` is 0: the gRPC exporter assigns it.
     pub fn take_interval(&mut self, now_unix_ns: u64) -> IntervalReport {
         let current = self.cumulative.snapshot();
-        let report = current.interval_report(&self.last_cut, self.interval_start_unix_ns, now_unix_ns);
+        let report =
+            current.interval_report(&self.last_cut, self.interval_start_unix_ns, now_unix_ns);
         self.last_cut = current;
         self.interval_start_unix_ns = now_unix_ns;
         report
@@ -165,7 +186,12 @@ mod tests {
     use infertap_proto::store::HistogramData;
 
     /// A streaming record: request at t=0, events at the given ms offsets, one token each.
-    fn record(model: &str, events_ms: &[u64], end_ms: u64, error: Option<RequestError>) -> RequestRecord {
+    fn record(
+        model: &str,
+        events_ms: &[u64],
+        end_ms: u64,
+        error: Option<RequestError>,
+    ) -> RequestRecord {
         let ms = 1_000_000u64;
         let base = 5_000 * ms;
         let token_ns: Vec<u64> = events_ms.iter().map(|t| base + t * ms).collect();
@@ -211,17 +237,34 @@ mod tests {
         let mut agg = Aggregator::new(DEFAULT_MAX_MODELS, 0);
         agg.observe(&record("llama", &[20, 25, 35, 36], 40, None));
         let s = agg.shared().snapshot();
-        let ttft = s.histogram(&schema::TIME_TO_FIRST_TOKEN, &m("llama")).unwrap();
+        let ttft = s
+            .histogram(&schema::TIME_TO_FIRST_TOKEN, &m("llama"))
+            .unwrap();
         assert_eq!(ttft, &expected(&schema::TIME_TO_FIRST_TOKEN, &[0.020]));
-        let itl = s.histogram(&schema::INTER_TOKEN_LATENCY, &m("llama")).unwrap();
+        let itl = s
+            .histogram(&schema::INTER_TOKEN_LATENCY, &m("llama"))
+            .unwrap();
         assert_eq!(itl.count, 3);
-        assert_eq!(itl.buckets, expected(&schema::INTER_TOKEN_LATENCY, &[0.005, 0.010, 0.001]).buckets);
-        let tpot = s.histogram(&schema::TIME_PER_OUTPUT_TOKEN, &m("llama")).unwrap();
-        assert_eq!(tpot.buckets, expected(&schema::TIME_PER_OUTPUT_TOKEN, &[0.016 / 3.0]).buckets);
-        let e2e = s.histogram(&schema::E2E_REQUEST_LATENCY, &m("llama")).unwrap();
+        assert_eq!(
+            itl.buckets,
+            expected(&schema::INTER_TOKEN_LATENCY, &[0.005, 0.010, 0.001]).buckets
+        );
+        let tpot = s
+            .histogram(&schema::TIME_PER_OUTPUT_TOKEN, &m("llama"))
+            .unwrap();
+        assert_eq!(
+            tpot.buckets,
+            expected(&schema::TIME_PER_OUTPUT_TOKEN, &[0.016 / 3.0]).buckets
+        );
+        let e2e = s
+            .histogram(&schema::E2E_REQUEST_LATENCY, &m("llama"))
+            .unwrap();
         assert_eq!(e2e.count, 1);
         assert_eq!(e2e.buckets[0], 1, "40 ms is under the first E2E bound");
-        let ok = vec![(schema::LABEL_MODEL.into(), "llama".into()), (schema::LABEL_OUTCOME.into(), "ok".into())];
+        let ok = vec![
+            (schema::LABEL_MODEL.into(), "llama".into()),
+            (schema::LABEL_OUTCOME.into(), "ok".into()),
+        ];
         assert_eq!(s.counter(&schema::REQUESTS, &ok), Some(1));
         assert_eq!(s.counter(&schema::OUTPUT_TOKENS, &m("llama")), Some(4));
         assert_eq!(s.counter(&schema::PROMPT_TOKENS, &m("llama")), Some(12));
@@ -231,14 +274,36 @@ mod tests {
     #[test]
     fn errors_count_but_skip_completion_latencies() {
         let mut agg = Aggregator::new(DEFAULT_MAX_MODELS, 0);
-        agg.observe(&record("llama", &[20, 30], 31, Some(RequestError::ClientDisconnect)));
+        agg.observe(&record(
+            "llama",
+            &[20, 30],
+            31,
+            Some(RequestError::ClientDisconnect),
+        ));
         let s = agg.shared().snapshot();
-        let lbl = vec![(schema::LABEL_MODEL.into(), "llama".into()), (schema::LABEL_OUTCOME.into(), "client_disconnect".into())];
+        let lbl = vec![
+            (schema::LABEL_MODEL.into(), "llama".into()),
+            (schema::LABEL_OUTCOME.into(), "client_disconnect".into()),
+        ];
         assert_eq!(s.counter(&schema::REQUESTS, &lbl), Some(1));
-        assert_eq!(s.histogram(&schema::TIME_TO_FIRST_TOKEN, &m("llama")).unwrap().count, 1);
-        assert_eq!(s.histogram(&schema::INTER_TOKEN_LATENCY, &m("llama")).unwrap().count, 1);
-        assert!(s.histogram(&schema::E2E_REQUEST_LATENCY, &m("llama")).is_none());
-        assert!(s.histogram(&schema::TIME_PER_OUTPUT_TOKEN, &m("llama")).is_none());
+        assert_eq!(
+            s.histogram(&schema::TIME_TO_FIRST_TOKEN, &m("llama"))
+                .unwrap()
+                .count,
+            1
+        );
+        assert_eq!(
+            s.histogram(&schema::INTER_TOKEN_LATENCY, &m("llama"))
+                .unwrap()
+                .count,
+            1
+        );
+        assert!(s
+            .histogram(&schema::E2E_REQUEST_LATENCY, &m("llama"))
+            .is_none());
+        assert!(s
+            .histogram(&schema::TIME_PER_OUTPUT_TOKEN, &m("llama"))
+            .is_none());
     }
 
     #[test]
@@ -251,8 +316,14 @@ mod tests {
         none.model = None;
         agg.observe(&none);
         let s = agg.shared().snapshot();
-        let e2e = |m_: &str| s.histogram(&schema::E2E_REQUEST_LATENCY, &m(m_)).map(|h| h.count);
-        assert_eq!((e2e("a"), e2e("b"), e2e("c"), e2e("other")), (Some(2), Some(1), None, Some(3)));
+        let e2e = |m_: &str| {
+            s.histogram(&schema::E2E_REQUEST_LATENCY, &m(m_))
+                .map(|h| h.count)
+        };
+        assert_eq!(
+            (e2e("a"), e2e("b"), e2e("c"), e2e("other")),
+            (Some(2), Some(1), None, Some(3))
+        );
     }
 
     #[test]
@@ -262,8 +333,17 @@ mod tests {
         agg.set_drops("ringbuf_full", 5);
         agg.set_in_flight(3, 1);
         let r1 = agg.take_interval(200);
-        assert_eq!((r1.start_unix_ns, r1.end_unix_ns, r1.sequence), (100, 200, 0));
-        let reqs = |r: &IntervalReport, name: &str| r.counters.iter().filter(|c| c.name == name).map(|c| c.value).sum::<u64>();
+        assert_eq!(
+            (r1.start_unix_ns, r1.end_unix_ns, r1.sequence),
+            (100, 200, 0)
+        );
+        let reqs = |r: &IntervalReport, name: &str| {
+            r.counters
+                .iter()
+                .filter(|c| c.name == name)
+                .map(|c| c.value)
+                .sum::<u64>()
+        };
         assert_eq!(reqs(&r1, "infertap_requests_total"), 1);
         assert_eq!(reqs(&r1, "infertap_events_dropped_total"), 5);
         agg.observe(&record("llama", &[20], 40, None));
@@ -272,12 +352,26 @@ mod tests {
         assert_eq!(r2.start_unix_ns, 200);
         assert_eq!(reqs(&r2, "infertap_requests_total"), 1);
         assert_eq!(reqs(&r2, "infertap_events_dropped_total"), 3);
-        let e2e = r2.histograms.iter().find(|h| h.name == schema::E2E_REQUEST_LATENCY.name).unwrap();
+        let e2e = r2
+            .histograms
+            .iter()
+            .find(|h| h.name == schema::E2E_REQUEST_LATENCY.name)
+            .unwrap();
         assert_eq!(e2e.count, 1);
-        let running = r2.gauges.iter().find(|g| g.name == "infertap_requests_running").unwrap();
+        let running = r2
+            .gauges
+            .iter()
+            .find(|g| g.name == "infertap_requests_running")
+            .unwrap();
         assert_eq!(running.value, 3.0);
         // The cumulative view keeps totals.
-        let ok = vec![(schema::LABEL_MODEL.into(), "llama".into()), (schema::LABEL_OUTCOME.into(), "ok".into())];
-        assert_eq!(agg.shared().snapshot().counter(&schema::REQUESTS, &ok), Some(2));
+        let ok = vec![
+            (schema::LABEL_MODEL.into(), "llama".into()),
+            (schema::LABEL_OUTCOME.into(), "ok".into()),
+        ];
+        assert_eq!(
+            agg.shared().snapshot().counter(&schema::REQUESTS, &ok),
+            Some(2)
+        );
     }
 }

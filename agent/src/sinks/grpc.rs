@@ -41,7 +41,11 @@ pub struct ExporterConfig {
 
 impl ExporterConfig {
     /// Defaults: 720 buffered reports (1 h at a 5 s interval), backoff 250 ms → 30 s.
-    pub fn new(endpoint: impl Into<String>, node: impl Into<String>, agent_id: impl Into<String>) -> Self {
+    pub fn new(
+        endpoint: impl Into<String>,
+        node: impl Into<String>,
+        agent_id: impl Into<String>,
+    ) -> Self {
         ExporterConfig {
             endpoint: endpoint.into(),
             node: node.into(),
@@ -77,9 +81,19 @@ impl GrpcExporter {
     /// Starts the exporter task (on the current tokio runtime). Fails only on an invalid URL or
     /// configuration; an unreachable collector is retried in the background.
     pub fn spawn(cfg: ExporterConfig) -> anyhow::Result<GrpcExporter> {
-        anyhow::ensure!(cfg.buffer_capacity > 0, "export buffer capacity must be at least 1");
-        anyhow::ensure!(!cfg.node.is_empty() && !cfg.agent_id.is_empty(), "node and agent id must not be empty");
-        let url = if cfg.endpoint.contains("://") { cfg.endpoint.clone() } else { format!("http://{}", cfg.endpoint) };
+        anyhow::ensure!(
+            cfg.buffer_capacity > 0,
+            "export buffer capacity must be at least 1"
+        );
+        anyhow::ensure!(
+            !cfg.node.is_empty() && !cfg.agent_id.is_empty(),
+            "node and agent id must not be empty"
+        );
+        let url = if cfg.endpoint.contains("://") {
+            cfg.endpoint.clone()
+        } else {
+            format!("http://{}", cfg.endpoint)
+        };
         let endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("invalid collector URL {url:?}"))?
             .connect_timeout(cfg.connect_timeout)
@@ -108,7 +122,13 @@ impl GrpcExporter {
             rng: instance_id | 1,
         };
         let task = tokio::spawn(worker.run());
-        Ok(GrpcExporter { tx, stats, pids, instance_id, task })
+        Ok(GrpcExporter {
+            tx,
+            stats,
+            pids,
+            instance_id,
+            task,
+        })
     }
 
     /// Queues a report without blocking. Returns false (and counts a drop) when the exporter
@@ -156,7 +176,12 @@ impl GrpcExporter {
     /// Stops taking reports and gives the task up to `grace` to deliver what is buffered; what is
     /// still unacked after that is lost (and logged). Returns the number of reports lost.
     pub async fn shutdown(self, grace: Duration) -> usize {
-        let GrpcExporter { tx, stats, mut task, .. } = self;
+        let GrpcExporter {
+            tx,
+            stats,
+            mut task,
+            ..
+        } = self;
         drop(tx);
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             task.abort();
@@ -251,12 +276,18 @@ impl Worker {
                     if let Some(old) = self.buffer.pop_front() {
                         let total = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                         if total.is_power_of_two() {
-                            tracing::warn!(sequence = old.sequence, dropped_total = total, "export buffer full, dropped oldest report");
+                            tracing::warn!(
+                                sequence = old.sequence,
+                                dropped_total = total,
+                                "export buffer full, dropped oldest report"
+                            );
                         }
                     }
                 }
                 self.buffer.push_back(report);
-                self.stats.buffered.store(self.buffer.len(), Ordering::Relaxed);
+                self.stats
+                    .buffered
+                    .store(self.buffer.len(), Ordering::Relaxed);
             }
             None => self.rx_closed = true,
         }
@@ -266,7 +297,9 @@ impl Worker {
         while self.buffer.front().is_some_and(|r| r.sequence <= sequence) {
             self.buffer.pop_front();
         }
-        self.stats.buffered.store(self.buffer.len(), Ordering::Relaxed);
+        self.stats
+            .buffered
+            .store(self.buffer.len(), Ordering::Relaxed);
         self.stats.acked.fetch_max(sequence, Ordering::Relaxed);
     }
 
@@ -276,7 +309,11 @@ impl Worker {
                 node: self.cfg.node.clone(),
                 agent_id: self.cfg.agent_id.clone(),
                 instance_id: self.instance_id,
-                pids: self.pids.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+                pids: self
+                    .pids
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 schema_version: schema::SCHEMA_VERSION,
             })),
@@ -332,7 +369,11 @@ impl Worker {
             if self.rx_closed && self.buffer.is_empty() {
                 return SessionEnd::Done;
             }
-            let unsent = self.buffer.iter().find(|r| r.sequence > sent_up_to).cloned();
+            let unsent = self
+                .buffer
+                .iter()
+                .find(|r| r.sequence > sent_up_to)
+                .cloned();
             tokio::select! {
                 permit = out_tx.reserve(), if unsent.is_some() => match (permit, unsent) {
                     (Ok(permit), Some(report)) => {
@@ -369,7 +410,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_config() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             assert!(GrpcExporter::spawn(ExporterConfig::new("http://[::1", "n", "a")).is_err());
             let mut cfg = ExporterConfig::new("127.0.0.1:1", "n", "a");

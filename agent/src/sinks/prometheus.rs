@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use crate::aggregate::SharedMetrics;
 
 /// Content type of OpenMetrics text, which Prometheus negotiates and parses.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A running metrics server; shut it down with [`MetricsServer::shutdown`].
 #[derive(Debug)]
@@ -26,7 +27,9 @@ pub struct MetricsServer {
 
 /// Binds `addr` (port 0 picks a free port) and serves `metrics` on `/metrics`.
 pub async fn serve(addr: SocketAddr, metrics: SharedMetrics) -> anyhow::Result<MetricsServer> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics address {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics address {addr}"))?;
     let local_addr = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(move || metrics_response(metrics.clone())))
@@ -40,7 +43,11 @@ pub async fn serve(addr: SocketAddr, metrics: SharedMetrics) -> anyhow::Result<M
             .await
     });
     tracing::info!(%local_addr, "serving Prometheus metrics on /metrics");
-    Ok(MetricsServer { local_addr, stop, task })
+    Ok(MetricsServer {
+        local_addr,
+        stop,
+        task,
+    })
 }
 
 async fn metrics_response(metrics: SharedMetrics) -> axum::response::Response {
@@ -48,7 +55,11 @@ async fn metrics_response(metrics: SharedMetrics) -> axum::response::Response {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
         Err(e) => {
             tracing::error!("encoding metrics failed: {e}");
-            (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            )
+                .into_response()
         }
     }
 }
@@ -61,6 +72,9 @@ impl MetricsServer {
     /// Stops accepting, lets in-flight scrapes finish, and waits for the server task.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
-        self.task.await.context("metrics server task")?.context("metrics server")
+        self.task
+            .await
+            .context("metrics server task")?
+            .context("metrics server")
     }
 }
