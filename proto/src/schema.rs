@@ -303,7 +303,8 @@ mod tests {
         );
         assert_eq!(d.bucket_index(0.0010001), 1);
         // 10 ms computed from integer nanoseconds lands exactly on the 0.01 bound.
-        assert_eq!(d.bucket_index(10_000_000u64 as f64 / 1e9), 2);
+        let ten_ms_ns: u64 = 10_000_000;
+        assert_eq!(d.bucket_index(ten_ms_ns as f64 / 1e9), 2);
         assert_eq!(d.bucket_index(2560.0), d.bounds.len() - 1);
         assert_eq!(d.bucket_index(1e9), d.bounds.len());
         assert_eq!(d.bucket_index(f64::NAN), d.bounds.len());

@@ -234,7 +234,7 @@ impl Worker {
                         failures += 1;
                         // The first failure and then every tenth, so a long outage stays visible
                         // without flooding the log.
-                        if failures == 1 || failures % 10 == 0 {
+                        if failures == 1 || failures.is_multiple_of(10) {
                             tracing::warn!(collector = %self.url, failures, buffered = self.buffer.len(), "cannot reach collector: {error}");
                         }
                     }
