@@ -72,6 +72,8 @@ impl Default for CollectorConfig {
     }
 }
 
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Dedupe state is forgotten this long after an agent instance's last message.
 const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -324,7 +326,11 @@ impl Collector for CollectorService {
     ) -> Result<Response<Self::ReportStream>, Status> {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
+        // A peer that connects and never says hello must not hold a task forever.
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 30 s"))??;
+        let hello = match first {
             Some(AgentMessage {
                 msg: Some(agent_message::Msg::Hello(h)),
             }) => h,
@@ -348,6 +354,16 @@ impl Collector for CollectorService {
         tokio::spawn(async move {
             let clean = loop {
                 match inbound.message().await {
+                    Ok(Some(AgentMessage {
+                        msg: Some(agent_message::Msg::Report(report)),
+                    })) if report.sequence == 0 => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(
+                                "report sequence numbers start at 1",
+                            )))
+                            .await;
+                        break false;
+                    }
                     Ok(Some(AgentMessage {
                         msg: Some(agent_message::Msg::Report(report)),
                     })) => {
@@ -511,7 +527,7 @@ impl RunningCollector {
 
     /// Waits until a server task ends on its own (an error: they run until shut down).
     pub async fn wait_failure(&mut self) -> anyhow::Error {
-        let (res, idx, _) = futures_select_all(&mut self.tasks).await;
+        let (res, idx) = first_finished(&mut self.tasks).await;
         self.tasks.remove(idx);
         match res {
             Ok(Ok(())) => anyhow::anyhow!("a collector server stopped unexpectedly"),
@@ -521,18 +537,14 @@ impl RunningCollector {
     }
 }
 
-/// `select_all` over join handles without pulling in the futures crate.
-async fn futures_select_all(
+/// The first of `tasks` to finish, and its index (`select_all` without the futures crate).
+async fn first_finished(
     tasks: &mut [JoinHandle<anyhow::Result<()>>],
-) -> (
-    Result<anyhow::Result<()>, tokio::task::JoinError>,
-    usize,
-    (),
-) {
+) -> (Result<anyhow::Result<()>, tokio::task::JoinError>, usize) {
     std::future::poll_fn(|cx| {
         for (i, t) in tasks.iter_mut().enumerate() {
             if let std::task::Poll::Ready(r) = std::pin::Pin::new(t).poll(cx) {
-                return std::task::Poll::Ready((r, i, ()));
+                return std::task::Poll::Ready((r, i));
             }
         }
         std::task::Poll::Pending

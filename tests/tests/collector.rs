@@ -423,6 +423,17 @@ async fn duplicate_sequences_are_acked_but_applied_once() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let err = raw_stream(
+        grpc,
+        vec![
+            hello(45, schema::SCHEMA_VERSION),
+            counter_report(0, 1, None),
+        ],
+        1,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -369,18 +369,16 @@ impl Worker {
             if self.rx_closed && self.buffer.is_empty() {
                 return SessionEnd::Done;
             }
-            let unsent = self
-                .buffer
-                .iter()
-                .find(|r| r.sequence > sent_up_to)
-                .cloned();
+            // The buffer is ordered by sequence: the first unsent report is found by bisection.
+            let next = self.buffer.partition_point(|r| r.sequence <= sent_up_to);
             tokio::select! {
-                permit = out_tx.reserve(), if unsent.is_some() => match (permit, unsent) {
-                    (Ok(permit), Some(report)) => {
+                permit = out_tx.reserve(), if next < self.buffer.len() => match permit {
+                    Ok(permit) => {
+                        let report = self.buffer[next].clone();
                         sent_up_to = report.sequence;
                         permit.send(AgentMessage { msg: Some(agent_message::Msg::Report(report)) });
                     }
-                    _ => return lost(true, "request stream closed".into()),
+                    Err(_) => return lost(true, "request stream closed".into()),
                 },
                 msg = self.rx.recv(), if !self.rx_closed => self.take(msg),
                 ack = acks.message() => match ack {
