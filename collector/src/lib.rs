@@ -707,4 +707,47 @@ mod tests {
         other[0].1 = "other".into();
         assert_eq!(view.counter(&schema::REQUESTS, &other), Some(1));
     }
+
+    #[test]
+    fn node_mode_merges_agents_of_a_node() {
+        let fleet = Fleet::new(CollectorConfig {
+            aggregate_by: AggregateBy::Node,
+            ..Default::default()
+        });
+        let a = InstanceKey {
+            node: "n1".into(),
+            agent: "a".into(),
+            instance: 1,
+        };
+        let b = InstanceKey {
+            node: "n1".into(),
+            agent: "b".into(),
+            instance: 2,
+        };
+        let c = InstanceKey {
+            node: "n2".into(),
+            agent: "a".into(),
+            instance: 3,
+        };
+        for (k, n) in [(&a, 1), (&b, 2), (&c, 4)] {
+            fleet.connect(k);
+            fleet.apply(k, &report(1, n, n as f64));
+        }
+        let view = fleet.snapshot();
+        assert_eq!(
+            view.counter(&schema::REQUESTS, &req_labels(&[("node", "n1")])),
+            Some(3)
+        );
+        assert_eq!(
+            view.counter(&schema::REQUESTS, &req_labels(&[("node", "n2")])),
+            Some(4)
+        );
+        assert_eq!(
+            view.gauge(
+                &schema::REQUESTS_RUNNING,
+                &vec![("node".into(), "n1".into())]
+            ),
+            Some(3.0)
+        );
+    }
 }

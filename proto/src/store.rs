@@ -655,4 +655,33 @@ mod tests {
         }
         assert!(text.ends_with("# EOF\n"));
     }
+
+    proptest::proptest! {
+        /// Splitting observations across any number of agents and intervals, then merging the
+        /// deltas, gives exactly the histogram of all observations.
+        #[test]
+        fn merge_of_any_split_equals_whole(
+            obs in proptest::collection::vec((0u64..20_000_000_000, 0usize..4), 0..200),
+        ) {
+            let def = &TIME_TO_FIRST_TOKEN;
+            let mut whole = HistogramData::empty(def);
+            let mut parts = vec![HistogramData::empty(def); 4];
+            for (ns, part) in &obs {
+                let v = *ns as f64 / 1e9;
+                whole.observe(def, v);
+                parts[*part].observe(def, v);
+            }
+            let mut merged = HistogramData::empty(def);
+            for p in &parts {
+                merged.merge(p).unwrap();
+            }
+            proptest::prop_assert_eq!(&merged.buckets, &whole.buckets);
+            proptest::prop_assert_eq!(merged.count, obs.len() as u64);
+            proptest::prop_assert!((merged.sum - whole.sum).abs() < 1e-6);
+            for (i, b) in def.bounds.iter().enumerate() {
+                let below = obs.iter().filter(|(ns, _)| (*ns as f64 / 1e9) <= *b).count() as u64;
+                proptest::prop_assert_eq!(merged.buckets[..=i].iter().sum::<u64>(), below);
+            }
+        }
+    }
 }
