@@ -2,9 +2,11 @@
 //!
 //! `sockets`: syscall tracepoints that follow the connections accepted by the traced processes
 //! and stream what they read and write to user space through one ring buffer.
+//! `cuda`: uprobes on the CUDA driver/runtime launch paths, aggregated in the kernel.
 #![no_std]
 #![no_main]
 
+mod cuda;
 mod sockets;
 
 #[cfg(not(test))]

@@ -137,7 +137,7 @@ const EINTR: i64 = 4;
 const EINPROGRESS: i64 = 115;
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *c += 1 };
@@ -152,7 +152,7 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
 }
 
 #[inline(always)]
-fn is_target(tgid: u32) -> bool {
+pub(crate) fn is_target(tgid: u32) -> bool {
     // SAFETY: the value is only tested for presence.
     unsafe { TARGETS.get(&tgid).is_some() }
 }
@@ -278,6 +278,61 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
 
 // ---- exit: byte counts, payload, new connections ---------------------------------------------
 
+/// accept/accept4 exit. Works without a recorded entry too: a server thread is usually already
+/// blocked in accept() when the agent attaches, and its next connection must not be missed
+/// (user space then finds the peer address in /proc).
+#[tracepoint]
+pub fn exit_accept(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // SAFETY: value copied out immediately.
+    let inflight = (unsafe { INFLIGHT.get(&id) }).copied();
+    if inflight.is_some() {
+        let _ = INFLIGHT.remove(&id);
+    }
+    if !is_target(tgid) {
+        return 0;
+    }
+    let ret = arg(&ctx, 0) as i64;
+    if ret < 0 {
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = ConnKey {
+        tgid,
+        fd: ret as i32,
+    };
+    if CONNS.insert(&key, &ConnInfo { conn_id: now }, 0).is_err() {
+        bump(counter::CONN_MAP_FULL);
+        return 0;
+    }
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
+    let rec = unsafe { &mut *rec };
+    let (ts_enter_ns, syscall, addr) = match inflight {
+        Some(i) if i.kind == kind::ACCEPT => (i.ts_enter_ns, i.syscall, i.ptr),
+        _ => (now, sc::ACCEPT4, 0),
+    };
+    rec.header = EventHeader {
+        ts_enter_ns,
+        ts_exit_ns: now,
+        pid_tgid: id,
+        conn_id: now,
+        ret,
+        fd: ret as i32,
+        captured: 0,
+        kind: kind::ACCEPT,
+        syscall,
+    };
+    // The peer address, if the caller asked for it (sockaddr_in6 is the largest we decode).
+    if addr != 0 && copy_user(rec.data.as_mut_ptr(), 0, addr, 28) {
+        rec.header.captured = 28;
+    }
+    emit_record(rec)
+}
+
 /// One exit program serves every traced syscall: the entry recorded how to read the payload.
 #[tracepoint]
 pub fn exit_io(ctx: TracePointContext) -> u32 {
@@ -287,6 +342,10 @@ pub fn exit_io(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = INFLIGHT.remove(&id);
+    if inflight.kind == kind::ACCEPT {
+        // Accepts end in `exit_accept`; an entry left here belongs to an interrupted accept.
+        return 0;
+    }
     let ret = arg(&ctx, 0) as i64;
     if ret == -EAGAIN || ret == -EINTR || ret == -EINPROGRESS {
         return 0;
@@ -308,28 +367,6 @@ pub fn exit_io(ctx: TracePointContext) -> u32 {
         kind: inflight.kind,
         syscall: inflight.syscall,
     };
-
-    if inflight.kind == kind::ACCEPT {
-        if ret < 0 {
-            return 0;
-        }
-        let key = ConnKey {
-            tgid: (id >> 32) as u32,
-            fd: ret as i32,
-        };
-        let conn = ConnInfo { conn_id: now };
-        if CONNS.insert(&key, &conn, 0).is_err() {
-            bump(counter::CONN_MAP_FULL);
-            return 0;
-        }
-        rec.header.conn_id = now;
-        rec.header.fd = ret as i32;
-        // Peer address, if the caller asked for it (sockaddr_in6 is the largest we decode).
-        if inflight.ptr != 0 && copy_user(rec.data.as_mut_ptr(), 0, inflight.ptr, 28) {
-            rec.header.captured = 28;
-        }
-        return emit_record(rec);
-    }
 
     if ret > 0 {
         let limit = config(&CAPTURE_BYTES) as u64;
@@ -459,7 +496,13 @@ fn emit_record(rec: &mut Record) -> u32 {
 
 #[inline(always)]
 fn emit_header(header: &EventHeader) {
-    match EVENTS.output::<EventHeader>(header, wakeup_flags()) {
+    emit_small(header);
+}
+
+/// Emits a small fixed-size record built on the stack.
+#[inline(always)]
+pub(crate) fn emit_small<T>(record: &T) {
+    match EVENTS.output::<T>(record, wakeup_flags()) {
         Ok(()) => bump(counter::EVENTS),
         Err(_) => bump(counter::RINGBUF_FULL),
     }

@@ -126,7 +126,10 @@ impl Pipeline {
                 };
                 self.recon.on_event(&ev, &mut self.records);
             }
-            info!("tracing pid {pid} ({} open connection(s) adopted)", existing.len());
+            info!(
+                "tracing pid {pid} ({} open connection(s) adopted)",
+                existing.len()
+            );
         }
         Ok(())
     }
@@ -148,10 +151,24 @@ impl Pipeline {
         self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
         match events::decode(raw) {
             Ok(Some(Event::Conn(ev))) => {
-                if let ConnEvent::Open { conn, fd, ts_ns, peer: None } = ev {
+                if let ConnEvent::Open {
+                    conn,
+                    fd,
+                    ts_ns,
+                    peer: None,
+                } = ev
+                {
                     // The caller of accept passed no address buffer: ask /proc.
                     let peer = targets::peer_of(conn.pid, fd);
-                    self.recon.on_event(&ConnEvent::Open { conn, fd, ts_ns, peer }, &mut self.records);
+                    self.recon.on_event(
+                        &ConnEvent::Open {
+                            conn,
+                            fd,
+                            ts_ns,
+                            peer,
+                        },
+                        &mut self.records,
+                    );
                 } else {
                     self.recon.on_event(&ev, &mut self.records);
                 }
@@ -172,7 +189,9 @@ impl Pipeline {
 
     fn flush_records(&mut self) {
         for r in std::mem::take(&mut self.records) {
-            self.stats.requests_completed.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .requests_completed
+                .fetch_add(1, Ordering::Relaxed);
             if let Some(out) = self.jsonl.as_mut() {
                 out.write(&RequestLine::new(&r, &self.clock));
             }
@@ -187,7 +206,8 @@ impl Pipeline {
 
     /// Periodic housekeeping: idle connections, clock drift, port owners.
     fn tick(&mut self) {
-        self.recon.expire_idle(clock::monotonic_ns(), &mut self.records);
+        self.recon
+            .expire_idle(clock::monotonic_ns(), &mut self.records);
         self.flush_records();
     }
 
@@ -198,10 +218,19 @@ impl Pipeline {
         }
         self.rescan_ports();
         if self.known_pids.is_empty() && !self.opts.ports.is_empty() {
-            info!("no process listens on port(s) {:?} yet; waiting for one", self.opts.ports);
+            info!(
+                "no process listens on port(s) {:?} yet; waiting for one",
+                self.opts.ports
+            );
         }
-        let ring = self.probes.take_events().context("event ring already taken")?;
-        let mut ring = AsyncFd::new(ring).context("registering the event ring with tokio")?;
+        let ring = self
+            .probes
+            .take_events()
+            .context("event ring already taken")?;
+        // SAFETY: the ring buffer owns its map fd for its whole life and always reports that fd.
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("registering the event ring with tokio: {e}"))?;
         if let Some(path) = &self.opts.ready_file {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("writing --ready-file {}", path.display()))?;

@@ -221,3 +221,45 @@ fn socket_syscalls_are_traced_exactly_and_noise_is_ignored() {
     assert_eq!(counters.lost(), 0);
     assert!(counters.get(infertap_common::counter::PAYLOAD_TRUNCATED) >= 1);
 }
+
+/// A server thread is already blocked in accept() when the agent attaches (the usual case for a
+/// running server): the connection it accepts next must still be traced.
+#[test]
+fn accept_in_progress_at_attach_is_not_missed() {
+    if !require_root() {
+        return;
+    }
+    let server = r#"
+import socket, sys
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(8)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()            # blocked here before the probes know this process
+c.sendall(c.recv(100))
+c.close()
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", server])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // let it block in accept()
+    let mut probes = Probes::load(&ProbeConfig::default()).expect("load probes");
+    let mut ring = probes.take_events().unwrap();
+    probes.add_target(pid).unwrap();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf).unwrap();
+    child.wait().unwrap();
+    let mut seen = Seen::default();
+    std::thread::sleep(Duration::from_millis(50));
+    drain(&mut ring, &mut seen);
+    assert_eq!(seen.opens.len(), 1, "{seen:?}");
+    let payloads: Vec<&[u8]> = seen.data.iter().map(|d| d.4.as_slice()).collect();
+    assert_eq!(payloads, vec![&b"ping"[..], &b"ping"[..]]);
+}

@@ -1,5 +1,8 @@
 //! Loading and attaching the eBPF programs (agent-ebpf), and the maps user space drives:
 //! the traced process set, the traced connections, the event ring buffer and the drop counters.
+//! The CUDA uprobes live in the same object and share the traced process set (`cuda`).
+
+pub mod cuda;
 
 use std::path::Path;
 
@@ -40,8 +43,8 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("exit_io", "syscalls", "sys_exit_sendto"),
     ("exit_io", "syscalls", "sys_exit_sendmsg"),
     ("exit_io", "syscalls", "sys_exit_sendmmsg"),
-    ("exit_io", "syscalls", "sys_exit_accept4"),
-    ("exit_io", "syscalls", "sys_exit_accept"),
+    ("exit_accept", "syscalls", "sys_exit_accept4"),
+    ("exit_accept", "syscalls", "sys_exit_accept"),
     ("on_fork", "sched", "sched_process_fork"),
     ("on_exit", "sched", "sched_process_exit"),
 ];
@@ -75,6 +78,7 @@ pub struct Probes {
     targets: HashMap<MapData, u32, u8>,
     conns: HashMap<MapData, ConnKey, ConnInfo>,
     counters: PerCpuArray<MapData, u64>,
+    pub cuda: cuda::CudaProbes,
     _ebpf: Ebpf,
 }
 
@@ -138,11 +142,13 @@ impl Probes {
         let targets = HashMap::try_from(ebpf.take_map("TARGETS").context("TARGETS map")?)?;
         let conns = HashMap::try_from(ebpf.take_map("CONNS").context("CONNS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
+        let cuda = cuda::CudaProbes::new(&mut ebpf)?;
         Ok(Self {
             events: Some(events),
             targets,
             conns,
             counters,
+            cuda,
             _ebpf: ebpf,
         })
     }
@@ -174,8 +180,35 @@ impl Probes {
             .with_context(|| format!("adopting fd {fd} of pid {pid}"))
     }
 
+    /// Finds the CUDA libraries the traced processes have mapped and probes new ones.
+    /// Returns the number of probes attached by this call.
+    pub fn attach_cuda(&mut self) -> usize {
+        let mut libs: Vec<std::path::PathBuf> = Vec::new();
+        for pid in self.targets() {
+            for lib in cuda::mapped_cuda_libraries(pid) {
+                if !libs.contains(&lib) {
+                    libs.push(lib);
+                }
+            }
+        }
+        let mut attached = 0;
+        for lib in libs {
+            match self.attach_cuda_library(&lib) {
+                Ok(n) => attached += n,
+                Err(e) => warn!("CUDA probes on {}: {e:#}", lib.display()),
+            }
+        }
+        attached
+    }
+
+    /// Probes one CUDA library (also usable with an explicit path, `--cuda-lib`).
+    pub fn attach_cuda_library(&mut self, lib: &Path) -> Result<usize> {
+        self.cuda.attach_library(&mut self._ebpf, lib)
+    }
+
     /// Drops a process and its connections from the kernel maps (after it exited).
     pub fn forget_process(&mut self, pid: u32) {
+        self.cuda.forget_process(pid);
         let _ = self.targets.remove(&pid);
         let keys: Vec<ConnKey> = self
             .conns
