@@ -1,1 +1,3 @@
+//! Shared helpers for infertap's end-to-end tests.
 
+pub mod collector_support;
