@@ -1,2 +1,4 @@
 //! GPU side: CUDA launch-path uprobe aggregates, CUPTI activity records, NVML samples, and the
 //! correlation of requests and token gaps with GPU activity.
+
+pub mod timeline;
