@@ -28,14 +28,30 @@ pub enum Direction {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnEvent<'a> {
     /// The server accepted (or the agent adopted an already open) connection.
-    Open { conn: ConnKey, fd: i32, ts_ns: u64, peer: Option<SocketAddr> },
+    Open {
+        conn: ConnKey,
+        fd: i32,
+        ts_ns: u64,
+        peer: Option<SocketAddr>,
+    },
     /// `len` bytes moved in `dir` in one syscall completing at `ts_ns`; `payload` is the captured
     /// prefix of them (`payload.len() <= len`, shorter when the capture limit cut it).
-    Data { conn: ConnKey, dir: Direction, ts_ns: u64, len: u64, payload: &'a [u8] },
+    Data {
+        conn: ConnKey,
+        dir: Direction,
+        ts_ns: u64,
+        len: u64,
+        payload: &'a [u8],
+    },
     /// A read returned 0: the client closed its side.
     PeerClosed { conn: ConnKey, ts_ns: u64 },
     /// A read or write failed with a connection error (ECONNRESET, EPIPE, ...).
-    Error { conn: ConnKey, dir: Direction, ts_ns: u64, errno: i32 },
+    Error {
+        conn: ConnKey,
+        dir: Direction,
+        ts_ns: u64,
+        errno: i32,
+    },
     /// The server closed the connection's fd.
     Close { conn: ConnKey, ts_ns: u64 },
 }
@@ -90,7 +106,10 @@ pub enum DecodeError {
 /// Errnos that mean the connection is gone (as opposed to EAGAIN and friends, which the kernel
 /// side already filters out).
 fn is_connection_error(errno: i32) -> bool {
-    matches!(errno, libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::ECONNABORTED | libc::ENOTCONN)
+    matches!(
+        errno,
+        libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::ECONNABORTED | libc::ENOTCONN
+    )
 }
 
 /// Parses a raw `sockaddr_in`/`sockaddr_in6` as the kernel wrote it.
@@ -105,7 +124,10 @@ pub fn parse_sockaddr(raw: &[u8]) -> Option<SocketAddr> {
         libc::AF_INET6 => {
             let ip: [u8; 16] = raw.get(8..24)?.try_into().ok()?;
             let v6 = Ipv6Addr::from(ip);
-            let ip = v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6));
+            let ip = v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6));
             Some(SocketAddr::new(ip, port))
         }
         _ => None,
@@ -123,7 +145,10 @@ pub fn split(record: &[u8]) -> Result<(EventHeader, &[u8]), DecodeError> {
     let payload = &record[HEADER_LEN..];
     let claimed = header.captured as usize;
     if claimed > payload.len() {
-        return Err(DecodeError::PayloadLength { claimed, present: payload.len() });
+        return Err(DecodeError::PayloadLength {
+            claimed,
+            present: payload.len(),
+        });
     }
     Ok((header, &payload[..claimed]))
 }
@@ -132,16 +157,37 @@ pub fn split(record: &[u8]) -> Result<(EventHeader, &[u8]), DecodeError> {
 pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
     let (h, payload) = split(record)?;
     let pid = (h.pid_tgid >> 32) as u32;
-    let conn = ConnKey { pid, conn_id: h.conn_id };
+    let conn = ConnKey {
+        pid,
+        conn_id: h.conn_id,
+    };
     let ev = match h.kind {
         kind::READ | kind::WRITE => {
-            let dir = if h.kind == kind::READ { Direction::In } else { Direction::Out };
+            let dir = if h.kind == kind::READ {
+                Direction::In
+            } else {
+                Direction::Out
+            };
             if h.ret > 0 {
-                Event::Conn(ConnEvent::Data { conn, dir, ts_ns: h.ts_exit_ns, len: h.ret as u64, payload })
+                Event::Conn(ConnEvent::Data {
+                    conn,
+                    dir,
+                    ts_ns: h.ts_exit_ns,
+                    len: h.ret as u64,
+                    payload,
+                })
             } else if h.ret == 0 && dir == Direction::In {
-                Event::Conn(ConnEvent::PeerClosed { conn, ts_ns: h.ts_exit_ns })
+                Event::Conn(ConnEvent::PeerClosed {
+                    conn,
+                    ts_ns: h.ts_exit_ns,
+                })
             } else if h.ret < 0 && is_connection_error(-h.ret as i32) {
-                Event::Conn(ConnEvent::Error { conn, dir, ts_ns: h.ts_exit_ns, errno: -h.ret as i32 })
+                Event::Conn(ConnEvent::Error {
+                    conn,
+                    dir,
+                    ts_ns: h.ts_exit_ns,
+                    errno: -h.ret as i32,
+                })
             } else {
                 return Ok(None);
             }
@@ -152,9 +198,19 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
             ts_ns: h.ts_exit_ns,
             peer: parse_sockaddr(payload),
         }),
-        kind::CLOSE => Event::Conn(ConnEvent::Close { conn, ts_ns: h.ts_enter_ns }),
-        kind::FORK => Event::Proc(ProcEvent::Fork { parent: pid, child: h.ret as u32, ts_ns: h.ts_enter_ns }),
-        kind::EXIT => Event::Proc(ProcEvent::Exit { pid, ts_ns: h.ts_enter_ns }),
+        kind::CLOSE => Event::Conn(ConnEvent::Close {
+            conn,
+            ts_ns: h.ts_enter_ns,
+        }),
+        kind::FORK => Event::Proc(ProcEvent::Fork {
+            parent: pid,
+            child: h.ret as u32,
+            ts_ns: h.ts_enter_ns,
+        }),
+        kind::EXIT => Event::Proc(ProcEvent::Exit {
+            pid,
+            ts_ns: h.ts_enter_ns,
+        }),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Some(ev))
@@ -190,7 +246,10 @@ mod tests {
         assert_eq!(
             ev,
             Event::Conn(ConnEvent::Data {
-                conn: ConnKey { pid: 42, conn_id: 7 },
+                conn: ConnKey {
+                    pid: 42,
+                    conn_id: 7
+                },
                 dir: Direction::Out,
                 ts_ns: 20,
                 len: 100,
@@ -202,13 +261,25 @@ mod tests {
     #[test]
     fn rejects_short_and_inconsistent_records() {
         assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Short(10)));
-        let h = EventHeader { captured: 50, kind: kind::READ, ret: 50, ..Default::default() };
-        assert!(matches!(decode(&record(h, b"xy")), Err(DecodeError::PayloadLength { .. })));
+        let h = EventHeader {
+            captured: 50,
+            kind: kind::READ,
+            ret: 50,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode(&record(h, b"xy")),
+            Err(DecodeError::PayloadLength { .. })
+        ));
     }
 
     #[test]
     fn eagain_is_not_an_event() {
-        let h = EventHeader { kind: kind::READ, ret: -(libc::EAGAIN as i64), ..Default::default() };
+        let h = EventHeader {
+            kind: kind::READ,
+            ret: -(libc::EAGAIN as i64),
+            ..Default::default()
+        };
         assert_eq!(decode(&record(h, b"")), Ok(None));
     }
 

@@ -18,10 +18,11 @@ pub mod aggregate;
 pub mod clock;
 pub mod events;
 pub mod gpu;
-pub mod pipeline;
+// pub mod pipeline; (wired once reconstruct lands)
 pub mod probes;
 pub mod protocol;
 pub mod reconstruct;
 pub mod record;
 pub mod sinks;
+pub mod symbolize;
 pub mod targets;
