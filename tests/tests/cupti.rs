@@ -98,12 +98,21 @@ fn memcpy_memset_sync_graph_records_decode_exactly() {
     m.streamId = 9;
     m.correlationId = 21;
     let d = decode_record(&bytes_of(&m)).unwrap().activity;
-    assert_eq!((d.kind, d.sub, d.bytes), (ActivityKind::Memcpy, memcpy_kind::DTOH, 1 << 20));
-    assert_eq!((d.start_ns, d.end_ns, d.context, d.stream, d.correlation_id), (100, 350, 3, 9, 21));
+    assert_eq!(
+        (d.kind, d.sub, d.bytes),
+        (ActivityKind::Memcpy, memcpy_kind::DTOH, 1 << 20)
+    );
+    assert_eq!(
+        (d.start_ns, d.end_ns, d.context, d.stream, d.correlation_id),
+        (100, 350, 3, 9, 21)
+    );
 
     // Array copies are reported as "unknown" direction.
     m.copyKind = sys::CUpti_ActivityMemcpyKind::CUPTI_ACTIVITY_MEMCPY_KIND_ATOD as u8;
-    assert_eq!(decode_record(&bytes_of(&m)).unwrap().activity.sub, memcpy_kind::UNKNOWN);
+    assert_eq!(
+        decode_record(&bytes_of(&m)).unwrap().activity.sub,
+        memcpy_kind::UNKNOWN
+    );
 
     let mut s: sys::CUpti_ActivityMemset4 = unsafe { std::mem::zeroed() };
     s.kind = sys::CUpti_ActivityKind::CUPTI_ACTIVITY_KIND_MEMSET;
@@ -115,7 +124,10 @@ fn memcpy_memset_sync_graph_records_decode_exactly() {
     s.streamId = 5;
     s.correlationId = 6;
     let d = decode_record(&bytes_of(&s)).unwrap().activity;
-    assert_eq!((d.kind, d.bytes, d.device, d.correlation_id), (ActivityKind::Memset, 4096, 2, 6));
+    assert_eq!(
+        (d.kind, d.bytes, d.device, d.correlation_id),
+        (ActivityKind::Memset, 4096, 2, 6)
+    );
 
     let mut y: sys::CUpti_ActivitySynchronization2 = unsafe { std::mem::zeroed() };
     y.kind = sys::CUpti_ActivityKind::CUPTI_ACTIVITY_KIND_SYNCHRONIZATION;
@@ -126,8 +138,14 @@ fn memcpy_memset_sync_graph_records_decode_exactly() {
     y.streamId = u32::MAX; // CUPTI: no stream for context syncs
     y.correlationId = 77;
     let d = decode_record(&bytes_of(&y)).unwrap().activity;
-    assert_eq!((d.kind, d.sub), (ActivityKind::Sync, sync_kind::CONTEXT_SYNCHRONIZE));
-    assert_eq!((d.device, d.context, d.stream), (wire::DEVICE_UNKNOWN, 4, 0));
+    assert_eq!(
+        (d.kind, d.sub),
+        (ActivityKind::Sync, sync_kind::CONTEXT_SYNCHRONIZE)
+    );
+    assert_eq!(
+        (d.device, d.context, d.stream),
+        (wire::DEVICE_UNKNOWN, 4, 0)
+    );
     assert_eq!((d.start_ns, d.end_ns), (1000, 9000));
 
     let mut g: sys::CUpti_ActivityGraphTrace2 = unsafe { std::mem::zeroed() };
@@ -140,7 +158,10 @@ fn memcpy_memset_sync_graph_records_decode_exactly() {
     g.contextId = 2;
     g.streamId = 3;
     let d = decode_record(&bytes_of(&g)).unwrap().activity;
-    assert_eq!((d.kind, d.graph_id, d.device, d.stream), (ActivityKind::Graph, 42, 1, 3));
+    assert_eq!(
+        (d.kind, d.graph_id, d.device, d.stream),
+        (ActivityKind::Graph, 42, 1, 3)
+    );
     assert_eq!((d.start_ns, d.end_ns, d.correlation_id), (500, 2500, 88));
 
     // Records CUPTI could not time, and kinds never enabled, are refused.
@@ -148,8 +169,13 @@ fn memcpy_memset_sync_graph_records_decode_exactly() {
     g.end = 0;
     assert_eq!(decode_record(&bytes_of(&g)), Err(RecordError::NoTimestamps));
     let mut other = bytes_of(&g);
-    other[..4].copy_from_slice(&(sys::CUpti_ActivityKind::CUPTI_ACTIVITY_KIND_DRIVER as u32).to_ne_bytes());
-    assert!(matches!(decode_record(&other), Err(RecordError::UnknownKind(_))));
+    other[..4].copy_from_slice(
+        &(sys::CUpti_ActivityKind::CUPTI_ACTIVITY_KIND_DRIVER as u32).to_ne_bytes(),
+    );
+    assert!(matches!(
+        decode_record(&other),
+        Err(RecordError::UnknownKind(_))
+    ));
     assert!(decode_record(&[1, 0]).is_err());
 }
 
@@ -186,14 +212,29 @@ fn conn_decoder_turns_frames_into_timeline_activities() {
     let mut out = Vec::new();
     let mut unknown = 0;
     // Activities before Hello break the protocol.
-    assert!(dec.apply(Frame::Activities(vec![wire_kernel(1)]), &mut out, &mut unknown).is_err());
+    assert!(dec
+        .apply(
+            Frame::Activities(vec![wire_kernel(1)]),
+            &mut out,
+            &mut unknown
+        )
+        .is_err());
     dec.apply(
-        Frame::Hello(Hello { pid: 99, cupti_version: 26, detail: DetailLevel::Full }),
+        Frame::Hello(Hello {
+            pid: 99,
+            cupti_version: 26,
+            detail: DetailLevel::Full,
+        }),
         &mut out,
         &mut unknown,
     )
     .unwrap();
-    dec.apply(Frame::Names(vec![(1, "gemm".into())]), &mut out, &mut unknown).unwrap();
+    dec.apply(
+        Frame::Names(vec![(1, "gemm".into())]),
+        &mut out,
+        &mut unknown,
+    )
+    .unwrap();
     let memcpy = Activity {
         kind: ActivityKind::Memcpy,
         sub: memcpy_kind::HTOD,
@@ -210,15 +251,34 @@ fn conn_decoder_turns_frames_into_timeline_activities() {
     assert_eq!(out.len(), 4);
     assert_eq!(out[0].name.as_deref(), Some("gemm"));
     assert_eq!(out[0].pid, 99);
-    assert_eq!((out[0].start_ns, out[0].end_ns, out[0].stream), (10_000, 12_000, 7));
+    assert_eq!(
+        (out[0].start_ns, out[0].end_ns, out[0].stream),
+        (10_000, 12_000, 7)
+    );
     assert!(matches!(
         out[0].kind,
-        GpuActivityKind::Kernel { grid: [1, 1, 1], block: [32, 1, 1], registers_per_thread: 32, .. }
+        GpuActivityKind::Kernel {
+            grid: [1, 1, 1],
+            block: [32, 1, 1],
+            registers_per_thread: 32,
+            ..
+        }
     ));
     assert_eq!(out[1].name, None, "id 2 never defined");
     assert_eq!(unknown, 1);
-    assert_eq!(out[2].kind, GpuActivityKind::Memcpy { kind: MemcpyKind::HtoD, bytes: 8192 });
-    assert_eq!(out[3].kind, GpuActivityKind::Sync { kind: SyncKind::Stream });
+    assert_eq!(
+        out[2].kind,
+        GpuActivityKind::Memcpy {
+            kind: MemcpyKind::HtoD,
+            bytes: 8192
+        }
+    );
+    assert_eq!(
+        out[3].kind,
+        GpuActivityKind::Sync {
+            kind: SyncKind::Stream
+        }
+    );
     // Names are shared, not copied per activity.
     let again = out[0].name.clone().unwrap();
     assert!(Arc::strong_count(&again) >= 2);
@@ -228,7 +288,11 @@ fn conn_decoder_turns_frames_into_timeline_activities() {
 async fn receiver_serves_a_library_over_a_unix_socket() {
     let dir = std::env::temp_dir().join(format!("infertap-cupti-rx-{}", std::process::id()));
     let path = dir.join("cupti.sock");
-    let cfg = ReceiverConfig { socket_path: path.clone(), channel_capacity: 3, max_connections: 4 };
+    let cfg = ReceiverConfig {
+        socket_path: path.clone(),
+        channel_capacity: 3,
+        max_connections: 4,
+    };
     let (rx_handle, mut rx) = CuptiReceiver::bind(cfg.clone()).unwrap();
     // A second agent on the same socket is refused.
     assert_eq!(
@@ -241,16 +305,32 @@ async fn receiver_serves_a_library_over_a_unix_socket() {
     let mut lib = tokio::net::UnixStream::connect(&path).await.unwrap();
     let mut buf = Vec::new();
     encode_frame(
-        &Frame::Hello(Hello { pid: 1234, cupti_version: 26, detail: DetailLevel::Full }),
+        &Frame::Hello(Hello {
+            pid: 1234,
+            cupti_version: 26,
+            detail: DetailLevel::Full,
+        }),
         &mut buf,
     );
     encode_frame(&Frame::Names(vec![(1, "rms_norm".into())]), &mut buf);
     encode_frame(
-        &Frame::Activities((0..5).map(|i| Activity { start_ns: i, end_ns: i + 1, ..wire_kernel(1) }).collect()),
+        &Frame::Activities(
+            (0..5)
+                .map(|i| Activity {
+                    start_ns: i,
+                    end_ns: i + 1,
+                    ..wire_kernel(1)
+                })
+                .collect(),
+        ),
         &mut buf,
     );
     encode_frame(
-        &Frame::Stats(wire::Stats { records: 5, detail: 2, ..Default::default() }),
+        &Frame::Stats(wire::Stats {
+            records: 5,
+            detail: 2,
+            ..Default::default()
+        }),
         &mut buf,
     );
     // Byte by byte: frames split across reads must reassemble.
@@ -258,18 +338,31 @@ async fn receiver_serves_a_library_over_a_unix_socket() {
         lib.write_all(std::slice::from_ref(b)).await.unwrap();
     }
     let mut level = [0u8; 1];
-    tokio::time::timeout(Duration::from_secs(5), lib.read_exact(&mut level)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), lib.read_exact(&mut level))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(DetailLevel::from_u8(level[0]), Some(DetailLevel::Graphs));
 
     // Channel capacity 3: three delivered, two dropped and counted, nothing blocked.
     let mut got = Vec::new();
     for _ in 0..3 {
-        got.push(tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap());
+        got.push(
+            tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
-    assert!(got.iter().all(|a| a.pid == 1234 && a.name.as_deref() == Some("rms_norm")));
-    assert_eq!(got.iter().map(|a| a.start_ns).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(got
+        .iter()
+        .all(|a| a.pid == 1234 && a.name.as_deref() == Some("rms_norm")));
+    assert_eq!(
+        got.iter().map(|a| a.start_ns).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while rx_handle.inject_stats().get(&1234).is_none() && tokio::time::Instant::now() < deadline {
+    while !rx_handle.inject_stats().contains_key(&1234) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     use std::sync::atomic::Ordering::Relaxed;
@@ -279,14 +372,20 @@ async fn receiver_serves_a_library_over_a_unix_socket() {
 
     // A level change reaches connected libraries.
     rx_handle.set_detail(DetailLevel::Off);
-    tokio::time::timeout(Duration::from_secs(5), lib.read_exact(&mut level)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), lib.read_exact(&mut level))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(DetailLevel::from_u8(level[0]), Some(DetailLevel::Off));
 
     // Garbage closes that connection only, and is counted.
     let mut bad = tokio::net::UnixStream::connect(&path).await.unwrap();
     bad.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut sink = [0u8; 8];
-    let n = tokio::time::timeout(Duration::from_secs(5), bad.read(&mut sink)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), bad.read(&mut sink))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(n, 0, "corrupt stream must be closed");
     assert_eq!(rx_handle.stats().malformed_streams.load(Relaxed), 1);
 

@@ -55,11 +55,27 @@ fn sampler_reports_scripted_readings_exactly() {
     assert_eq!(first[1].power_source, Some(PowerSource::Average));
     assert_eq!(second[1].power_mw, Some(151_010));
     assert_eq!(
-        [first[0].energy_mj, second[0].energy_mj, first[1].energy_mj, second[1].energy_mj],
-        [Some(1_000_000), Some(1_000_500), Some(1_001_000), Some(1_001_500)]
+        [
+            first[0].energy_mj,
+            second[0].energy_mj,
+            first[1].energy_mj,
+            second[1].energy_mj
+        ],
+        [
+            Some(1_000_000),
+            Some(1_000_500),
+            Some(1_001_000),
+            Some(1_001_500)
+        ]
     );
-    assert_eq!((first[0].gpu_util_pct, first[0].mem_util_pct), (Some(40), Some(20)));
-    assert_eq!((second[1].gpu_util_pct, second[1].mem_util_pct), (Some(42), Some(22)));
+    assert_eq!(
+        (first[0].gpu_util_pct, first[0].mem_util_pct),
+        (Some(40), Some(20))
+    );
+    assert_eq!(
+        (second[1].gpu_util_pct, second[1].mem_util_pct),
+        (Some(42), Some(22))
+    );
     assert!(first[0].ts_ns > 0 && second[0].ts_ns >= first[0].ts_ns);
 
     let devs = s.sample_devices();
@@ -68,14 +84,20 @@ fn sampler_reports_scripted_readings_exactly() {
     assert_eq!(d0.fb_total_bytes, Some(80 * gib));
     assert_eq!(d0.fb_used_bytes, Some(gib));
     assert_eq!(d0.fb_free_bytes, Some(79 * gib));
-    assert_eq!((d0.sm_clock_mhz, d0.mem_clock_mhz), (Some(1410), Some(1593)));
+    assert_eq!(
+        (d0.sm_clock_mhz, d0.mem_clock_mhz),
+        (Some(1410), Some(1593))
+    );
     assert_eq!(d0.temperature_c, Some(60));
     assert_eq!(d0.throttle_reasons, Some(0x4));
     assert_eq!((d0.pcie_tx_kbps, d0.pcie_rx_kbps), (Some(1000), Some(2000)));
     assert_eq!((d0.ecc_corrected, d0.ecc_uncorrected), (None, None));
     assert_eq!(
         d0.processes,
-        Some(vec![GpuProcess { pid: 4242, used_bytes: Some(3 * gib) }])
+        Some(vec![GpuProcess {
+            pid: 4242,
+            used_bytes: Some(3 * gib)
+        }])
     );
     let d1 = &devs[1];
     assert_eq!(d1.fb_used_bytes, Some(2 * gib));
@@ -86,8 +108,15 @@ fn sampler_reports_scripted_readings_exactly() {
     let skips: std::collections::HashMap<_, _> = s.skips().snapshot().into_iter().collect();
     assert_eq!(skips.get("ecc_corrected"), Some(&2));
     assert_eq!(skips.get("ecc_uncorrected"), Some(&2));
-    assert_eq!(skips.get("power_instant"), Some(&1), "learnt once for GPU 1");
-    assert_eq!(s.skips().errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        skips.get("power_instant"),
+        Some(&1),
+        "learnt once for GPU 1"
+    );
+    assert_eq!(
+        s.skips().errors.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 
     let text = render_prometheus(&infertap::gpu::nvml::NvmlSnapshot {
         gpus: s.gpus().to_vec(),
@@ -106,7 +135,10 @@ fn sampler_reports_scripted_readings_exactly() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
-    assert!(!text.contains("infertap_gpu_ecc_corrected_errors{"), "unsupported must not export 0");
+    assert!(
+        !text.contains("infertap_gpu_ecc_corrected_errors{"),
+        "unsupported must not export 0"
+    );
 }
 
 #[test]
@@ -117,7 +149,10 @@ fn missing_library_is_a_clear_error() {
     };
     assert!(matches!(err, NvmlInitError::NoLibrary(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("GPU metrics disabled") && !msg.contains('\n'), "{msg}");
+    assert!(
+        msg.contains("GPU metrics disabled") && !msg.contains('\n'),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -137,11 +172,28 @@ fn library_without_readings_degrades_to_skips() {
     let mut s = NvmlSampler::new(Some(&lib)).expect("minimal NVML loads");
     let p = s.sample_power();
     assert_eq!(p.len(), 1);
-    assert_eq!((p[0].power_mw, p[0].energy_mj, p[0].gpu_util_pct), (None, None, None));
+    assert_eq!(
+        (p[0].power_mw, p[0].energy_mj, p[0].gpu_util_pct),
+        (None, None, None)
+    );
     let d = s.sample_devices();
-    assert_eq!((d[0].fb_used_bytes, d[0].temperature_c, d[0].processes.clone()), (None, None, None));
+    assert_eq!(
+        (
+            d[0].fb_used_bytes,
+            d[0].temperature_c,
+            d[0].processes.clone()
+        ),
+        (None, None, None)
+    );
     let skips: std::collections::HashMap<_, _> = s.skips().snapshot().into_iter().collect();
-    for what in ["power", "energy", "utilization", "memory", "temperature", "processes"] {
+    for what in [
+        "power",
+        "energy",
+        "utilization",
+        "memory",
+        "temperature",
+        "processes",
+    ] {
         assert_eq!(skips.get(what), Some(&1), "{what} in {skips:?}");
     }
 }
@@ -168,7 +220,9 @@ fn spawned_sampler_publishes_snapshots_and_power_samples() {
     assert!(got.len() >= 6, "got {} power samples", got.len());
     // Per GPU, successive samples advance (the fake's counters) and time moves forward.
     let gpu0: Vec<_> = got.iter().filter(|p| p.device == 0).collect();
-    assert!(gpu0.windows(2).all(|w| w[1].power_mw > w[0].power_mw && w[1].ts_ns > w[0].ts_ns));
+    assert!(gpu0
+        .windows(2)
+        .all(|w| w[1].power_mw > w[0].power_mw && w[1].ts_ns > w[0].ts_ns));
     let snap = handle.snapshot();
     assert_eq!(snap.gpus.len(), 2);
     assert_eq!(snap.power.len(), 2);
