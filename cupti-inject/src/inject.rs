@@ -32,8 +32,9 @@ const BUFFER_SIZE: usize = 2 << 20;
 const QUEUE_BATCHES: usize = 16;
 /// Activities per wire frame (keeps frames far below `wire::MAX_PAYLOAD`).
 const FRAME_ACTIVITIES: usize = 16 * 1024;
-/// Distinct kernel names interned; beyond it kernels are sent without a name (counted).
-const MAX_NAMES: usize = 64 * 1024;
+/// Distinct kernel names interned (≤ 16 MiB at the 1 KiB name cap); beyond it kernels are sent
+/// without a name (counted).
+const MAX_NAMES: usize = 16 * 1024;
 const TICK: Duration = Duration::from_millis(100);
 const STATS_EVERY: Duration = Duration::from_secs(1);
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);

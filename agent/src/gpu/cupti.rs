@@ -97,7 +97,7 @@ pub enum ProtocolError {
     DuplicateHello,
 }
 
-/// Names kept per connection; a library never defines more (it caps its table at 65536).
+/// Names kept per connection (the library caps its own table lower).
 const MAX_NAMES_PER_CONN: usize = 65536;
 
 impl ConnDecoder {
@@ -318,7 +318,11 @@ async fn accept_loop(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // EMFILE and the like: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
                 stats.connections_total.fetch_add(1, Relaxed);
                 if stats.connections_active.load(Relaxed) >= max_connections {
                     stats.connections_refused.fetch_add(1, Relaxed);
