@@ -292,9 +292,13 @@ fn init() -> State {
     State::Active
 }
 
-/// Enables the CUPTI activity kinds of `level`; returns the level in effect. Graph-level and
-/// node-level (kernel/memcpy/memset) tracing are alternatives in CUPTI, so switching disables one
-/// before enabling the other. If graph tracing is refused, falls back to `Full`.
+/// Enables the CUPTI activity kinds of `level`; returns the level in effect.
+///
+/// `Graphs`: with `CUPTI_ACTIVITY_KIND_GRAPH_TRACE` on, CUPTI reports a graph launch as one record
+/// instead of one per node (as Nsight's `--cuda-graph-trace=graph`); kernels, copies and memsets
+/// issued outside graphs are still traced where CUPTI accepts node kinds alongside graph tracing
+/// (node kinds are switched off first and re-enabled after, since enabling graph tracing while
+/// they are on may be refused). If graph tracing itself is refused, falls back to `Full`.
 fn apply_detail(level: DetailLevel) -> DetailLevel {
     let node = [
         K::CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL,
@@ -305,6 +309,9 @@ fn apply_detail(level: DetailLevel) -> DetailLevel {
     let graph = K::CUPTI_ACTIVITY_KIND_GRAPH_TRACE;
     // SAFETY (all calls below): plain CUPTI calls taking an enum.
     let enable = |k| ok(unsafe { sys::cuptiActivityEnable(k) });
+    let try_enable = |k| {
+        unsafe { sys::cuptiActivityEnable(k) };
+    };
     let disable = |k| {
         unsafe { sys::cuptiActivityDisable(k) };
     };
@@ -323,12 +330,19 @@ fn apply_detail(level: DetailLevel) -> DetailLevel {
         DetailLevel::Graphs => {
             node.into_iter().for_each(disable);
             enable(sync);
-            if enable(graph) {
+            let graphs = enable(graph);
+            // Graph mode: node kinds only for work outside graphs, if CUPTI allows the mix.
+            // Refused graph tracing: node kinds as in Full.
+            node.into_iter().for_each(|k| {
+                if graphs {
+                    try_enable(k)
+                } else {
+                    enable(k);
+                }
+            });
+            if graphs {
                 DetailLevel::Graphs
             } else {
-                node.into_iter().for_each(|k| {
-                    enable(k);
-                });
                 DetailLevel::Full
             }
         }

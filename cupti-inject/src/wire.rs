@@ -49,8 +49,9 @@ const FRAME_STATS: u16 = 4;
 pub enum DetailLevel {
     /// Nothing enabled: CUPTI adds no overhead.
     Off = 0,
-    /// One record per CUDA graph launch plus host synchronizations; kernels launched outside
-    /// graphs are not seen. Cheapest mode that still shows decode steps of graph-captured servers.
+    /// One record per CUDA graph launch (not one per node), plus host synchronizations and, where
+    /// CUPTI allows the combination, the kernels/copies issued outside graphs. Far fewer records
+    /// for servers that replay decode steps as CUDA graphs.
     Graphs = 1,
     /// Every kernel, memcpy, memset and synchronization.
     Full = 2,

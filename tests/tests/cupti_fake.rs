@@ -242,10 +242,18 @@ async fn injection_library_streams_activity_to_the_agent() {
     assert_eq!((st.queue_full, st.panics, st.bad_records), (0, 0, 0));
     assert!(fake.f::<extern "C" fn() -> u32>("fake_cupti_flushes")() > 0);
 
-    // The agent switches detail: graph-level tracing replaces node-level tracing.
+    // The agent switches detail: graph-level tracing on (this fake accepts node kinds alongside,
+    // for work outside graphs).
     receiver.set_detail(DetailLevel::Graphs);
     wait_for("graph mode", Duration::from_secs(5), || {
-        fake.enabled(GRAPH) && !fake.enabled(KERNEL) && !fake.enabled(MEMCPY) && fake.enabled(SYNC)
+        fake.enabled(GRAPH) && fake.enabled(KERNEL) && fake.enabled(SYNC)
+    })
+    .await;
+    wait_for("graph mode reported", Duration::from_secs(5), || {
+        receiver
+            .inject_stats()
+            .get(&pid)
+            .is_some_and(|s| s.detail == 1)
     })
     .await;
     receiver.set_detail(DetailLevel::Full);
