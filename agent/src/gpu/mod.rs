@@ -1,2 +1,6 @@
 //! GPU side: CUDA launch-path uprobe aggregates, CUPTI activity records, NVML samples, and the
 //! correlation of requests and token gaps with GPU activity.
+
+pub mod cupti;
+pub mod nvml;
+pub mod timeline;
