@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context as _};
-use aya_build::cargo_metadata;
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
