@@ -217,6 +217,7 @@ pub enum Contributor {
         overlap_ns: u64,
     },
     Memcpy {
+        #[serde(serialize_with = "ser_memcpy_kind")]
         direction: MemcpyKind,
         device: u32,
         count: u32,
@@ -243,6 +244,10 @@ pub enum Contributor {
         count: u32,
         overlap_ns: u64,
     },
+}
+
+fn ser_memcpy_kind<S: serde::Serializer>(k: &MemcpyKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(k.as_str())
 }
 
 impl Contributor {
@@ -987,6 +992,11 @@ pub fn energy_j(samples: &[PowerSample], a: u64, b: u64, hold_ns: u64) -> Option
     if b <= a {
         return Some(0.0);
     }
+    // Only the samples around the window matter (two on each side: a neighbour may lack a
+    // power reading).
+    let lo = samples.partition_point(|s| s.ts_ns < a).saturating_sub(2);
+    let hi = (samples.partition_point(|s| s.ts_ns <= b) + 2).min(samples.len());
+    let samples = &samples[lo..hi];
     if let (Some(ca), Some(cb)) = (counter_at(samples, a), counter_at(samples, b)) {
         if cb >= ca {
             return Some((cb - ca) / 1e3);
@@ -1130,9 +1140,9 @@ pub(crate) mod tests {
     }
 
     /// A [0, 100) ms and B [50, 150) ms; kernels on two streams; one copy; 100 W flat.
-    fn two_requests(c: &mut Correlator) -> (RequestRecord, RequestRecord) {
-        let a = request(1, 0, 100 * MS, &[20 * MS, 60 * MS, 95 * MS]);
-        let b = request(2, 50 * MS, 150 * MS, &[70 * MS, 140 * MS]);
+    pub(crate) fn two_requests(c: &mut Correlator) -> (RequestRecord, RequestRecord) {
+        let a = request(11, 0, 100 * MS, &[20 * MS, 60 * MS, 95 * MS]);
+        let b = request(12, 50 * MS, 150 * MS, &[70 * MS, 140 * MS]);
         for k in [
             kernel("gemm", 1, 10 * MS, 30 * MS),
             kernel("attn", 2, 20 * MS, 40 * MS),
@@ -1204,6 +1214,14 @@ pub(crate) mod tests {
         // Held flat for `power_hold_ns` (1 s) past the last sample, nothing after.
         let r = request(1, 100 * MS, 3 * SEC, &[]);
         approx(c.analyze(&r).energy_j.unwrap(), 100.0);
+        // Zig-zag 100/200 W every 10 ms; [15, 45) ms: 0.625 + 1.5 + 1.5 + 0.625 J.
+        let mut c = Correlator::new(CorrelatorConfig::default());
+        for i in 0..50u64 {
+            let w = if i % 2 == 0 { 100_000 } else { 200_000 };
+            c.add_power_sample(power(i * 10 * MS, Some(w), None));
+        }
+        let r = request(1, 15 * MS, 45 * MS, &[]);
+        approx(c.analyze(&r).energy_j.unwrap(), 4.25);
         // No samples at all: unknown, not zero.
         let c = Correlator::new(CorrelatorConfig::default());
         assert_eq!(c.analyze(&r).energy_j, None);
@@ -1211,9 +1229,7 @@ pub(crate) mod tests {
 
     /// A's tokens at 100, 110, 120, 170, 180 ms; the 50 ms gap holds B's prefill, a sync stall
     /// and a launch burst.
-    #[test]
-    fn slow_gap_is_decomposed_and_explained() {
-        let mut c = Correlator::new(CorrelatorConfig::default());
+    pub(crate) fn gap_scenario(c: &mut Correlator) {
         let a = request(
             1,
             0,
@@ -1233,6 +1249,12 @@ pub(crate) mod tests {
         c.add_api_call(call(CudaFunc::CuLaunchKernel, 158 * MS + 50_000, None));
         c.request_finished(b);
         c.request_finished(a);
+    }
+
+    #[test]
+    fn slow_gap_is_decomposed_and_explained() {
+        let mut c = Correlator::new(CorrelatorConfig::default());
+        gap_scenario(&mut c);
         let done = c.flush();
         let ga = &done.iter().find(|r| r.record.conn_id == 1).unwrap().gpu;
         assert_eq!(ga.median_itl_ns, Some(10 * MS));
@@ -1330,8 +1352,19 @@ pub(crate) mod tests {
     #[test]
     fn json_form_is_flat_and_named() {
         let mut c = Correlator::new(CorrelatorConfig::default());
-        let (a, _) = two_requests(&mut c);
-        let v = serde_json::to_value(c.analyze(&a)).unwrap();
+        gap_scenario(&mut c);
+        c.add_activity(memcpy(4096, 130 * MS, 140 * MS));
+        let done = c.flush();
+        let ga = done.iter().find(|r| r.record.conn_id == 1).unwrap();
+        let v = serde_json::to_value(&ga.gpu).unwrap();
+        let top = v["slow_tokens"][0]["top"].as_array().unwrap();
+        assert!(
+            top.contains(
+                &serde_json::json!({"kind": "memcpy", "direction": "htod", "device": 0,
+                "count": 1, "bytes": 4096, "overlap_ns": 10 * MS})
+            ),
+            "{top:?}"
+        );
         for f in [
             "gpu_busy_ms",
             "energy_j",
