@@ -1375,4 +1375,91 @@ pub(crate) mod tests {
             assert!(v.get(f).is_some(), "{f} missing in {v}");
         }
     }
+
+    mod conservation {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn span() -> impl Strategy<Value = (u64, u64)> {
+            (0u64..1_000, 0u64..300).prop_map(|(a, l)| (a * 1_000, (a + l) * 1_000))
+        }
+
+        proptest! {
+            // Shares add up: over all requests, busy time equals each device's busy time while at
+            // least one request is in flight, energy equals the device energy then, and every
+            // token gap decomposes exactly.
+            #[test]
+            fn shares_add_up(
+                reqs in proptest::collection::vec((span(), proptest::collection::vec(0u64..1_300, 0..6)), 1..6),
+                kernels in proptest::collection::vec((span(), 0u32..2, 0u32..3), 0..30),
+                copies in proptest::collection::vec((span(), 1u64..10_000), 0..5),
+                calls in proptest::collection::vec((0u64..1_300, proptest::option::of(0u64..50), 0usize..3), 0..20),
+            ) {
+                let mut c = Correlator::new(CorrelatorConfig::default());
+                let mut recs = Vec::new();
+                for (i, ((s, e), mut toks)) in reqs.into_iter().enumerate() {
+                    toks.sort_unstable();
+                    let toks: Vec<u64> = toks.into_iter().map(|t| (s + t * 1_000).min(e)).collect();
+                    recs.push(request(i as u64, s, e, &toks));
+                }
+                for ((a, b), device, stream) in &kernels {
+                    let mut k = kernel("k", *stream, *a, *b);
+                    k.device = *device;
+                    c.add_activity(k);
+                }
+                for ((a, b), bytes) in &copies {
+                    c.add_activity(memcpy(*bytes, *a, *b));
+                }
+                let funcs = [CudaFunc::CuLaunchKernel, CudaFunc::CudaStreamSynchronize, CudaFunc::CudaMemcpy];
+                for (t, d, f) in calls {
+                    c.add_api_call(call(funcs[f], t * 1_000, d.map(|d| (t + d) * 1_000)));
+                }
+                // 50 W flat on device 0 (held over the whole test window).
+                c.add_power_sample(power(500_000, Some(50_000), None));
+                for r in &recs {
+                    c.request_finished(r.clone());
+                }
+                let done = c.flush();
+                prop_assert_eq!(done.len(), recs.len());
+
+                let lifetimes = IntervalSet::from_spans(recs.iter().map(|r| (r.start_ns, r.end_ns)));
+                let mut want_busy = 0u64;
+                for d in 0..2 {
+                    let busy = IntervalSet::from_spans(
+                        kernels.iter().filter(|k| k.1 == d).map(|k| k.0),
+                    );
+                    for &(a, b) in lifetimes.spans() {
+                        want_busy += busy.overlap_len(a, b);
+                    }
+                }
+                let got_busy: f64 = done.iter().map(|r| r.gpu.gpu_busy_ms * 1e6).sum();
+                prop_assert!((got_busy - want_busy as f64).abs() < 1e-3, "{} vs {}", got_busy, want_busy);
+
+                let want_j = 50.0 * lifetimes.total() as f64 * 1e-9;
+                let got_j: f64 = done.iter().map(|r| r.gpu.energy_j.unwrap_or(0.0)).sum();
+                prop_assert!((got_j - want_j).abs() < 1e-9, "{} vs {}", got_j, want_j);
+
+                let mut want_bytes = 0f64;
+                for ((a, b), bytes) in &copies {
+                    want_bytes += if b > a {
+                        *bytes as f64 * lifetimes.overlap_len(*a, *b) as f64 / (b - a) as f64
+                    } else if lifetimes.overlap_len(*a, a + 1) > 0 {
+                        *bytes as f64
+                    } else {
+                        0.0
+                    };
+                }
+                let got_bytes: u64 = done.iter().map(|r| r.gpu.memcpy_bytes).sum();
+                prop_assert!((got_bytes as f64 - want_bytes).abs() <= recs.len() as f64 * 0.5 + 1e-6);
+
+                for r in &done {
+                    let gaps: u64 = r.record.itl_ns().sum();
+                    prop_assert_eq!(r.gpu.itl_breakdown.map_or(0, |b| b.total_ns()), gaps);
+                    for g in &r.gpu.slow_tokens {
+                        prop_assert_eq!(g.gpu_busy_ns + g.sync_wait_ns + g.launch_ns + g.idle_ns, g.gap_ns);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -240,8 +240,9 @@ pub fn contributor_label(c: &Contributor) -> String {
             bytes,
             overlap_ns,
         } => format!(
-            "memcpy {} ×{count} on GPU {device} ({bytes} B): {:.3} ms",
+            "memcpy {} ×{count} on GPU {device} ({}): {:.3} ms",
             direction.as_str(),
+            bytes_human(*bytes),
             ms(*overlap_ns)
         ),
         Contributor::Memset {
