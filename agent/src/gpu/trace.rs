@@ -13,9 +13,12 @@
 //! resolution) since `otherData.ts_origin_monotonic_ns`, the earliest event; the same instant in
 //! Unix time is `otherData.ts_origin_unix_ns`, so `unix_ns = origin_unix_ns + ts × 1000`.
 //!
-//! Synthetic processes use pids above the kernel's largest possible pid (2^22), so they never
-//! collide with real ones. Spans that would partially overlap on one track (Perfetto requires
-//! spans on a track to nest) are moved to an extra "(overlap n)" track of the same process.
+//! Perfetto's JSON importer reads `pid`/`tid` as 32-bit and identifies a thread by its `tid`
+//! alone (a tid seen under another pid starts a new thread), so synthetic processes and tracks
+//! get ids above the kernel's largest possible pid/tid (2^22), every synthetic tid is unique in
+//! the file, and process-level events use `tid == pid`. Spans that would partially overlap on
+//! one track (Perfetto requires spans on a track to nest) are moved to an extra "(overlap n)"
+//! track of the same process.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -34,8 +37,33 @@ const SYNTHETIC_PID_BASE: u64 = 1 << 22;
 pub const REQUESTS_PID: u64 = SYNTHETIC_PID_BASE + 1;
 /// "GPU n" is `GPU_PID_BASE + n`.
 pub const GPU_PID_BASE: u64 = SYNTHETIC_PID_BASE + 16;
-/// Track of CUPTI host-synchronisation records inside a GPU process (stream ids are 32-bit).
-const GPU_SYNC_TID: u64 = 1 << 32;
+/// Synthetic tids (tracks of the synthetic processes, overlap tracks) count up from here.
+const SYNTHETIC_TID_BASE: u64 = 1 << 23;
+
+/// What a synthetic tid stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum TrackKey {
+    /// A connection of a server process, in the "requests" process.
+    Conn { pid: u32, conn_id: u64 },
+    /// A CUDA stream of a device.
+    Stream { device: u32, stream: u32 },
+    /// CUPTI host-synchronisation records of a device.
+    HostSync { device: u32 },
+    /// Extra track for spans partially overlapping others on track `(pid, tid)`.
+    Overlap { pid: u64, tid: u64, lane: usize },
+}
+
+#[derive(Clone, Debug, Default)]
+struct Tracks {
+    ids: HashMap<TrackKey, u64>,
+}
+
+impl Tracks {
+    fn tid(&mut self, key: TrackKey) -> u64 {
+        let next = SYNTHETIC_TID_BASE + self.ids.len() as u64;
+        *self.ids.entry(key).or_insert(next)
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
@@ -63,7 +91,7 @@ pub struct TraceWriter {
     events: Vec<Event>,
     process_names: BTreeMap<u64, String>,
     thread_names: BTreeMap<(u64, u64), String>,
-    conn_tracks: HashMap<(u32, u64), u64>,
+    tracks: Tracks,
     max_events: usize,
     dropped: u64,
 }
@@ -82,7 +110,7 @@ impl TraceWriter {
             events: Vec::new(),
             process_names: BTreeMap::new(),
             thread_names: BTreeMap::new(),
-            conn_tracks: HashMap::new(),
+            tracks: Tracks::default(),
             max_events,
             dropped: 0,
         }
@@ -148,8 +176,7 @@ impl TraceWriter {
     }
 
     fn conn_track(&mut self, pid: u32, conn_id: u64) -> u64 {
-        let next = self.conn_tracks.len() as u64 + 1;
-        let tid = *self.conn_tracks.entry((pid, conn_id)).or_insert(next);
+        let tid = self.tracks.tid(TrackKey::Conn { pid, conn_id });
         self.thread_names
             .entry((REQUESTS_PID, tid))
             .or_insert_with(|| format!("conn {conn_id} (pid {pid})"));
@@ -241,7 +268,7 @@ impl TraceWriter {
         args.insert("pid".into(), json!(a.pid));
         args.insert("context".into(), json!(a.context));
         args.insert("correlation_id".into(), json!(a.correlation_id));
-        let (name, cat, tid) = match a.kind {
+        let (name, cat) = match a.kind {
             GpuActivityKind::Kernel {
                 grid,
                 block,
@@ -253,35 +280,39 @@ impl TraceWriter {
                 args.insert("shared_mem_bytes".into(), json!(shared_mem_bytes));
                 args.insert("registers_per_thread".into(), json!(registers_per_thread));
                 let name = a.name.as_deref().unwrap_or("kernel").to_owned();
-                (name, "kernel", a.stream as u64)
+                (name, "kernel")
             }
             GpuActivityKind::Memcpy { kind, bytes } => {
                 args.insert("bytes".into(), json!(bytes));
-                (
-                    format!("memcpy {}", kind.as_str()),
-                    "memcpy",
-                    a.stream as u64,
-                )
+                (format!("memcpy {}", kind.as_str()), "memcpy")
             }
             GpuActivityKind::Memset { bytes } => {
                 args.insert("bytes".into(), json!(bytes));
-                ("memset".to_owned(), "memset", a.stream as u64)
+                ("memset".to_owned(), "memset")
             }
             GpuActivityKind::Graph { graph_id } => {
                 args.insert("graph_id".into(), json!(graph_id));
-                (format!("graph {graph_id}"), "graph", a.stream as u64)
+                (format!("graph {graph_id}"), "graph")
             }
-            GpuActivityKind::Sync { kind } => {
-                (format!("sync {}", kind.as_str()), "sync", GPU_SYNC_TID)
-            }
+            GpuActivityKind::Sync { kind } => (format!("sync {}", kind.as_str()), "sync"),
         };
-        self.thread_names.entry((pid, tid)).or_insert_with(|| {
-            if tid == GPU_SYNC_TID {
-                "host sync (CUPTI)".to_owned()
-            } else {
-                format!("stream {tid}")
-            }
-        });
+        let (key, thread_name) = match a.kind {
+            GpuActivityKind::Sync { .. } => (
+                TrackKey::HostSync { device: a.device },
+                "host sync (CUPTI)".to_owned(),
+            ),
+            _ => (
+                TrackKey::Stream {
+                    device: a.device,
+                    stream: a.stream,
+                },
+                format!("stream {}", a.stream),
+            ),
+        };
+        let tid = self.tracks.tid(key);
+        self.thread_names
+            .entry((pid, tid))
+            .or_insert_with(|| thread_name);
         self.span_args(name, cat, pid, tid, a.start_ns, a.end_ns, args);
     }
 
@@ -325,7 +356,8 @@ impl TraceWriter {
                     name: name.into(),
                     cat: "nvml",
                     pid,
-                    tid: 0,
+                    // Process-level: Perfetto keys threads by tid alone.
+                    tid: pid,
                     ts_ns: s.ts_ns,
                     dur_ns: 0,
                     args,
@@ -338,7 +370,8 @@ impl TraceWriter {
     pub fn to_json(&self) -> Value {
         let mut events = self.events.clone();
         let mut thread_names = self.thread_names.clone();
-        assign_overlap_lanes(&mut events, &mut thread_names);
+        let mut tracks = self.tracks.clone();
+        assign_overlap_lanes(&mut events, &mut thread_names, &mut tracks);
         // Time order; at equal start, longer spans first so parents precede their children.
         events.sort_by(|a, b| {
             (a.ts_ns, std::cmp::Reverse(a.dur_ns), a.ph).cmp(&(
@@ -353,7 +386,7 @@ impl TraceWriter {
         let mut out: Vec<Value> = Vec::with_capacity(events.len() + thread_names.len() + 8);
         for (pid, name) in &self.process_names {
             out.push(
-                json!({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "ts": 0,
+                json!({"ph": "M", "name": "process_name", "pid": pid, "tid": pid, "ts": 0,
                 "args": {"name": name}}),
             );
         }
@@ -418,8 +451,12 @@ impl TraceWriter {
 }
 
 /// Moves spans that would partially overlap an earlier span on their track to extra tracks.
-fn assign_overlap_lanes(events: &mut [Event], names: &mut BTreeMap<(u64, u64), String>) {
-    let mut by_track: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
+fn assign_overlap_lanes(
+    events: &mut [Event],
+    names: &mut BTreeMap<(u64, u64), String>,
+    tracks: &mut Tracks,
+) {
+    let mut by_track: BTreeMap<(u64, u64), Vec<usize>> = BTreeMap::new();
     for (i, e) in events.iter().enumerate() {
         if e.ph == Phase::Complete {
             by_track.entry((e.pid, e.tid)).or_default().push(i);
@@ -443,7 +480,7 @@ fn assign_overlap_lanes(events: &mut [Event], names: &mut BTreeMap<(u64, u64), S
             });
             lanes[lane].push(e);
             if lane > 0 {
-                let new_tid = ((lane as u64) << 40) | tid;
+                let new_tid = tracks.tid(TrackKey::Overlap { pid, tid, lane });
                 events[i].tid = new_tid;
                 if !names.contains_key(&(pid, new_tid)) {
                     let base = names
@@ -480,9 +517,10 @@ pub enum TraceError {
 }
 
 /// Checks a Chrome trace JSON document: an object with `traceEvents` and `otherData.clock` (one
-/// clock for every event); per event `ph`, `name`, integer `pid`/`tid`, finite `ts ≥ 0`; `dur ≥
-/// 0` on `X`; `B`/`E` balanced per track; timestamps non-decreasing per track (counters: per
-/// pid + name); `X` spans on a track nested, never partially overlapping.
+/// clock for every event); per event `ph`, `name`, `pid`/`tid` integers that fit 32 bits (as
+/// Perfetto reads them), each tid under a single pid (Perfetto identifies threads by tid),
+/// finite `ts ≥ 0`; `dur ≥ 0` on `X`; `B`/`E` balanced per track; timestamps non-decreasing per
+/// track (counters: per pid + name); `X` spans on a track nested, never partially overlapping.
 pub fn validate_trace(text: &str) -> Result<TraceSummary, TraceError> {
     let doc: Value = serde_json::from_str(text)?;
     let events = doc
@@ -501,6 +539,7 @@ pub fn validate_trace(text: &str) -> Result<TraceSummary, TraceError> {
     let mut last_ts: HashMap<(u64, u64, Option<&str>), f64> = HashMap::new();
     let mut open_b: HashMap<(u64, u64), Vec<&str>> = HashMap::new();
     let mut open_x: HashMap<(u64, u64), Vec<f64>> = HashMap::new();
+    let mut tid_pid: HashMap<u64, u64> = HashMap::new();
     for (index, ev) in events.iter().enumerate() {
         let bad = |reason: String| TraceError::Event { index, reason };
         let ph = ev
@@ -514,11 +553,19 @@ pub fn validate_trace(text: &str) -> Result<TraceSummary, TraceError> {
         let pid = ev
             .get("pid")
             .and_then(Value::as_u64)
-            .ok_or_else(|| bad("missing or non-integer pid".into()))?;
+            .filter(|&p| p <= u32::MAX as u64)
+            .ok_or_else(|| bad("pid missing or not a 32-bit unsigned integer".into()))?;
         let tid = ev
             .get("tid")
             .and_then(Value::as_u64)
-            .ok_or_else(|| bad("missing or non-integer tid".into()))?;
+            .filter(|&t| t <= u32::MAX as u64)
+            .ok_or_else(|| bad("tid missing or not a 32-bit unsigned integer".into()))?;
+        if let Some(&other) = tid_pid.get(&tid) {
+            if other != pid {
+                return Err(bad(format!("tid {tid} used under pids {other} and {pid}")));
+            }
+        }
+        tid_pid.insert(tid, pid);
         let ts = ev
             .get("ts")
             .and_then(Value::as_f64)
@@ -658,7 +705,17 @@ mod tests {
         assert_eq!(attn[0]["ts"], 20_000.0);
         assert_eq!(attn[0]["dur"], 20_000.0);
         assert_eq!(attn[0]["pid"], GPU_PID_BASE);
-        assert_eq!(attn[0]["tid"], 2);
+        let attn_tid = attn[0]["tid"].as_u64().unwrap();
+        assert!(attn_tid >= SYNTHETIC_TID_BASE && attn_tid <= u32::MAX as u64);
+        // A different stream of the same GPU is a different track.
+        assert_ne!(find(&doc, "gemm")[0]["tid"], attn_tid);
+        assert_eq!(find(&doc, "gemm")[0]["tid"], find(&doc, "decode")[0]["tid"]);
+        // The API calls keep the real pid/tid.
+        let sync = find(&doc, "cudaStreamSynchronize");
+        assert_eq!(
+            (sync[0]["pid"].as_u64(), sync[0]["tid"].as_u64()),
+            (Some(200), Some(201))
+        );
         let power_w: Vec<f64> = find(&doc, "power")
             .iter()
             .map(|e| e["args"]["W"].as_f64().unwrap())
@@ -694,9 +751,9 @@ mod tests {
         let doc = w.to_json();
         let text = doc.to_string();
         validate_trace(&text).unwrap();
-        assert_eq!(find(&doc, "a")[0]["tid"], 7);
-        assert_eq!(find(&doc, "c")[0]["tid"], 7, "nested span stays");
-        assert_eq!(find(&doc, "b")[0]["tid"], (1u64 << 40) | 7);
+        let tid = find(&doc, "a")[0]["tid"].clone();
+        assert_eq!(find(&doc, "c")[0]["tid"], tid, "nested span stays");
+        assert_ne!(find(&doc, "b")[0]["tid"], tid);
         let threads: Vec<&str> = find(&doc, "thread_name")
             .iter()
             .map(|e| e["args"]["name"].as_str().unwrap())
@@ -746,6 +803,10 @@ mod tests {
             wrap(r#"{"ph":"B","name":"a","pid":1,"tid":1,"ts":0}"#),
             wrap(r#"{"ph":"E","name":"a","pid":1,"tid":1,"ts":0}"#),
             wrap(r#"{"ph":"C","name":"a","pid":1,"tid":1,"ts":0}"#),
+            wrap(r#"{"ph":"i","name":"a","pid":1,"tid":4294967296,"ts":0}"#),
+            wrap(
+                r#"{"ph":"i","name":"a","pid":1,"tid":3,"ts":0},{"ph":"i","name":"b","pid":2,"tid":3,"ts":1}"#,
+            ),
         ];
         for (i, t) in bad.iter().enumerate() {
             assert!(validate_trace(t).is_err(), "case {i} accepted: {t}");
