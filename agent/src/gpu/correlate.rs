@@ -483,11 +483,21 @@ impl Correlator {
     }
 
     fn finalize(&self, mut ready: Vec<RequestRecord>) -> Vec<CorrelatedRequest> {
+        if ready.is_empty() {
+            return Vec::new();
+        }
         ready.sort_by_key(|r| (r.end_ns, r.start_ns));
+        let a = ready.iter().map(|r| r.start_ns).min().unwrap_or(0);
+        let b = ready
+            .iter()
+            .map(|r| r.end_ns.max(r.start_ns))
+            .max()
+            .unwrap_or(a);
+        let window = self.window(a, b);
         ready
             .into_iter()
             .map(|record| {
-                let gpu = self.analyze(&record);
+                let gpu = self.analyze_in(&window, &record);
                 CorrelatedRequest { record, gpu }
             })
             .collect()
@@ -547,39 +557,105 @@ impl Correlator {
 
     /// Computes the GPU side of a finished request from the data held now.
     pub fn analyze(&self, rec: &RequestRecord) -> RequestGpuStats {
+        let window = self.window(rec.start_ns, rec.end_ns.max(rec.start_ns));
+        self.analyze_in(&window, rec)
+    }
+
+    /// Builds, in one pass over the data, what the analysis of requests within `[a, b)` needs;
+    /// each request is then a few binary searches per segment and per token gap.
+    fn window(&self, a: u64, b: u64) -> Window {
+        let mut device_spans: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut kernels = (Vec::new(), Vec::new());
+        let mut graphs = (Vec::new(), Vec::new());
+        let mut copies = Vec::new();
+        let mut sync_spans: Vec<(u64, u64, &'static str)> = Vec::new();
+        for x in self.activities_in(a, b) {
+            match x.kind {
+                GpuActivityKind::Kernel { .. } => {
+                    kernels.0.push(x.start_ns);
+                    kernels.1.push(x.end_ns);
+                }
+                GpuActivityKind::Graph { .. } => {
+                    graphs.0.push(x.start_ns);
+                    graphs.1.push(x.end_ns);
+                }
+                GpuActivityKind::Memcpy { bytes, .. } => copies.push((x.start_ns, x.end_ns, bytes)),
+                GpuActivityKind::Sync { kind } => {
+                    if is_host_sync_activity(&x.kind) {
+                        sync_spans.push((x.start_ns, x.end_ns, sync_kind_label(kind)));
+                    }
+                }
+                GpuActivityKind::Memset { .. } => {}
+            }
+            if is_device_work(&x.kind) {
+                device_spans
+                    .entry(x.device)
+                    .or_default()
+                    .push((x.start_ns, x.end_ns));
+            }
+        }
+        let mut launch = Vec::new();
+        for (call, span) in self.api_spans(a, b) {
+            match call_class(call.func) {
+                CallClass::Sync => sync_spans.push((span.0, span.1, call.func.symbol())),
+                CallClass::Launch => launch.push(span),
+                CallClass::Other => {}
+            }
+        }
+        let device_busy: BTreeMap<u32, IntervalSet> = device_spans
+            .into_iter()
+            .map(|(d, v)| (d, IntervalSet::from_spans(v)))
+            .collect();
+        let busy = IntervalSet::from_spans(
+            device_busy
+                .values()
+                .flat_map(|set| set.iter())
+                .collect::<Vec<_>>(),
+        );
+        let sync =
+            IntervalSet::from_spans(sync_spans.iter().map(|&(s, e, _)| (s, e))).subtract(&busy);
+        let launch = IntervalSet::from_spans(launch)
+            .subtract(&busy)
+            .subtract(&sync);
+        for v in [&mut kernels.0, &mut kernels.1, &mut graphs.0, &mut graphs.1] {
+            v.sort_unstable();
+        }
+        copies.sort_unstable();
+        sync_spans.sort_unstable();
+        Window {
+            max_copy_ns: copies.iter().map(|c| c.1 - c.0).max().unwrap_or(0),
+            max_sync_ns: sync_spans.iter().map(|c| c.1 - c.0).max().unwrap_or(0),
+            device_busy,
+            host: HostSets { busy, sync, launch },
+            kernels,
+            graphs,
+            copies,
+            sync_spans,
+        }
+    }
+
+    fn analyze_in(&self, w: &Window, rec: &RequestRecord) -> RequestGpuStats {
         let me = RequestKey::of(rec);
         let (s, e) = (rec.start_ns, rec.end_ns.max(rec.start_ns));
         let others = self.others_in(me, s, e);
         let segs = segments(s, e, &others);
 
-        // Device-side work per device, clipped to the lifetime.
-        let mut busy_spans: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-        let (mut kernel_count, mut graph_count) = (0u64, 0u64);
-        let mut memcpy_bytes = 0f64;
-        for a in self.activities_in(s, e) {
-            match a.kind {
-                GpuActivityKind::Kernel { .. } => kernel_count += 1,
-                GpuActivityKind::Graph { .. } => graph_count += 1,
-                GpuActivityKind::Memcpy { bytes, .. } => {
-                    memcpy_bytes += shared_amount(&segs, a.start_ns, a.end_ns, bytes as f64);
-                }
-                GpuActivityKind::Memset { .. } | GpuActivityKind::Sync { .. } => {}
-            }
-            if is_device_work(&a.kind) {
-                busy_spans
-                    .entry(a.device)
-                    .or_default()
-                    .push((a.start_ns.max(s), a.end_ns.min(e)));
-            }
-        }
-        let mut busy_ns = 0f64;
-        for spans in busy_spans.into_values() {
-            let set = IntervalSet::from_spans(spans);
-            busy_ns += segs
-                .iter()
-                .map(|&(a, b, k)| set.overlap_len(a, b) as f64 / k as f64)
-                .sum::<f64>();
-        }
+        let busy_ns: f64 = w
+            .device_busy
+            .values()
+            .map(|set| {
+                segs.iter()
+                    .map(|&(a, b, k)| set.overlap_len(a, b) as f64 / k as f64)
+                    .sum::<f64>()
+            })
+            .sum();
+        let lo = s.saturating_sub(w.max_copy_ns);
+        let first = w.copies.partition_point(|c| c.0 < lo);
+        let memcpy_bytes: f64 = w.copies[first..]
+            .iter()
+            .take_while(|c| c.0 < e)
+            .map(|&(a, b, bytes)| shared_amount(&segs, a, b, bytes as f64))
+            .sum();
 
         let mut energy: Option<f64> = None;
         for samples in self.power.values() {
@@ -590,21 +666,20 @@ impl Correlator {
             }
         }
         let tokens = rec.output_tokens.filter(|&t| t > 0);
-        let lifetime = (e - s) as f64;
         let mean_concurrency = if e > s {
             segs.iter()
                 .map(|&(a, b, k)| (b - a) as f64 * k as f64)
                 .sum::<f64>()
-                / lifetime
+                / (e - s) as f64
         } else {
             1.0
         };
 
-        let (median_itl_ns, itl_breakdown, slow_tokens) = self.token_gaps(rec, me);
+        let (median_itl_ns, itl_breakdown, slow_tokens) = self.token_gaps(w, rec, me);
         RequestGpuStats {
             gpu_busy_ms: busy_ns / 1e6,
-            kernel_count,
-            graph_count,
+            kernel_count: count_overlapping(&w.kernels, s, e),
+            graph_count: count_overlapping(&w.graphs, s, e),
             memcpy_bytes: memcpy_bytes.round() as u64,
             energy_j: energy,
             energy_j_per_token: energy.zip(tokens).map(|(j, t)| j / t as f64),
@@ -619,6 +694,7 @@ impl Correlator {
     /// Median gap, summed breakdown of all gaps, and the explained slow gaps.
     fn token_gaps(
         &self,
+        w: &Window,
         rec: &RequestRecord,
         me: RequestKey,
     ) -> (Option<u64>, Option<GapBreakdown>, Vec<TokenGapExplanation>) {
@@ -626,8 +702,6 @@ impl Correlator {
         if t.len() < 2 {
             return (None, None, Vec::new());
         }
-        let (w0, w1) = (t[0], *t.last().unwrap_or(&t[0]));
-        let host = self.host_sets(w0, w1);
         let gaps: Vec<(usize, u64, u64)> = t
             .windows(2)
             .enumerate()
@@ -643,7 +717,7 @@ impl Correlator {
         };
         let mut total = GapBreakdown::default();
         for &(_, a, b) in &gaps {
-            total.add(&host.breakdown(a, b));
+            total.add(&w.host.breakdown(a, b));
         }
         let threshold = self.cfg.slow_gap_factor * median as f64;
         let mut slow: Vec<(usize, u64, u64)> = gaps
@@ -655,7 +729,7 @@ impl Correlator {
         let explained = slow
             .into_iter()
             .map(|(i, a, b)| {
-                let br = host.breakdown(a, b);
+                let br = w.host.breakdown(a, b);
                 TokenGapExplanation {
                     token_index: i,
                     start_ns: a,
@@ -664,39 +738,11 @@ impl Correlator {
                     sync_wait_ns: br.sync_wait_ns,
                     launch_ns: br.launch_ns,
                     idle_ns: br.idle_ns,
-                    top: self.contributors(me, a, b),
+                    top: self.contributors(w, me, a, b),
                 }
             })
             .collect();
         (Some(median), Some(total), explained)
-    }
-
-    /// Busy / sync / launch sets over `[a, b)`, made disjoint by priority.
-    fn host_sets(&self, a: u64, b: u64) -> HostSets {
-        let busy = IntervalSet::from_spans(
-            self.activities_in(a, b)
-                .filter(|x| is_device_work(&x.kind))
-                .map(|x| (x.start_ns, x.end_ns)),
-        );
-        let mut sync = Vec::new();
-        let mut launch = Vec::new();
-        for x in self.activities_in(a, b) {
-            if is_host_sync_activity(&x.kind) {
-                sync.push((x.start_ns, x.end_ns));
-            }
-        }
-        for (call, span) in self.api_spans(a, b) {
-            match call_class(call.func) {
-                CallClass::Sync => sync.push(span),
-                CallClass::Launch => launch.push(span),
-                CallClass::Other => {}
-            }
-        }
-        let sync = IntervalSet::from_spans(sync).subtract(&busy);
-        let launch = IntervalSet::from_spans(launch)
-            .subtract(&busy)
-            .subtract(&sync);
-        HostSets { busy, sync, launch }
     }
 
     /// API calls overlapping `[a, b)` with the span each occupied its thread (see the entry-only
@@ -739,7 +785,7 @@ impl Correlator {
     }
 
     /// What overlapped `[a, b)`, longest overlap first.
-    fn contributors(&self, me: RequestKey, a: u64, b: u64) -> Vec<Contributor> {
+    fn contributors(&self, w: &Window, me: RequestKey, a: u64, b: u64) -> Vec<Contributor> {
         let ov = |s: u64, e: u64| e.min(b).saturating_sub(s.max(a));
         let mut kernels: HashMap<(&str, u32), (u32, u64)> = HashMap::new();
         let mut graphs: HashMap<(u32, u32), (u32, u64)> = HashMap::new();
@@ -776,20 +822,19 @@ impl Correlator {
                     v.0 += 1;
                     v.1 += o;
                 }
-                GpuActivityKind::Sync { kind } => {
-                    if is_host_sync_activity(&x.kind) {
-                        let v = syncs.entry(sync_kind_label(kind)).or_default();
-                        v.0 += 1;
-                        v.1 += o;
-                    }
-                }
+                // Host waits come from the window, with the uprobe sync calls.
+                GpuActivityKind::Sync { .. } => {}
             }
         }
-        for (call, (s, e)) in self.api_spans(a, b) {
-            if call_class(call.func) == CallClass::Sync {
-                let v = syncs.entry(call.func.symbol()).or_default();
+        let first = w
+            .sync_spans
+            .partition_point(|x| x.0 < a.saturating_sub(w.max_sync_ns));
+        for &(s, e, what) in w.sync_spans[first..].iter().take_while(|x| x.0 < b) {
+            let o = ov(s, e);
+            if o > 0 {
+                let v = syncs.entry(what).or_default();
                 v.0 += 1;
-                v.1 += ov(s, e);
+                v.1 += o;
             }
         }
         let mut out: Vec<Contributor> = Vec::new();
@@ -867,6 +912,29 @@ impl Correlator {
         out.truncate(self.cfg.max_contributors);
         out
     }
+}
+
+/// Precomputed data of a time window (see [`Correlator::window`]).
+struct Window {
+    /// Per device, the union of compute spans.
+    device_busy: BTreeMap<u32, IntervalSet>,
+    host: HostSets,
+    /// Kernel start times and end times, each sorted.
+    kernels: (Vec<u64>, Vec<u64>),
+    graphs: (Vec<u64>, Vec<u64>),
+    /// `(start, end, bytes)` sorted by start.
+    copies: Vec<(u64, u64, u64)>,
+    max_copy_ns: u64,
+    /// Host blocked in a sync: `(start, end, what)` sorted by start (CUPTI and uprobes).
+    sync_spans: Vec<(u64, u64, &'static str)>,
+    max_sync_ns: u64,
+}
+
+/// Spans overlapping `[s, e)`, from sorted starts and sorted ends (every end ≥ its start).
+fn count_overlapping((starts, ends): &(Vec<u64>, Vec<u64>), s: u64, e: u64) -> u64 {
+    let started = starts.partition_point(|&x| x < e);
+    let ended = ends.partition_point(|&x| x <= s);
+    started.saturating_sub(ended) as u64
 }
 
 struct HostSets {

@@ -1,10 +1,13 @@
 //! Sets of half-open `[start, end)` nanosecond intervals: the arithmetic behind busy-time unions
 //! and the token-gap decomposition.
 
-/// Sorted, disjoint, non-empty, non-touching half-open intervals.
+/// Sorted, disjoint, non-empty, non-touching half-open intervals, with prefix sums of their
+/// lengths so that the covered length of any range is two binary searches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct IntervalSet {
     spans: Vec<(u64, u64)>,
+    /// `before[i]`: total length of `spans[..i]`.
+    before: Vec<u64>,
 }
 
 impl IntervalSet {
@@ -19,7 +22,21 @@ impl IntervalSet {
                 _ => out.push((a, b)),
             }
         }
-        IntervalSet { spans: out }
+        Self::from_disjoint(out)
+    }
+
+    fn from_disjoint(spans: Vec<(u64, u64)>) -> Self {
+        let mut before = Vec::with_capacity(spans.len());
+        let mut sum = 0;
+        for &(a, b) in &spans {
+            before.push(sum);
+            sum += b - a;
+        }
+        IntervalSet { spans, before }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.spans.iter().copied()
     }
 
     #[cfg(test)]
@@ -32,21 +49,24 @@ impl IntervalSet {
         self.spans.iter().map(|&(a, b)| b - a).sum()
     }
 
+    /// Length of the part of the set before `t`.
+    fn covered_before(&self, t: u64) -> u64 {
+        let i = self.spans.partition_point(|&(start, _)| start < t);
+        match i.checked_sub(1) {
+            None => 0,
+            Some(last) => {
+                let (s, e) = self.spans[last];
+                self.before[last] + e.min(t) - s
+            }
+        }
+    }
+
     /// Length of the part of the set inside `[a, b)`.
     pub(crate) fn overlap_len(&self, a: u64, b: u64) -> u64 {
         if b <= a {
             return 0;
         }
-        // First span that ends after `a`; spans are sorted by start and by end alike.
-        let first = self.spans.partition_point(|&(_, end)| end <= a);
-        let mut sum = 0;
-        for &(s, e) in &self.spans[first..] {
-            if s >= b {
-                break;
-            }
-            sum += e.min(b) - s.max(a);
-        }
-        sum
+        self.covered_before(b) - self.covered_before(a)
     }
 
     /// `self` minus `other`.
@@ -75,7 +95,7 @@ impl IntervalSet {
                 out.push((cur, e));
             }
         }
-        IntervalSet { spans: out }
+        Self::from_disjoint(out)
     }
 }
 
