@@ -118,7 +118,8 @@ impl GpuActivityKind {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct GpuActivity {
     pub kind: GpuActivityKind,
-    /// CUDA device ordinal.
+    /// CUDA device ordinal; `u32::MAX` for a synchronization whose context was never seen in a
+    /// kernel/memcpy record (CUPTI's sync records name only the context).
     pub device: u32,
     /// CUPTI context id.
     pub context: u32,
