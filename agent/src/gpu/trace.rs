@@ -35,8 +35,11 @@ use crate::record::RequestRecord;
 const SYNTHETIC_PID_BASE: u64 = 1 << 22;
 /// The "requests" process.
 pub const REQUESTS_PID: u64 = SYNTHETIC_PID_BASE + 1;
-/// "GPU n" is `GPU_PID_BASE + n`.
+/// "GPU n" is `GPU_PID_BASE + n`, for `n < MAX_GPUS`.
 pub const GPU_PID_BASE: u64 = SYNTHETIC_PID_BASE + 16;
+const MAX_GPUS: u32 = 4096;
+/// Activities whose device is not known (`device >= MAX_GPUS`, e.g. `u32::MAX`).
+pub const UNKNOWN_GPU_PID: u64 = SYNTHETIC_PID_BASE + 2;
 /// Synthetic tids (tracks of the synthetic processes, overlap tracks) count up from here.
 const SYNTHETIC_TID_BASE: u64 = 1 << 23;
 
@@ -254,10 +257,13 @@ impl TraceWriter {
     }
 
     fn gpu_process(&mut self, device: u32) -> u64 {
-        let pid = GPU_PID_BASE + device as u64;
-        self.process_names
-            .entry(pid)
-            .or_insert_with(|| format!("GPU {device}"));
+        // CUPTI sync records of an unseen context carry device u32::MAX.
+        let (pid, name) = if device < MAX_GPUS {
+            (GPU_PID_BASE + device as u64, format!("GPU {device}"))
+        } else {
+            (UNKNOWN_GPU_PID, "GPU (unknown device)".to_owned())
+        };
+        self.process_names.entry(pid).or_insert(name);
         pid
     }
 
@@ -681,6 +687,12 @@ mod tests {
             Some(158 * MS),
         ));
         w.add_api_call(&call(CudaFunc::CuLaunchKernel, 158 * MS, None));
+        let mut sync = kernel("", 0, 150 * MS, 157 * MS);
+        sync.kind = GpuActivityKind::Sync {
+            kind: crate::gpu::timeline::SyncKind::Stream,
+        };
+        sync.device = u32::MAX;
+        w.add_activity(&sync);
         w.set_process_name(200, "python");
         // Out of order on purpose: the writer sorts.
         w.add_power_sample(&power(50 * MS, Some(150_000), None));
@@ -691,8 +703,8 @@ mod tests {
         let text = String::from_utf8(buf).unwrap();
         let sum = validate_trace(&text).unwrap();
         // 4 requests: span + TTFT each (+ 1 slow gap of A in the gap scenario); 3 kernels;
-        // 1 sync call.
-        assert_eq!(sum.complete, 4 * 2 + 1 + 3 + 1);
+        // 1 sync call; 1 CUPTI sync record.
+        assert_eq!(sum.complete, 4 * 2 + 1 + 3 + 1 + 1);
         // Tokens: 3 + 2 + 5 + 2, plus the entry-only launch.
         assert_eq!(sum.instants, 12 + 1);
         assert_eq!(sum.counters, 2);
@@ -727,6 +739,8 @@ mod tests {
             .collect();
         assert!(names.contains(&"requests") && names.contains(&"GPU 0"));
         assert!(names.contains(&"python (200)"));
+        assert!(names.contains(&"GPU (unknown device)"));
+        assert_eq!(find(&doc, "sync stream")[0]["pid"], UNKNOWN_GPU_PID);
         let gap = find(&doc, "slow gap");
         assert_eq!(gap.len(), 1);
         assert_eq!(gap[0]["ts"], 120_000.0);
