@@ -78,6 +78,7 @@ pub struct CorrelatorConfig {
     pub max_activities: usize,
     pub max_api_calls: usize,
     pub max_power_samples_per_device: usize,
+    /// Cap on finished request intervals kept, and on requests waiting for finalisation.
     pub max_requests: usize,
     /// Activities and API calls longer than this are dropped as malformed (a broken clock
     /// mapping would otherwise mark the GPU busy for hours and widen every look-back).
@@ -291,6 +292,8 @@ pub struct CorrelatorCounters {
     pub late_dropped: u64,
     /// Entries dropped to honour the hard caps.
     pub cap_dropped: u64,
+    /// Finished requests finalised before their delay because too many were pending.
+    pub finalized_early: u64,
     /// Started requests never reported finished, forgotten after `max_open_request_ns`.
     pub stale_open_requests: u64,
     /// Activities / API calls ending before they start, or longer than `max_span_ns`.
@@ -483,9 +486,17 @@ impl Correlator {
     /// evicts data older than the horizon.
     pub fn poll(&mut self, now_ns: u64) -> Vec<CorrelatedRequest> {
         let delay = self.cfg.finalize_delay_ns;
-        let (ready, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+        let (mut ready, mut keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|r| r.end_ns.saturating_add(delay) <= now_ns);
+        // Records are never dropped: beyond the cap the oldest go out early (and may miss late
+        // GPU data).
+        if keep.len() > self.cfg.max_requests {
+            keep.sort_by_key(|r| r.end_ns);
+            let excess = keep.len() - self.cfg.max_requests;
+            ready.extend(keep.drain(..excess));
+            self.counters.finalized_early += excess as u64;
+        }
         self.pending = keep;
         let out = self.finalize(ready);
         self.evict(now_ns.saturating_sub(self.cfg.horizon_ns), now_ns);
@@ -520,6 +531,11 @@ impl Correlator {
     }
 
     fn evict(&mut self, cutoff: u64, now_ns: u64) {
+        let max_open = self.cfg.max_open_request_ns;
+        let before = self.open.len();
+        self.open
+            .retain(|_, r| r.start.saturating_add(max_open) >= now_ns);
+        self.counters.stale_open_requests += (before - self.open.len()) as u64;
         if cutoff <= self.evicted_before {
             return;
         }
@@ -539,11 +555,6 @@ impl Correlator {
             let first_kept = v.partition_point(|s| s.ts_ns < cutoff).saturating_sub(1);
             v.drain(..first_kept);
         }
-        let max_open = self.cfg.max_open_request_ns;
-        let before = self.open.len();
-        self.open
-            .retain(|_, r| r.start.saturating_add(max_open) >= now_ns);
-        self.counters.stale_open_requests += (before - self.open.len()) as u64;
     }
 
     /// Activities that overlap `[a, b)`.
@@ -1417,6 +1428,34 @@ pub(crate) mod tests {
         assert_eq!(done.len(), 1);
         assert!(done[0].gpu.partial);
         assert_eq!(done[0].gpu.kernel_count, 0);
+    }
+
+    #[test]
+    fn stale_open_requests_are_forgotten_and_pending_is_bounded() {
+        let cfg = CorrelatorConfig {
+            max_open_request_ns: 10 * SEC,
+            max_requests: 2,
+            ..CorrelatorConfig::default()
+        };
+        let mut c = Correlator::new(cfg);
+        let stuck = request(9, 0, SEC, &[]);
+        c.request_started(RequestKey::of(&stuck), 0);
+        assert!(c.poll(5 * SEC).is_empty());
+        // Still in flight: a request finishing now shares with it.
+        let r = request(1, SEC, 2 * SEC, &[]);
+        approx(c.analyze(&r).mean_concurrency, 2.0);
+        c.poll(11 * SEC);
+        assert_eq!(c.counters().stale_open_requests, 1);
+        approx(c.analyze(&r).mean_concurrency, 1.0);
+        for i in 0..5 {
+            c.request_finished(request(i, 20 * SEC, 20 * SEC + i, &[]));
+        }
+        // Delay not over, but only 2 may wait: the 3 oldest go now.
+        let early = c.poll(20 * SEC);
+        assert_eq!(early.len(), 3);
+        assert_eq!(c.pending_len(), 2);
+        assert_eq!(c.counters().finalized_early, 3);
+        assert_eq!(c.flush().len(), 2);
     }
 
     #[test]
