@@ -165,6 +165,9 @@ pub struct RequestGpuStats {
     pub mean_concurrency: f64,
     /// Median gap between content events.
     pub median_itl_ns: Option<u64>,
+    /// Time to first token (`start..first_token`), decomposed like a token gap: queueing shows
+    /// as idle or other requests' GPU work, the prefill itself as GPU busy.
+    pub ttft_breakdown: Option<GapBreakdown>,
     /// All token gaps of the request, decomposed and summed.
     pub itl_breakdown: Option<GapBreakdown>,
     /// The slowest gaps, explained, longest first.
@@ -712,6 +715,9 @@ impl Correlator {
             energy_j_per_token: energy.zip(tokens).map(|(j, t)| j / t as f64),
             mean_concurrency,
             median_itl_ns,
+            ttft_breakdown: rec
+                .first_token_ns
+                .map(|ft| w.host.breakdown(s, ft.clamp(s, e))),
             itl_breakdown,
             slow_tokens,
             partial: s < self.evicted_before,
@@ -1274,6 +1280,16 @@ pub(crate) mod tests {
         approx(ga.energy_j.unwrap(), 5.0 + 2.5);
         approx(ga.energy_j_per_token.unwrap(), 7.5 / 3.0);
         approx(ga.mean_concurrency, 1.5);
+        // TTFT 0..20 ms: gemm from 10 ms, attn from 20 ms.
+        assert_eq!(
+            ga.ttft_breakdown,
+            Some(GapBreakdown {
+                gpu_busy_ns: 10 * MS,
+                sync_wait_ns: 0,
+                launch_ns: 0,
+                idle_ns: 10 * MS,
+            })
+        );
         assert!(!ga.partial);
 
         c.request_finished(b.clone());

@@ -138,16 +138,18 @@ fn render_one(out: &mut String, n: usize, r: &CorrelatedRequest, opts: &ExplainO
     }
     let _ = writeln!(out, "  mean concurrency {:.1}", g.mean_concurrency);
     render_gpu_line(out, g);
-    if let Some(b) = g.itl_breakdown.filter(|b| b.total_ns() > 0) {
-        let t = b.total_ns();
-        let _ = writeln!(
-            out,
-            "   token gaps: GPU busy {:.0}% · sync wait {:.0}% · launch {:.0}% · idle {:.0}%",
-            pct(b.gpu_busy_ns, t),
-            pct(b.sync_wait_ns, t),
-            pct(b.launch_ns, t),
-            pct(b.idle_ns, t)
-        );
+    for (what, b) in [("TTFT", g.ttft_breakdown), ("token gaps", g.itl_breakdown)] {
+        if let Some(b) = b.filter(|b| b.total_ns() > 0) {
+            let t = b.total_ns();
+            let _ = writeln!(
+                out,
+                "   {what}: GPU busy {:.0}% · sync wait {:.0}% · launch {:.0}% · idle {:.0}%",
+                pct(b.gpu_busy_ns, t),
+                pct(b.sync_wait_ns, t),
+                pct(b.launch_ns, t),
+                pct(b.idle_ns, t)
+            );
+        }
     }
     if g.slow_tokens.is_empty() {
         return;
@@ -290,6 +292,9 @@ mod tests {
         let b = text.find("conn 2#0").unwrap();
         assert!(a < b, "{text}");
         assert!(text.contains("e2e 200.0 ms  ttft 100.0 ms  output tokens 5  median ITL 10.0 ms"));
+        assert!(text.contains(
+            "   TTFT: GPU busy 0% · sync wait 0% · launch 0% · idle 100%\n   token gaps: GPU busy 36%"
+        ), "{text}");
         assert!(text.contains(
             "token 3 +50.0 ms (5.0× median): GPU busy 29.0 ms, sync wait 8.0 ms, launch 0.1 ms, idle 12.9 ms"
         ), "{text}");
