@@ -372,80 +372,72 @@ impl TraceWriter {
         }
     }
 
-    /// The whole trace as a JSON value.
-    pub fn to_json(&self) -> Value {
-        let mut events = self.events.clone();
+    /// Writes the trace as JSON, event by event (no document tree is built in memory).
+    pub fn write<W: Write>(&self, mut w: W) -> std::io::Result<()> {
         let mut thread_names = self.thread_names.clone();
         let mut tracks = self.tracks.clone();
-        assign_overlap_lanes(&mut events, &mut thread_names, &mut tracks);
+        let tids = assign_overlap_lanes(&self.events, &mut thread_names, &mut tracks);
         // Time order; at equal start, longer spans first so parents precede their children.
-        events.sort_by(|a, b| {
-            (a.ts_ns, std::cmp::Reverse(a.dur_ns), a.ph).cmp(&(
-                b.ts_ns,
-                std::cmp::Reverse(b.dur_ns),
-                b.ph,
-            ))
+        let mut order: Vec<usize> = (0..self.events.len()).collect();
+        order.sort_by_key(|&i| {
+            let e = &self.events[i];
+            (e.ts_ns, std::cmp::Reverse(e.dur_ns), e.ph, i)
         });
-        let origin = events.iter().map(|e| e.ts_ns).min().unwrap_or(0);
+        let origin = self.events.iter().map(|e| e.ts_ns).min().unwrap_or(0);
         let us = |ns: u64| ns as f64 / 1e3;
 
-        let mut out: Vec<Value> = Vec::with_capacity(events.len() + thread_names.len() + 8);
+        let mut first = true;
+        w.write_all(b"{\"traceEvents\":[")?;
         for (pid, name) in &self.process_names {
-            out.push(
-                json!({"ph": "M", "name": "process_name", "pid": pid, "tid": pid, "ts": 0,
-                "args": {"name": name}}),
-            );
+            let v = json!({"ph": "M", "name": "process_name", "pid": pid, "tid": pid, "ts": 0,
+                "args": {"name": name}});
+            emit(&mut w, &mut first, &v)?;
         }
         for ((pid, tid), name) in &thread_names {
-            out.push(
-                json!({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "ts": 0,
-                "args": {"name": name}}),
-            );
+            let v = json!({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "ts": 0,
+                "args": {"name": name}});
+            emit(&mut w, &mut first, &v)?;
         }
-        for e in &events {
-            let mut v = json!({
-                "name": e.name,
-                "cat": e.cat,
-                "pid": e.pid,
-                "tid": e.tid,
-                "ts": us(e.ts_ns - origin),
-            });
-            let o = v.as_object_mut().expect("object literal");
-            match e.ph {
-                Phase::Complete => {
-                    o.insert("ph".into(), json!("X"));
-                    o.insert("dur".into(), json!(us(e.dur_ns)));
-                }
-                Phase::Instant => {
-                    o.insert("ph".into(), json!("i"));
-                    o.insert("s".into(), json!("t"));
-                }
-                Phase::Counter => {
-                    o.insert("ph".into(), json!("C"));
-                }
-            }
-            if !e.args.is_empty() {
-                o.insert("args".into(), Value::Object(e.args.clone()));
-            }
-            out.push(v);
+        for i in order {
+            let e = &self.events[i];
+            let (ph, dur, scope) = match e.ph {
+                Phase::Complete => ("X", Some(us(e.dur_ns)), None),
+                Phase::Instant => ("i", None, Some("t")),
+                Phase::Counter => ("C", None, None),
+            };
+            let v = OutEvent {
+                ph,
+                name: &e.name,
+                cat: e.cat,
+                pid: e.pid,
+                tid: tids[i],
+                ts: us(e.ts_ns - origin),
+                dur,
+                s: scope,
+                args: &e.args,
+            };
+            emit(&mut w, &mut first, &v)?;
         }
         let origin_unix = origin as i128 + self.unix_offset_ns as i128;
-        json!({
-            "traceEvents": out,
-            "displayTimeUnit": "ns",
-            "otherData": {
-                "generator": "infertap",
-                "clock": "CLOCK_MONOTONIC",
-                "ts_unit": "us",
-                "ts_origin_monotonic_ns": origin,
-                "ts_origin_unix_ns": origin_unix.to_string(),
-                "dropped_events": self.dropped,
-            }
-        })
+        let other = json!({
+            "generator": "infertap",
+            "clock": "CLOCK_MONOTONIC",
+            "ts_unit": "us",
+            "ts_origin_monotonic_ns": origin,
+            "ts_origin_unix_ns": origin_unix.to_string(),
+            "dropped_events": self.dropped,
+        });
+        w.write_all(b"],\"displayTimeUnit\":\"ns\",\"otherData\":")?;
+        serde_json::to_writer(&mut w, &other)?;
+        w.write_all(b"}")
     }
 
-    pub fn write<W: Write>(&self, w: W) -> std::io::Result<()> {
-        serde_json::to_writer(w, &self.to_json()).map_err(std::io::Error::from)
+    /// The whole trace as a JSON value (for tests and small traces; [`TraceWriter::write`]
+    /// streams).
+    pub fn to_json(&self) -> std::io::Result<Value> {
+        let mut buf = Vec::new();
+        self.write(&mut buf)?;
+        Ok(serde_json::from_slice(&buf)?)
     }
 
     pub fn write_file(&self, path: &Path) -> std::io::Result<()> {
@@ -456,12 +448,40 @@ impl TraceWriter {
     }
 }
 
-/// Moves spans that would partially overlap an earlier span on their track to extra tracks.
+/// One timed event as written.
+#[derive(serde::Serialize)]
+struct OutEvent<'a> {
+    ph: &'static str,
+    name: &'a str,
+    cat: &'static str,
+    pid: u64,
+    tid: u64,
+    ts: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dur: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    s: Option<&'static str>,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    args: &'a Map<String, Value>,
+}
+
+/// Writes one array element, with its separator.
+fn emit<W: Write, T: serde::Serialize>(w: &mut W, first: &mut bool, v: &T) -> std::io::Result<()> {
+    if !*first {
+        w.write_all(b",")?;
+    }
+    *first = false;
+    Ok(serde_json::to_writer(w, v)?)
+}
+
+/// The tid of every event: its own, or an extra track's where it would partially overlap an
+/// earlier span on its track.
 fn assign_overlap_lanes(
-    events: &mut [Event],
+    events: &[Event],
     names: &mut BTreeMap<(u64, u64), String>,
     tracks: &mut Tracks,
-) {
+) -> Vec<u64> {
+    let mut tids: Vec<u64> = events.iter().map(|e| e.tid).collect();
     let mut by_track: BTreeMap<(u64, u64), Vec<usize>> = BTreeMap::new();
     for (i, e) in events.iter().enumerate() {
         if e.ph == Phase::Complete {
@@ -469,7 +489,7 @@ fn assign_overlap_lanes(
         }
     }
     for ((pid, tid), mut idx) in by_track {
-        idx.sort_by_key(|&i| (events[i].ts_ns, std::cmp::Reverse(events[i].dur_ns)));
+        idx.sort_by_key(|&i| (events[i].ts_ns, std::cmp::Reverse(events[i].dur_ns), i));
         // Per lane, the ends of the spans still open (a nesting stack).
         let mut lanes: Vec<Vec<u64>> = Vec::new();
         for i in idx {
@@ -487,7 +507,7 @@ fn assign_overlap_lanes(
             lanes[lane].push(e);
             if lane > 0 {
                 let new_tid = tracks.tid(TrackKey::Overlap { pid, tid, lane });
-                events[i].tid = new_tid;
+                tids[i] = new_tid;
                 if !names.contains_key(&(pid, new_tid)) {
                     let base = names
                         .get(&(pid, tid))
@@ -498,6 +518,7 @@ fn assign_overlap_lanes(
             }
         }
     }
+    tids
 }
 
 /// What [`validate_trace`] found in a valid trace.
@@ -762,7 +783,7 @@ mod tests {
         w.add_activity(&kernel("a", 7, 1_000, 5_000));
         w.add_activity(&kernel("b", 7, 3_000, 8_000));
         w.add_activity(&kernel("c", 7, 3_500, 4_000));
-        let doc = w.to_json();
+        let doc = w.to_json().unwrap();
         let text = doc.to_string();
         validate_trace(&text).unwrap();
         let tid = find(&doc, "a")[0]["tid"].clone();
@@ -782,7 +803,7 @@ mod tests {
             w.add_activity(&kernel("k", 1, i * 10, i * 10 + 5));
         }
         assert_eq!((w.len(), w.dropped()), (2, 3));
-        assert_eq!(w.to_json()["otherData"]["dropped_events"], 3);
+        assert_eq!(w.to_json().unwrap()["otherData"]["dropped_events"], 3);
     }
 
     #[test]
