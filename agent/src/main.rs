@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use infertap::{
-    pipeline::{AgentOptions, Pipeline},
+    pipeline::{AgentOptions, CudaOptions, Pipeline},
     probes::ProbeConfig,
 };
 use tracing_subscriber::EnvFilter;
@@ -51,6 +51,20 @@ struct TargetArgs {
     /// Stop after this long (default: run until SIGINT/SIGTERM).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+    /// Do not probe the CUDA launch path (libcuda/libcudart uprobes).
+    #[arg(long)]
+    no_cuda: bool,
+    /// Also probe this CUDA library (repeatable); libraries mapped by traced processes are found
+    /// automatically.
+    #[arg(long = "cuda-lib", value_name = "PATH")]
+    cuda_libs: Vec<PathBuf>,
+    /// Probe CUDA calls of every process using the libraries, not only the traced processes
+    /// (for engines that are not children of the traced server).
+    #[arg(long)]
+    cuda_all_processes: bool,
+    /// Record every CUDA call individually (costly; default: aggregate in the kernel).
+    #[arg(long)]
+    cuda_events: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -111,6 +125,12 @@ fn agent_options(a: &AgentArgs) -> Result<AgentOptions> {
         duration: a.target.duration,
         ready_file: a.ready_file.clone(),
         rescan_interval: Duration::from_secs(1),
+        cuda: CudaOptions {
+            enabled: !a.target.no_cuda,
+            libs: a.target.cuda_libs.clone(),
+            all_processes: a.target.cuda_all_processes,
+            per_event: a.target.cuda_events,
+        },
     })
 }
 

@@ -37,8 +37,22 @@ pub struct AgentOptions {
     pub poll_interval: Duration,
     pub duration: Option<Duration>,
     pub ready_file: Option<PathBuf>,
-    /// How often `--port` owners are re-resolved.
+    /// How often `--port` owners and CUDA libraries are re-resolved.
     pub rescan_interval: Duration,
+    pub cuda: CudaOptions,
+}
+
+/// CUDA launch-path probing.
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    pub enabled: bool,
+    /// Libraries to probe in addition to those found in the traced processes' maps.
+    pub libs: Vec<PathBuf>,
+    /// Probe every process that maps the libraries (e.g. engine processes not forked from the
+    /// traced server), not only the traced set.
+    pub all_processes: bool,
+    /// Emit one record per call (trace windows) instead of aggregating in the kernel only.
+    pub per_event: bool,
 }
 
 /// Counters of the user-space side (the kernel keeps its own, see `probes::KernelCounters`).
@@ -71,7 +85,14 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(opts: AgentOptions) -> Result<Self> {
-        let probes = Probes::load(&opts.probe)?;
+        let mut probes = Probes::load(&opts.probe)?;
+        if opts.cuda.enabled {
+            probes.cuda.set_all_processes(opts.cuda.all_processes)?;
+            probes.cuda.set_per_event(opts.cuda.per_event)?;
+            for lib in &opts.cuda.libs {
+                probes.attach_cuda_library(lib).with_context(|| format!("--cuda-lib {}", lib.display()))?;
+            }
+        }
         let jsonl = opts.requests.as_deref().map(JsonLines::open).transpose()?;
         Ok(Self {
             probes,
@@ -139,6 +160,14 @@ impl Pipeline {
             );
         }
         Ok(())
+    }
+
+    /// Probes CUDA libraries the traced processes mapped since the last look (late dlopen,
+    /// new engine processes).
+    fn rescan_cuda(&mut self) {
+        if self.opts.cuda.enabled {
+            self.probes.attach_cuda();
+        }
     }
 
     /// Resolves `--port` owners and adds new ones.
@@ -229,6 +258,7 @@ impl Pipeline {
             self.trace_pid(pid)?;
         }
         self.rescan_ports();
+        self.rescan_cuda();
         if self.known_pids.is_empty() && !self.opts.ports.is_empty() {
             info!(
                 "no process listens on port(s) {:?} yet; waiting for one",
@@ -278,9 +308,10 @@ impl Pipeline {
                 last_clock = now;
                 self.clock = Clock::measure();
             }
-            if !self.opts.ports.is_empty() && now - last_rescan >= self.opts.rescan_interval {
+            if now - last_rescan >= self.opts.rescan_interval {
                 last_rescan = now;
                 self.rescan_ports();
+                self.rescan_cuda();
             }
         }
         // Take what the kernel wrote up to the stop.
