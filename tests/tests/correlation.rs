@@ -7,7 +7,7 @@ use std::sync::Arc;
 use infertap::gpu::correlate::{Contributor, Correlator, CorrelatorConfig, RequestKey};
 use infertap::gpu::explain::{render_explain, ExplainOptions};
 use infertap::gpu::timeline::{
-    CudaApiCall, CudaFunc, GpuActivity, GpuActivityKind, MemcpyKind, PowerSample,
+    CudaApiCall, cuda_func, GpuActivity, GpuActivityKind, MemcpyKind, PowerSample,
 };
 use infertap::gpu::trace::{validate_trace, TraceWriter};
 use infertap::record::{RequestRecord, TokenCountSource};
@@ -112,7 +112,7 @@ fn pipeline_flow_to_trace_and_explain() {
     c.add_api_call(CudaApiCall {
         pid: 4243,
         tid: 4244,
-        func: CudaFunc::CudaStreamSynchronize,
+        func: cuda_func("cudaStreamSynchronize").unwrap(),
         start_ns: T0 + 290 * MS,
         end_ns: Some(T0 + 291 * MS),
         bytes: None,

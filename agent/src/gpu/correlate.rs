@@ -627,7 +627,7 @@ impl Correlator {
         let mut launch = Vec::new();
         for (call, span) in self.api_spans(a, b) {
             match call_class(call.func) {
-                CallClass::Sync => sync_spans.push((span.0, span.1, call.func.symbol())),
+                CallClass::Sync => sync_spans.push((span.0, span.1, call.func.symbol)),
                 CallClass::Launch => launch.push(span),
                 CallClass::Other => {}
             }
@@ -998,17 +998,13 @@ enum CallClass {
 }
 
 fn call_class(f: CudaFunc) -> CallClass {
-    match f {
-        // The synchronous copy blocks the host until the GPU has drained the stream.
-        CudaFunc::CudaMemcpy => CallClass::Sync,
-        _ => match f.kind() {
-            CudaCallKind::Sync => CallClass::Sync,
-            CudaCallKind::Launch
-            | CudaCallKind::GraphLaunch
-            | CudaCallKind::Memcpy
-            | CudaCallKind::Memset => CallClass::Launch,
-            CudaCallKind::Alloc | CudaCallKind::Free => CallClass::Other,
-        },
+    match f.class {
+        // A synchronous copy blocks the host until the GPU has drained the stream.
+        CudaCallKind::Sync | CudaCallKind::Memcpy => CallClass::Sync,
+        CudaCallKind::Launch | CudaCallKind::GraphLaunch | CudaCallKind::MemcpyAsync | CudaCallKind::Memset => {
+            CallClass::Launch
+        }
+        CudaCallKind::Alloc | CudaCallKind::Free => CallClass::Other,
     }
 }
 
@@ -1150,6 +1146,7 @@ pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::gpu::timeline::cuda_func;
     use crate::record::TokenCountSource;
 
     pub(crate) const MS: u64 = 1_000_000;
@@ -1351,13 +1348,13 @@ pub(crate) mod tests {
         c.add_activity(kernel("decode", 1, 120 * MS, 125 * MS));
         c.add_activity(kernel("prefill_attn", 2, 126 * MS, 150 * MS));
         c.add_api_call(call(
-            CudaFunc::CudaStreamSynchronize,
+            cuda_func("cudaStreamSynchronize").unwrap(),
             150 * MS,
             Some(158 * MS),
         ));
         // Entry-only launches: a burst of two (50 µs apart), the last charged 5 µs.
-        c.add_api_call(call(CudaFunc::CuLaunchKernel, 158 * MS, None));
-        c.add_api_call(call(CudaFunc::CuLaunchKernel, 158 * MS + 50_000, None));
+        c.add_api_call(call(cuda_func("cuLaunchKernel").unwrap(), 158 * MS, None));
+        c.add_api_call(call(cuda_func("cuLaunchKernel").unwrap(), 158 * MS + 50_000, None));
         c.request_finished(b);
         c.request_finished(a);
     }
@@ -1434,7 +1431,7 @@ pub(crate) mod tests {
         c.add_activity(kernel("k", 1, 5 * SEC, 4 * SEC));
         c.add_activity(kernel("k", 1, 5 * SEC, 100 * SEC));
         c.add_api_call(call(
-            CudaFunc::CudaDeviceSynchronize,
+            cuda_func("cudaDeviceSynchronize").unwrap(),
             5 * SEC,
             Some(4 * SEC),
         ));
@@ -1553,7 +1550,7 @@ pub(crate) mod tests {
                 for ((a, b), bytes) in &copies {
                     c.add_activity(memcpy(*bytes, *a, *b));
                 }
-                let funcs = [CudaFunc::CuLaunchKernel, CudaFunc::CudaStreamSynchronize, CudaFunc::CudaMemcpy];
+                let funcs = [cuda_func("cuLaunchKernel").unwrap(), cuda_func("cudaStreamSynchronize").unwrap(), cuda_func("cudaMemcpy").unwrap()];
                 for (t, d, f) in calls {
                     c.add_api_call(call(funcs[f], t * 1_000, d.map(|d| (t + d) * 1_000)));
                 }

@@ -183,153 +183,20 @@ pub struct PowerSample {
     pub mem_util_pct: Option<u32>,
 }
 
-/// A CUDA API function the launch-path uprobes attach to. Runtime (`cuda*`) and driver (`cu*`)
-/// entry points are distinct variants; [`CudaFunc::kind`] groups them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum CudaFunc {
-    CudaLaunchKernel,
-    CudaLaunchKernelExC,
-    CudaGraphLaunch,
-    CudaMemcpy,
-    CudaMemcpyAsync,
-    CudaMemsetAsync,
-    CudaStreamSynchronize,
-    CudaDeviceSynchronize,
-    CudaEventSynchronize,
-    CudaMalloc,
-    CudaFree,
-    CudaMallocAsync,
-    CudaFreeAsync,
-    CuLaunchKernel,
-    CuLaunchKernelEx,
-    CuGraphLaunch,
-    CuMemcpyAsync,
-    CuMemcpyHtoDAsync,
-    CuMemcpyDtoHAsync,
-    CuMemcpyDtoDAsync,
-    CuMemsetD8Async,
-    CuStreamSynchronize,
-    CuCtxSynchronize,
-    CuEventSynchronize,
-    CuMemAlloc,
-    CuMemFree,
-    CuMemAllocAsync,
-    CuMemFreeAsync,
+/// A probed CUDA function: one entry of the table shared with the eBPF side
+/// (`infertap_common::cuda::FUNCS`), so a function has one identity from probe to trace.
+pub type CudaFunc = &'static infertap_common::cuda::Func;
+
+/// What a CUDA call does (launch, copy, sync, ...).
+pub use infertap_common::cuda::Class as CudaCallKind;
+
+/// Looks a probed function up by its exported symbol.
+pub fn cuda_func(symbol: &str) -> Option<CudaFunc> {
+    infertap_common::cuda::FUNCS.iter().find(|f| f.symbol == symbol)
 }
 
-/// What a [`CudaFunc`] does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CudaCallKind {
-    /// Kernel launch.
-    Launch,
-    /// CUDA graph launch.
-    GraphLaunch,
-    Memcpy,
-    Memset,
-    /// The host blocks until GPU work finishes.
-    Sync,
-    Alloc,
-    Free,
-}
-
-impl CudaFunc {
-    /// Every function, for attaching probes.
-    pub const ALL: [CudaFunc; 28] = [
-        CudaFunc::CudaLaunchKernel,
-        CudaFunc::CudaLaunchKernelExC,
-        CudaFunc::CudaGraphLaunch,
-        CudaFunc::CudaMemcpy,
-        CudaFunc::CudaMemcpyAsync,
-        CudaFunc::CudaMemsetAsync,
-        CudaFunc::CudaStreamSynchronize,
-        CudaFunc::CudaDeviceSynchronize,
-        CudaFunc::CudaEventSynchronize,
-        CudaFunc::CudaMalloc,
-        CudaFunc::CudaFree,
-        CudaFunc::CudaMallocAsync,
-        CudaFunc::CudaFreeAsync,
-        CudaFunc::CuLaunchKernel,
-        CudaFunc::CuLaunchKernelEx,
-        CudaFunc::CuGraphLaunch,
-        CudaFunc::CuMemcpyAsync,
-        CudaFunc::CuMemcpyHtoDAsync,
-        CudaFunc::CuMemcpyDtoHAsync,
-        CudaFunc::CuMemcpyDtoDAsync,
-        CudaFunc::CuMemsetD8Async,
-        CudaFunc::CuStreamSynchronize,
-        CudaFunc::CuCtxSynchronize,
-        CudaFunc::CuEventSynchronize,
-        CudaFunc::CuMemAlloc,
-        CudaFunc::CuMemFree,
-        CudaFunc::CuMemAllocAsync,
-        CudaFunc::CuMemFreeAsync,
-    ];
-
-    /// The exported symbol name (in libcudart for `cuda*`, libcuda for `cu*`).
-    pub fn symbol(self) -> &'static str {
-        match self {
-            CudaFunc::CudaLaunchKernel => "cudaLaunchKernel",
-            CudaFunc::CudaLaunchKernelExC => "cudaLaunchKernelExC",
-            CudaFunc::CudaGraphLaunch => "cudaGraphLaunch",
-            CudaFunc::CudaMemcpy => "cudaMemcpy",
-            CudaFunc::CudaMemcpyAsync => "cudaMemcpyAsync",
-            CudaFunc::CudaMemsetAsync => "cudaMemsetAsync",
-            CudaFunc::CudaStreamSynchronize => "cudaStreamSynchronize",
-            CudaFunc::CudaDeviceSynchronize => "cudaDeviceSynchronize",
-            CudaFunc::CudaEventSynchronize => "cudaEventSynchronize",
-            CudaFunc::CudaMalloc => "cudaMalloc",
-            CudaFunc::CudaFree => "cudaFree",
-            CudaFunc::CudaMallocAsync => "cudaMallocAsync",
-            CudaFunc::CudaFreeAsync => "cudaFreeAsync",
-            CudaFunc::CuLaunchKernel => "cuLaunchKernel",
-            CudaFunc::CuLaunchKernelEx => "cuLaunchKernelEx",
-            CudaFunc::CuGraphLaunch => "cuGraphLaunch",
-            CudaFunc::CuMemcpyAsync => "cuMemcpyAsync",
-            CudaFunc::CuMemcpyHtoDAsync => "cuMemcpyHtoDAsync_v2",
-            CudaFunc::CuMemcpyDtoHAsync => "cuMemcpyDtoHAsync_v2",
-            CudaFunc::CuMemcpyDtoDAsync => "cuMemcpyDtoDAsync_v2",
-            CudaFunc::CuMemsetD8Async => "cuMemsetD8Async",
-            CudaFunc::CuStreamSynchronize => "cuStreamSynchronize",
-            CudaFunc::CuCtxSynchronize => "cuCtxSynchronize",
-            CudaFunc::CuEventSynchronize => "cuEventSynchronize",
-            CudaFunc::CuMemAlloc => "cuMemAlloc_v2",
-            CudaFunc::CuMemFree => "cuMemFree_v2",
-            CudaFunc::CuMemAllocAsync => "cuMemAllocAsync",
-            CudaFunc::CuMemFreeAsync => "cuMemFreeAsync",
-        }
-    }
-
-    /// Inverse of [`CudaFunc::symbol`].
-    pub fn from_symbol(symbol: &str) -> Option<CudaFunc> {
-        CudaFunc::ALL.into_iter().find(|f| f.symbol() == symbol)
-    }
-
-    /// True for libcudart (`cuda*`) entry points, false for libcuda (`cu*`).
-    pub fn is_runtime(self) -> bool {
-        self.symbol().starts_with("cuda")
-    }
-
-    pub fn kind(self) -> CudaCallKind {
-        use CudaFunc::*;
-        match self {
-            CudaLaunchKernel | CudaLaunchKernelExC | CuLaunchKernel | CuLaunchKernelEx => {
-                CudaCallKind::Launch
-            }
-            CudaGraphLaunch | CuGraphLaunch => CudaCallKind::GraphLaunch,
-            CudaMemcpy | CudaMemcpyAsync | CuMemcpyAsync | CuMemcpyHtoDAsync
-            | CuMemcpyDtoHAsync | CuMemcpyDtoDAsync => CudaCallKind::Memcpy,
-            CudaMemsetAsync | CuMemsetD8Async => CudaCallKind::Memset,
-            CudaStreamSynchronize
-            | CudaDeviceSynchronize
-            | CudaEventSynchronize
-            | CuStreamSynchronize
-            | CuCtxSynchronize
-            | CuEventSynchronize => CudaCallKind::Sync,
-            CudaMalloc | CudaMallocAsync | CuMemAlloc | CuMemAllocAsync => CudaCallKind::Alloc,
-            CudaFree | CudaFreeAsync | CuMemFree | CuMemFreeAsync => CudaCallKind::Free,
-        }
-    }
+fn ser_cuda_func<S: serde::Serializer>(f: &CudaFunc, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(f.symbol)
 }
 
 /// One host-side CUDA API call seen by the launch-path uprobes.
@@ -337,6 +204,7 @@ impl CudaFunc {
 pub struct CudaApiCall {
     pub pid: u32,
     pub tid: u32,
+    #[serde(serialize_with = "ser_cuda_func")]
     pub func: CudaFunc,
     /// CLOCK_MONOTONIC ns at function entry.
     pub start_ns: u64,
@@ -350,7 +218,7 @@ pub struct CudaApiCall {
 impl CudaApiCall {
     /// Category of the call (same as `self.func.kind()`).
     pub fn kind(&self) -> CudaCallKind {
-        self.func.kind()
+        self.func.class
     }
 }
 
@@ -359,17 +227,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn symbols_roundtrip_and_are_unique() {
-        for f in CudaFunc::ALL {
-            assert_eq!(CudaFunc::from_symbol(f.symbol()), Some(f));
-        }
-        let mut names: Vec<_> = CudaFunc::ALL.iter().map(|f| f.symbol()).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), CudaFunc::ALL.len());
-        assert!(CudaFunc::CudaMemcpyAsync.is_runtime());
-        assert!(!CudaFunc::CuMemcpyAsync.is_runtime());
-        assert_eq!(CudaFunc::CuMemcpyDtoHAsync.kind(), CudaCallKind::Memcpy);
+    fn functions_resolve_by_symbol() {
+        let f = cuda_func("cuMemcpyDtoHAsync_v2").unwrap();
+        assert_eq!(f.class, CudaCallKind::MemcpyAsync);
+        assert_eq!(f.api, infertap_common::cuda::Api::Driver);
+        assert!(cuda_func("cudaNotAFunction").is_none());
+        let call = CudaApiCall { pid: 1, tid: 2, func: f, start_ns: 3, end_ns: None, bytes: Some(4) };
+        assert_eq!(serde_json::to_value(call).unwrap()["func"], "cuMemcpyDtoHAsync_v2");
     }
 
     #[test]

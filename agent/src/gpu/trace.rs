@@ -329,7 +329,7 @@ impl TraceWriter {
         if let Some(b) = c.bytes {
             args.insert("bytes".into(), json!(b));
         }
-        let name = c.func.symbol().to_owned();
+        let name = c.func.symbol.to_owned();
         match c.end_ns {
             Some(end) => self.span_args(name, "cuda_api", pid, tid, c.start_ns, end, args),
             None => self.push(Event {
@@ -669,7 +669,7 @@ mod tests {
     use super::*;
     use crate::gpu::correlate::tests::{call, gap_scenario, kernel, power, two_requests, MS};
     use crate::gpu::correlate::{Correlator, CorrelatorConfig};
-    use crate::gpu::timeline::CudaFunc;
+    use crate::gpu::timeline::cuda_func;
 
     const OFFSET: i64 = 1_700_000_000_000_000_000;
 
@@ -703,11 +703,11 @@ mod tests {
             w.add_activity(&k);
         }
         w.add_api_call(&call(
-            CudaFunc::CudaStreamSynchronize,
+            cuda_func("cudaStreamSynchronize").unwrap(),
             150 * MS,
             Some(158 * MS),
         ));
-        w.add_api_call(&call(CudaFunc::CuLaunchKernel, 158 * MS, None));
+        w.add_api_call(&call(cuda_func("cuLaunchKernel").unwrap(), 158 * MS, None));
         let mut sync = kernel("", 0, 150 * MS, 157 * MS);
         sync.kind = GpuActivityKind::Sync {
             kind: crate::gpu::timeline::SyncKind::Stream,
