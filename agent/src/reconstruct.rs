@@ -16,7 +16,6 @@
 //! connection. Request heads that never parse are counted in [`ReconstructStats::malformed`] and
 //! yield no record (there is no method or path to report).
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
@@ -198,7 +197,11 @@ const MAX_MODEL_BYTES: usize = 256;
 
 impl Reconstructor {
     pub fn new(cfg: ReconstructConfig) -> Self {
-        Reconstructor { cfg, conns: HashMap::new(), stats: ReconstructStats::default() }
+        Reconstructor {
+            cfg,
+            conns: HashMap::new(),
+            stats: ReconstructStats::default(),
+        }
     }
 
     pub fn config(&self) -> &ReconstructConfig {
@@ -213,14 +216,22 @@ impl Reconstructor {
     pub fn on_event(&mut self, ev: &ConnEvent<'_>, out: &mut Vec<RequestRecord>) {
         self.stats.events += 1;
         match *ev {
-            ConnEvent::Open { conn, ts_ns, peer, .. } => {
+            ConnEvent::Open {
+                conn, ts_ns, peer, ..
+            } => {
                 if let Some(old) = self.conns.remove(&conn) {
                     // Same id seen again: whatever was pending there is lost.
                     self.flush(old, ts_ns, RequestError::Truncated, out);
                 }
                 self.insert(conn, ts_ns, peer, true, out);
             }
-            ConnEvent::Data { conn, dir, ts_ns, len, payload } => self.on_data(conn, dir, ts_ns, len, payload, out),
+            ConnEvent::Data {
+                conn,
+                dir,
+                ts_ns,
+                len,
+                payload,
+            } => self.on_data(conn, dir, ts_ns, len, payload, out),
             ConnEvent::PeerClosed { conn, ts_ns } | ConnEvent::Error { conn, ts_ns, .. } => {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     self.stats.events_for_unknown_conn += 1;
@@ -259,7 +270,9 @@ impl Reconstructor {
         }
         let Self { cfg, conns, stats } = self;
         let Some(c) = conns.get_mut(&key) else { return };
-        let payload = &payload[..payload.len().min(usize::try_from(len).unwrap_or(usize::MAX))];
+        let payload = &payload[..payload
+            .len()
+            .min(usize::try_from(len).unwrap_or(usize::MAX))];
         let gap = len - payload.len() as u64;
         if gap > 0 {
             stats.gaps += 1;
@@ -268,8 +281,12 @@ impl Reconstructor {
         let Conn { req, resp, side } = c;
         side.last_ts = ts;
         match dir {
-            Direction::In => req.feed(payload, gap, &mut |ev| side.on_request(ev, ts, cfg, stats, out)),
-            Direction::Out => resp.feed(payload, gap, &mut |ev| side.on_response(ev, ts, cfg, stats, out)),
+            Direction::In => req.feed(payload, gap, &mut |ev| {
+                side.on_request(ev, ts, cfg, stats, out)
+            }),
+            Direction::Out => resp.feed(payload, gap, &mut |ev| {
+                side.on_response(ev, ts, cfg, stats, out)
+            }),
         }
         if side.upgraded {
             req.set_opaque();
@@ -277,7 +294,14 @@ impl Reconstructor {
         }
     }
 
-    fn insert(&mut self, key: ConnKey, ts: u64, peer: Option<SocketAddr>, synced: bool, out: &mut Vec<RequestRecord>) {
+    fn insert(
+        &mut self,
+        key: ConnKey,
+        ts: u64,
+        peer: Option<SocketAddr>,
+        synced: bool,
+        out: &mut Vec<RequestRecord>,
+    ) {
         if self.conns.len() >= self.cfg.max_connections.max(1) {
             self.evict(out);
         }
@@ -312,7 +336,11 @@ impl Reconstructor {
 
     /// Drops the least recently active sixteenth of the table (amortises the scan).
     fn evict(&mut self, out: &mut Vec<RequestRecord>) {
-        let mut ages: Vec<(u64, ConnKey)> = self.conns.iter().map(|(k, c)| (c.side.last_ts, *k)).collect();
+        let mut ages: Vec<(u64, ConnKey)> = self
+            .conns
+            .iter()
+            .map(|(k, c)| (c.side.last_ts, *k))
+            .collect();
         let n = (ages.len() / 16).max(1);
         ages.select_nth_unstable(n - 1);
         for &(_, key) in &ages[..n] {
@@ -326,7 +354,12 @@ impl Reconstructor {
 
     /// The traced process exited: everything it had in flight ends now.
     pub fn on_process_exit(&mut self, pid: u32, ts_ns: u64, out: &mut Vec<RequestRecord>) {
-        let keys: Vec<ConnKey> = self.conns.keys().filter(|k| k.pid == pid).copied().collect();
+        let keys: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter(|k| k.pid == pid)
+            .copied()
+            .collect();
         for key in keys {
             if let Some(c) = self.conns.remove(&key) {
                 self.flush(c, ts_ns, RequestError::ProcessExit, out);
@@ -389,7 +422,13 @@ impl Reconstructor {
 
 impl Conn {
     /// Ends every pending exchange with `error` (the response in progress keeps its byte count).
-    fn cut_pending(&mut self, ts: u64, error: RequestError, stats: &mut ReconstructStats, out: &mut Vec<RequestRecord>) {
+    fn cut_pending(
+        &mut self,
+        ts: u64,
+        error: RequestError,
+        stats: &mut ReconstructStats,
+        out: &mut Vec<RequestRecord>,
+    ) {
         let side = &mut self.side;
         let resp_in_progress = side.resp_target == RespTarget::Front && self.resp.in_message();
         let mut first = true;
@@ -397,7 +436,11 @@ impl Conn {
             if side.req_target == Some(ex.seq) && self.req.in_message() {
                 ex.request_bytes = self.req.message_bytes();
             }
-            let resp_bytes = if first && resp_in_progress { self.resp.message_bytes() } else { 0 };
+            let resp_bytes = if first && resp_in_progress {
+                self.resp.message_bytes()
+            } else {
+                0
+            };
             first = false;
             side.emit(ex, ts, resp_bytes, Some(error), false, stats, out);
         }
@@ -438,7 +481,12 @@ impl Side {
                 }
                 let seq = self.next_seq;
                 self.next_seq = self.next_seq.wrapping_add(1);
-                self.pending.push_back(Exchange::new(seq, head.method, head.path, self.req_start_ns));
+                self.pending.push_back(Exchange::new(
+                    seq,
+                    head.method,
+                    head.path,
+                    self.req_start_ns,
+                ));
                 self.req_target = Some(seq);
                 if head.method == "CONNECT" {
                     return Flow::Opaque;
@@ -531,10 +579,14 @@ impl Side {
                 if self.resp_target != RespTarget::Front {
                     return Flow::Continue;
                 }
-                let Some(ex) = self.pending.front_mut() else { return Flow::Continue };
+                let Some(ex) = self.pending.front_mut() else {
+                    return Flow::Continue;
+                };
                 if self.resp_sse {
                     let max_ev = cfg.max_token_events;
-                    self.sse.feed(b, &mut |e| apply_event(ex, openai::classify(e.data), ts, max_ev, stats));
+                    self.sse.feed(b, &mut |e| {
+                        apply_event(ex, openai::classify(e.data), ts, max_ev, stats)
+                    });
                 } else {
                     let room = cfg.max_body_scan_bytes.saturating_sub(self.resp_body.len());
                     if b.len() > room {
@@ -547,10 +599,14 @@ impl Side {
                 if self.resp_target != RespTarget::Front {
                     return Flow::Continue;
                 }
-                let Some(ex) = self.pending.front_mut() else { return Flow::Continue };
+                let Some(ex) = self.pending.front_mut() else {
+                    return Flow::Continue;
+                };
                 if self.resp_sse {
                     let max_ev = cfg.max_token_events;
-                    self.sse.gap(n, &mut |e| apply_event(ex, openai::classify(e.data), ts, max_ev, stats));
+                    self.sse.gap(n, &mut |e| {
+                        apply_event(ex, openai::classify(e.data), ts, max_ev, stats)
+                    });
                 } else {
                     self.resp_body_cut = true;
                 }
@@ -582,7 +638,15 @@ impl Side {
                         ex.malformed = true;
                         self.sse.reset();
                         self.resp_body.clear();
-                        self.emit(ex, ts, bytes, Some(RequestError::Malformed), false, stats, out);
+                        self.emit(
+                            ex,
+                            ts,
+                            bytes,
+                            Some(RequestError::Malformed),
+                            false,
+                            stats,
+                            out,
+                        );
                     }
                 }
                 self.resp_target = RespTarget::None;
@@ -686,7 +750,13 @@ impl Exchange {
 }
 
 /// Folds one SSE event into its exchange.
-fn apply_event(ex: &mut Exchange, info: EventInfo<'_>, ts: u64, max_events: usize, stats: &mut ReconstructStats) {
+fn apply_event(
+    ex: &mut Exchange,
+    info: EventInfo<'_>,
+    ts: u64,
+    max_events: usize,
+    stats: &mut ReconstructStats,
+) {
     if info.fallback {
         stats.fallback_events += 1;
     }
@@ -748,9 +818,16 @@ fn bounded(s: &str, max: usize) -> String {
 
 /// Finish reasons are a closed vocabulary; anything else is reported as `other` so no free text
 /// can leak through this field.
-fn vocabulary(s: &Cow<'_, str>) -> String {
-    let ok = !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok { s.to_string() } else { "other".to_owned() }
+fn vocabulary(s: &str) -> String {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        s.to_string()
+    } else {
+        "other".to_owned()
+    }
 }
 
 #[cfg(test)]

@@ -23,8 +23,9 @@ const MAX_TRAILER_BYTES: u64 = 64 * 1024;
 /// Largest chunk size accepted (15 hex digits), so sums never overflow.
 const MAX_CHUNK_SIZE: u64 = (1 << 60) - 1;
 
-const METHODS: &[&[u8]] =
-    &[b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"];
+const METHODS: &[&[u8]] = &[
+    b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE",
+];
 
 /// Which side of the exchange a parser reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,11 +108,18 @@ pub enum HttpEvent<'a> {
     /// Body bytes that exist but were not captured (or, after framing was lost, an upper bound).
     BodyGap(u64),
     /// The message ended; `bytes` counts it whole (head, framing, body, gaps).
-    MessageEnd { bytes: u64 },
+    MessageEnd {
+        bytes: u64,
+    },
     /// The current message (if any) is lost; the parser now scans for the next message start.
-    Malformed { kind: MalformedKind, bytes: u64 },
+    Malformed {
+        kind: MalformedKind,
+        bytes: u64,
+    },
     /// Uncaptured bytes arrived where a message start was expected; scanning for one.
-    LostSync { gap: u64 },
+    LostSync {
+        gap: u64,
+    },
     /// Scanning found a message start (after `Malformed`/`LostSync`, or on an adopted connection).
     Resynced,
     /// Chunk framing lost in a gap was found again at the next syscall.
@@ -135,14 +143,23 @@ enum State {
     /// Looking for something that looks like a message start.
     Resync,
     Head,
-    Body { remaining: u64 },
+    Body {
+        remaining: u64,
+    },
     ChunkSize,
-    ChunkData { remaining: u64 },
+    ChunkData {
+        remaining: u64,
+    },
     /// After chunk data: CR LF (`got` of them seen).
-    ChunkCrlf { got: u8 },
+    ChunkCrlf {
+        got: u8,
+    },
     /// A gap hid chunk framing; the next syscall should start with a chunk-size line.
     ChunkLost,
-    Trailers { line_nonempty: bool, total: u64 },
+    Trailers {
+        line_nonempty: bool,
+        total: u64,
+    },
     UntilClose,
     Opaque,
 }
@@ -160,7 +177,11 @@ pub struct Parser {
 }
 
 enum HeadOutcome {
-    Complete { len: usize, framing: Framing, opaque: bool },
+    Complete {
+        len: usize,
+        framing: Framing,
+        opaque: bool,
+    },
     Partial,
     Error(MalformedKind),
 }
@@ -226,7 +247,10 @@ impl Parser {
             rest = match self.state {
                 State::Start => {
                     // Stray CR/LF between messages is allowed (RFC 9112 §2.2).
-                    let skip = rest.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                    let skip = rest
+                        .iter()
+                        .take_while(|&&b| b == b'\r' || b == b'\n')
+                        .count();
                     let rest = &rest[skip..];
                     if !rest.is_empty() {
                         self.begin_message(f);
@@ -251,7 +275,9 @@ impl Parser {
                     if remaining == n as u64 {
                         self.end_message(f);
                     } else {
-                        self.state = State::Body { remaining: remaining - n as u64 };
+                        self.state = State::Body {
+                            remaining: remaining - n as u64,
+                        };
                     }
                     &rest[n..]
                 }
@@ -263,7 +289,9 @@ impl Parser {
                     self.state = if remaining == n as u64 {
                         State::ChunkCrlf { got: 0 }
                     } else {
-                        State::ChunkData { remaining: remaining - n as u64 }
+                        State::ChunkData {
+                            remaining: remaining - n as u64,
+                        }
                     };
                     &rest[n..]
                 }
@@ -293,7 +321,10 @@ impl Parser {
                         rest
                     }
                 }
-                State::Trailers { line_nonempty, total } => self.trailers(rest, line_nonempty, total, f),
+                State::Trailers {
+                    line_nonempty,
+                    total,
+                } => self.trailers(rest, line_nonempty, total, f),
                 State::UntilClose => {
                     f(HttpEvent::Body(rest));
                     self.msg_bytes += rest.len() as u64;
@@ -329,7 +360,9 @@ impl Parser {
                         self.state = State::Resync;
                     }
                 } else {
-                    self.state = State::Body { remaining: remaining - n };
+                    self.state = State::Body {
+                        remaining: remaining - n,
+                    };
                 }
             }
             State::ChunkData { remaining } => {
@@ -338,7 +371,9 @@ impl Parser {
                 self.msg_bytes += n;
                 gap -= n;
                 if n < remaining {
-                    self.state = State::ChunkData { remaining: remaining - n };
+                    self.state = State::ChunkData {
+                        remaining: remaining - n,
+                    };
                 } else {
                     self.chunk_crlf_gap(0, gap, f);
                 }
@@ -408,7 +443,11 @@ impl Parser {
         if self.buf.is_empty() {
             // Fast path: the whole head is in this syscall, parse it in place.
             match parse_head(self.role, rest, f) {
-                HeadOutcome::Complete { len, framing, opaque } => {
+                HeadOutcome::Complete {
+                    len,
+                    framing,
+                    opaque,
+                } => {
                     self.msg_bytes += len as u64;
                     self.after_head(framing, opaque, f);
                     return &rest[len..];
@@ -427,7 +466,11 @@ impl Parser {
         let take = rest.len().min(room);
         self.buf.extend_from_slice(&rest[..take]);
         match parse_head(self.role, &self.buf, f) {
-            HeadOutcome::Complete { len, framing, opaque } => {
+            HeadOutcome::Complete {
+                len,
+                framing,
+                opaque,
+            } => {
                 let used = len.saturating_sub(old).min(take);
                 self.msg_bytes += used as u64;
                 self.buf.clear();
@@ -451,7 +494,12 @@ impl Parser {
         }
     }
 
-    fn after_head(&mut self, framing: Framing, opaque: bool, f: &mut impl FnMut(HttpEvent<'_>) -> Flow) {
+    fn after_head(
+        &mut self,
+        framing: Framing,
+        opaque: bool,
+        f: &mut impl FnMut(HttpEvent<'_>) -> Flow,
+    ) {
         match framing {
             Framing::None | Framing::Length(0) => self.end_message(f),
             Framing::Length(n) => self.state = State::Body { remaining: n },
@@ -463,7 +511,11 @@ impl Parser {
         }
     }
 
-    fn chunk_size<'a>(&mut self, rest: &'a [u8], f: &mut impl FnMut(HttpEvent<'_>) -> Flow) -> &'a [u8] {
+    fn chunk_size<'a>(
+        &mut self,
+        rest: &'a [u8],
+        f: &mut impl FnMut(HttpEvent<'_>) -> Flow,
+    ) -> &'a [u8] {
         let Some(nl) = memchr(b'\n', rest) else {
             if self.buf.len() + rest.len() > MAX_CHUNK_LINE {
                 self.msg_bytes += rest.len() as u64;
@@ -494,7 +546,10 @@ impl Parser {
 
     fn after_chunk_size(&mut self, size: u64) {
         self.state = if size == 0 {
-            State::Trailers { line_nonempty: false, total: 0 }
+            State::Trailers {
+                line_nonempty: false,
+                total: 0,
+            }
         } else {
             State::ChunkData { remaining: size }
         };
@@ -527,7 +582,10 @@ impl Parser {
         if total > MAX_TRAILER_BYTES {
             self.malformed(MalformedKind::TrailerOverflow, f);
         } else {
-            self.state = State::Trailers { line_nonempty, total };
+            self.state = State::Trailers {
+                line_nonempty,
+                total,
+            };
         }
         &[]
     }
@@ -593,7 +651,8 @@ fn parse_head(role: Role, data: &[u8], f: &mut impl FnMut(HttpEvent<'_>) -> Flow
                     Framing::UntilClose
                 }
             } else {
-                info.content_length.map_or(Framing::UntilClose, Framing::Length)
+                info.content_length
+                    .map_or(Framing::UntilClose, Framing::Length)
             };
             let minor_version = resp.version.unwrap_or(1);
             let flow = f(HttpEvent::Response(ResponseHead {
@@ -611,9 +670,21 @@ fn parse_head(role: Role, data: &[u8], f: &mut impl FnMut(HttpEvent<'_>) -> Flow
 
 fn apply_flow(len: usize, framing: Framing, flow: Flow) -> HeadOutcome {
     match flow {
-        Flow::Continue => HeadOutcome::Complete { len, framing, opaque: false },
-        Flow::NoBody => HeadOutcome::Complete { len, framing: Framing::None, opaque: false },
-        Flow::Opaque => HeadOutcome::Complete { len, framing: Framing::None, opaque: true },
+        Flow::Continue => HeadOutcome::Complete {
+            len,
+            framing,
+            opaque: false,
+        },
+        Flow::NoBody => HeadOutcome::Complete {
+            len,
+            framing: Framing::None,
+            opaque: false,
+        },
+        Flow::Opaque => HeadOutcome::Complete {
+            len,
+            framing: Framing::None,
+            opaque: true,
+        },
     }
 }
 
@@ -643,7 +714,12 @@ impl HeaderInfo {
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 info.transfer_encoding = true;
                 // Chunked must be the final coding.
-                let last = h.value.rsplit(|&b| b == b',').next().map(trim).unwrap_or(b"");
+                let last = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .map(trim)
+                    .unwrap_or(b"");
                 info.chunked = last.eq_ignore_ascii_case(b"chunked");
             } else if name.eq_ignore_ascii_case("content-type") {
                 let v = trim(h.value);
@@ -677,8 +753,14 @@ impl HeaderInfo {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -725,7 +807,11 @@ fn chunk_line_at_start(data: &[u8]) -> Option<(usize, u64)> {
 /// Position of the first line in `data` that looks like the start of a message of `role`.
 /// Offset 0 is a candidate only when it is a line start.
 pub fn find_message_start(role: Role, data: &[u8], line_start: bool) -> Option<usize> {
-    let mut pos = if line_start { 0 } else { memchr(b'\n', data)? + 1 };
+    let mut pos = if line_start {
+        0
+    } else {
+        memchr(b'\n', data)? + 1
+    };
     while pos < data.len() {
         if looks_like_start(role, &data[pos..]) {
             return Some(pos);
@@ -738,7 +824,9 @@ pub fn find_message_start(role: Role, data: &[u8], line_start: bool) -> Option<u
 fn looks_like_start(role: Role, s: &[u8]) -> bool {
     match role {
         Role::Request => {
-            let Some(m) = METHODS.iter().find(|m| s.len() > m.len() && s.starts_with(m) && s[m.len()] == b' ')
+            let Some(m) = METHODS
+                .iter()
+                .find(|m| s.len() > m.len() && s.starts_with(m) && s[m.len()] == b' ')
             else {
                 return false;
             };

@@ -39,7 +39,11 @@ pub struct EventInfo<'a> {
 pub fn classify(data: &[u8]) -> EventInfo<'_> {
     let trimmed = trim(data);
     if trimmed == b"[DONE]" {
-        return EventInfo { done: true, terminal: true, ..Default::default() };
+        return EventInfo {
+            done: true,
+            terminal: true,
+            ..Default::default()
+        };
     }
     match serde_json::from_slice::<Payload<'_>>(trimmed) {
         Ok(p) => p.into_info(),
@@ -65,7 +69,10 @@ pub fn request_info(body: &[u8]) -> RequestInfo<'_> {
     }
     let body = trim(body);
     if let Ok(r) = serde_json::from_slice::<Req<'_>>(body) {
-        return RequestInfo { model: r.model, stream: r.stream };
+        return RequestInfo {
+            model: r.model,
+            stream: r.stream,
+        };
     }
     // Cut JSON: an unescaped `"key"` followed by `:` can only be a key (quotes inside strings are
     // escaped), so a byte search is sound up to nesting.
@@ -103,7 +110,10 @@ struct Payload<'a> {
 
 impl<'a> Payload<'a> {
     fn into_info(self) -> EventInfo<'a> {
-        let mut info = EventInfo { model: self.model, ..Default::default() };
+        let mut info = EventInfo {
+            model: self.model,
+            ..Default::default()
+        };
         if let Some(c) = self.choices {
             info.content = c.content;
             info.tokens = c.tokens;
@@ -224,9 +234,15 @@ struct Delta {
 
 impl Delta {
     fn has_content(&self) -> bool {
-        [&self.content, &self.reasoning_content, &self.reasoning, &self.tool_calls, &self.function_call]
-            .iter()
-            .any(|f| f.as_ref().is_some_and(|v| v.0))
+        [
+            &self.content,
+            &self.reasoning_content,
+            &self.reasoning,
+            &self.tool_calls,
+            &self.function_call,
+        ]
+        .iter()
+        .any(|f| f.as_ref().is_some_and(|v| v.0))
     }
 }
 
@@ -380,16 +396,22 @@ impl<'de> Deserialize<'de> for Code {
                 f.write_str("code")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Code, E> {
-                Ok(Code(u16::try_from(v).ok().filter(|c| (100..600).contains(c))))
+                Ok(Code(
+                    u16::try_from(v).ok().filter(|c| (100..600).contains(c)),
+                ))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Code, E> {
-                Ok(Code(u16::try_from(v).ok().filter(|c| (100..600).contains(c))))
+                Ok(Code(
+                    u16::try_from(v).ok().filter(|c| (100..600).contains(c)),
+                ))
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<Code, E> {
                 Ok(Code(None))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Code, E> {
-                Ok(Code(v.parse::<u16>().ok().filter(|c| (100..600).contains(c))))
+                Ok(Code(
+                    v.parse::<u16>().ok().filter(|c| (100..600).contains(c)),
+                ))
             }
             fn visit_unit<E: de::Error>(self) -> Result<Code, E> {
                 Ok(Code(None))
@@ -404,10 +426,18 @@ impl<'de> Deserialize<'de> for Code {
 
 /// Byte-level reading of a payload that did not parse (usually cut by the capture limit).
 fn fallback(data: &[u8]) -> EventInfo<'_> {
-    let mut info = EventInfo { fallback: true, ..Default::default() };
-    let content = [&b"\"content\""[..], b"\"text\"", b"\"reasoning_content\"", b"\"reasoning\""]
-        .iter()
-        .any(|k| nonempty_string_after(data, k))
+    let mut info = EventInfo {
+        fallback: true,
+        ..Default::default()
+    };
+    let content = [
+        &b"\"content\""[..],
+        b"\"text\"",
+        b"\"reasoning_content\"",
+        b"\"reasoning\"",
+    ]
+    .iter()
+    .any(|k| nonempty_string_after(data, k))
         || array_nonempty_after(data, b"\"tool_calls\"");
     if content {
         info.content = true;
@@ -421,7 +451,9 @@ fn fallback(data: &[u8]) -> EventInfo<'_> {
     info.prompt_tokens = number_value(data, b"\"prompt_tokens\"");
     if bool_value(data, b"\"stop\"") == Some(true) {
         info.terminal = true;
-        info.completion_tokens = info.completion_tokens.or(number_value(data, b"\"tokens_predicted\""));
+        info.completion_tokens = info
+            .completion_tokens
+            .or(number_value(data, b"\"tokens_predicted\""));
     }
     info.model = string_value(data, b"\"model\"").map(Cow::Borrowed);
     if memmem::find(data, b"\"error\"").is_some_and(|i| value_start(data, i + 7).is_some()) {
@@ -458,7 +490,10 @@ fn nonempty_string_after(data: &[u8], key: &[u8]) -> bool {
 fn array_nonempty_after(data: &[u8], key: &[u8]) -> bool {
     values(data, key).any(|v| {
         data[v] == b'['
-            && data[v + 1..].iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&c| c != b']')
+            && data[v + 1..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|&c| c != b']')
     })
 }
 
@@ -503,8 +538,14 @@ fn number_value(data: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 

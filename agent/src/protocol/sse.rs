@@ -109,7 +109,10 @@ impl SseSplitter {
             if truncated {
                 self.truncated_events += 1;
             }
-            emit(SseEvent { data: &self.data, truncated });
+            emit(SseEvent {
+                data: &self.data,
+                truncated,
+            });
         }
         self.clear_event();
     }
@@ -181,7 +184,9 @@ impl SseSplitter {
                     if j == rest.len() {
                         continue;
                     }
-                    let field = if &self.name[..self.name_len.min(self.name.len())] == b"data" && self.name_len == 4 {
+                    let field = if &self.name[..self.name_len.min(self.name.len())] == b"data"
+                        && self.name_len == 4
+                    {
                         Field::Data
                     } else {
                         Field::Other
@@ -260,8 +265,9 @@ impl SseSplitter {
 
     /// The body ended: returns true when an event was left incomplete (the stream was cut).
     pub fn finish(&mut self) -> bool {
-        let incomplete =
-            !self.discard && (self.event_open || matches!(self.line, Line::Name | Line::Value(_) | Line::ValueStart(_)));
+        let incomplete = !self.discard
+            && (self.event_open
+                || matches!(self.line, Line::Name | Line::Value(_) | Line::ValueStart(_)));
         self.reset();
         incomplete
     }
@@ -271,10 +277,13 @@ fn starts_like_field(s: &[u8]) -> bool {
     if s[0] == b':' {
         return true;
     }
-    [&b"data"[..], b"event", b"id", b"retry"].iter().any(|name| {
-        let k = s.len().min(name.len());
-        s[..k] == name[..k] && (s.len() <= name.len() || matches!(s[name.len()], b':' | b'\r' | b'\n'))
-    })
+    [&b"data"[..], b"event", b"id", b"retry"]
+        .iter()
+        .any(|name| {
+            let k = s.len().min(name.len());
+            s[..k] == name[..k]
+                && (s.len() <= name.len() || matches!(s[name.len()], b':' | b'\r' | b'\n'))
+        })
 }
 
 #[cfg(test)]
@@ -285,30 +294,46 @@ mod tests {
         let mut sp = SseSplitter::default();
         let mut out = Vec::new();
         for (idx, p) in parts.iter().enumerate() {
-            sp.feed(p, &mut |e| out.push((String::from_utf8_lossy(e.data).into_owned(), e.truncated, idx)));
+            sp.feed(p, &mut |e| {
+                out.push((
+                    String::from_utf8_lossy(e.data).into_owned(),
+                    e.truncated,
+                    idx,
+                ))
+            });
         }
         out
     }
 
     #[test]
     fn splits_events_and_skips_comments() {
-        let ev = collect(&[b": ping\r\n\r\ndata: a\n\ndata: b\r\n\r\nevent: x\ndata:c\rdata: d\r\r"]);
+        let ev =
+            collect(&[b": ping\r\n\r\ndata: a\n\ndata: b\r\n\r\nevent: x\ndata:c\rdata: d\r\r"]);
         assert_eq!(
             ev,
-            vec![("a".into(), false, 0), ("b".into(), false, 0), ("c\nd".into(), false, 0)]
+            vec![
+                ("a".into(), false, 0),
+                ("b".into(), false, 0),
+                ("c\nd".into(), false, 0)
+            ]
         );
     }
 
     #[test]
     fn every_split_position_gives_same_events_and_final_byte_time() {
-        let stream: &[u8] = b"data: {\"x\":1}\r\n\r\n: keep-alive\n\ndata: two\ndata: lines\n\ndata: [DONE]\n\n";
+        let stream: &[u8] =
+            b"data: {\"x\":1}\r\n\r\n: keep-alive\n\ndata: two\ndata: lines\n\ndata: [DONE]\n\n";
         let whole = collect(&[stream]);
         assert_eq!(whole.len(), 3);
         for cut in 0..=stream.len() {
             let (a, b) = stream.split_at(cut);
             let ev = collect(&[a, b]);
             let names: Vec<_> = ev.iter().map(|e| e.0.clone()).collect();
-            assert_eq!(names, vec!["{\"x\":1}", "two\nlines", "[DONE]"], "cut at {cut}");
+            assert_eq!(
+                names,
+                vec!["{\"x\":1}", "two\nlines", "[DONE]"],
+                "cut at {cut}"
+            );
             // An event belongs to the part holding the byte that ends it (for CR LF, the CR that
             // starts the blank line).
             let ends = [16usize, 54, 68];
@@ -322,7 +347,10 @@ mod tests {
     #[test]
     fn crlf_split_across_feeds_is_one_line_end() {
         let ev = collect(&[b"data: a\r", b"\n", b"\r", b"\ndata: b\r\n\r\n"]);
-        assert_eq!(ev.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(
+            ev.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
         assert_eq!(ev[0].2, 2);
     }
 
@@ -331,7 +359,10 @@ mod tests {
         let mut sp = SseSplitter::default();
         let mut out = Vec::new();
         let mut emit = |e: SseEvent<'_>| out.push((e.data.to_vec(), e.truncated));
-        sp.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hel", &mut emit);
+        sp.feed(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hel",
+            &mut emit,
+        );
         sp.gap(500, &mut emit);
         sp.feed(b"data: next\n\n", &mut emit);
         // After a gap, bytes that do not start a field are skipped up to the blank line.
@@ -341,7 +372,10 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                (b"{\"choices\":[{\"delta\":{\"content\":\"hel".to_vec(), true),
+                (
+                    b"{\"choices\":[{\"delta\":{\"content\":\"hel".to_vec(),
+                    true
+                ),
                 (b"next".to_vec(), false),
                 (b"ok".to_vec(), false)
             ]
