@@ -450,6 +450,7 @@ impl Conn {
         if side.resp_target == RespTarget::Front {
             side.resp_target = RespTarget::Orphan;
         }
+        stats.truncated_events += std::mem::take(&mut side.sse.truncated_events);
         side.sse.reset();
         side.resp_body.clear();
     }

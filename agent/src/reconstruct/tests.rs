@@ -686,3 +686,106 @@ proptest! {
         prop_assert_eq!(feed(&cuts, &inb, &outb), want);
     }
 }
+
+#[test]
+fn request_cut_by_capture_limit_falls_back_to_response() {
+    let mut sim = Sim::new();
+    sim.open(0);
+    // openai-python sends messages first: with a long prompt, model and stream are not captured.
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}],"model":"llama-8b","stream":true}}"#,
+        "x".repeat(4000)
+    );
+    sim.read(10, &post("/v1/chat/completions", &body));
+    sim.write(20, UVICORN_SSE_HEAD);
+    sim.write(30, &chunk(vllm_chunk(Some("a"), Some("stop")).as_bytes()));
+    sim.write(40, &chunk(b"data: [DONE]\n\n"));
+    sim.write(50, b"0\r\n\r\n");
+    let r = sim.one();
+    assert_eq!(r.model.as_deref(), Some("meta-llama/Llama-3.1-8B-Instruct"));
+    assert!(r.stream);
+    assert_eq!(r.request_end_ns, Some(10));
+    assert_eq!(
+        r.request_bytes,
+        post("/v1/chat/completions", &body).len() as u64
+    );
+    assert_eq!((r.error, r.output_tokens), (None, Some(1)));
+}
+
+#[test]
+fn head_request_and_upgrade() {
+    let mut sim = Sim::new();
+    sim.open(0);
+    sim.read(10, b"HEAD /health HTTP/1.1\r\n\r\n");
+    sim.write(20, b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n");
+    let r = sim.one();
+    assert_eq!((r.method.as_str(), r.end_ns, r.error), ("HEAD", 20, None));
+    sim.read(
+        30,
+        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    sim.write(
+        40,
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    let r = sim.one();
+    assert_eq!((r.status, r.error), (Some(101), None));
+    // Frames after the switch are not HTTP and produce nothing.
+    sim.read(50, b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58");
+    sim.write(60, b"HTTP/1.1 200 OK\r\n\r\n");
+    sim.close(70);
+    assert!(sim.out.is_empty());
+    assert_eq!(sim.r.stats().malformed, 0);
+}
+
+/// Throughput of the hot path (run with `--release -- --ignored --nocapture`).
+#[test]
+#[ignore = "timing; run explicitly in release mode"]
+fn stream_throughput() {
+    let mut r = Reconstructor::new(ReconstructConfig::default());
+    let mut out = Vec::new();
+    let req = post("/v1/chat/completions", r#"{"model":"m","stream":true}"#);
+    let events: Vec<Vec<u8>> = (0..64)
+        .map(|_| chunk(vllm_chunk(Some("tok"), None).as_bytes()))
+        .collect();
+    let fin = chunk(vllm_chunk(Some("!"), Some("stop")).as_bytes());
+    let done = chunk(b"data: [DONE]\n\n");
+    let mut n_events = 0u64;
+    let start = std::time::Instant::now();
+    let mut ts = 0u64;
+    for i in 0..2_000u64 {
+        let conn = ConnKey {
+            pid: 1,
+            conn_id: i % 64,
+        };
+        let mut ev = |dir, bytes: &[u8]| {
+            ts += 1;
+            n_events += 1;
+            r.on_event(
+                &ConnEvent::Data {
+                    conn,
+                    dir,
+                    ts_ns: ts,
+                    len: bytes.len() as u64,
+                    payload: bytes,
+                },
+                &mut out,
+            );
+        };
+        ev(Direction::In, &req);
+        ev(Direction::Out, UVICORN_SSE_HEAD);
+        for e in &events {
+            ev(Direction::Out, e);
+        }
+        ev(Direction::Out, &fin);
+        ev(Direction::Out, &done);
+        ev(Direction::Out, b"0\r\n\r\n");
+        out.clear();
+    }
+    let el = start.elapsed();
+    println!(
+        "{n_events} events in {el:?}: {:.0} ns/event",
+        el.as_nanos() as f64 / n_events as f64
+    );
+    assert_eq!(r.stats().records, 2_000);
+}
