@@ -789,3 +789,43 @@ fn stream_throughput() {
     );
     assert_eq!(r.stats().records, 2_000);
 }
+
+#[test]
+fn client_leaving_after_done_is_success() {
+    let mut sim = Sim::new();
+    sim.open(0);
+    sim.read(
+        10,
+        &post("/v1/completions", r#"{"model":"m","stream":true}"#),
+    );
+    sim.write(20, UVICORN_SSE_HEAD);
+    sim.write(
+        30,
+        &chunk(
+            br#"data: {"choices":[{"text":"a","finish_reason":"stop"}]}
+
+"#,
+        ),
+    );
+    sim.write(40, &chunk(b"data: [DONE]\n\n"));
+    sim.ev(ConnEvent::Error {
+        conn: KEY,
+        dir: Direction::Out,
+        ts_ns: 50,
+        errno: libc::EPIPE,
+    });
+    let r = sim.one();
+    assert_eq!((r.error, r.end_ns, r.output_tokens), (None, 40, Some(1)));
+    // Leaving in the middle of an event is a disconnect.
+    sim.read(
+        60,
+        &post("/v1/completions", r#"{"model":"m","stream":true}"#),
+    );
+    sim.write(70, UVICORN_SSE_HEAD);
+    sim.write(80, &chunk(b"data: [DONE]\n\ndata: {\"cho"));
+    sim.ev(ConnEvent::PeerClosed {
+        conn: KEY,
+        ts_ns: 90,
+    });
+    assert_eq!(sim.one().error, Some(RequestError::ClientDisconnect));
+}
