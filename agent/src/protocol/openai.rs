@@ -447,7 +447,9 @@ fn fallback(data: &[u8]) -> EventInfo<'_> {
         info.terminal = true;
         info.finish_reason = Some(Cow::Borrowed(fr));
     }
-    info.completion_tokens = number_value(data, b"\"completion_tokens\"");
+    // `generated_tokens`: TGI `details` (its non-streaming `/generate` may answer with an array).
+    info.completion_tokens = number_value(data, b"\"completion_tokens\"")
+        .or_else(|| number_value(data, b"\"generated_tokens\""));
     info.prompt_tokens = number_value(data, b"\"prompt_tokens\"");
     if bool_value(data, b"\"stop\"") == Some(true) {
         info.terminal = true;

@@ -134,3 +134,11 @@ fn request_bodies() {
     assert_eq!(cut.stream, Some(false));
     assert_eq!(request_info(b""), RequestInfo::default());
 }
+
+#[test]
+fn tgi_non_streaming_array() {
+    let i = classify(br#"[{"generated_text":"x","details":{"finish_reason":"length","generated_tokens":20,"seed":null}}]"#);
+    assert!(i.fallback);
+    assert_eq!(i.completion_tokens, Some(20));
+    assert_eq!(i.finish_reason.as_deref(), Some("length"));
+}
