@@ -7,7 +7,12 @@ use infertap::reconstruct::{ReconstructConfig, Reconstructor};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let cfg = ReconstructConfig { max_connections: 3, max_pending_per_conn: 4, max_header_bytes: 512, ..Default::default() };
+    let cfg = ReconstructConfig {
+        max_connections: 3,
+        max_pending_per_conn: 4,
+        max_header_bytes: 512,
+        ..Default::default()
+    };
     let mut r = Reconstructor::new(cfg);
     let mut out = Vec::new();
     let mut rest = data;
@@ -18,15 +23,40 @@ fuzz_target!(|data: &[u8]| {
         let (payload, next) = tail.split_at(n);
         rest = next;
         ts += u64::from(*gap) + 1;
-        let conn = ConnKey { pid: 1 + u32::from(ctl >> 6), conn_id: u64::from((ctl >> 3) & 3) };
+        let conn = ConnKey {
+            pid: 1 + u32::from(ctl >> 6),
+            conn_id: u64::from((ctl >> 3) & 3),
+        };
         let ev = match ctl & 7 {
-            0..=2 => ConnEvent::Data { conn, dir: Direction::In, ts_ns: ts, len: (n + usize::from(*gap & 0x0f)) as u64, payload },
-            3..=5 => ConnEvent::Data { conn, dir: Direction::Out, ts_ns: ts, len: (n + usize::from(*gap >> 6)) as u64, payload },
+            0..=2 => ConnEvent::Data {
+                conn,
+                dir: Direction::In,
+                ts_ns: ts,
+                len: (n + usize::from(*gap & 0x0f)) as u64,
+                payload,
+            },
+            3..=5 => ConnEvent::Data {
+                conn,
+                dir: Direction::Out,
+                ts_ns: ts,
+                len: (n + usize::from(*gap >> 6)) as u64,
+                payload,
+            },
             6 => match gap & 3 {
                 0 => ConnEvent::Close { conn, ts_ns: ts },
                 1 => ConnEvent::PeerClosed { conn, ts_ns: ts },
-                2 => ConnEvent::Error { conn, dir: Direction::Out, ts_ns: ts, errno: 104 },
-                _ => ConnEvent::Open { conn, fd: 3, ts_ns: ts, peer: None },
+                2 => ConnEvent::Error {
+                    conn,
+                    dir: Direction::Out,
+                    ts_ns: ts,
+                    errno: 104,
+                },
+                _ => ConnEvent::Open {
+                    conn,
+                    fd: 3,
+                    ts_ns: ts,
+                    peer: None,
+                },
             },
             _ => {
                 r.expire_idle(ts, &mut out);

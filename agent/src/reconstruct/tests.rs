@@ -829,3 +829,33 @@ fn client_leaving_after_done_is_success() {
     });
     assert_eq!(sim.one().error, Some(RequestError::ClientDisconnect));
 }
+
+proptest! {
+    /// Whatever the capture limit, the stream is still recognised, tokens are never invented and
+    /// the record is not malformed (chunk framing survives the gaps).
+    #[test]
+    fn capture_limit_never_inflates_tokens(cap in 8usize..600) {
+        let mut sim = Sim::new();
+        sim.open(0);
+        sim.read(1, &post("/v1/chat/completions", r#"{"model":"m","stream":true}"#));
+        sim.cap = cap;
+        sim.write(2, UVICORN_SSE_HEAD);
+        for i in 0..6u64 {
+            sim.write(10 + i, &chunk(vllm_chunk(Some("tok"), None).as_bytes()));
+        }
+        sim.write(20, &chunk(vllm_chunk(Some(""), Some("stop")).as_bytes()));
+        sim.write(21, &chunk(b"data: [DONE]\n\n"));
+        sim.write(22, b"0\r\n\r\n");
+        prop_assert_eq!(sim.out.len(), 1);
+        let r = sim.out.pop().unwrap();
+        prop_assert!(r.output_tokens.unwrap_or(0) <= 6);
+        if cap >= UVICORN_SSE_HEAD.len() {
+            prop_assert_eq!(r.status, Some(200));
+            prop_assert!(r.stream);
+            prop_assert!(r.error != Some(RequestError::Malformed), "{:?}", r);
+        } else {
+            // The response head itself was cut: nothing can be trusted.
+            prop_assert_eq!(r.error, Some(RequestError::Malformed));
+        }
+    }
+}
