@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use crate::events::{ConnEvent, ConnKey, Direction};
 use crate::protocol::http::{self, ContentType, Flow, HttpEvent, MalformedKind, Role};
 use crate::protocol::openai::{self, EventInfo};
-use crate::protocol::sse::SseSplitter;
+use crate::protocol::sse::{SseEvent, SseSplitter};
 use crate::record::{RequestError, RequestRecord, TokenCountSource};
 
 /// Bounds and timeouts.
@@ -589,9 +589,8 @@ impl Side {
                 ex.last_out_ns = ts;
                 if self.resp_sse {
                     let max_ev = cfg.max_token_events;
-                    self.sse.feed(b, &mut |e| {
-                        apply_event(ex, openai::classify(e.data), ts, max_ev, stats)
-                    });
+                    self.sse
+                        .feed(b, &mut |e| apply_sse(ex, e, ts, max_ev, stats));
                 } else {
                     let room = cfg.max_body_scan_bytes.saturating_sub(self.resp_body.len());
                     if b.len() > room {
@@ -610,9 +609,8 @@ impl Side {
                 ex.last_out_ns = ts;
                 if self.resp_sse {
                     let max_ev = cfg.max_token_events;
-                    self.sse.gap(n, &mut |e| {
-                        apply_event(ex, openai::classify(e.data), ts, max_ev, stats)
-                    });
+                    self.sse
+                        .gap(n, &mut |e| apply_sse(ex, e, ts, max_ev, stats));
                 } else {
                     self.resp_body_cut = true;
                 }
@@ -762,6 +760,22 @@ impl Exchange {
             malformed: false,
         }
     }
+}
+
+fn apply_sse(
+    ex: &mut Exchange,
+    e: SseEvent<'_>,
+    ts: u64,
+    max_events: usize,
+    stats: &mut ReconstructStats,
+) {
+    let mut info = openai::classify(e.data);
+    if e.error_field {
+        // `error:` events carry an error object whatever their JSON says.
+        info.content = false;
+        info.error = Some(info.error.flatten());
+    }
+    apply_event(ex, info, ts, max_events, stats);
 }
 
 /// Folds one SSE event into its exchange.

@@ -859,3 +859,37 @@ proptest! {
         }
     }
 }
+
+/// llama.cpp server reports a failure inside a stream as an `error:` event.
+#[test]
+fn llama_cpp_error_event() {
+    let mut sim = Sim::new();
+    sim.open(0);
+    sim.read(10, &post("/completion", r#"{"prompt":"x","stream":true}"#));
+    sim.write(
+        20,
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    sim.write(
+        30,
+        &chunk(
+            br#"data: {"content":"a","stop":false}
+
+"#,
+        ),
+    );
+    sim.write(
+        40,
+        &chunk(
+            br#"error: {"code":500,"message":"slot unavailable","type":"server_error"}
+
+"#,
+        ),
+    );
+    sim.write(50, b"0\r\n\r\n");
+    let r = sim.one();
+    assert_eq!(
+        (r.error, r.output_tokens),
+        (Some(RequestError::Http5xx), Some(1))
+    );
+}
