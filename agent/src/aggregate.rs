@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use infertap_proto::pb::IntervalReport;
 use infertap_proto::schema::{self, MetricDef};
+use infertap_proto::store::HistogramData;
 use infertap_proto::store::{Labels, MetricStore};
 
 use crate::record::RequestRecord;
@@ -148,6 +149,83 @@ impl Aggregator {
         }
     }
 
+    /// Adds a request's GPU attribution (from `gpu::correlate`).
+    pub fn observe_gpu(&mut self, r: &RequestRecord, gpu: &crate::gpu::correlate::RequestGpuStats) {
+        let model = self.model_label(r.model.as_deref());
+        let by_model: Labels = vec![(schema::LABEL_MODEL.to_owned(), model)];
+        let mut store = self.cumulative.lock();
+        let mut observe = |def: &'static MetricDef, v: Option<f64>| {
+            if let Some(v) = v {
+                store.histogram_mut(def, by_model.clone()).observe(def, v);
+            }
+        };
+        observe(&schema::REQUEST_GPU_BUSY, Some(gpu.gpu_busy_ms / 1e3));
+        observe(&schema::REQUEST_ENERGY, gpu.energy_j);
+        observe(&schema::ENERGY_PER_OUTPUT_TOKEN, gpu.energy_j_per_token);
+        for t in &gpu.slow_tokens {
+            let cause = crate::gpu::correlate::dominant_cause(t);
+            store.add_counter(
+                &schema::SLOW_TOKENS,
+                vec![(schema::LABEL_CAUSE.to_owned(), cause.to_owned())],
+                1,
+            );
+        }
+    }
+
+    /// Sets the CUDA call metrics from the kernel-side aggregates (cumulative totals, summed
+    /// over processes and threads so the label set stays the closed set of probed functions).
+    pub fn set_cuda_stats(&mut self, stats: &[crate::probes::cuda::CallStats]) {
+        use infertap_common::cuda::{CopyKind, DURATION_BUCKETS};
+        use std::collections::BTreeMap;
+        let mut calls: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut hist: BTreeMap<&str, ([u64; DURATION_BUCKETS], u64, u64)> = BTreeMap::new();
+        let mut bytes = [0u64; 5];
+        for c in stats {
+            *calls.entry(c.func.symbol).or_default() += c.stat.calls;
+            for (a, b) in bytes.iter_mut().zip(c.stat.bytes_by_kind.iter()) {
+                *a += b;
+            }
+            if c.stat.timed_calls > 0 {
+                let e = hist
+                    .entry(c.func.symbol)
+                    .or_insert(([0; DURATION_BUCKETS], 0, 0));
+                for (a, b) in e.0.iter_mut().zip(c.stat.duration_hist.iter()) {
+                    *a += b;
+                }
+                e.1 += c.stat.duration_ns_sum;
+                e.2 += c.stat.timed_calls;
+            }
+        }
+        let mut store = self.cumulative.lock();
+        let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        for (f, n) in calls {
+            store.set_counter(&schema::CUDA_CALLS, label(schema::LABEL_FUNCTION, f), n);
+        }
+        for (kind, n) in [
+            CopyKind::Unknown,
+            CopyKind::HostToDevice,
+            CopyKind::DeviceToHost,
+            CopyKind::DeviceToDevice,
+            CopyKind::HostToHost,
+        ]
+        .iter()
+        .zip(bytes)
+        {
+            if n > 0 {
+                store.set_counter(
+                    &schema::CUDA_COPY_BYTES,
+                    label(schema::LABEL_DIRECTION, kind.name()),
+                    n,
+                );
+            }
+        }
+        let def = &schema::CUDA_CALL_DURATION;
+        for (f, (log2_buckets, sum_ns, count)) in hist {
+            let h = store.histogram_mut(def, label(schema::LABEL_FUNCTION, f));
+            *h = cuda_histogram(def, &log2_buckets, sum_ns, count);
+        }
+    }
+
     /// Current in-flight requests: `running` have a response started, `waiting` do not yet.
     pub fn set_in_flight(&mut self, running: u64, waiting: u64) {
         let mut store = self.cumulative.lock();
@@ -177,6 +255,21 @@ impl Aggregator {
         self.interval_start_unix_ns = now_unix_ns;
         report
     }
+}
+
+/// Maps the kernel's log2 duration buckets (`[2^i, 2^(i+1))` ns) onto the schema's
+/// power-of-two bounds: kernel bucket `i` ends at bound `2^(i+1)` ns.
+fn cuda_histogram(def: &MetricDef, log2: &[u64], sum_ns: u64, count: u64) -> HistogramData {
+    let mut h = HistogramData::empty(def);
+    let first = schema::CUDA_DURATION_FIRST_LOG2 as usize;
+    let last = h.buckets.len() - 1;
+    for (i, n) in log2.iter().enumerate() {
+        let idx = (i + 1).saturating_sub(first).min(last);
+        h.buckets[idx] += n;
+    }
+    h.sum = sum_ns as f64 / 1e9;
+    h.count = count;
+    h
 }
 
 #[cfg(test)]

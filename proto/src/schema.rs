@@ -195,6 +195,112 @@ pub static REQUESTS_WAITING: MetricDef = MetricDef {
     bounds: &[],
 };
 
+/// Label of the slow-token cause counter.
+pub const LABEL_CAUSE: &str = "cause";
+/// Label of the CUDA call metrics: the probed symbol (a closed set of about 50).
+pub const LABEL_FUNCTION: &str = "function";
+/// Label of the copy-bytes counter: htod, dtoh, dtod, htoh, unknown.
+pub const LABEL_DIRECTION: &str = "direction";
+
+const GPU_BUSY_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0,
+];
+const ENERGY_BOUNDS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+    10000.0,
+];
+const ENERGY_PER_TOKEN_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Powers of two from 2^10 ns (≈1 µs) to 2^35 ns (≈34 s): the kernel-side CUDA duration
+/// histograms count log2 buckets, which map onto these bounds exactly.
+pub const CUDA_DURATION_FIRST_LOG2: u32 = 10;
+const CUDA_DURATION_BOUNDS: &[f64] = &[
+    1.024e-6,
+    2.048e-6,
+    4.096e-6,
+    8.192e-6,
+    1.6384e-5,
+    3.2768e-5,
+    6.5536e-5,
+    1.31072e-4,
+    2.62144e-4,
+    5.24288e-4,
+    1.048576e-3,
+    2.097152e-3,
+    4.194304e-3,
+    8.388608e-3,
+    1.6777216e-2,
+    3.3554432e-2,
+    6.7108864e-2,
+    0.134217728,
+    0.268435456,
+    0.536870912,
+    1.073741824,
+    2.147483648,
+    4.294967296,
+    8.589934592,
+    17.179869184,
+    34.359738368,
+];
+
+pub static REQUEST_GPU_BUSY: MetricDef = MetricDef {
+    name: "infertap_request_gpu_busy_seconds",
+    help: "GPU busy time attributed to a request: kernels overlapping its lifetime, shared among the requests in flight",
+    kind: Kind::Histogram,
+    labels: MODEL,
+    bounds: GPU_BUSY_BOUNDS,
+};
+
+pub static REQUEST_ENERGY: MetricDef = MetricDef {
+    name: "infertap_request_energy_joules",
+    help:
+        "GPU energy attributed to a request (integrated power, shared among the requests in flight)",
+    kind: Kind::Histogram,
+    labels: MODEL,
+    bounds: ENERGY_BOUNDS,
+};
+
+pub static ENERGY_PER_OUTPUT_TOKEN: MetricDef = MetricDef {
+    name: "infertap_energy_per_output_token_joules",
+    help: "GPU energy attributed to a request divided by its output tokens",
+    kind: Kind::Histogram,
+    labels: MODEL,
+    bounds: ENERGY_PER_TOKEN_BOUNDS,
+};
+
+pub static SLOW_TOKENS: MetricDef = MetricDef {
+    name: "infertap_slow_tokens_total",
+    help: "Inter-token gaps far above their request's median, by dominant cause (gpu_busy, sync_wait, launch_bound, idle, other_request_prefill)",
+    kind: Kind::Counter,
+    labels: &[LABEL_CAUSE],
+    bounds: &[],
+};
+
+pub static CUDA_CALLS: MetricDef = MetricDef {
+    name: "infertap_cuda_calls_total",
+    help: "CUDA driver/runtime API calls seen by the launch-path uprobes",
+    kind: Kind::Counter,
+    labels: &[LABEL_FUNCTION],
+    bounds: &[],
+};
+
+pub static CUDA_COPY_BYTES: MetricDef = MetricDef {
+    name: "infertap_cuda_copy_bytes_total",
+    help: "Bytes passed to CUDA memcpy calls, by direction",
+    kind: Kind::Counter,
+    labels: &[LABEL_DIRECTION],
+    bounds: &[],
+};
+
+pub static CUDA_CALL_DURATION: MetricDef = MetricDef {
+    name: "infertap_cuda_call_duration_seconds",
+    help: "Duration of CUDA calls that block the host (synchronisation, blocking copies)",
+    kind: Kind::Histogram,
+    labels: &[LABEL_FUNCTION],
+    bounds: CUDA_DURATION_BOUNDS,
+};
+
 /// Every metric, in exposition order.
 pub static ALL: &[&MetricDef] = &[
     &TIME_TO_FIRST_TOKEN,
@@ -209,6 +315,13 @@ pub static ALL: &[&MetricDef] = &[
     &EVENTS_DROPPED,
     &REQUESTS_RUNNING,
     &REQUESTS_WAITING,
+    &REQUEST_GPU_BUSY,
+    &REQUEST_ENERGY,
+    &ENERGY_PER_OUTPUT_TOKEN,
+    &SLOW_TOKENS,
+    &CUDA_CALLS,
+    &CUDA_COPY_BYTES,
+    &CUDA_CALL_DURATION,
 ];
 
 /// The definition of a metric by its exposition name.
@@ -231,6 +344,14 @@ pub fn clamp_label_value(v: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_duration_bounds_are_powers_of_two_ns() {
+        for (i, b) in CUDA_DURATION_BOUNDS.iter().enumerate() {
+            let ns = (1u64 << (CUDA_DURATION_FIRST_LOG2 as usize + i)) as f64;
+            assert!((b * 1e9 - ns).abs() < 1e-3, "{b} vs {ns}");
+        }
+    }
 
     #[test]
     fn names_unique_and_well_formed() {

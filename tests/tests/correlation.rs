@@ -7,7 +7,7 @@ use std::sync::Arc;
 use infertap::gpu::correlate::{Contributor, Correlator, CorrelatorConfig, RequestKey};
 use infertap::gpu::explain::{render_explain, ExplainOptions};
 use infertap::gpu::timeline::{
-    CudaApiCall, cuda_func, GpuActivity, GpuActivityKind, MemcpyKind, PowerSample,
+    cuda_func, CudaApiCall, GpuActivity, GpuActivityKind, MemcpyKind, PowerSample,
 };
 use infertap::gpu::trace::{validate_trace, TraceWriter};
 use infertap::record::{RequestRecord, TokenCountSource};

@@ -147,7 +147,7 @@ impl RequestKey {
 }
 
 /// GPU side of one request. Serialises flat into the request's JSON line.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RequestGpuStats {
     /// Device compute-busy time charged to the request (shared among requests in flight, summed
     /// over devices), milliseconds.
@@ -215,6 +215,26 @@ pub struct TokenGapExplanation {
     pub idle_ns: u64,
     /// What overlapped the gap, by overlap time, longest first.
     pub top: Vec<Contributor>,
+}
+
+/// The one-word cause of a slow token, for the `infertap_slow_tokens_total{cause}` counter:
+/// `other_request_prefill` when another request's prefill is the largest overlap, otherwise the
+/// largest part of the gap's decomposition.
+pub fn dominant_cause(t: &TokenGapExplanation) -> &'static str {
+    if matches!(t.top.first(), Some(Contributor::Prefill { .. })) {
+        return "other_request_prefill";
+    }
+    let parts = [
+        (t.gpu_busy_ns, "gpu_busy"),
+        (t.sync_wait_ns, "sync_wait"),
+        (t.launch_ns, "launch_bound"),
+        (t.idle_ns, "idle"),
+    ];
+    parts
+        .iter()
+        .max_by_key(|p| p.0)
+        .map(|p| p.1)
+        .unwrap_or("idle")
 }
 
 /// Something that overlapped a token gap, with how long it overlapped it.
@@ -1001,9 +1021,10 @@ fn call_class(f: CudaFunc) -> CallClass {
     match f.class {
         // A synchronous copy blocks the host until the GPU has drained the stream.
         CudaCallKind::Sync | CudaCallKind::Memcpy => CallClass::Sync,
-        CudaCallKind::Launch | CudaCallKind::GraphLaunch | CudaCallKind::MemcpyAsync | CudaCallKind::Memset => {
-            CallClass::Launch
-        }
+        CudaCallKind::Launch
+        | CudaCallKind::GraphLaunch
+        | CudaCallKind::MemcpyAsync
+        | CudaCallKind::Memset => CallClass::Launch,
         CudaCallKind::Alloc | CudaCallKind::Free => CallClass::Other,
     }
 }
@@ -1354,7 +1375,11 @@ pub(crate) mod tests {
         ));
         // Entry-only launches: a burst of two (50 µs apart), the last charged 5 µs.
         c.add_api_call(call(cuda_func("cuLaunchKernel").unwrap(), 158 * MS, None));
-        c.add_api_call(call(cuda_func("cuLaunchKernel").unwrap(), 158 * MS + 50_000, None));
+        c.add_api_call(call(
+            cuda_func("cuLaunchKernel").unwrap(),
+            158 * MS + 50_000,
+            None,
+        ));
         c.request_finished(b);
         c.request_finished(a);
     }

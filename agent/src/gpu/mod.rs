@@ -12,5 +12,6 @@ pub mod cupti;
 pub mod explain;
 mod intervals;
 pub mod nvml;
+pub mod stage;
 pub mod timeline;
 pub mod trace;

@@ -192,7 +192,9 @@ pub use infertap_common::cuda::Class as CudaCallKind;
 
 /// Looks a probed function up by its exported symbol.
 pub fn cuda_func(symbol: &str) -> Option<CudaFunc> {
-    infertap_common::cuda::FUNCS.iter().find(|f| f.symbol == symbol)
+    infertap_common::cuda::FUNCS
+        .iter()
+        .find(|f| f.symbol == symbol)
 }
 
 fn ser_cuda_func<S: serde::Serializer>(f: &CudaFunc, s: S) -> Result<S::Ok, S::Error> {
@@ -232,8 +234,18 @@ mod tests {
         assert_eq!(f.class, CudaCallKind::MemcpyAsync);
         assert_eq!(f.api, infertap_common::cuda::Api::Driver);
         assert!(cuda_func("cudaNotAFunction").is_none());
-        let call = CudaApiCall { pid: 1, tid: 2, func: f, start_ns: 3, end_ns: None, bytes: Some(4) };
-        assert_eq!(serde_json::to_value(call).unwrap()["func"], "cuMemcpyDtoHAsync_v2");
+        let call = CudaApiCall {
+            pid: 1,
+            tid: 2,
+            func: f,
+            start_ns: 3,
+            end_ns: None,
+            bytes: Some(4),
+        };
+        assert_eq!(
+            serde_json::to_value(call).unwrap()["func"],
+            "cuMemcpyDtoHAsync_v2"
+        );
     }
 
     #[test]

@@ -25,14 +25,30 @@ pub struct MetricsServer {
     task: JoinHandle<std::io::Result<()>>,
 }
 
+/// Extra node-local metric families appended to `/metrics` (OpenMetrics text; a trailing
+/// `# EOF` is removed), e.g. the NVML device gauges.
+pub type ExtraMetrics = std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Binds `addr` (port 0 picks a free port) and serves `metrics` on `/metrics`.
 pub async fn serve(addr: SocketAddr, metrics: SharedMetrics) -> anyhow::Result<MetricsServer> {
+    serve_with(addr, metrics, None).await
+}
+
+/// Like [`serve`], with extra families after the aggregates.
+pub async fn serve_with(
+    addr: SocketAddr,
+    metrics: SharedMetrics,
+    extra: Option<ExtraMetrics>,
+) -> anyhow::Result<MetricsServer> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding metrics address {addr}"))?;
     let local_addr = listener.local_addr()?;
     let app = Router::new()
-        .route("/metrics", get(move || metrics_response(metrics.clone())))
+        .route(
+            "/metrics",
+            get(move || metrics_response(metrics.clone(), extra.clone())),
+        )
         .route("/healthz", get(|| async { "ok\n" }));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -50,9 +66,22 @@ pub async fn serve(addr: SocketAddr, metrics: SharedMetrics) -> anyhow::Result<M
     })
 }
 
-async fn metrics_response(metrics: SharedMetrics) -> axum::response::Response {
+async fn metrics_response(
+    metrics: SharedMetrics,
+    extra: Option<ExtraMetrics>,
+) -> axum::response::Response {
     match metrics.encode_openmetrics() {
-        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
+        Ok(mut body) => {
+            if let Some(text) = extra.and_then(|f| f()) {
+                // One `# EOF` at the very end, as OpenMetrics requires.
+                if body.ends_with("# EOF\n") {
+                    body.truncate(body.len() - "# EOF\n".len());
+                }
+                body.push_str(text.strip_suffix("# EOF\n").unwrap_or(&text));
+                body.push_str("# EOF\n");
+            }
+            ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response()
+        }
         Err(e) => {
             tracing::error!("encoding metrics failed: {e}");
             (
