@@ -91,6 +91,9 @@ pub struct PipelineStats {
 /// (monotonic timestamps).
 const ADOPTED_CONN_ID_BASE: u64 = 1 << 63;
 
+type RecordObserver = Box<dyn FnMut(&RequestRecord) + Send>;
+type CudaObserver = Box<dyn FnMut(&events::CudaCall) + Send>;
+
 pub struct Pipeline {
     opts: AgentOptions,
     probes: Probes,
@@ -101,10 +104,10 @@ pub struct Pipeline {
     next_adopted_id: u64,
     pub stats: PipelineStats,
     records: Vec<RequestRecord>,
-    /// Called for every completed request (aggregates, GPU correlation, ...).
-    observers: Vec<Box<dyn FnMut(&RequestRecord) + Send>>,
+    /// Called for every completed request (embedders, tests).
+    observers: Vec<RecordObserver>,
     /// Called for every CUDA call record (per-event mode only: trace windows).
-    cuda_observers: Vec<Box<dyn FnMut(&events::CudaCall) + Send>>,
+    cuda_observers: Vec<CudaObserver>,
     aggregator: Aggregator,
     exporter: Option<GrpcExporter>,
     metrics_server: Option<MetricsServer>,

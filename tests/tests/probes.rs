@@ -197,7 +197,7 @@ fn socket_syscalls_are_traced_exactly_and_noise_is_ignored() {
     let rest_in: Vec<u8> = ins[1..].iter().flat_map(|d| d.1.to_vec()).collect();
     assert_eq!(rest_in, b"xyz");
     assert!(
-        seen.closes.iter().any(|c| *c == (pid, conn1)),
+        seen.closes.contains(&(pid, conn1)),
         "close of the first connection"
     );
 
