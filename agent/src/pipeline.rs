@@ -359,7 +359,6 @@ impl Pipeline {
         let rs = self.recon.stats().clone();
         let mut drops: Vec<(&str, u64)> = vec![
             ("ringbuf_full", kc.get(k::RINGBUF_FULL)),
-            ("inflight_map_full", kc.get(k::INFLIGHT_FULL)),
             ("conn_map_full", kc.get(k::CONN_MAP_FULL)),
             ("payload_fault", kc.get(k::PAYLOAD_FAULT)),
             ("cuda_map_full", kc.get(k::CUDA_MAP_FULL)),
