@@ -26,6 +26,7 @@ SCENARIO keys (defaults in brackets):
   fragment_gap_ms pause between the fragments of one event                      [1]
   coalesce        events per send for split="coalesce"                          [3]
   close_after     close the connection after this many content events          [null]
+  truncate_after  after this many content events send half of the next one, then close
   reset           close with SO_LINGER 0 (RST) instead of FIN                   [false]
   exit_after      the whole server process exits (os._exit) after this many
                   content events of this response                              [null]
@@ -54,7 +55,7 @@ DEFAULTS = {
     "mode": "stream", "status": 500, "ttft_ms": 20, "itl_ms": 5, "tokens": 8,
     "tokens_per_event": 1, "role_chunk": True, "usage": True, "done": True, "split": "none",
     "fragment_gap_ms": 1, "coalesce": 3, "close_after": None, "reset": False,
-    "exit_after": None, "keep_alive": True, "chunked": False,
+    "exit_after": None, "truncate_after": None, "keep_alive": True, "chunked": False,
 }
 
 
@@ -308,9 +309,15 @@ class Conn:
             if sc["close_after"] is not None and group[0] >= int(sc["close_after"]):
                 self.abort(sc["reset"])
                 return False
+            if sc["truncate_after"] is not None and group[0] >= int(sc["truncate_after"]):
+                # Half an event (cut inside its JSON), then the connection ends.
+                self.send(data[: len(data) // 2])
+                self.abort(sc["reset"])
+                return False
             if sc["split"] == "fragments":
-                # Three pieces cutting through the chunk header, the JSON and the "\n\n".
-                cuts = sorted({2, len(data) // 2, len(data) - 1})
+                # Four pieces cutting through the chunk header, the JSON and the event's "\n\n":
+                # the event is complete only with the last send, whose time is logged.
+                cuts = sorted({2, len(data) // 2, len(data) - 3})
                 prev = 0
                 for c in cuts:
                     self.send(data[prev:c])

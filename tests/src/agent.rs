@@ -35,6 +35,9 @@ pub struct AgentRecord {
     pub output_tokens: Option<u64>,
     pub token_count_source: Option<String>,
     pub token_unix_ns: Vec<u64>,
+    pub content_events: Option<usize>,
+    pub prompt_tokens: Option<u64>,
+    pub finish_reason: Option<String>,
     pub error: Option<String>,
 }
 
@@ -357,6 +360,17 @@ impl Metrics {
             .iter()
             .filter(|s| s.name == name)
             .filter(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(|x| x.as_str()) == Some(*v)))
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// Sum of every counter sample (`*_total`) that carries a label with this value, whatever
+    /// the label's name (e.g. `error="client_disconnect"`).
+    pub fn sum_counters_with_label_value(&self, value: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name.ends_with("_total"))
+            .filter(|s| s.labels.values().any(|v| v == value))
             .map(|s| s.value)
             .sum()
     }

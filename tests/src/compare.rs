@@ -200,3 +200,82 @@ mod tests {
         assert_eq!(percentile(&[3.0, 1.0, 2.0], 50.0), 2.0);
     }
 }
+
+/// Agent records held against the scripted server's emission log.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EmissionCheck {
+    /// Logged exchanges that had an agent record.
+    pub matched: usize,
+    /// |agent token time − server emission time|, every content event.
+    pub event_time: ErrorStats,
+    /// |agent start − server's first request byte read|.
+    pub start_time: ErrorStats,
+    /// Human-readable problems (missing records, count mismatches, times beyond tolerance).
+    pub problems: Vec<String>,
+}
+
+/// Checks that every logged exchange has an agent record (joined by peer and seq_on_conn) with
+/// the same status, the same number of content events at the same times (within `tol_ns`) and
+/// the same output token count.
+pub fn check_against_emissions(
+    agent: &[AgentRecord],
+    emissions: &[crate::servers::Emission],
+    tol_ns: u64,
+) -> EmissionCheck {
+    let by_key: HashMap<(&str, u32), &AgentRecord> = agent
+        .iter()
+        .filter_map(|a| a.peer.as_deref().map(|p| ((p, a.seq_on_conn), a)))
+        .collect();
+    let mut out = EmissionCheck::default();
+    let mut ev = Vec::new();
+    let mut starts = Vec::new();
+    for e in emissions {
+        let Some(a) = by_key.get(&(e.peer.as_str(), e.seq_on_conn)) else {
+            out.problems
+                .push(format!("no agent record for {} seq {}", e.peer, e.seq_on_conn));
+            continue;
+        };
+        out.matched += 1;
+        let who = format!("{} seq {} ({})", e.peer, e.seq_on_conn, e.scenario);
+        if a.status != e.status {
+            out.problems
+                .push(format!("{who}: status {:?} != {:?}", a.status, e.status));
+        }
+        if let Some(r) = e.request_unix_ns {
+            let d = a.start_unix_ns as i64 - r as i64;
+            starts.push(d);
+            if d.unsigned_abs() > tol_ns {
+                out.problems.push(format!("{who}: start off by {d} ns"));
+            }
+        }
+        if e.completed && a.output_tokens != Some(e.output_tokens) {
+            out.problems.push(format!(
+                "{who}: output_tokens {:?} != {}",
+                a.output_tokens, e.output_tokens
+            ));
+        }
+        if a.token_unix_ns.len() != e.events_unix_ns.len() {
+            out.problems.push(format!(
+                "{who}: {} content events != {}",
+                a.token_unix_ns.len(),
+                e.events_unix_ns.len()
+            ));
+            continue;
+        }
+        for (i, (x, y)) in a.token_unix_ns.iter().zip(&e.events_unix_ns).enumerate() {
+            let d = *x as i64 - *y as i64;
+            ev.push(d);
+            if d.unsigned_abs() > tol_ns {
+                out.problems.push(format!("{who}: event {i} off by {d} ns"));
+            }
+        }
+        if let (Some(f), Some(y)) = (a.first_token_unix_ns, e.events_unix_ns.first()) {
+            if (f as i64 - *y as i64).unsigned_abs() > tol_ns {
+                out.problems.push(format!("{who}: first_token off by {} ns", f as i64 - *y as i64));
+            }
+        }
+    }
+    out.event_time = ErrorStats::from_signed(&ev);
+    out.start_time = ErrorStats::from_signed(&starts);
+    out
+}

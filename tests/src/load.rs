@@ -146,3 +146,47 @@ pub async fn run_load(
     all.sort_by_key(|r| r.send_unix_ns);
     Ok(all)
 }
+
+/// Runs explicit request sequences: each inner list goes, in order, over one keep-alive
+/// connection (a new connection is opened if the server or an abort closed it); the lists run
+/// concurrently. Returns records per list, in order.
+pub async fn run_sequences(
+    addr: SocketAddr,
+    sequences: Vec<Vec<RequestSpec>>,
+) -> Result<Vec<Vec<ClientRecord>>> {
+    let mut tasks = Vec::new();
+    for (slot, seq) in sequences.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut conn: Option<ClientConn> = None;
+            for spec in seq {
+                let mut c = match conn.take() {
+                    Some(c) if c.is_reusable() => c,
+                    _ => ClientConn::connect(addr).await?,
+                };
+                c.conn_index = slot as u32;
+                out.push(c.request(&spec).await);
+                conn = Some(c);
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.context("sequence task panicked")??);
+    }
+    Ok(all)
+}
+
+/// Blocking wrapper of [`run_sequences`] for synchronous tests.
+pub fn run_sequences_blocking(
+    addr: SocketAddr,
+    sequences: Vec<Vec<RequestSpec>>,
+) -> Result<Vec<Vec<ClientRecord>>> {
+    crate::runtime().block_on(run_sequences(addr, sequences))
+}
+
+/// Blocking wrapper of [`run_load`].
+pub fn run_load_blocking(cfg: &LoadConfig) -> Result<Vec<ClientRecord>> {
+    crate::runtime().block_on(run_load(cfg, None))
+}
