@@ -43,7 +43,9 @@ pub struct AgentRecord {
 
 impl AgentRecord {
     pub fn itl_ns(&self) -> impl Iterator<Item = u64> + '_ {
-        self.token_unix_ns.windows(2).map(|w| w[1].saturating_sub(w[0]))
+        self.token_unix_ns
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
     }
 }
 
@@ -92,7 +94,9 @@ impl Agent {
     /// Spawns the agent binary and waits until it has created its ready file (probes attached).
     pub fn spawn(opts: &AgentOptions) -> Result<Agent> {
         let bin = paths::agent_binary()?;
-        let dir = tempfile::Builder::new().prefix("infertap-agent-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("infertap-agent-")
+            .tempdir()?;
         let requests_path = dir.path().join("requests.jsonl");
         let ready = dir.path().join("ready");
         let log_path = dir.path().join("agent.log");
@@ -123,7 +127,9 @@ impl Agent {
         );
         cmd.args(&opts.extra_args);
         let log = std::fs::File::create(&log_path)?;
-        cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
+        cmd.stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null());
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
@@ -241,7 +247,9 @@ impl Collector {
     /// Starts the collector on free ports and waits until its gRPC port accepts connections.
     pub fn spawn() -> Result<Collector> {
         let bin = paths::collector_binary()?;
-        let dir = tempfile::Builder::new().prefix("infertap-collector-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("infertap-collector-")
+            .tempdir()?;
         let log_path = dir.path().join("collector.log");
         let grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -340,7 +348,9 @@ impl Metrics {
                 },
             };
             let value = rest.split_whitespace().next().unwrap_or("");
-            let Ok(value) = value.parse::<f64>() else { continue };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
             let (name, labels) = match series.split_once('{') {
                 Some((n, l)) => (n, parse_labels(l.trim_end_matches('}'))),
                 None => (series, BTreeMap::new()),
@@ -359,7 +369,11 @@ impl Metrics {
         self.samples
             .iter()
             .filter(|s| s.name == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(|x| x.as_str()) == Some(*v)))
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(|x| x.as_str()) == Some(*v))
+            })
             .map(|s| s.value)
             .sum()
     }
@@ -390,7 +404,9 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
     while let Some(eq) = rest.find('=') {
         let key = rest[..eq].trim().trim_start_matches(',').trim().to_string();
         let after = &rest[eq + 1..];
-        let Some(after) = after.strip_prefix('"') else { break };
+        let Some(after) = after.strip_prefix('"') else {
+            break;
+        };
         let mut val = String::new();
         let mut chars = after.char_indices();
         let mut end = after.len();

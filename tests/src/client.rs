@@ -126,7 +126,9 @@ pub struct ClientRecord {
 
 impl ClientRecord {
     pub fn itl_ns(&self) -> impl Iterator<Item = u64> + '_ {
-        self.event_unix_ns.windows(2).map(|w| w[1].saturating_sub(w[0]))
+        self.event_unix_ns
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
     }
 }
 
@@ -227,7 +229,9 @@ impl ClientConn {
             if let Some(i) = find(&self.buf, b"\r\n\r\n") {
                 break i;
             }
-            self.read_more().await?.context("connection closed before response head")?;
+            self.read_more()
+                .await?
+                .context("connection closed before response head")?;
         };
         rec.response_start_unix_ns = Some(now_unix_ns());
         let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
@@ -249,7 +253,9 @@ impl ClientConn {
         let mut close = version == "HTTP/1.0";
         let mut event_stream = false;
         for line in lines {
-            let Some((k, v)) = line.split_once(':') else { continue };
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
             match k.as_str() {
                 "transfer-encoding" => chunked = v.contains("chunked"),
@@ -414,7 +420,10 @@ impl BodyReader {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.json) else {
             return;
         };
-        if let Some(u) = v.pointer("/usage/completion_tokens").and_then(|u| u.as_u64()) {
+        if let Some(u) = v
+            .pointer("/usage/completion_tokens")
+            .and_then(|u| u.as_u64())
+        {
             rec.usage_completion_tokens = Some(u);
         }
     }
@@ -429,7 +438,10 @@ fn on_event(data: &str, at: u64, rec: &mut ClientRecord) {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
         return;
     };
-    if let Some(u) = v.pointer("/usage/completion_tokens").and_then(|u| u.as_u64()) {
+    if let Some(u) = v
+        .pointer("/usage/completion_tokens")
+        .and_then(|u| u.as_u64())
+    {
         rec.usage_completion_tokens = Some(u);
     }
     let mut tokens = 0u32;
@@ -498,8 +510,9 @@ impl Dechunker {
                         return Ok(i);
                     };
                     let line = std::str::from_utf8(&data[i..i + eol]).context("chunk size")?;
-                    let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-                        .with_context(|| format!("bad chunk size {line:?}"))?;
+                    let size =
+                        usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                            .with_context(|| format!("bad chunk size {line:?}"))?;
                     i += eol + 2;
                     if size == 0 {
                         // No trailers expected; the final CRLF ends the body.

@@ -231,8 +231,10 @@ pub fn check_against_emissions(
     let mut starts = Vec::new();
     for e in emissions {
         let Some(a) = by_key.get(&(e.peer.as_str(), e.seq_on_conn)) else {
-            out.problems
-                .push(format!("no agent record for {} seq {}", e.peer, e.seq_on_conn));
+            out.problems.push(format!(
+                "no agent record for {} seq {}",
+                e.peer, e.seq_on_conn
+            ));
             continue;
         };
         out.matched += 1;
@@ -271,7 +273,10 @@ pub fn check_against_emissions(
         }
         if let (Some(f), Some(y)) = (a.first_token_unix_ns, e.events_unix_ns.first()) {
             if (f as i64 - *y as i64).unsigned_abs() > tol_ns {
-                out.problems.push(format!("{who}: first_token off by {} ns", f as i64 - *y as i64));
+                out.problems.push(format!(
+                    "{who}: first_token off by {} ns",
+                    f as i64 - *y as i64
+                ));
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod compare;
 pub mod load;
 pub mod paths;
 pub mod prereq;
+pub mod report;
 pub mod servers;
 
 /// Builds a multi-thread tokio runtime (for sync tests and binaries).

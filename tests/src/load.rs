@@ -121,7 +121,7 @@ pub async fn run_load(
                 let endpoint = match cfg.endpoint {
                     EndpointMix::Chat => Endpoint::Chat,
                     EndpointMix::Completions => Endpoint::Completions,
-                    EndpointMix::Mixed if n % 2 == 0 => Endpoint::Chat,
+                    EndpointMix::Mixed if n.is_multiple_of(2) => Endpoint::Chat,
                     EndpointMix::Mixed => Endpoint::Completions,
                 };
                 let mut spec = RequestSpec::new(endpoint, cfg.max_tokens);

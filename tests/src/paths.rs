@@ -81,7 +81,10 @@ pub fn real_server_parts() -> Result<(PathBuf, PathBuf)> {
     let venv = venv_dir();
     let python = venv.join("bin/python");
     if !python.is_file() {
-        bail!("no venv python at {} (run `cargo xtask setup`)", python.display());
+        bail!(
+            "no venv python at {} (run `cargo xtask setup`)",
+            python.display()
+        );
     }
     let lib = venv.join("lib");
     let entries = std::fs::read_dir(&lib).map_err(|e| anyhow::anyhow!("{}: {e}", lib.display()))?;
@@ -91,5 +94,8 @@ pub fn real_server_parts() -> Result<(PathBuf, PathBuf)> {
             return Ok((python, m));
         }
     }
-    bail!("model {MODEL_REL} not found under {} (run `cargo xtask setup`)", lib.display())
+    bail!(
+        "model {MODEL_REL} not found under {} (run `cargo xtask setup`)",
+        lib.display()
+    )
 }

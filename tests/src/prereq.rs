@@ -31,15 +31,22 @@ pub fn missing_agent() -> Option<String> {
 }
 
 pub fn missing_collector() -> Option<String> {
-    crate::paths::collector_binary().err().map(|e| format!("{e:#}"))
+    crate::paths::collector_binary()
+        .err()
+        .map(|e| format!("{e:#}"))
 }
 
 pub fn missing_real_server() -> Option<String> {
-    crate::paths::real_server_parts().err().map(|e| format!("{e:#}"))
+    crate::paths::real_server_parts()
+        .err()
+        .map(|e| format!("{e:#}"))
 }
 
 pub fn missing_python() -> Option<String> {
-    match std::process::Command::new("python3").arg("--version").output() {
+    match std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+    {
         Ok(o) if o.status.success() => None,
         _ => Some("python3 not found".into()),
     }

@@ -22,7 +22,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
@@ -32,8 +35,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("bad status line")?;
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(body) } else { body.to_string() };
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
 }
 
@@ -96,7 +105,9 @@ pub struct ScriptedServer {
 impl ScriptedServer {
     /// Starts the server with `script` (see the script format in `scripted_sse.py`).
     pub fn start(script: &serde_json::Value) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("infertap-scripted-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("infertap-scripted-")
+            .tempdir()?;
         let script_path = dir.path().join("script.json");
         std::fs::write(&script_path, serde_json::to_vec(script)?)?;
         let port_file = dir.path().join("port");
@@ -149,7 +160,9 @@ impl ScriptedServer {
 
     /// Waits for the server process to exit (e.g. a scenario with `exit_after`).
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        wait_for(timeout, "scripted server exit", || self.child.try_wait().ok().flatten())
+        wait_for(timeout, "scripted server exit", || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 }
 
@@ -194,7 +207,9 @@ impl LlamaServer {
     pub fn start(n_threads: u32) -> Result<Self> {
         let (python, model) = paths::real_server_parts()?;
         let port = free_port()?;
-        let dir = tempfile::Builder::new().prefix("infertap-llama-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("infertap-llama-")
+            .tempdir()?;
         let log = dir.path().join("server.log");
         let logf = std::fs::File::create(&log)?;
         let child = Command::new(python)
@@ -226,7 +241,14 @@ impl LlamaServer {
             Ok(Ok(())) => Ok(s),
             Ok(Err(e)) | Err(e) => {
                 let tail = std::fs::read_to_string(&s.log).unwrap_or_default();
-                let tail: String = tail.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+                let tail: String = tail
+                    .chars()
+                    .rev()
+                    .take(2000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
                 bail!("{e:#}\n--- server log tail ---\n{tail}")
             }
         }

@@ -33,7 +33,8 @@ fn garbage(seed: u64, n: usize) -> Vec<u8> {
 /// Sends raw bytes on a fresh connection, optionally resetting it, and drains what comes back.
 fn raw(addr: std::net::SocketAddr, bytes: &[u8], reset: bool) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let _ = s.write_all(bytes);
     if reset {
         set_linger_zero(&s);
@@ -72,8 +73,16 @@ fn garbage_resets_and_truncation_are_survived_and_counted() {
     }
     raw(addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", false); // a TLS ClientHello start
     raw(addr, b"GARBAGE / HTTP/9.9\r\n\r\n", false);
-    raw(addr, b"POST /v1/completions HTTP/1.1\r\nContent-Length: 99999\r\n\r\n{\"str", false);
-    raw(addr, b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", true);
+    raw(
+        addr,
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: 99999\r\n\r\n{\"str",
+        false,
+    );
+    raw(
+        addr,
+        b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        true,
+    );
     raw(addr, &[b'A'; 70_000], false); // one enormous "request line"
 
     let mut client_rst = RequestSpec::new(Endpoint::Chat, 8).header("X-Scenario", "ok");
@@ -91,15 +100,14 @@ fn garbage_resets_and_truncation_are_survived_and_counted() {
     // A normal exchange afterwards is still measured exactly.
     let ok = run_sequences_blocking(
         addr,
-        vec![vec![RequestSpec::new(Endpoint::Chat, 8).header("X-Scenario", "ok")]],
+        vec![vec![
+            RequestSpec::new(Endpoint::Chat, 8).header("X-Scenario", "ok")
+        ]],
     )
     .unwrap();
     let ok_peer = ok[0][0].local_addr.clone();
     let recs = infertap_tests::servers::wait_for(WAIT, "the normal request's record", || {
-        agent
-            .records()
-            .ok()
-            .filter(|r| find(r, &ok_peer).is_some())
+        agent.records().ok().filter(|r| find(r, &ok_peer).is_some())
     })
     .unwrap();
     let em: Vec<_> = server
@@ -109,11 +117,17 @@ fn garbage_resets_and_truncation_are_survived_and_counted() {
         .filter(|e| e.peer == ok_peer)
         .collect();
     let check = check_against_emissions(&recs, &em, 1_000_000);
-    assert!(check.problems.is_empty() && check.matched == 1, "{check:#?}");
+    assert!(
+        check.problems.is_empty() && check.matched == 1,
+        "{check:#?}"
+    );
 
     let trunc = find(&recs, &cut[0][0].local_addr).expect("record for the truncated stream");
     assert!(
-        matches!(trunc.error.as_deref(), Some("truncated") | Some("server_close")),
+        matches!(
+            trunc.error.as_deref(),
+            Some("truncated") | Some("server_close")
+        ),
         "{trunc:?}"
     );
     assert_eq!(trunc.token_unix_ns.len(), 3, "{trunc:?}");
@@ -165,8 +179,18 @@ fn target_process_exit_mid_stream() {
     assert_eq!(r.error.as_deref(), Some("process_exit"), "{r:?}");
     assert_eq!(r.token_unix_ns.len(), 4, "{r:?}");
     std::thread::sleep(Duration::from_millis(200));
-    assert!(agent.is_running(), "agent exited with its target:\n{}", agent.log());
+    assert!(
+        agent.is_running(),
+        "agent exited with its target:\n{}",
+        agent.log()
+    );
     assert_eq!(agent.healthz().unwrap(), 200);
-    assert!(agent.metrics().unwrap().sum_counters_with_label_value("process_exit") >= 1.0);
+    assert!(
+        agent
+            .metrics()
+            .unwrap()
+            .sum_counters_with_label_value("process_exit")
+            >= 1.0
+    );
     assert!(agent.stop().unwrap().status.success());
 }

@@ -19,7 +19,10 @@ fn by_key(e: &[Emission]) -> HashMap<(String, u32), Emission> {
 
 #[test]
 fn client_matches_scripted_emissions() {
-    if !prereq::check("client_matches_scripted_emissions", prereq::missing_python()) {
+    if !prereq::check(
+        "client_matches_scripted_emissions",
+        prereq::missing_python(),
+    ) {
         return;
     }
     let _g = prereq::e2e_lock();
@@ -49,14 +52,25 @@ fn client_matches_scripted_emissions() {
         },
         RequestSpec::new(Endpoint::Chat, 8).header("X-Scenario", "e503"),
     ];
-    recs.extend(run_sequences_blocking(server.addr(), vec![specs]).unwrap().remove(0));
-    let em = by_key(&server.wait_emissions(recs.len(), Duration::from_secs(5)).unwrap());
+    recs.extend(
+        run_sequences_blocking(server.addr(), vec![specs])
+            .unwrap()
+            .remove(0),
+    );
+    let em = by_key(
+        &server
+            .wait_emissions(recs.len(), Duration::from_secs(5))
+            .unwrap(),
+    );
 
     let mut errs = Vec::new();
     let mut per_conn: HashMap<String, Vec<u32>> = HashMap::new();
     for r in &recs {
         assert!(r.error.is_none(), "{r:?}");
-        per_conn.entry(r.local_addr.clone()).or_default().push(r.seq_on_conn);
+        per_conn
+            .entry(r.local_addr.clone())
+            .or_default()
+            .push(r.seq_on_conn);
         let e = &em[&(r.local_addr.clone(), r.seq_on_conn)];
         assert_eq!(r.status, e.status);
         assert_eq!(r.output_tokens, e.output_tokens, "{r:?}\n{e:?}");

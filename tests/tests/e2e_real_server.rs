@@ -32,11 +32,26 @@ fn real_server_concurrent_streams() {
     cfg.max_tokens = 24;
     cfg.endpoint = EndpointMix::Mixed;
     let client = run_load_blocking(&cfg).unwrap();
-    assert!(client.iter().all(|c| c.error.is_none() && c.status == Some(200)), "{client:#?}");
-    assert!(client.iter().any(|c| c.seq_on_conn > 0), "no keep-alive reuse");
-    let recs = agent.wait_records(client.len(), Duration::from_secs(20)).unwrap();
+    assert!(
+        client
+            .iter()
+            .all(|c| c.error.is_none() && c.status == Some(200)),
+        "{client:#?}"
+    );
+    assert!(
+        client.iter().any(|c| c.seq_on_conn > 0),
+        "no keep-alive reuse"
+    );
+    let recs = agent
+        .wait_records(client.len(), Duration::from_secs(20))
+        .unwrap();
     let j = join(&recs, &client);
-    assert_eq!(j.pairs.len(), client.len(), "unjoined client records: {:#?}", j.client_only);
+    assert_eq!(
+        j.pairs.len(),
+        client.len(),
+        "unjoined client records: {:#?}",
+        j.client_only
+    );
     for (a, c) in &j.pairs {
         assert_eq!(a.error, None, "{a:?}");
         assert_eq!(a.path, c.path);
@@ -47,8 +62,16 @@ fn real_server_concurrent_streams() {
     let f = fidelity(&recs, &client);
     eprintln!("fidelity: {}", serde_json::to_string_pretty(&f).unwrap());
     assert_eq!(f.token_mismatches, 0);
-    assert!(f.ttft.median_ns <= TTFT_MEDIAN_NS && f.ttft.p99_ns <= TTFT_P99_NS, "{:?}", f.ttft);
-    assert!(f.itl.median_ns <= ITL_MEDIAN_NS && f.itl.p99_ns <= ITL_P99_NS, "{:?}", f.itl);
+    assert!(
+        f.ttft.median_ns <= TTFT_MEDIAN_NS && f.ttft.p99_ns <= TTFT_P99_NS,
+        "{:?}",
+        f.ttft
+    );
+    assert!(
+        f.itl.median_ns <= ITL_MEDIAN_NS && f.itl.p99_ns <= ITL_P99_NS,
+        "{:?}",
+        f.itl
+    );
     let exit = agent.stop().unwrap();
     assert!(exit.status.success(), "{:?}\n{}", exit.status, exit.log);
 }

@@ -81,12 +81,23 @@ fn streaming_times_and_counts_match_emissions() {
         assert!(a.stream);
         assert_eq!(a.error, None, "{a:?}");
         assert_eq!(a.output_tokens, Some(c.output_tokens), "{a:?}\n{c:?}");
-        let expect_source = if c.usage_completion_tokens.is_some() { "usage" } else { "counted" };
-        assert_eq!(a.token_count_source.as_deref(), Some(expect_source), "{a:?}");
+        let expect_source = if c.usage_completion_tokens.is_some() {
+            "usage"
+        } else {
+            "counted"
+        };
+        assert_eq!(
+            a.token_count_source.as_deref(),
+            Some(expect_source),
+            "{a:?}"
+        );
         // TTFT as the agent defines it (server read → first token write) is within the
         // client's (send → arrival), and close to it on loopback.
         let (at, ct) = (a.ttft_ms.unwrap(), c.ttft_ms.unwrap());
-        assert!(at <= ct + 1.0 && ct - at < 5.0, "ttft agent {at} client {ct}");
+        assert!(
+            at <= ct + 1.0 && ct - at < 5.0,
+            "ttft agent {at} client {ct}"
+        );
     }
     // Keep-alive: 3 connections, sequence numbers 0, 1, 2 on each, one conn_id per connection.
     let mut conns: Vec<(String, u64)> = recs
@@ -97,7 +108,12 @@ fn streaming_times_and_counts_match_emissions() {
     conns.dedup();
     assert_eq!(conns.len(), 3, "{conns:?}");
     let exit = agent.stop().unwrap();
-    assert!(exit.status.success(), "agent exit {:?}\n{}", exit.status, exit.log);
+    assert!(
+        exit.status.success(),
+        "agent exit {:?}\n{}",
+        exit.status,
+        exit.log
+    );
 }
 
 #[test]
@@ -129,18 +145,32 @@ fn non_streaming_and_http_errors() {
         spec(Endpoint::Completions, "e500"),
         spec(Endpoint::Chat, "ok"),
     ];
-    let client = run_sequences_blocking(server.addr(), vec![seq]).unwrap().remove(0);
+    let client = run_sequences_blocking(server.addr(), vec![seq])
+        .unwrap()
+        .remove(0);
     assert!(client.iter().all(|c| c.error.is_none()), "{client:#?}");
     let recs = agent.wait_records(5, WAIT).unwrap();
     let peer = &client[0].local_addr;
     let r = |seq| find(&recs, peer, seq);
-    assert_eq!((r(0).stream, r(0).status, r(0).error.as_deref()), (false, Some(200), None));
+    assert_eq!(
+        (r(0).stream, r(0).status, r(0).error.as_deref()),
+        (false, Some(200), None)
+    );
     assert_eq!(r(0).output_tokens, Some(7));
     assert!(r(0).token_unix_ns.len() <= 1, "{:?}", r(0));
-    assert_eq!((r(1).stream, r(1).status, r(1).error.as_deref()), (false, Some(200), None));
+    assert_eq!(
+        (r(1).stream, r(1).status, r(1).error.as_deref()),
+        (false, Some(200), None)
+    );
     assert_eq!(r(1).output_tokens, Some(8));
-    assert_eq!((r(2).status, r(2).error.as_deref()), (Some(429), Some("http_4xx")));
-    assert_eq!((r(3).status, r(3).error.as_deref()), (Some(500), Some("http_5xx")));
+    assert_eq!(
+        (r(2).status, r(2).error.as_deref()),
+        (Some(429), Some("http_4xx"))
+    );
+    assert_eq!(
+        (r(3).status, r(3).error.as_deref()),
+        (Some(500), Some("http_5xx"))
+    );
     assert_eq!((r(4).status, r(4).error.as_deref()), (Some(200), None));
     assert_eq!(r(4).output_tokens, Some(6));
     let em = server.wait_emissions(5, WAIT).unwrap();
@@ -180,7 +210,10 @@ fn server_close_and_client_disconnect_mid_stream() {
     assert_eq!((ok.error.as_deref(), ok.output_tokens), (None, Some(10)));
     // Times of the events that were sent still match the server's log.
     let em = server.wait_emissions(3, WAIT).unwrap();
-    let sent: Vec<_> = em.into_iter().filter(|e| e.peer != client[1][0].local_addr).collect();
+    let sent: Vec<_> = em
+        .into_iter()
+        .filter(|e| e.peer != client[1][0].local_addr)
+        .collect();
     let check = check_against_emissions(&recs, &sent, TOL_NS);
     assert!(check.problems.is_empty(), "{:#?}", check.problems);
     assert!(agent.stop().unwrap().status.success());

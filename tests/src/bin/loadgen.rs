@@ -61,7 +61,9 @@ fn main() -> Result<()> {
     cfg.stream = !args.no_stream;
     cfg.model = args.model.clone();
     for h in &args.headers {
-        let (k, v) = h.split_once(':').context("--header wants \"Name: value\"")?;
+        let (k, v) = h
+            .split_once(':')
+            .context("--header wants \"Name: value\"")?;
         cfg.headers.push((k.trim().into(), v.trim().into()));
     }
     let mut out: Box<dyn Write + Send> = if args.out == "-" {
@@ -94,7 +96,10 @@ fn main() -> Result<()> {
                     r.ttft_ms.map(|t| format!("{t:.1}ms")).unwrap_or("-".into()),
                     r.output_tokens,
                     r.e2e_ms,
-                    r.error.as_deref().map(|e| format!(" error={e}")).unwrap_or_default()
+                    r.error
+                        .as_deref()
+                        .map(|e| format!(" error={e}"))
+                        .unwrap_or_default()
                 );
             }
         }
