@@ -95,7 +95,7 @@ fn streaming_times_and_counts_match_emissions() {
         // client's (send → arrival), and close to it on loopback.
         let (at, ct) = (a.ttft_ms.unwrap(), c.ttft_ms.unwrap());
         assert!(
-            at <= ct + 1.0 && ct - at < 5.0,
+            at <= ct + 1.0 && ct - at < 10.0,
             "ttft agent {at} client {ct}"
         );
     }
