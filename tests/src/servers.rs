@@ -217,6 +217,9 @@ impl LlamaServer {
             .arg(&model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--n_threads", &n_threads.to_string(), "--verbose", "false"])
+            // By default a new request cancels the stream in progress; we want real concurrency
+            // (requests queue for the model and stream one after another).
+            .args(["--interrupt_requests", "false"])
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .spawn()

@@ -277,13 +277,34 @@ fn setup(args: &SetupArgs) -> Result<()> {
     Ok(())
 }
 
-/// The venv is usable when llama_cpp.server imports and the SmolLM2 gguf is in site-packages.
+/// The venv is usable when llama_cpp.server imports, the SmolLM2 gguf is in site-packages, and
+/// the model evaluates a multi-token prompt (a `-march=native` build can contain AMX kernels that
+/// fault on VMs which advertise AMX but do not enable it).
 fn venv_ready(venv: &Path) -> bool {
     let python = venv.join("bin/python");
     python.is_file()
         && probe(Command::new(&python).args(["-c", "import llama_cpp.server"]))
         && model_path(venv).is_some()
 }
+
+fn venv_smoke(venv: &Path) -> bool {
+    let Some(model) = model_path(venv) else {
+        return false;
+    };
+    probe(
+        Command::new(venv.join("bin/python"))
+            .args(["-c", LLAMA_SMOKE])
+            .arg(model),
+    )
+}
+
+/// Loads the model and evaluates a prompt of several tokens (a batch).
+const LLAMA_SMOKE: &str = "import sys, llama_cpp\n\
+m = llama_cpp.Llama(model_path=sys.argv[1], n_threads=2, n_ctx=256, verbose=False)\n\
+m('The quick brown fox jumps over the lazy dog and', max_tokens=2)\n";
+
+/// Build flags for llama.cpp: portable x86-64 (AVX2/FMA/F16C), no AMX, no -march=native.
+const LLAMA_CMAKE_ARGS: &str = "-DGGML_NATIVE=OFF";
 
 fn model_path(venv: &Path) -> Option<PathBuf> {
     std::fs::read_dir(venv.join("lib"))
@@ -295,8 +316,38 @@ fn model_path(venv: &Path) -> Option<PathBuf> {
 
 fn setup_venv() -> Result<()> {
     let venv = venv_dir();
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     if venv_ready(&venv) {
-        step(&format!("python venv: ready at {}", venv.display()));
+        if venv_smoke(&venv) {
+            step(&format!("python venv: ready at {}", venv.display()));
+            return Ok(());
+        }
+        step(&format!(
+            "python venv: llama.cpp at {} crashes on a multi-token prompt; rebuilding it \
+             portable ({LLAMA_CMAKE_ARGS}, about 8 min on 2 cores)",
+            venv.display()
+        ));
+        run(Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-cache-dir",
+                "--force-reinstall",
+            ])
+            .args(["--no-deps", LLAMA_CPP_PYTHON])
+            .env("CMAKE_ARGS", LLAMA_CMAKE_ARGS)
+            .env("CMAKE_BUILD_PARALLEL_LEVEL", jobs.to_string()))?;
+        if !venv_smoke(&venv) {
+            bail!(
+                "llama.cpp in {} still fails its smoke test after a rebuild",
+                venv.display()
+            );
+        }
+        step("python venv: ready");
         return Ok(());
     }
     let python = venv.join("bin/python");
@@ -305,33 +356,34 @@ fn setup_venv() -> Result<()> {
         if let Some(parent) = venv.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let py3 = if probe(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
-            "python3"
-        } else {
+        if !probe(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
             step("python venv: installing python3-venv with apt-get");
             run(sudo_prefix("apt-get").args(["install", "-y", "python3-venv", "python3-dev"]))?;
-            "python3"
-        };
-        run(Command::new(py3).args(["-m", "venv"]).arg(&venv))?;
+        }
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    if !probe(Command::new("cmake").arg("--version"))
-        && !probe(Command::new("g++").arg("--version"))
-    {
+    if !probe(Command::new("g++").arg("--version")) {
         step("python venv: installing a C/C++ compiler with apt-get");
         run(sudo_prefix("apt-get").args(["install", "-y", "build-essential"]))?;
     }
     step(&format!(
         "python venv: pip install {LLAMA_CPP_PYTHON} {SMOLLM2} (compiles llama.cpp: about 8 min on 2 cores)"
     ));
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
     run(Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", LLAMA_CPP_PYTHON, SMOLLM2])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-cache-dir",
+            LLAMA_CPP_PYTHON,
+            SMOLLM2,
+        ])
+        .env("CMAKE_ARGS", LLAMA_CMAKE_ARGS)
         .env("CMAKE_BUILD_PARALLEL_LEVEL", jobs.to_string()))?;
-    if !venv_ready(&venv) {
+    if !venv_ready(&venv) || !venv_smoke(&venv) {
         bail!(
-            "venv at {} still lacks llama_cpp.server or {MODEL_REL} after pip install",
+            "venv at {} lacks llama_cpp.server or {MODEL_REL}, or fails its smoke test, after pip install",
             venv.display()
         );
     }
