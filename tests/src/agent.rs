@@ -191,7 +191,8 @@ impl Agent {
 
     /// Scrapes `/metrics`.
     pub fn metrics(&self) -> Result<Metrics> {
-        let (status, body) = http_get(self.metrics_addr, "/metrics")?;
+        let (status, body) = http_get(self.metrics_addr, "/metrics")
+            .with_context(|| format!("agent metrics endpoint {}", self.metrics_addr))?;
         if status != 200 {
             bail!("/metrics returned {status}");
         }
@@ -200,7 +201,9 @@ impl Agent {
 
     /// `/healthz` status code.
     pub fn healthz(&self) -> Result<u16> {
-        Ok(http_get(self.metrics_addr, "/healthz")?.0)
+        Ok(http_get(self.metrics_addr, "/healthz")
+            .with_context(|| format!("agent health endpoint {}", self.metrics_addr))?
+            .0)
     }
 
     /// Sends SIGINT and waits (20 s) for a clean exit; kills it if it hangs and fails.
