@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use infertap_common::{kind, EventHeader, HEADER_LEN};
+use infertap_common::{cuda, kind, EventHeader, HEADER_LEN};
 
 /// Identifies one traced connection: the process and the kernel's connection id (which survives
 /// fd reuse, unlike the fd).
@@ -28,14 +28,30 @@ pub enum Direction {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnEvent<'a> {
     /// The server accepted (or the agent adopted an already open) connection.
-    Open { conn: ConnKey, fd: i32, ts_ns: u64, peer: Option<SocketAddr> },
+    Open {
+        conn: ConnKey,
+        fd: i32,
+        ts_ns: u64,
+        peer: Option<SocketAddr>,
+    },
     /// `len` bytes moved in `dir` in one syscall completing at `ts_ns`; `payload` is the captured
     /// prefix of them (`payload.len() <= len`, shorter when the capture limit cut it).
-    Data { conn: ConnKey, dir: Direction, ts_ns: u64, len: u64, payload: &'a [u8] },
+    Data {
+        conn: ConnKey,
+        dir: Direction,
+        ts_ns: u64,
+        len: u64,
+        payload: &'a [u8],
+    },
     /// A read returned 0: the client closed its side.
     PeerClosed { conn: ConnKey, ts_ns: u64 },
     /// A read or write failed with a connection error (ECONNRESET, EPIPE, ...).
-    Error { conn: ConnKey, dir: Direction, ts_ns: u64, errno: i32 },
+    Error {
+        conn: ConnKey,
+        dir: Direction,
+        ts_ns: u64,
+        errno: i32,
+    },
     /// The server closed the connection's fd.
     Close { conn: ConnKey, ts_ns: u64 },
 }
@@ -69,11 +85,28 @@ pub enum ProcEvent {
     Exit { pid: u32, ts_ns: u64 },
 }
 
+/// One CUDA API call seen by the uprobes in per-event mode (trace windows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaCall {
+    pub pid: u32,
+    pub tid: u32,
+    pub func: &'static cuda::Func,
+    pub start_ns: u64,
+    /// Return time, for functions with a return probe (synchronisation, blocking copies).
+    pub end_ns: Option<u64>,
+    pub bytes: Option<u64>,
+    pub copy: cuda::CopyKind,
+    /// Kernel handle (driver launches), host stub address (runtime launches) or graph.
+    pub handle: u64,
+    pub stream: u64,
+}
+
 /// A decoded ring-buffer record.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     Conn(ConnEvent<'a>),
     Proc(ProcEvent),
+    Cuda(CudaCall),
 }
 
 /// Why a record could not be decoded (counted, never fatal).
@@ -85,12 +118,17 @@ pub enum DecodeError {
     PayloadLength { claimed: usize, present: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u8),
+    #[error("unknown CUDA function id {0}")]
+    UnknownCudaFunc(u16),
 }
 
 /// Errnos that mean the connection is gone (as opposed to EAGAIN and friends, which the kernel
 /// side already filters out).
 fn is_connection_error(errno: i32) -> bool {
-    matches!(errno, libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::ECONNABORTED | libc::ENOTCONN)
+    matches!(
+        errno,
+        libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::ECONNABORTED | libc::ENOTCONN
+    )
 }
 
 /// Parses a raw `sockaddr_in`/`sockaddr_in6` as the kernel wrote it.
@@ -105,7 +143,10 @@ pub fn parse_sockaddr(raw: &[u8]) -> Option<SocketAddr> {
         libc::AF_INET6 => {
             let ip: [u8; 16] = raw.get(8..24)?.try_into().ok()?;
             let v6 = Ipv6Addr::from(ip);
-            let ip = v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6));
+            let ip = v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6));
             Some(SocketAddr::new(ip, port))
         }
         _ => None,
@@ -123,25 +164,77 @@ pub fn split(record: &[u8]) -> Result<(EventHeader, &[u8]), DecodeError> {
     let payload = &record[HEADER_LEN..];
     let claimed = header.captured as usize;
     if claimed > payload.len() {
-        return Err(DecodeError::PayloadLength { claimed, present: payload.len() });
+        return Err(DecodeError::PayloadLength {
+            claimed,
+            present: payload.len(),
+        });
     }
     Ok((header, &payload[..claimed]))
+}
+
+fn decode_cuda(h: &EventHeader, payload: &[u8]) -> Result<CudaCall, DecodeError> {
+    let cookie = cuda::Cookie(h.conn_id);
+    let func = cuda::func(cookie.func_id()).ok_or(DecodeError::UnknownCudaFunc(cookie.func_id()))?;
+    let word = |i: usize| {
+        payload
+            .get(i * 8..i * 8 + 8)
+            .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+    };
+    let copy = match h.fd {
+        1 => cuda::CopyKind::HostToDevice,
+        2 => cuda::CopyKind::DeviceToHost,
+        3 => cuda::CopyKind::DeviceToDevice,
+        4 => cuda::CopyKind::HostToHost,
+        _ => cuda::CopyKind::Unknown,
+    };
+    Ok(CudaCall {
+        pid: (h.pid_tgid >> 32) as u32,
+        tid: h.pid_tgid as u32,
+        func,
+        start_ns: h.ts_enter_ns,
+        end_ns: cookie.timed().then_some(h.ts_exit_ns),
+        bytes: (h.ret >= 0).then_some(h.ret as u64),
+        copy,
+        handle: word(0),
+        stream: word(1),
+    })
 }
 
 /// Decodes one ring-buffer record.
 pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
     let (h, payload) = split(record)?;
     let pid = (h.pid_tgid >> 32) as u32;
-    let conn = ConnKey { pid, conn_id: h.conn_id };
+    let conn = ConnKey {
+        pid,
+        conn_id: h.conn_id,
+    };
     let ev = match h.kind {
         kind::READ | kind::WRITE => {
-            let dir = if h.kind == kind::READ { Direction::In } else { Direction::Out };
+            let dir = if h.kind == kind::READ {
+                Direction::In
+            } else {
+                Direction::Out
+            };
             if h.ret > 0 {
-                Event::Conn(ConnEvent::Data { conn, dir, ts_ns: h.ts_exit_ns, len: h.ret as u64, payload })
+                Event::Conn(ConnEvent::Data {
+                    conn,
+                    dir,
+                    ts_ns: h.ts_exit_ns,
+                    len: h.ret as u64,
+                    payload,
+                })
             } else if h.ret == 0 && dir == Direction::In {
-                Event::Conn(ConnEvent::PeerClosed { conn, ts_ns: h.ts_exit_ns })
+                Event::Conn(ConnEvent::PeerClosed {
+                    conn,
+                    ts_ns: h.ts_exit_ns,
+                })
             } else if h.ret < 0 && is_connection_error(-h.ret as i32) {
-                Event::Conn(ConnEvent::Error { conn, dir, ts_ns: h.ts_exit_ns, errno: -h.ret as i32 })
+                Event::Conn(ConnEvent::Error {
+                    conn,
+                    dir,
+                    ts_ns: h.ts_exit_ns,
+                    errno: -h.ret as i32,
+                })
             } else {
                 return Ok(None);
             }
@@ -152,9 +245,20 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
             ts_ns: h.ts_exit_ns,
             peer: parse_sockaddr(payload),
         }),
-        kind::CLOSE => Event::Conn(ConnEvent::Close { conn, ts_ns: h.ts_enter_ns }),
-        kind::FORK => Event::Proc(ProcEvent::Fork { parent: pid, child: h.ret as u32, ts_ns: h.ts_enter_ns }),
-        kind::EXIT => Event::Proc(ProcEvent::Exit { pid, ts_ns: h.ts_enter_ns }),
+        kind::CLOSE => Event::Conn(ConnEvent::Close {
+            conn,
+            ts_ns: h.ts_enter_ns,
+        }),
+        kind::FORK => Event::Proc(ProcEvent::Fork {
+            parent: pid,
+            child: h.ret as u32,
+            ts_ns: h.ts_enter_ns,
+        }),
+        kind::EXIT => Event::Proc(ProcEvent::Exit {
+            pid,
+            ts_ns: h.ts_enter_ns,
+        }),
+        kind::CUDA_CALL => Event::Cuda(decode_cuda(&h, payload)?),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(Some(ev))
@@ -190,7 +294,10 @@ mod tests {
         assert_eq!(
             ev,
             Event::Conn(ConnEvent::Data {
-                conn: ConnKey { pid: 42, conn_id: 7 },
+                conn: ConnKey {
+                    pid: 42,
+                    conn_id: 7
+                },
                 dir: Direction::Out,
                 ts_ns: 20,
                 len: 100,
@@ -202,13 +309,47 @@ mod tests {
     #[test]
     fn rejects_short_and_inconsistent_records() {
         assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Short(10)));
-        let h = EventHeader { captured: 50, kind: kind::READ, ret: 50, ..Default::default() };
-        assert!(matches!(decode(&record(h, b"xy")), Err(DecodeError::PayloadLength { .. })));
+        let h = EventHeader {
+            captured: 50,
+            kind: kind::READ,
+            ret: 50,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode(&record(h, b"xy")),
+            Err(DecodeError::PayloadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn decodes_cuda_calls() {
+        let f = cuda::FUNCS.iter().find(|f| f.symbol == "cuStreamSynchronize").unwrap();
+        let h = EventHeader {
+            ts_enter_ns: 100,
+            ts_exit_ns: 5_100,
+            pid_tgid: (9u64 << 32) | 10,
+            conn_id: cuda::Cookie::of(f).0,
+            ret: -1,
+            fd: 0,
+            captured: 16,
+            kind: kind::CUDA_CALL,
+            syscall: 0,
+        };
+        let mut payload = 0xabcu64.to_ne_bytes().to_vec();
+        payload.extend_from_slice(&0x99u64.to_ne_bytes());
+        let Some(Event::Cuda(c)) = decode(&record(h, &payload)).unwrap() else { panic!() };
+        assert_eq!((c.pid, c.tid, c.func.symbol), (9, 10, "cuStreamSynchronize"));
+        assert_eq!((c.start_ns, c.end_ns, c.bytes), (100, Some(5_100), None));
+        assert_eq!((c.handle, c.stream), (0xabc, 0x99));
     }
 
     #[test]
     fn eagain_is_not_an_event() {
-        let h = EventHeader { kind: kind::READ, ret: -(libc::EAGAIN as i64), ..Default::default() };
+        let h = EventHeader {
+            kind: kind::READ,
+            ret: -(libc::EAGAIN as i64),
+            ..Default::default()
+        };
         assert_eq!(decode(&record(h, b"")), Ok(None));
     }
 

@@ -24,4 +24,5 @@ pub mod protocol;
 pub mod reconstruct;
 pub mod record;
 pub mod sinks;
+pub mod symbolize;
 pub mod targets;

@@ -1,1 +1,151 @@
-//! Which processes to trace: `--pid`s and the owners of `--port` listeners, found in /proc.
+//! Which processes to trace and which of their connections already exist, from /proc.
+//!
+//! `--pid` names processes directly; `--port` names a listening TCP port whose owners (all
+//! processes holding the listening socket, e.g. a pre-fork server's workers) are traced. Ports are
+//! re-resolved periodically so a restarted server is picked up.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
+
+use procfs::{
+    net::{TcpNetEntry, TcpState},
+    process::{FDTarget, Process},
+};
+
+/// TCP sockets of one process's network namespace, by inode.
+fn tcp_table(proc_: &Process) -> HashMap<u64, TcpNetEntry> {
+    let mut table = HashMap::new();
+    for entries in [proc_.tcp(), proc_.tcp6()].into_iter().flatten() {
+        for e in entries {
+            table.insert(e.inode, e);
+        }
+    }
+    table
+}
+
+/// Socket inodes held by a process, with their fds.
+fn socket_fds(proc_: &Process) -> Vec<(i32, u64)> {
+    let Ok(fds) = proc_.fd() else {
+        return Vec::new();
+    };
+    fds.filter_map(|fd| fd.ok())
+        .filter_map(|fd| match fd.target {
+            FDTarget::Socket(inode) => Some((fd.fd, inode)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Processes holding a socket listening on `port` (any address, IPv4 or IPv6).
+pub fn port_owners(port: u16) -> Vec<u32> {
+    let mut listening: HashSet<u64> = HashSet::new();
+    for table in [procfs::net::tcp(), procfs::net::tcp6()]
+        .into_iter()
+        .flatten()
+    {
+        for e in table {
+            if e.state == TcpState::Listen && e.local_address.port() == port {
+                listening.insert(e.inode);
+            }
+        }
+    }
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    let mut owners: Vec<u32> = all
+        .filter_map(|p| p.ok())
+        .filter(|p| {
+            socket_fds(p)
+                .iter()
+                .any(|(_, inode)| listening.contains(inode))
+        })
+        .map(|p| p.pid as u32)
+        .collect();
+    // A process in another network namespace lists its listener only in its own table.
+    if owners.is_empty() {
+        if let Ok(all) = procfs::process::all_processes() {
+            owners = all
+                .filter_map(|p| p.ok())
+                .filter(|p| {
+                    let table = tcp_table(p);
+                    socket_fds(p).iter().any(|(_, inode)| {
+                        table.get(inode).is_some_and(|e| {
+                            e.state == TcpState::Listen && e.local_address.port() == port
+                        })
+                    })
+                })
+                .map(|p| p.pid as u32)
+                .collect();
+        }
+    }
+    owners.sort_unstable();
+    owners.dedup();
+    owners
+}
+
+/// A server-side connection that was open before the agent attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingConn {
+    pub fd: i32,
+    pub peer: SocketAddr,
+}
+
+/// Established TCP connections of `pid` that were accepted on one of its listening ports
+/// (outbound connections, e.g. to a database, are left alone).
+pub fn existing_server_connections(pid: u32) -> Vec<ExistingConn> {
+    let Ok(proc_) = Process::new(pid as i32) else {
+        return Vec::new();
+    };
+    let table = tcp_table(&proc_);
+    let fds = socket_fds(&proc_);
+    let listen_ports: HashSet<u16> = fds
+        .iter()
+        .filter_map(|(_, inode)| table.get(inode))
+        .filter(|e| e.state == TcpState::Listen)
+        .map(|e| e.local_address.port())
+        .collect();
+    fds.iter()
+        .filter_map(|(fd, inode)| {
+            let e = table.get(inode)?;
+            (e.state == TcpState::Established && listen_ports.contains(&e.local_address.port()))
+                .then(|| ExistingConn {
+                    fd: *fd,
+                    peer: e.remote_address,
+                })
+        })
+        .collect()
+}
+
+/// The peer of a traced fd, for accepts whose caller passed no address buffer.
+pub fn peer_of(pid: u32, fd: i32) -> Option<SocketAddr> {
+    let proc_ = Process::new(pid as i32).ok()?;
+    let inode = socket_fds(&proc_).into_iter().find(|(f, _)| *f == fd)?.1;
+    tcp_table(&proc_).get(&inode).map(|e| e.remote_address)
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    Process::new(pid as i32).is_ok_and(|p| p.is_alive())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn finds_own_listener_and_accepted_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = std::process::id();
+        assert!(port_owners(port).contains(&me));
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_server_side, _) = listener.accept().unwrap();
+        let conns = existing_server_connections(me);
+        let local = client.local_addr().unwrap();
+        // Our own outbound `client` socket is not a server connection; the accepted one is.
+        assert!(conns.iter().any(|c| c.peer == local), "{conns:?}");
+        assert!(conns.iter().all(|c| c.peer.port() != port));
+    }
+}

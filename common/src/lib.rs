@@ -5,6 +5,11 @@
 //! relying on the compiler.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod cuda;
+
 /// Largest payload the kernel copies per syscall. A power of two so the eBPF side can bound
 /// lengths with a mask the verifier understands.
 pub const MAX_CAPTURE: usize = 4096;
@@ -27,6 +32,10 @@ pub mod kind {
     pub const FORK: u8 = 5;
     /// A traced process (its thread-group leader) exited.
     pub const EXIT: u8 = 6;
+    /// A CUDA API call (per-event mode only): `conn_id` holds the attach cookie
+    /// (`cuda::Cookie`), `ret` the byte count or -1, `fd` the copy direction; a `cuda::CallPayload`
+    /// follows.
+    pub const CUDA_CALL: u8 = 7;
 }
 
 /// Which syscall produced a READ/WRITE event (`EventHeader::syscall`), for diagnostics and stats.
@@ -123,6 +132,8 @@ pub mod counter {
     pub const EVENTS: u32 = 5;
     /// Syscalls on traced connections seen at entry.
     pub const TRACED_SYSCALLS: u32 = 6;
+    /// The CUDA statistics map was full: a (process, thread, function) is not aggregated.
+    pub const CUDA_MAP_FULL: u32 = 7;
     pub const COUNT: u32 = 8;
 
     pub fn name(i: u32) -> &'static str {
@@ -134,6 +145,7 @@ pub mod counter {
             PAYLOAD_TRUNCATED => "payload_truncated",
             EVENTS => "events",
             TRACED_SYSCALLS => "traced_syscalls",
+            CUDA_MAP_FULL => "cuda_map_full",
             _ => "unused",
         }
     }
@@ -141,6 +153,9 @@ pub mod counter {
 
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::cuda::StatKey {}
+    unsafe impl aya::Pod for super::cuda::Stat {}
+    unsafe impl aya::Pod for super::cuda::KernelKey {}
     // SAFETY: plain `repr(C)` integers with explicit padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnKey {}

@@ -1,3 +1,7 @@
 //! Incremental, allocation-light parsers for what flows over a traced connection.
 //! They never see more than the captured prefix of each syscall, so every parser copes with
 //! gaps (bytes known to exist but not captured).
+
+pub mod http;
+pub mod openai;
+pub mod sse;

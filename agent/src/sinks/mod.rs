@@ -1,1 +1,3 @@
 //! Where results go: JSON lines, the Prometheus endpoint, the gRPC stream to the collector.
+
+pub mod jsonl;

@@ -1,0 +1,21 @@
+//! infertap's eBPF programs.
+//!
+//! `sockets`: syscall tracepoints that follow the connections accepted by the traced processes
+//! and stream what they read and write to user space through one ring buffer.
+//! `cuda`: uprobes on the CUDA driver/runtime launch paths, aggregated in the kernel.
+#![no_std]
+#![no_main]
+
+mod cuda;
+mod sockets;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach this; it exists only to satisfy no_std.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

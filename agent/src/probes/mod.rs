@@ -1,0 +1,286 @@
+//! Loading and attaching the eBPF programs (agent-ebpf), and the maps user space drives:
+//! the traced process set, the traced connections, the event ring buffer and the drop counters.
+//! The CUDA uprobes live in the same object and share the traced process set (`cuda`).
+
+pub mod cuda;
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfLoader,
+};
+use infertap_common::{counter, ConnInfo, ConnKey, MAX_CAPTURE};
+use tracing::{debug, warn};
+
+/// The compiled eBPF object, built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/infertap"));
+
+/// Tracepoints: (program, category, tracepoint).
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("enter_read", "syscalls", "sys_enter_read"),
+    ("enter_readv", "syscalls", "sys_enter_readv"),
+    ("enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("enter_recvmmsg", "syscalls", "sys_enter_recvmmsg"),
+    ("enter_write", "syscalls", "sys_enter_write"),
+    ("enter_writev", "syscalls", "sys_enter_writev"),
+    ("enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("enter_sendmmsg", "syscalls", "sys_enter_sendmmsg"),
+    ("enter_accept4", "syscalls", "sys_enter_accept4"),
+    ("enter_accept_plain", "syscalls", "sys_enter_accept"),
+    ("enter_close", "syscalls", "sys_enter_close"),
+    ("exit_io", "syscalls", "sys_exit_read"),
+    ("exit_io", "syscalls", "sys_exit_readv"),
+    ("exit_io", "syscalls", "sys_exit_recvfrom"),
+    ("exit_io", "syscalls", "sys_exit_recvmsg"),
+    ("exit_io", "syscalls", "sys_exit_recvmmsg"),
+    ("exit_io", "syscalls", "sys_exit_write"),
+    ("exit_io", "syscalls", "sys_exit_writev"),
+    ("exit_io", "syscalls", "sys_exit_sendto"),
+    ("exit_io", "syscalls", "sys_exit_sendmsg"),
+    ("exit_io", "syscalls", "sys_exit_sendmmsg"),
+    ("exit_accept", "syscalls", "sys_exit_accept4"),
+    ("exit_accept", "syscalls", "sys_exit_accept"),
+    ("on_fork", "sched", "sched_process_fork"),
+    ("on_exit", "sched", "sched_process_exit"),
+];
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+#[derive(Clone, Debug)]
+pub struct ProbeConfig {
+    /// Payload bytes copied per syscall.
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ringbuf_bytes: u32,
+    /// Unread bytes above which the kernel wakes the consumer instead of waiting for its poll.
+    pub wakeup_bytes: u64,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            capture_bytes: infertap_common::DEFAULT_CAPTURE,
+            ringbuf_bytes: 16 << 20,
+            wakeup_bytes: 256 << 10,
+        }
+    }
+}
+
+/// Loaded and attached socket probes.
+pub struct Probes {
+    // Field order matters on drop: maps and links go before the Ebpf object that owns programs.
+    events: Option<RingBuf<MapData>>,
+    targets: HashMap<MapData, u32, u8>,
+    conns: HashMap<MapData, ConnKey, ConnInfo>,
+    counters: PerCpuArray<MapData, u64>,
+    pub cuda: cuda::CudaProbes,
+    _ebpf: Ebpf,
+}
+
+/// Counters kept by the kernel side, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters(pub [u64; counter::COUNT as usize]);
+
+impl KernelCounters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0[index as usize]
+    }
+
+    /// Events lost in the kernel (ring buffer or in-flight map full).
+    pub fn lost(&self) -> u64 {
+        self.get(counter::RINGBUF_FULL) + self.get(counter::INFLIGHT_FULL)
+    }
+}
+
+impl Probes {
+    pub fn load(cfg: &ProbeConfig) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this infertap binary was built without its eBPF programs (AYA_BUILD_SKIP); rebuild with `cargo xtask build`");
+        }
+        if cfg.capture_bytes as usize > MAX_CAPTURE {
+            bail!(
+                "--capture-bytes {} exceeds the maximum of {MAX_CAPTURE}",
+                cfg.capture_bytes
+            );
+        }
+        ensure_tracefs()?;
+        let fork_offset = fork_child_pid_offset().unwrap_or_else(|e| {
+            warn!("could not read sched_process_fork's format ({e:#}); assuming the 6.x layout");
+            20
+        });
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CAPTURE_BYTES", &cfg.capture_bytes, true)
+            .override_global("WAKEUP_BYTES", &cfg.wakeup_bytes, true)
+            .override_global("FORK_CHILD_PID_OFFSET", &fork_offset, true)
+            .map_max_entries("EVENTS", cfg.ringbuf_bytes)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (are you root, with BPF enabled?)")?;
+
+        let mut loaded = std::collections::HashSet::new();
+        for (prog, category, name) in TRACEPOINTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .with_context(|| format!("eBPF program {prog} missing"))?
+                .try_into()?;
+            if loaded.insert(*prog) {
+                program
+                    .load()
+                    .with_context(|| format!("verifier rejected {prog}"))?;
+            }
+            program
+                .attach(category, name)
+                .with_context(|| format!("attaching {prog} to {category}/{name}"))?;
+            debug!("attached {prog} to {category}/{name}");
+        }
+
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
+        let targets = HashMap::try_from(ebpf.take_map("TARGETS").context("TARGETS map")?)?;
+        let conns = HashMap::try_from(ebpf.take_map("CONNS").context("CONNS map")?)?;
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
+        let cuda = cuda::CudaProbes::new(&mut ebpf)?;
+        Ok(Self {
+            events: Some(events),
+            targets,
+            conns,
+            counters,
+            cuda,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The event ring buffer, handed to the consumer once.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    pub fn add_target(&mut self, pid: u32) -> Result<()> {
+        self.targets
+            .insert(pid, 1, 0)
+            .with_context(|| format!("tracing pid {pid}"))
+    }
+
+    pub fn is_target(&self, pid: u32) -> bool {
+        self.targets.get(&pid, 0).is_ok()
+    }
+
+    /// Processes (and possibly thread ids, see the eBPF side) currently traced.
+    pub fn targets(&self) -> Vec<u32> {
+        self.targets.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Starts tracing a connection that was open before the agent attached.
+    pub fn adopt_connection(&mut self, pid: u32, fd: i32, conn_id: u64) -> Result<()> {
+        self.conns
+            .insert(ConnKey { tgid: pid, fd }, ConnInfo { conn_id }, 0)
+            .with_context(|| format!("adopting fd {fd} of pid {pid}"))
+    }
+
+    /// Finds the CUDA libraries the traced processes have mapped and probes new ones.
+    /// Returns the number of probes attached by this call.
+    pub fn attach_cuda(&mut self) -> usize {
+        let mut libs: Vec<std::path::PathBuf> = Vec::new();
+        for pid in self.targets() {
+            for lib in cuda::mapped_cuda_libraries(pid) {
+                if !libs.contains(&lib) {
+                    libs.push(lib);
+                }
+            }
+        }
+        let mut attached = 0;
+        for lib in libs {
+            match self.attach_cuda_library(&lib) {
+                Ok(n) => attached += n,
+                Err(e) => warn!("CUDA probes on {}: {e:#}", lib.display()),
+            }
+        }
+        attached
+    }
+
+    /// Probes one CUDA library (also usable with an explicit path, `--cuda-lib`).
+    pub fn attach_cuda_library(&mut self, lib: &Path) -> Result<usize> {
+        self.cuda.attach_library(&mut self._ebpf, lib)
+    }
+
+    /// Drops a process and its connections from the kernel maps (after it exited).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.cuda.forget_process(pid);
+        let _ = self.targets.remove(&pid);
+        let keys: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for k in keys {
+            let _ = self.conns.remove(&k);
+        }
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        let mut out = KernelCounters::default();
+        for i in 0..counter::COUNT {
+            if let Ok(per_cpu) = self.counters.get(&i, 0) {
+                out.0[i as usize] = per_cpu.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+/// Syscall tracepoints need tracefs; mount it when it is missing (we are root anyway).
+fn ensure_tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").exists()
+        || Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", TRACEFS])
+        .status()
+        .context("running mount for tracefs")?;
+    if !status.success() {
+        bail!("tracefs is not mounted and `mount -t tracefs tracefs {TRACEFS}` failed");
+    }
+    Ok(())
+}
+
+/// Reads `child_pid`'s offset from the sched_process_fork format (it moved in 6.x kernels).
+fn fork_child_pid_offset() -> Result<u32> {
+    let path = Path::new(TRACEFS).join("events/sched/sched_process_fork/format");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_field_offset(&text, "child_pid").context("child_pid field not found")
+}
+
+fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?;
+        let (decl, rest) = decl.split_once(';')?;
+        if decl.split_whitespace().last()? != field {
+            return None;
+        }
+        rest.trim()
+            .strip_prefix("offset:")?
+            .split(';')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fork_format_offsets() {
+        let new = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(super::parse_field_offset(new, "child_pid"), Some(20));
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:1;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:1;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(super::parse_field_offset(old, "child_pid"), Some(44));
+        assert_eq!(super::parse_field_offset(old, "nope"), None);
+    }
+}
