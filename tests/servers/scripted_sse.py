@@ -36,6 +36,7 @@ SCENARIO keys (defaults in brackets):
 Emission log line: {"peer": "ip:port" (the client's address), "seq_on_conn", "method", "path",
   "scenario", "status", "stream", "request_unix_ns" (first request byte read),
   "response_start_unix_ns", "events_unix_ns" [after the send completing each content event],
+  "events_send_start_unix_ns" [before that send: the kernel's send lies between the two],
   "tokens_per_event" [...], "output_tokens", "end_unix_ns", "completed" (false when cut off)}
 """
 
@@ -179,8 +180,12 @@ class Conn:
         self.server = server
         self.sock = sock
         self.peer = "%s:%d" % (addr[0], addr[1])
+        self.last_send_start = 0
 
     def send(self, data):
+        """Sends all of data; returns the time right after. The time right before is kept in
+        self.last_send_start: the kernel's send happened between the two."""
+        self.last_send_start = time.time_ns()
         self.sock.sendall(data)
         return time.time_ns()
 
@@ -227,7 +232,7 @@ class Conn:
         keep = keep and sc["keep_alive"]
         log = {"peer": self.peer, "seq_on_conn": seq, "method": method, "path": path,
                "scenario": name, "stream": stream, "request_unix_ns": first_ns,
-               "events_unix_ns": [], "tokens_per_event": [], "output_tokens": 0,
+               "events_unix_ns": [], "events_send_start_unix_ns": [], "tokens_per_event": [], "output_tokens": 0,
                "completed": False}
         conn_hdr = b"keep-alive" if keep else b"close"
         try:
@@ -328,6 +333,7 @@ class Conn:
                 t = self.send(data)
             for _ in group:
                 log["events_unix_ns"].append(t)
+                log["events_send_start_unix_ns"].append(self.last_send_start)
                 log["tokens_per_event"].append(per)
                 log["output_tokens"] += per
             if sc["exit_after"] is not None and len(log["events_unix_ns"]) >= int(sc["exit_after"]):
@@ -357,6 +363,9 @@ class Server:
 
 
 def main():
+    # Threads hand the GIL over quickly, so the clock reading right after a send is not held
+    # back by another connection's thread (default switch interval: 5 ms).
+    sys.setswitchinterval(0.0001)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--script", help="JSON script file (default: all defaults)")
     ap.add_argument("--host", default="127.0.0.1")

@@ -192,6 +192,13 @@ mod tests {
     }
 
     #[test]
+    fn distance_outside_send_interval() {
+        assert_eq!(outside(5, 3, 8), 0);
+        assert_eq!(outside(2, 3, 8), -1);
+        assert_eq!(outside(10, 3, 8), 2);
+    }
+
+    #[test]
     fn percentiles() {
         let v: Vec<u64> = (1..=100).collect();
         assert_eq!(percentile_sorted(&v, 50.0), 50);
@@ -206,7 +213,8 @@ mod tests {
 pub struct EmissionCheck {
     /// Logged exchanges that had an agent record.
     pub matched: usize,
-    /// |agent token time − server emission time|, every content event.
+    /// Distance of each agent token time from the server's [before send, after send] interval
+    /// of that event (0 when inside), every content event.
     pub event_time: ErrorStats,
     /// |agent start − server's first request byte read|.
     pub start_time: ErrorStats,
@@ -214,9 +222,20 @@ pub struct EmissionCheck {
     pub problems: Vec<String>,
 }
 
+/// Signed distance of `t` from the interval [lo, hi] (0 inside it).
+fn outside(t: u64, lo: u64, hi: u64) -> i64 {
+    if t < lo {
+        t as i64 - lo as i64
+    } else if t > hi {
+        t as i64 - hi as i64
+    } else {
+        0
+    }
+}
+
 /// Checks that every logged exchange has an agent record (joined by peer and seq_on_conn) with
-/// the same status, the same number of content events at the same times (within `tol_ns`) and
-/// the same output token count.
+/// the same status, the same number of content events at the same times (each within `tol_ns`
+/// of the interval in which the server's send of that event ran) and the same output token count.
 pub fn check_against_emissions(
     agent: &[AgentRecord],
     emissions: &[crate::servers::Emission],
@@ -265,18 +284,19 @@ pub fn check_against_emissions(
             continue;
         }
         for (i, (x, y)) in a.token_unix_ns.iter().zip(&e.events_unix_ns).enumerate() {
-            let d = *x as i64 - *y as i64;
+            let before = e.events_send_start_unix_ns.get(i).copied().unwrap_or(*y);
+            let d = outside(*x, before, *y);
             ev.push(d);
             if d.unsigned_abs() > tol_ns {
                 out.problems.push(format!("{who}: event {i} off by {d} ns"));
             }
         }
         if let (Some(f), Some(y)) = (a.first_token_unix_ns, e.events_unix_ns.first()) {
-            if (f as i64 - *y as i64).unsigned_abs() > tol_ns {
-                out.problems.push(format!(
-                    "{who}: first_token off by {} ns",
-                    f as i64 - *y as i64
-                ));
+            let before = e.events_send_start_unix_ns.first().copied().unwrap_or(*y);
+            let d = outside(f, before, *y);
+            if d.unsigned_abs() > tol_ns {
+                out.problems
+                    .push(format!("{who}: first_token off by {d} ns"));
             }
         }
     }

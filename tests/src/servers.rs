@@ -87,7 +87,11 @@ pub struct Emission {
     pub stream: bool,
     pub request_unix_ns: Option<u64>,
     pub response_start_unix_ns: Option<u64>,
+    /// Time right after the send that completed each content event.
     pub events_unix_ns: Vec<u64>,
+    /// Time right before that send: the kernel saw the bytes between the two.
+    #[serde(default)]
+    pub events_send_start_unix_ns: Vec<u64>,
     pub tokens_per_event: Vec<u32>,
     pub output_tokens: u64,
     pub end_unix_ns: u64,

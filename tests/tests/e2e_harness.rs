@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use infertap_tests::client::{Endpoint, RequestSpec};
-use infertap_tests::compare::ErrorStats;
+use infertap_tests::compare::{percentile_sorted, ErrorStats};
 use infertap_tests::load::{run_load_blocking, run_sequences_blocking, EndpointMix, LoadConfig};
 use infertap_tests::prereq;
 use infertap_tests::servers::{Emission, ScriptedServer};
@@ -76,8 +76,11 @@ fn client_matches_scripted_emissions() {
         assert_eq!(r.output_tokens, e.output_tokens, "{r:?}\n{e:?}");
         assert_eq!(r.event_unix_ns.len(), e.events_unix_ns.len());
         assert_eq!(r.tokens_per_event, e.tokens_per_event);
-        for (c, s) in r.event_unix_ns.iter().zip(&e.events_unix_ns) {
-            errs.push(*c as i64 - *s as i64);
+        for (i, c) in r.event_unix_ns.iter().enumerate() {
+            // Causality: nothing arrives before the server started sending it.
+            let before = e.events_send_start_unix_ns[i];
+            assert!(*c >= before, "event {i} arrived {} ns before its send", before - c);
+            errs.push(*c as i64 - e.events_unix_ns[i] as i64);
         }
     }
     // Keep-alive: three connections carried the 9 load requests, one the 4 scripted ones.
@@ -88,8 +91,13 @@ fn client_matches_scripted_emissions() {
     let st = ErrorStats::from_signed(&errs);
     eprintln!("client arrival - server emission: {st:?}");
     assert!(st.n >= 9 * 10);
+    // Loopback delivery plus a tokio wake-up: tens of µs typically. The bound is on p90, not the
+    // maximum: on a busy 2-core machine one descheduled client thread delays a few events.
+    let mut abs: Vec<u64> = errs.iter().map(|e| e.unsigned_abs()).collect();
+    abs.sort_unstable();
+    let p90 = percentile_sorted(&abs, 90.0);
     assert!(st.median_ns < 1_000_000, "{st:?}");
-    assert!(st.p99_ns < 2_000_000, "{st:?}");
+    assert!(p90 < 1_000_000, "p90 {p90} ns; {st:?}");
 }
 
 #[test]

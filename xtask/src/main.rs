@@ -435,7 +435,7 @@ fn test(extra: &[OsString]) -> Result<()> {
         "[test] cargo test --release (default members; end-to-end tests use the release agent)"
     );
     run(cargo()
-        .args(["test", "--release"])
+        .args(["test", "--release", "--no-fail-fast"])
         .args(extra)
         .env_remove("AYA_BUILD_SKIP")
         .env("INFERTAP_BIN", release_bin("infertap"))
