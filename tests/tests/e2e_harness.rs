@@ -79,7 +79,11 @@ fn client_matches_scripted_emissions() {
         for (i, c) in r.event_unix_ns.iter().enumerate() {
             // Causality: nothing arrives before the server started sending it.
             let before = e.events_send_start_unix_ns[i];
-            assert!(*c >= before, "event {i} arrived {} ns before its send", before - c);
+            assert!(
+                *c >= before,
+                "event {i} arrived {} ns before its send",
+                before - c
+            );
             errs.push(*c as i64 - e.events_unix_ns[i] as i64);
         }
     }

@@ -280,21 +280,23 @@ enum Tracing {
 /// One micro-benchmark run; returns ns per send() and the agent's usage.
 fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>)> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .arg("--send-child")
-        .arg(n.to_string())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut out = BufReader::new(child.stdout.take().context("child stdout")?);
+    let mut child = KillOnDrop(
+        Command::new(exe)
+            .arg("--send-child")
+            .arg(n.to_string())
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let mut out = BufReader::new(child.0.stdout.take().context("child stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
     let port: u16 = line.trim().parse().context("child port")?;
     // An idle process for the "agent watches someone else" case.
-    let mut other = Command::new("sleep").arg("600").spawn()?;
+    let other = KillOnDrop(Command::new("sleep").arg("600").spawn()?);
     let agent = match tracing {
         Tracing::None => None,
-        Tracing::Traced => Some(Agent::spawn(&AgentOptions::pid(child.id()))?),
-        Tracing::OtherPid => Some(Agent::spawn(&AgentOptions::pid(other.id()))?),
+        Tracing::Traced => Some(Agent::spawn(&AgentOptions::pid(child.0.id()))?),
+        Tracing::OtherPid => Some(Agent::spawn(&AgentOptions::pid(other.0.id()))?),
     };
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     let resp_len = HEAD.len() + TAIL.len();
@@ -316,14 +318,23 @@ fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>)> {
     line.clear();
     out.read_line(&mut line)?;
     let spent: f64 = line.trim().parse().context("child timing")?;
-    let _ = child.wait();
+    let _ = child.0.wait();
     let usage = agent.as_ref().and_then(|a| a.pid()).and_then(proc_usage);
     if let Some(a) = agent {
         a.stop()?;
     }
-    let _ = other.kill();
-    let _ = other.wait();
+    drop(other);
     Ok((spent / n as f64, usage))
+}
+
+/// Kills a helper process however the run ends (an error must not leave it waiting forever).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
