@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""Scripted OpenAI-compatible streaming server for infertap's end-to-end tests (stdlib only).
+
+Every response follows a *scenario* from a JSON script, so tests know exactly what the server sent
+and when. After every send() that completes a content event, the server records time.time_ns();
+one JSON line per finished exchange goes to --emit-log, which tests compare with the agent's
+per-token timestamps.
+
+Script (all keys optional):
+  {"default": SCENARIO, "sequence": [SCENARIO, ...], "scenarios": {"name": SCENARIO, ...}}
+A request uses the scenario named by its `X-Scenario` header, else the next unused entry of
+`sequence` (in arrival order), else `default`.
+
+SCENARIO keys (defaults in brackets):
+  mode            "stream" | "json" | "error"                                   ["stream"]
+  status          HTTP status for mode "error"                                  [500]
+  ttft_ms         delay between reading the request and the first content event [20]
+  itl_ms          delay between content events: a number or a per-gap list      [5]
+  tokens          number of content events                                      [8]
+  tokens_per_event  tokens carried by each content event (logprobs entries)    [1]
+  role_chunk      chat only: send a role-only chunk first (not content)         [true]
+  usage           send a final usage chunk / usage object                       [true]
+  done            send "data: [DONE]"                                           [true]
+  split           "none" | "fragments" (each event over several sends)
+                  | "coalesce" (`coalesce` events per send)                     ["none"]
+  fragment_gap_ms pause between the fragments of one event                      [1]
+  coalesce        events per send for split="coalesce"                          [3]
+  close_after     close the connection after this many content events          [null]
+  truncate_after  after this many content events send half of the next one, then close
+  reset           close with SO_LINGER 0 (RST) instead of FIN                   [false]
+  exit_after      the whole server process exits (os._exit) after this many
+                  content events of this response                              [null]
+  keep_alive      honour keep-alive                                             [true]
+  chunked         json/error mode: chunked body instead of Content-Length      [false]
+
+Emission log line: {"peer": "ip:port" (the client's address), "seq_on_conn", "method", "path",
+  "scenario", "status", "stream", "request_unix_ns" (first request byte read),
+  "response_start_unix_ns", "events_unix_ns" [after the send completing each content event],
+  "events_send_start_unix_ns" [before that send: the kernel's send lies between the two],
+  "tokens_per_event" [...], "output_tokens", "end_unix_ns", "completed" (false when cut off)}
+"""
+
+import argparse
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
+               500: "Internal Server Error", 503: "Service Unavailable"}
+
+DEFAULTS = {
+    "mode": "stream", "status": 500, "ttft_ms": 20, "itl_ms": 5, "tokens": 8,
+    "tokens_per_event": 1, "role_chunk": True, "usage": True, "done": True, "split": "none",
+    "fragment_gap_ms": 1, "coalesce": 3, "close_after": None, "reset": False,
+    "exit_after": None, "truncate_after": None, "keep_alive": True, "chunked": False,
+}
+
+
+class Script:
+    def __init__(self, doc):
+        self.default = dict(DEFAULTS, **doc.get("default", {}))
+        self.sequence = [dict(self.default, **s) for s in doc.get("sequence", [])]
+        self.named = {k: dict(self.default, **v) for k, v in doc.get("scenarios", {}).items()}
+        self.lock = threading.Lock()
+        self.next = 0
+
+    def pick(self, name):
+        if name is not None:
+            if name not in self.named:
+                raise KeyError(name)
+            return name, self.named[name]
+        with self.lock:
+            if self.next < len(self.sequence):
+                i = self.next
+                self.next += 1
+                return "sequence[%d]" % i, self.sequence[i]
+        return "default", self.default
+
+
+class EmitLog:
+    def __init__(self, path):
+        self.f = open(path, "a", buffering=1) if path else None
+        self.lock = threading.Lock()
+
+    def write(self, entry):
+        if self.f is None:
+            return
+        with self.lock:
+            self.f.write(json.dumps(entry) + "\n")
+            self.f.flush()
+
+
+class Closed(Exception):
+    pass
+
+
+def read_request(sock, buf):
+    """Reads one HTTP/1.1 request. Returns (method, path, headers, body, first_byte_ns, rest)
+    or None on a clean EOF before any byte."""
+    first_ns = time.time_ns() if buf else None
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            if buf:
+                raise Closed()
+            return None
+        if first_ns is None:
+            first_ns = time.time_ns()
+        buf += data
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("bad request line")
+    method, target, version = parts
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = b""
+        while True:
+            while b"\r\n" not in buf:
+                data = sock.recv(65536)
+                if not data:
+                    raise Closed()
+                buf += data
+            size_line, buf = buf.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            while len(buf) < size + 2:
+                data = sock.recv(65536)
+                if not data:
+                    raise Closed()
+                buf += data
+            body += buf[:size]
+            buf = buf[size + 2:]
+            if size == 0:
+                break
+    else:
+        n = int(headers.get("content-length", "0"))
+        while len(buf) < n:
+            data = sock.recv(65536)
+            if not data:
+                raise Closed()
+            buf += data
+        body, buf = buf[:n], buf[n:]
+    keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    return method, target.split("?")[0], headers, body, first_ns, keep, buf
+
+
+def chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def content_event(chat, model, i, n_tok):
+    text = "".join("tok%d " % (i * n_tok + k) for k in range(n_tok))
+    logprobs = {"content": [{"token": "t", "logprob": -0.1} for _ in range(n_tok)]}
+    if chat:
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": None}
+        obj = "text_completion"
+    if n_tok > 1:
+        choice["logprobs"] = logprobs
+    return {"id": "cmpl-scripted", "object": obj, "created": int(time.time()), "model": model,
+            "choices": [choice]}
+
+
+def sse(obj):
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+class Conn:
+    def __init__(self, server, sock, addr):
+        self.server = server
+        self.sock = sock
+        self.peer = "%s:%d" % (addr[0], addr[1])
+        self.last_send_start = 0
+
+    def send(self, data):
+        """Sends all of data; returns the time right after. The time right before is kept in
+        self.last_send_start: the kernel's send happened between the two."""
+        self.last_send_start = time.time_ns()
+        self.sock.sendall(data)
+        return time.time_ns()
+
+    def abort(self, reset):
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def serve(self):
+        buf = b""
+        seq = 0
+        try:
+            while True:
+                req = read_request(self.sock, buf)
+                if req is None:
+                    return
+                method, path, headers, body, first_ns, keep, buf = req
+                if not self.respond(seq, method, path, headers, body, first_ns, keep):
+                    return
+                seq += 1
+        except (Closed, ConnectionError, OSError, ValueError):
+            pass
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def respond(self, seq, method, path, headers, body, first_ns, keep):
+        """Sends one response; returns False when the connection must end."""
+        try:
+            name, sc = self.server.script.pick(headers.get("x-scenario"))
+        except KeyError as e:
+            name, sc = "unknown:%s" % e, dict(DEFAULTS, mode="error", status=400)
+        try:
+            req = json.loads(body) if body else {}
+        except ValueError:
+            req = {}
+        if not isinstance(req, dict):
+            req = {}
+        chat = path.endswith("/chat/completions")
+        model = str(req.get("model") or "scripted-model")
+        stream = bool(req.get("stream", False)) and sc["mode"] == "stream"
+        keep = keep and sc["keep_alive"]
+        log = {"peer": self.peer, "seq_on_conn": seq, "method": method, "path": path,
+               "scenario": name, "stream": stream, "request_unix_ns": first_ns,
+               "events_unix_ns": [], "events_send_start_unix_ns": [], "tokens_per_event": [], "output_tokens": 0,
+               "completed": False}
+        conn_hdr = b"keep-alive" if keep else b"close"
+        try:
+            if sc["mode"] == "error":
+                status = int(sc["status"])
+                payload = json.dumps({"error": {"message": "scripted error", "code": status}})
+                log["status"] = status
+                time.sleep(sc["ttft_ms"] / 1000.0)
+                log["response_start_unix_ns"] = self.send_body(status, payload.encode(),
+                                                               conn_hdr, sc["chunked"])
+                log["completed"] = True
+            elif not stream:
+                log["status"] = 200
+                time.sleep(self.gap(sc, -1))
+                n, per = int(sc["tokens"]), int(sc["tokens_per_event"])
+                text = "".join("tok%d " % i for i in range(n * per))
+                if chat:
+                    choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": "length"}
+                else:
+                    choice = {"index": 0, "text": text, "finish_reason": "length"}
+                doc = {"id": "cmpl-scripted",
+                       "object": "chat.completion" if chat else "text_completion",
+                       "model": model, "choices": [choice]}
+                if sc["usage"]:
+                    doc["usage"] = {"prompt_tokens": 5, "completion_tokens": n * per,
+                                    "total_tokens": 5 + n * per}
+                t = self.send_body(200, json.dumps(doc).encode(), conn_hdr, sc["chunked"])
+                log["response_start_unix_ns"] = t
+                log["output_tokens"] = n * per
+                log["completed"] = True
+            else:
+                log["status"] = 200
+                if not self.stream(sc, chat, model, conn_hdr, log):
+                    return False
+                log["completed"] = True
+        finally:
+            log["end_unix_ns"] = time.time_ns()
+            self.server.emit.write(log)
+        return keep
+
+    @staticmethod
+    def gap(sc, i):
+        """Delay before content event i (i == -1 or 0: time to first token)."""
+        if i <= 0:
+            return sc["ttft_ms"] / 1000.0
+        itl = sc["itl_ms"]
+        if isinstance(itl, list):
+            return (itl[i - 1] if i - 1 < len(itl) else itl[-1]) / 1000.0
+        return itl / 1000.0
+
+    def send_body(self, status, payload, conn_hdr, chunked):
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: %s\r\n" % (
+            status, STATUS_TEXT.get(status, "Status").encode(), conn_hdr)
+        if chunked:
+            return self.send(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(payload)
+                             + b"0\r\n\r\n")
+        return self.send(head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+
+    def stream(self, sc, chat, model, conn_hdr, log):
+        """Streams the scripted events; returns False when the connection was cut."""
+        log["response_start_unix_ns"] = self.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"Connection: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % conn_hdr)
+        base = {"id": "cmpl-scripted", "object": "chat.completion.chunk" if chat
+                else "text_completion", "model": model}
+        if chat and sc["role_chunk"]:
+            self.send(chunk(sse(dict(base, choices=[{"index": 0, "delta": {"role": "assistant"},
+                                                     "finish_reason": None}]))))
+        n, per = int(sc["tokens"]), int(sc["tokens_per_event"])
+        # Group events into sends: each group is written by one send (or fragmented).
+        groups = []
+        step = int(sc["coalesce"]) if sc["split"] == "coalesce" else 1
+        for start in range(0, n, step):
+            groups.append(list(range(start, min(n, start + step))))
+        for group in groups:
+            time.sleep(self.gap(sc, group[0]))
+            data = b"".join(chunk(sse(content_event(chat, model, i, per))) for i in group)
+            if sc["close_after"] is not None and group[0] >= int(sc["close_after"]):
+                self.abort(sc["reset"])
+                return False
+            if sc["truncate_after"] is not None and group[0] >= int(sc["truncate_after"]):
+                # Half an event (cut inside its JSON), then the connection ends.
+                self.send(data[: len(data) // 2])
+                self.abort(sc["reset"])
+                return False
+            if sc["split"] == "fragments":
+                # Four pieces cutting through the chunk header, the JSON and the event's "\n\n":
+                # the event is complete only with the last send, whose time is logged.
+                cuts = sorted({2, len(data) // 2, len(data) - 3})
+                prev = 0
+                for c in cuts:
+                    self.send(data[prev:c])
+                    prev = c
+                    time.sleep(sc["fragment_gap_ms"] / 1000.0)
+                t = self.send(data[prev:])
+            else:
+                t = self.send(data)
+            for _ in group:
+                log["events_unix_ns"].append(t)
+                log["events_send_start_unix_ns"].append(self.last_send_start)
+                log["tokens_per_event"].append(per)
+                log["output_tokens"] += per
+            if sc["exit_after"] is not None and len(log["events_unix_ns"]) >= int(sc["exit_after"]):
+                self.server.emit.write(dict(log, end_unix_ns=time.time_ns()))
+                os._exit(3)
+        if sc["close_after"] is not None and n >= int(sc["close_after"]):
+            self.abort(sc["reset"])
+            return False
+        tail = b""
+        fin = dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "length"}] if chat
+                   else [{"index": 0, "text": "", "finish_reason": "length"}])
+        tail += chunk(sse(fin))
+        if sc["usage"]:
+            tail += chunk(sse(dict(base, choices=[], usage={
+                "prompt_tokens": 5, "completion_tokens": n * per, "total_tokens": 5 + n * per})))
+        if sc["done"]:
+            tail += chunk(b"data: [DONE]\n\n")
+        tail += b"0\r\n\r\n"
+        self.send(tail)
+        return True
+
+
+class Server:
+    def __init__(self, script, emit):
+        self.script = script
+        self.emit = emit
+
+
+def main():
+    # Threads hand the GIL over quickly, so the clock reading right after a send is not held
+    # back by another connection's thread (default switch interval: 5 ms).
+    sys.setswitchinterval(0.0001)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--script", help="JSON script file (default: all defaults)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--port-file", help="write the listening port here once listening")
+    ap.add_argument("--emit-log", help="append one JSON line per exchange here")
+    args = ap.parse_args()
+    doc = {}
+    if args.script:
+        with open(args.script) as f:
+            doc = json.load(f)
+    server = Server(Script(doc), EmitLog(args.emit_log))
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((args.host, args.port))
+    lsock.listen(256)
+    port = lsock.getsockname()[1]
+    if args.port_file:
+        tmp = args.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("%d\n" % port)
+        os.rename(tmp, args.port_file)
+    print("PORT %d" % port, flush=True)
+    while True:
+        sock, addr = lsock.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=Conn(server, sock, addr).serve, daemon=True).start()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(0)
