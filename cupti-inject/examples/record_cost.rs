@@ -25,14 +25,21 @@ fn kernel_record(i: u64, name: *const std::ffi::c_char) -> Vec<u8> {
     k.blockX = 128;
     k.name = name;
     // SAFETY: reading the struct's bytes.
-    unsafe { std::slice::from_raw_parts((&k as *const sys::CUpti_ActivityKernel9).cast::<u8>(), std::mem::size_of_val(&k)) }
-        .to_vec()
+    unsafe {
+        std::slice::from_raw_parts(
+            (&k as *const sys::CUpti_ActivityKernel9).cast::<u8>(),
+            std::mem::size_of_val(&k),
+        )
+    }
+    .to_vec()
 }
 
 fn main() {
     let name = std::ffi::CString::new("void gemm_kernel<128, 128>(float const*, float*)").unwrap();
     const N: usize = 200_000;
-    let records: Vec<Vec<u8>> = (0..N as u64).map(|i| kernel_record(i, name.as_ptr())).collect();
+    let records: Vec<Vec<u8>> = (0..N as u64)
+        .map(|i| kernel_record(i, name.as_ptr()))
+        .collect();
     let mut out = Vec::with_capacity(N * 96);
     let mut batch = Vec::with_capacity(1024);
     let mut best = f64::MAX;

@@ -696,16 +696,17 @@ impl Correlator {
             .map(|set| {
                 segs.iter()
                     .map(|&(a, b, k)| set.overlap_len(a, b) as f64 / k as f64)
-                    .sum::<f64>()
+                    .fold(0.0, |acc, v| acc + v)
             })
-            .sum();
+            // Folds from +0.0: an empty f64 `sum()` is -0.0, which prints as "-0.0 ms".
+            .fold(0.0, |acc, v| acc + v);
         let lo = s.saturating_sub(w.max_copy_ns);
         let first = w.copies.partition_point(|c| c.0 < lo);
         let memcpy_bytes: f64 = w.copies[first..]
             .iter()
             .take_while(|c| c.0 < e)
             .map(|&(a, b, bytes)| shared_amount(&segs, a, b, bytes as f64))
-            .sum();
+            .fold(0.0, |acc, v| acc + v);
 
         let mut energy: Option<f64> = None;
         for samples in self.power.values() {
@@ -719,7 +720,7 @@ impl Correlator {
         let mean_concurrency = if e > s {
             segs.iter()
                 .map(|&(a, b, k)| (b - a) as f64 * k as f64)
-                .sum::<f64>()
+                .fold(0.0, |acc, v| acc + v)
                 / (e - s) as f64
         } else {
             1.0
