@@ -60,7 +60,10 @@ fn real_server_concurrent_streams() {
     }
     // The model may stop at once for a prompt (0 tokens is legitimate); most requests stream.
     let streamed = client.iter().filter(|c| c.output_tokens > 1).count();
-    assert!(streamed * 2 > client.len(), "only {streamed} requests streamed tokens");
+    assert!(
+        streamed * 2 > client.len(),
+        "only {streamed} requests streamed tokens"
+    );
     let f = fidelity(&recs, &client);
     eprintln!("fidelity: {}", serde_json::to_string_pretty(&f).unwrap());
     assert_eq!(f.token_mismatches, 0);
