@@ -52,6 +52,11 @@ impl Clock {
         }
     }
 
+    /// Unix time minus monotonic time, in ns.
+    pub fn unix_offset_ns(&self) -> i64 {
+        self.offset_ns as i64
+    }
+
     pub fn to_unix_ns(&self, monotonic_ns: u64) -> u64 {
         (monotonic_ns as i128 + self.offset_ns).max(0) as u64
     }

@@ -174,7 +174,8 @@ pub fn split(record: &[u8]) -> Result<(EventHeader, &[u8]), DecodeError> {
 
 fn decode_cuda(h: &EventHeader, payload: &[u8]) -> Result<CudaCall, DecodeError> {
     let cookie = cuda::Cookie(h.conn_id);
-    let func = cuda::func(cookie.func_id()).ok_or(DecodeError::UnknownCudaFunc(cookie.func_id()))?;
+    let func =
+        cuda::func(cookie.func_id()).ok_or(DecodeError::UnknownCudaFunc(cookie.func_id()))?;
     let word = |i: usize| {
         payload
             .get(i * 8..i * 8 + 8)
@@ -323,7 +324,10 @@ mod tests {
 
     #[test]
     fn decodes_cuda_calls() {
-        let f = cuda::FUNCS.iter().find(|f| f.symbol == "cuStreamSynchronize").unwrap();
+        let f = cuda::FUNCS
+            .iter()
+            .find(|f| f.symbol == "cuStreamSynchronize")
+            .unwrap();
         let h = EventHeader {
             ts_enter_ns: 100,
             ts_exit_ns: 5_100,
@@ -337,8 +341,13 @@ mod tests {
         };
         let mut payload = 0xabcu64.to_ne_bytes().to_vec();
         payload.extend_from_slice(&0x99u64.to_ne_bytes());
-        let Some(Event::Cuda(c)) = decode(&record(h, &payload)).unwrap() else { panic!() };
-        assert_eq!((c.pid, c.tid, c.func.symbol), (9, 10, "cuStreamSynchronize"));
+        let Some(Event::Cuda(c)) = decode(&record(h, &payload)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (c.pid, c.tid, c.func.symbol),
+            (9, 10, "cuStreamSynchronize")
+        );
         assert_eq!((c.start_ns, c.end_ns, c.bytes), (100, Some(5_100), None));
         assert_eq!((c.handle, c.stream), (0xabc, 0x99));
     }

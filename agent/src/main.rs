@@ -2,10 +2,15 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::{bail, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use infertap::{
-    pipeline::{AgentOptions, Pipeline},
+    gpu::{
+        cupti::DetailLevel,
+        explain::{render_explain, ExplainOptions, RankBy},
+        stage::GpuOptions,
+    },
+    pipeline::{AgentOptions, CudaOptions, Pipeline},
     probes::ProbeConfig,
 };
 use tracing_subscriber::EnvFilter;
@@ -28,9 +33,13 @@ struct Cli {
 enum Command {
     /// Run the agent (the default when no subcommand is given).
     Run(AgentArgs),
+    /// Record a Perfetto-loadable timeline (requests, tokens, CUDA calls, GPU kernels, power).
+    Trace(TraceArgs),
+    /// Watch for a while, then explain the slowest requests and tokens with their GPU causes.
+    Explain(ExplainArgs),
 }
 
-/// Which processes to watch.
+/// Which processes to watch and how.
 #[derive(Args, Debug, Clone)]
 struct TargetArgs {
     /// Process to trace (repeatable). Its children are followed.
@@ -42,15 +51,57 @@ struct TargetArgs {
     /// Payload bytes captured per syscall (max 4096). Larger values see more of big requests.
     #[arg(long, default_value_t = infertap_common::DEFAULT_CAPTURE, value_name = "BYTES")]
     capture_bytes: u32,
-    /// Size of the kernel→agent event ring buffer.
+    /// Size of the kernel→agent event ring buffer (a power of two).
     #[arg(long, default_value = "16777216", value_name = "BYTES")]
     ringbuf_bytes: u32,
     /// How often the agent drains the ring buffer (the kernel also wakes it when the ring fills).
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// Do not probe the CUDA launch path (libcuda/libcudart uprobes).
+    #[arg(long)]
+    no_cuda: bool,
+    /// Also probe this CUDA library (repeatable); libraries mapped by traced processes are found
+    /// automatically.
+    #[arg(long = "cuda-lib", value_name = "PATH")]
+    cuda_libs: Vec<PathBuf>,
+    /// Probe CUDA calls of every process using the libraries, not only the traced processes
+    /// (for engines that are not children of the traced server).
+    #[arg(long)]
+    cuda_all_processes: bool,
+    /// Record every CUDA call individually (costly; default: aggregate in the kernel).
+    #[arg(long)]
+    cuda_events: bool,
+    /// Do not sample NVML.
+    #[arg(long)]
+    no_nvml: bool,
+    /// NVML library to load (default: libnvidia-ml.so.1 from the loader path).
+    #[arg(long, value_name = "PATH")]
+    nvml_lib: Option<PathBuf>,
+    /// NVML power/energy sampling period (at most 100ms).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    power_period: Duration,
+    /// Unix socket for the CUPTI injection library (`off` disables).
+    #[arg(long, default_value = infertap::gpu::cupti::DEFAULT_SOCKET, value_name = "PATH|off")]
+    cupti_socket: String,
+    /// CUPTI detail: full (every kernel and copy), graphs (one record per CUDA graph launch), off.
+    #[arg(long, value_enum, default_value_t = Detail::Full)]
+    cupti_detail: Detail,
     /// Stop after this long (default: run until SIGINT/SIGTERM).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+    /// Create this file once the probes are attached (for scripts and tests).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, default_value = "info", env = "INFERTAP_LOG")]
+    log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Detail {
+    Full,
+    Graphs,
+    Off,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -75,83 +126,216 @@ struct AgentArgs {
     /// Node name reported to the collector (default: the host name).
     #[arg(long)]
     node: Option<String>,
-    /// Create this file once the probes are attached (for scripts and tests).
-    #[arg(long, value_name = "PATH")]
-    ready_file: Option<PathBuf>,
-    /// Log filter (RUST_LOG syntax).
-    #[arg(long, default_value = "info", env = "INFERTAP_LOG")]
-    log: String,
 }
 
-fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>> {
-    if s == "off" {
-        return Ok(None);
-    }
-    Ok(Some(
-        s.parse()
-            .map_err(|e| anyhow::anyhow!("--metrics-addr {s}: {e}"))?,
-    ))
+#[derive(Args, Debug, Clone)]
+struct TraceArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Where to write the Chrome/Perfetto trace JSON.
+    #[arg(long, default_value = "trace.json")]
+    out: PathBuf,
 }
 
-fn agent_options(a: &AgentArgs) -> Result<AgentOptions> {
-    if a.target.pids.is_empty() && a.target.ports.is_empty() {
+#[derive(Args, Debug, Clone)]
+struct ExplainArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Requests to explain.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Slow tokens to explain per request.
+    #[arg(long, default_value_t = 3)]
+    top_tokens: usize,
+    /// Rank requests by end-to-end latency, time to first token, or their longest token gap.
+    #[arg(long, value_enum, default_value_t = Rank::E2e)]
+    rank_by: Rank,
+    /// Also write the requests' JSON lines (with GPU attribution) here.
+    #[arg(long, value_name = "PATH|-")]
+    requests: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Rank {
+    E2e,
+    Ttft,
+    MaxGap,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn options(t: &TargetArgs) -> Result<AgentOptions> {
+    if t.pids.is_empty() && t.ports.is_empty() {
         bail!("nothing to trace: give --pid <PID> or --port <PORT>");
     }
+    let cupti_socket = (t.cupti_socket != "off").then(|| PathBuf::from(&t.cupti_socket));
     Ok(AgentOptions {
-        pids: a.target.pids.clone(),
-        ports: a.target.ports.clone(),
-        requests: a.requests.clone(),
-        print: a.print,
+        pids: t.pids.clone(),
+        ports: t.ports.clone(),
+        requests: None,
+        print: false,
         probe: ProbeConfig {
-            capture_bytes: a.target.capture_bytes,
-            ringbuf_bytes: a.target.ringbuf_bytes,
+            capture_bytes: t.capture_bytes,
+            ringbuf_bytes: t.ringbuf_bytes,
             ..ProbeConfig::default()
         },
-        poll_interval: a.target.poll_interval,
-        duration: a.target.duration,
-        ready_file: a.ready_file.clone(),
+        poll_interval: t.poll_interval,
+        duration: t.duration,
+        ready_file: t.ready_file.clone(),
         rescan_interval: Duration::from_secs(1),
+        cuda: CudaOptions {
+            enabled: !t.no_cuda,
+            libs: t.cuda_libs.clone(),
+            all_processes: t.cuda_all_processes,
+            per_event: t.cuda_events,
+        },
+        gpu: GpuOptions {
+            nvml: !t.no_nvml,
+            nvml_lib: t.nvml_lib.clone(),
+            power_period: t.power_period,
+            cupti_socket,
+            cupti_detail: match t.cupti_detail {
+                Detail::Full => DetailLevel::Full,
+                Detail::Graphs => DetailLevel::Graphs,
+                Detail::Off => DetailLevel::Off,
+            },
+            ..GpuOptions::default()
+        },
+        metrics_addr: None,
+        collector: None,
+        interval: Duration::from_secs(10),
+        node: host_name(),
+        keep_requests: false,
+        trace: false,
     })
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
-async fn run_agent(a: AgentArgs) -> Result<()> {
-    let opts = agent_options(&a)?;
-    let _metrics_addr = parse_metrics_addr(&a.metrics_addr)?;
-    let pipeline = Pipeline::new(opts)?;
-    let pipeline = pipeline.run(shutdown_signal()).await?;
-    let s = pipeline.reconstructor().stats();
+fn summary(p: &Pipeline) {
+    let s = p.reconstructor().stats();
     tracing::info!(
         "stopped: {} requests, {} connections, {} malformed, {} kernel events lost",
         s.records,
         s.connections_opened + s.connections_adopted,
         s.malformed,
-        pipeline.probes().counters().lost()
+        p.probes().counters().lost()
     );
+}
+
+async fn run_agent(a: AgentArgs) -> Result<()> {
+    let mut opts = options(&a.target)?;
+    opts.requests = a.requests.clone();
+    opts.print = a.print;
+    opts.metrics_addr = match a.metrics_addr.as_str() {
+        "off" => None,
+        s => Some(
+            s.parse::<SocketAddr>()
+                .with_context(|| format!("--metrics-addr {s}"))?,
+        ),
+    };
+    opts.collector = a.collector.clone();
+    opts.interval = a.interval;
+    if let Some(n) = &a.node {
+        opts.node = n.clone();
+    }
+    let p = Pipeline::new(opts).await?.run(shutdown_signal()).await?;
+    summary(&p);
+    Ok(())
+}
+
+async fn run_trace(a: TraceArgs) -> Result<()> {
+    let mut opts = options(&a.target)?;
+    if opts.duration.is_none() {
+        opts.duration = Some(Duration::from_secs(10));
+    }
+    opts.trace = true;
+    // A trace window records every CUDA call, not just the aggregates.
+    opts.cuda.per_event = true;
+    let mut p = Pipeline::new(opts).await?.run(shutdown_signal()).await?;
+    let trace = p.take_trace().context("trace writer missing")?;
+    trace
+        .write_file(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} trace events to {} (open it in https://ui.perfetto.dev){}",
+        trace.len(),
+        a.out.display(),
+        if trace.dropped() > 0 {
+            format!("; {} events over the cap were dropped", trace.dropped())
+        } else {
+            String::new()
+        }
+    );
+    summary(&p);
+    Ok(())
+}
+
+async fn run_explain(a: ExplainArgs) -> Result<()> {
+    let mut opts = options(&a.target)?;
+    if opts.duration.is_none() {
+        opts.duration = Some(Duration::from_secs(30));
+    }
+    opts.keep_requests = true;
+    opts.requests = a.requests.clone();
+    opts.cuda.per_event = true;
+    let mut p = Pipeline::new(opts).await?.run(shutdown_signal()).await?;
+    let reqs = p.take_kept();
+    let eo = ExplainOptions {
+        rank_by: match a.rank_by {
+            Rank::E2e => RankBy::E2e,
+            Rank::Ttft => RankBy::Ttft,
+            Rank::MaxGap => RankBy::MaxGap,
+        },
+        top_requests: a.top,
+        top_tokens: a.top_tokens,
+        ..ExplainOptions::default()
+    };
+    print!("{}", render_explain(&reqs, &eo));
+    summary(&p);
     Ok(())
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let agent = match cli.command {
-        Some(Command::Run(a)) => a,
-        None => cli.agent,
+    let command = cli.command.unwrap_or(Command::Run(cli.agent));
+    let log = match &command {
+        Command::Run(a) => &a.target.log,
+        Command::Trace(a) => &a.target.log,
+        Command::Explain(a) => &a.target.log,
     };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&agent.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_new(log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run_agent(agent))
+    rt.block_on(async {
+        match command {
+            Command::Run(a) => run_agent(a).await,
+            Command::Trace(a) => run_trace(a).await,
+            Command::Explain(a) => run_explain(a).await,
+        }
+    })
 }

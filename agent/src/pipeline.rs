@@ -7,6 +7,7 @@
 
 use std::{
     collections::HashSet,
+    net::SocketAddr,
     path::PathBuf,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -17,12 +18,22 @@ use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use crate::{
+    aggregate::{Aggregator, DEFAULT_MAX_MODELS},
     clock::{self, Clock},
     events::{self, ConnEvent, Event, ProcEvent},
+    gpu::{
+        correlate::{CorrelatedRequest, RequestGpuStats},
+        stage::{self, GpuOptions, GpuStage},
+        trace::TraceWriter,
+    },
     probes::{ProbeConfig, Probes},
     reconstruct::{ReconstructConfig, Reconstructor},
     record::RequestRecord,
     sinks::jsonl::{self, JsonLines, RequestLine},
+    sinks::{
+        grpc::{ExporterConfig, GrpcExporter},
+        prometheus::{self, MetricsServer},
+    },
     targets,
 };
 
@@ -37,8 +48,35 @@ pub struct AgentOptions {
     pub poll_interval: Duration,
     pub duration: Option<Duration>,
     pub ready_file: Option<PathBuf>,
-    /// How often `--port` owners are re-resolved.
+    /// How often `--port` owners and CUDA libraries are re-resolved.
     pub rescan_interval: Duration,
+    pub cuda: CudaOptions,
+    pub gpu: GpuOptions,
+    /// Prometheus endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Collector to stream interval aggregates to.
+    pub collector: Option<String>,
+    /// Aggregation interval for the collector.
+    pub interval: Duration,
+    /// Node name reported to the collector.
+    pub node: String,
+    /// Keep every completed request with its GPU attribution (`infertap explain`).
+    pub keep_requests: bool,
+    /// Record a Perfetto trace of the run (`infertap trace`).
+    pub trace: bool,
+}
+
+/// CUDA launch-path probing.
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    pub enabled: bool,
+    /// Libraries to probe in addition to those found in the traced processes' maps.
+    pub libs: Vec<PathBuf>,
+    /// Probe every process that maps the libraries (e.g. engine processes not forked from the
+    /// traced server), not only the traced set.
+    pub all_processes: bool,
+    /// Emit one record per call (trace windows) instead of aggregating in the kernel only.
+    pub per_event: bool,
 }
 
 /// Counters of the user-space side (the kernel keeps its own, see `probes::KernelCounters`).
@@ -53,6 +91,9 @@ pub struct PipelineStats {
 /// (monotonic timestamps).
 const ADOPTED_CONN_ID_BASE: u64 = 1 << 63;
 
+type RecordObserver = Box<dyn FnMut(&RequestRecord) + Send>;
+type CudaObserver = Box<dyn FnMut(&events::CudaCall) + Send>;
+
 pub struct Pipeline {
     opts: AgentOptions,
     probes: Probes,
@@ -63,17 +104,63 @@ pub struct Pipeline {
     next_adopted_id: u64,
     pub stats: PipelineStats,
     records: Vec<RequestRecord>,
-    /// Called for every completed request (aggregates, GPU correlation, ...).
-    observers: Vec<Box<dyn FnMut(&RequestRecord) + Send>>,
+    /// Called for every completed request (embedders, tests).
+    observers: Vec<RecordObserver>,
     /// Called for every CUDA call record (per-event mode only: trace windows).
-    cuda_observers: Vec<Box<dyn FnMut(&events::CudaCall) + Send>>,
+    cuda_observers: Vec<CudaObserver>,
+    aggregator: Aggregator,
+    exporter: Option<GrpcExporter>,
+    metrics_server: Option<MetricsServer>,
+    gpu: GpuStage,
+    /// Completed requests with their GPU attribution (`keep_requests`).
+    pub kept: Vec<CorrelatedRequest>,
 }
 
 impl Pipeline {
-    pub fn new(opts: AgentOptions) -> Result<Self> {
-        let probes = Probes::load(&opts.probe)?;
+    /// Loads the probes and starts the sinks and GPU sources. Runs inside a tokio runtime.
+    pub async fn new(opts: AgentOptions) -> Result<Self> {
+        let mut probes = Probes::load(&opts.probe)?;
+        if opts.cuda.enabled {
+            probes.cuda.set_all_processes(opts.cuda.all_processes)?;
+            probes.cuda.set_per_event(opts.cuda.per_event)?;
+            for lib in &opts.cuda.libs {
+                probes
+                    .attach_cuda_library(lib)
+                    .with_context(|| format!("--cuda-lib {}", lib.display()))?;
+            }
+        }
         let jsonl = opts.requests.as_deref().map(JsonLines::open).transpose()?;
+        let aggregator = Aggregator::new(DEFAULT_MAX_MODELS, clock::unix_ns());
+        let mut gpu = GpuStage::start(&opts.gpu);
+        if opts.trace {
+            gpu.trace = Some(TraceWriter::new(Clock::measure().unix_offset_ns()));
+        }
+        let metrics_server = match opts.metrics_addr {
+            Some(addr) => {
+                let extra: Option<prometheus::ExtraMetrics> = gpu.nvml().map(|h| {
+                    let f: prometheus::ExtraMetrics =
+                        std::sync::Arc::new(move || Some(stage::nvml_metrics_text(&h)));
+                    f
+                });
+                Some(prometheus::serve_with(addr, aggregator.shared(), extra).await?)
+            }
+            None => None,
+        };
+        let exporter = match &opts.collector {
+            Some(url) => {
+                let agent_id = format!("{}-{}", opts.node, std::process::id());
+                let mut cfg = ExporterConfig::new(url.clone(), opts.node.clone(), agent_id);
+                cfg.pids = opts.pids.clone();
+                Some(GrpcExporter::spawn(cfg).with_context(|| format!("--collector {url}"))?)
+            }
+            None => None,
+        };
         Ok(Self {
+            aggregator,
+            exporter,
+            metrics_server,
+            gpu,
+            kept: Vec::new(),
             probes,
             recon: Reconstructor::new(ReconstructConfig::default()),
             clock: Clock::measure(),
@@ -141,6 +228,16 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Probes CUDA libraries the traced processes mapped since the last look (late dlopen,
+    /// new engine processes).
+    fn rescan_cuda(&mut self) {
+        if self.opts.cuda.enabled {
+            self.probes.attach_cuda();
+            self.gpu
+                .set_cuda_probed(!self.probes.cuda.attached_libraries.is_empty());
+        }
+    }
+
     /// Resolves `--port` owners and adds new ones.
     fn rescan_ports(&mut self) {
         for port in self.opts.ports.clone() {
@@ -187,6 +284,7 @@ impl Pipeline {
                 self.known_pids.remove(&pid);
             }
             Ok(Some(Event::Cuda(call))) => {
+                self.gpu.add_cuda_call(&call);
                 for obs in &mut self.cuda_observers {
                     obs(&call);
                 }
@@ -199,28 +297,120 @@ impl Pipeline {
         }
     }
 
+    /// Completed requests go to the GPU stage (which holds them until their GPU data arrived)
+    /// or, with no GPU source active, straight to the sinks.
     fn flush_records(&mut self) {
         for r in std::mem::take(&mut self.records) {
-            self.stats
-                .requests_completed
-                .fetch_add(1, Ordering::Relaxed);
-            if let Some(out) = self.jsonl.as_mut() {
-                out.write(&RequestLine::new(&r, &self.clock));
-            }
-            if self.opts.print {
-                eprintln!("{}", jsonl::human_line(&r));
-            }
-            for obs in &mut self.observers {
-                obs(&r);
+            if let Some(r) = self.gpu.finish_request(r) {
+                self.emit(r, None);
             }
         }
     }
 
-    /// Periodic housekeeping: idle connections, clock drift, port owners.
+    /// Writes one completed request to every sink.
+    fn emit(&mut self, r: RequestRecord, gpu: Option<RequestGpuStats>) {
+        self.stats
+            .requests_completed
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(out) = self.jsonl.as_mut() {
+            let mut line = RequestLine::new(&r, &self.clock);
+            line.gpu = gpu.as_ref().and_then(|g| serde_json::to_value(g).ok());
+            out.write(&line);
+        }
+        if self.opts.print {
+            eprintln!("{}", jsonl::human_line(&r));
+        }
+        self.aggregator.observe(&r);
+        if let Some(g) = &gpu {
+            self.aggregator.observe_gpu(&r, g);
+        }
+        if let Some(t) = self.gpu.trace.as_mut() {
+            t.add_request(&r, gpu.as_ref());
+        }
+        for obs in &mut self.observers {
+            obs(&r);
+        }
+        if self.opts.keep_requests {
+            let gpu = gpu.unwrap_or_default();
+            self.kept.push(CorrelatedRequest { record: r, gpu });
+        }
+    }
+
+    /// Periodic housekeeping: idle connections, GPU correlation, gauges.
     fn tick(&mut self) {
-        self.recon
-            .expire_idle(clock::monotonic_ns(), &mut self.records);
+        let now = clock::monotonic_ns();
+        self.recon.expire_idle(now, &mut self.records);
         self.flush_records();
+        self.gpu.drain_sources();
+        self.gpu.note_in_flight(self.recon.in_flight_requests());
+        for c in self.gpu.poll(now) {
+            self.emit(c.record, Some(c.gpu));
+        }
+        let f = self.recon.in_flight();
+        self.aggregator.set_in_flight(f.running, f.waiting);
+        self.update_drops();
+    }
+
+    /// Publishes every component's cumulative drop counts as
+    /// `infertap_events_dropped_total{reason}`.
+    fn update_drops(&mut self) {
+        use infertap_common::counter as k;
+        let kc = self.probes.counters();
+        let rs = self.recon.stats().clone();
+        let mut drops: Vec<(&str, u64)> = vec![
+            ("ringbuf_full", kc.get(k::RINGBUF_FULL)),
+            ("conn_map_full", kc.get(k::CONN_MAP_FULL)),
+            ("payload_fault", kc.get(k::PAYLOAD_FAULT)),
+            ("cuda_map_full", kc.get(k::CUDA_MAP_FULL)),
+            ("malformed_http", rs.malformed),
+            ("pending_overflow", rs.pending_overflow),
+            ("connections_evicted", rs.connections_evicted),
+            ("token_events_over_limit", rs.token_events_dropped),
+            (
+                "undecodable_record",
+                self.stats.decode_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "jsonl_write_error",
+                self.jsonl.as_ref().map_or(0, |j| j.write_errors),
+            ),
+        ];
+        drops.extend(self.gpu.drops());
+        if let Some(e) = &self.exporter {
+            drops.push((
+                infertap_proto::schema::DROP_REASON_EXPORT_BUFFER_FULL,
+                e.dropped_reports(),
+            ));
+        }
+        for (reason, n) in drops {
+            self.aggregator.set_drops(reason, n);
+        }
+    }
+
+    /// End of an aggregation interval: CUDA aggregates, then the report to the collector.
+    fn interval(&mut self) {
+        let stats = self.probes.cuda.call_stats();
+        self.aggregator.set_cuda_stats(&stats);
+        let report = self.aggregator.take_interval(clock::unix_ns());
+        if let Some(e) = &self.exporter {
+            e.set_pids(self.known_pids.iter().copied().collect());
+            e.submit(report);
+        }
+    }
+
+    /// Address the Prometheus endpoint listens on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|m| m.local_addr())
+    }
+
+    /// Completed requests of this run with their GPU attribution (`keep_requests`).
+    pub fn take_kept(&mut self) -> Vec<CorrelatedRequest> {
+        std::mem::take(&mut self.kept)
+    }
+
+    /// The Perfetto trace of this run (`trace`).
+    pub fn take_trace(&mut self) -> Option<TraceWriter> {
+        self.gpu.trace.take()
     }
 
     /// Runs until `shutdown` resolves or `--duration` elapses.
@@ -229,6 +419,7 @@ impl Pipeline {
             self.trace_pid(pid)?;
         }
         self.rescan_ports();
+        self.rescan_cuda();
         if self.known_pids.is_empty() && !self.opts.ports.is_empty() {
             info!(
                 "no process listens on port(s) {:?} yet; waiting for one",
@@ -255,6 +446,7 @@ impl Pipeline {
         let mut last_housekeeping = Instant::now();
         let mut last_clock = Instant::now();
         let mut last_rescan = Instant::now();
+        let mut last_interval = Instant::now();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -278,14 +470,33 @@ impl Pipeline {
                 last_clock = now;
                 self.clock = Clock::measure();
             }
-            if !self.opts.ports.is_empty() && now - last_rescan >= self.opts.rescan_interval {
+            if now - last_rescan >= self.opts.rescan_interval {
                 last_rescan = now;
                 self.rescan_ports();
+                self.rescan_cuda();
+            }
+            if now - last_interval >= self.opts.interval {
+                last_interval = now;
+                self.interval();
             }
         }
-        // Take what the kernel wrote up to the stop.
+        // Take what the kernel wrote up to the stop, finish what waits for GPU data, and hand
+        // the last interval to the collector.
         self.drain(ring.get_mut());
         self.tick();
+        for c in self.gpu.flush() {
+            self.emit(c.record, Some(c.gpu));
+        }
+        self.interval();
+        if let Some(e) = self.exporter.take() {
+            let lost = e.shutdown(Duration::from_secs(3)).await;
+            if lost > 0 {
+                warn!("{lost} interval report(s) could not be delivered to the collector");
+            }
+        }
+        if let Some(m) = self.metrics_server.take() {
+            let _ = m.shutdown().await;
+        }
         Ok(self)
     }
 

@@ -16,14 +16,13 @@
 //! connection. Request heads that never parse are counted in [`ReconstructStats::malformed`] and
 //! yield no record (there is no method or path to report).
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::events::{ConnEvent, ConnKey, Direction};
 use crate::protocol::http::{self, ContentType, Flow, HttpEvent, MalformedKind, Role};
 use crate::protocol::openai::{self, EventInfo};
-use crate::protocol::sse::SseSplitter;
+use crate::protocol::sse::{SseEvent, SseSplitter};
 use crate::record::{RequestError, RequestRecord, TokenCountSource};
 
 /// Bounds and timeouts.
@@ -189,6 +188,8 @@ struct Exchange {
     resp_model: Option<String>,
     finish_reason: Option<String>,
     terminal: bool,
+    /// Time of the latest write of this exchange's response.
+    last_out_ns: u64,
     stream_error: Option<Option<u16>>,
     malformed: bool,
 }
@@ -282,9 +283,7 @@ impl Reconstructor {
         let Conn { req, resp, side } = c;
         side.last_ts = ts;
         match dir {
-            Direction::In => req.feed(payload, gap, &mut |ev| {
-                side.on_request(ev, ts, cfg, stats, out)
-            }),
+            Direction::In => req.feed(payload, gap, &mut |ev| side.on_request(ev, ts, cfg, stats)),
             Direction::Out => resp.feed(payload, gap, &mut |ev| {
                 side.on_response(ev, ts, cfg, stats, out)
             }),
@@ -437,13 +436,16 @@ impl Conn {
             if side.req_target == Some(ex.seq) && self.req.in_message() {
                 ex.request_bytes = self.req.message_bytes();
             }
-            let resp_bytes = if first && resp_in_progress {
-                self.resp.message_bytes()
+            let (resp_bytes, partial_event) = if first && resp_in_progress {
+                (
+                    self.resp.message_bytes(),
+                    side.resp_sse && side.sse.finish(),
+                )
             } else {
-                0
+                (0, false)
             };
             first = false;
-            side.emit(ex, ts, resp_bytes, Some(error), false, stats, out);
+            side.emit(ex, ts, resp_bytes, Some(error), partial_event, stats, out);
         }
         side.req_target = None;
         side.req_body.clear();
@@ -451,6 +453,7 @@ impl Conn {
         if side.resp_target == RespTarget::Front {
             side.resp_target = RespTarget::Orphan;
         }
+        stats.truncated_events += std::mem::take(&mut side.sse.truncated_events);
         side.sse.reset();
         side.resp_body.clear();
     }
@@ -467,7 +470,6 @@ impl Side {
         ts: u64,
         cfg: &ReconstructConfig,
         stats: &mut ReconstructStats,
-        _out: &mut Vec<RequestRecord>,
     ) -> Flow {
         match ev {
             HttpEvent::MessageStart => {
@@ -566,6 +568,7 @@ impl Side {
                 };
                 ex.status = Some(head.status);
                 ex.response_start_ns = Some(start);
+                ex.last_out_ns = ts;
                 ex.sse = head.content_type == ContentType::EventStream;
                 self.resp_target = RespTarget::Front;
                 self.resp_sse = ex.sse;
@@ -583,11 +586,11 @@ impl Side {
                 let Some(ex) = self.pending.front_mut() else {
                     return Flow::Continue;
                 };
+                ex.last_out_ns = ts;
                 if self.resp_sse {
                     let max_ev = cfg.max_token_events;
-                    self.sse.feed(b, &mut |e| {
-                        apply_event(ex, openai::classify(e.data), ts, max_ev, stats)
-                    });
+                    self.sse
+                        .feed(b, &mut |e| apply_sse(ex, e, ts, max_ev, stats));
                 } else {
                     let room = cfg.max_body_scan_bytes.saturating_sub(self.resp_body.len());
                     if b.len() > room {
@@ -603,11 +606,11 @@ impl Side {
                 let Some(ex) = self.pending.front_mut() else {
                     return Flow::Continue;
                 };
+                ex.last_out_ns = ts;
                 if self.resp_sse {
                     let max_ev = cfg.max_token_events;
-                    self.sse.gap(n, &mut |e| {
-                        apply_event(ex, openai::classify(e.data), ts, max_ev, stats)
-                    });
+                    self.sse
+                        .gap(n, &mut |e| apply_sse(ex, e, ts, max_ev, stats));
                 } else {
                     self.resp_body_cut = true;
                 }
@@ -620,7 +623,7 @@ impl Side {
                         } else {
                             if !self.resp_body.is_empty() {
                                 let info = openai::classify(&self.resp_body);
-                                apply_body(&mut ex, info, stats);
+                                apply_body(&mut ex, info);
                                 self.resp_body.clear();
                             }
                             false
@@ -681,6 +684,14 @@ impl Side {
             Some(400..=499) => RequestError::Http4xx,
             _ => RequestError::Http5xx,
         });
+        // A client that leaves once the stream said it was finished got the whole answer (some
+        // close before reading the chunked terminator); its end is the last write it read.
+        let (cut, end_ns) = match cut {
+            Some(RequestError::ClientDisconnect) if ex.sse && ex.terminal && !incomplete_event => {
+                (None, ex.last_out_ns)
+            }
+            c => (c, end_ns),
+        };
         let stream_cut = ex.sse && (incomplete_event || !ex.terminal);
         let error = http_error
             .or(cut)
@@ -744,10 +755,27 @@ impl Exchange {
             resp_model: None,
             finish_reason: None,
             terminal: false,
+            last_out_ns: start_ns,
             stream_error: None,
             malformed: false,
         }
     }
+}
+
+fn apply_sse(
+    ex: &mut Exchange,
+    e: SseEvent<'_>,
+    ts: u64,
+    max_events: usize,
+    stats: &mut ReconstructStats,
+) {
+    let mut info = openai::classify(e.data);
+    if e.error_field {
+        // `error:` events carry an error object whatever their JSON says.
+        info.content = false;
+        info.error = Some(info.error.flatten());
+    }
+    apply_event(ex, info, ts, max_events, stats);
 }
 
 /// Folds one SSE event into its exchange.
@@ -772,11 +800,11 @@ fn apply_event(
             stats.token_events_dropped += 1;
         }
     }
-    apply_body(ex, info, stats);
+    apply_body(ex, info);
 }
 
 /// The fields a stream event and a whole JSON body share.
-fn apply_body(ex: &mut Exchange, info: EventInfo<'_>, _stats: &mut ReconstructStats) {
+fn apply_body(ex: &mut Exchange, info: EventInfo<'_>) {
     if info.terminal {
         ex.terminal = true;
     }
@@ -819,7 +847,7 @@ fn bounded(s: &str, max: usize) -> String {
 
 /// Finish reasons are a closed vocabulary; anything else is reported as `other` so no free text
 /// can leak through this field.
-fn vocabulary(s: &Cow<'_, str>) -> String {
+fn vocabulary(s: &str) -> String {
     let ok = !s.is_empty()
         && s.len() <= 32
         && s.bytes()

@@ -110,7 +110,7 @@ pub fn existing_server_connections(pid: u32) -> Vec<ExistingConn> {
         .filter_map(|(fd, inode)| {
             let e = table.get(inode)?;
             (e.state == TcpState::Established && listen_ports.contains(&e.local_address.port()))
-                .then(|| ExistingConn {
+                .then_some(ExistingConn {
                     fd: *fd,
                     peer: e.remote_address,
                 })

@@ -116,35 +116,24 @@ pub struct ConnKey {
     pub fd: i32,
 }
 
-/// Indices of the per-CPU drop/diagnostic counters (`COUNTERS` array).
+/// Indices of the per-CPU drop counters (`COUNTERS` array). Events that were delivered are
+/// counted by user space; the kernel only counts what it had to drop.
 pub mod counter {
     /// Ring buffer full: an event was lost.
     pub const RINGBUF_FULL: u32 = 0;
-    /// The in-flight syscall map was full: an event was lost.
-    pub const INFLIGHT_FULL: u32 = 1;
     /// The connection map was full: a new connection is not traced.
-    pub const CONN_MAP_FULL: u32 = 2;
+    pub const CONN_MAP_FULL: u32 = 1;
     /// Copying the payload from user memory failed (payload omitted, lengths kept).
-    pub const PAYLOAD_FAULT: u32 = 3;
-    /// Payload longer than the capture limit (truncated, lengths kept). Not a loss.
-    pub const PAYLOAD_TRUNCATED: u32 = 4;
-    /// Events emitted.
-    pub const EVENTS: u32 = 5;
-    /// Syscalls on traced connections seen at entry.
-    pub const TRACED_SYSCALLS: u32 = 6;
+    pub const PAYLOAD_FAULT: u32 = 2;
     /// The CUDA statistics map was full: a (process, thread, function) is not aggregated.
-    pub const CUDA_MAP_FULL: u32 = 7;
-    pub const COUNT: u32 = 8;
+    pub const CUDA_MAP_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 
     pub fn name(i: u32) -> &'static str {
         match i {
             RINGBUF_FULL => "ringbuf_full",
-            INFLIGHT_FULL => "inflight_full",
             CONN_MAP_FULL => "conn_map_full",
             PAYLOAD_FAULT => "payload_fault",
-            PAYLOAD_TRUNCATED => "payload_truncated",
-            EVENTS => "events",
-            TRACED_SYSCALLS => "traced_syscalls",
             CUDA_MAP_FULL => "cuda_map_full",
             _ => "unused",
         }

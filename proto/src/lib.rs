@@ -1,1 +1,12 @@
+//! infertap's agent→collector protocol (`pb`, generated from `proto/infertap.proto`) and the
+//! metric schema both sides share (`schema`), plus the mergeable metric store (`store`) that the
+//! agent's and the collector's Prometheus endpoints both encode from, so metric names, label names
+//! and bucket bounds cannot drift apart.
 
+pub mod schema;
+pub mod store;
+
+/// Generated protobuf messages and the `Collector` gRPC service (client and server).
+pub mod pb {
+    tonic::include_proto!("infertap.v1");
+}

@@ -10,9 +10,11 @@
 //! - [`compare`]: join agent and client records by (peer, seq_on_conn), error statistics
 //! - [`prereq`]: skip locally / fail in CI when root, binaries or the venv are missing
 //! - [`paths`]: where binaries, the venv and the model live
+//! - [`collector_support`]: in-process agents' exporters against a collector (gRPC tests)
 
 pub mod agent;
 pub mod client;
+pub mod collector_support;
 pub mod compare;
 pub mod load;
 pub mod paths;

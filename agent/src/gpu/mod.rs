@@ -1,2 +1,17 @@
 //! GPU side: CUDA launch-path uprobe aggregates, CUPTI activity records, NVML samples, and the
 //! correlation of requests and token gaps with GPU activity.
+//!
+//! - `timeline`: the GPU-side event types, all on the probes' clock (CLOCK_MONOTONIC).
+//! - `cupti`: receiver for the CUPTI injection library (exact kernel/memcpy timings).
+//! - `nvml`: power, energy, utilisation, memory, clocks, throttling (DCGM-mapped metrics).
+//! - `correlate`: requests and token gaps joined with GPU activity through time.
+//! - `explain` / `trace`: the text report and the Perfetto timeline.
+
+pub mod correlate;
+pub mod cupti;
+pub mod explain;
+mod intervals;
+pub mod nvml;
+pub mod stage;
+pub mod timeline;
+pub mod trace;

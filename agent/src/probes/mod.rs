@@ -20,31 +20,19 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Tracepoints: (program, category, tracepoint).
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("enter_read", "syscalls", "sys_enter_read"),
-    ("enter_readv", "syscalls", "sys_enter_readv"),
-    ("enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
-    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
-    ("enter_recvmmsg", "syscalls", "sys_enter_recvmmsg"),
-    ("enter_write", "syscalls", "sys_enter_write"),
-    ("enter_writev", "syscalls", "sys_enter_writev"),
-    ("enter_sendto", "syscalls", "sys_enter_sendto"),
-    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
-    ("enter_sendmmsg", "syscalls", "sys_enter_sendmmsg"),
-    ("enter_accept4", "syscalls", "sys_enter_accept4"),
-    ("enter_accept_plain", "syscalls", "sys_enter_accept"),
-    ("enter_close", "syscalls", "sys_enter_close"),
-    ("exit_io", "syscalls", "sys_exit_read"),
-    ("exit_io", "syscalls", "sys_exit_readv"),
-    ("exit_io", "syscalls", "sys_exit_recvfrom"),
-    ("exit_io", "syscalls", "sys_exit_recvmsg"),
-    ("exit_io", "syscalls", "sys_exit_recvmmsg"),
-    ("exit_io", "syscalls", "sys_exit_write"),
-    ("exit_io", "syscalls", "sys_exit_writev"),
-    ("exit_io", "syscalls", "sys_exit_sendto"),
-    ("exit_io", "syscalls", "sys_exit_sendmsg"),
-    ("exit_io", "syscalls", "sys_exit_sendmmsg"),
+    ("exit_read", "syscalls", "sys_exit_read"),
+    ("exit_readv", "syscalls", "sys_exit_readv"),
+    ("exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("exit_recvmmsg", "syscalls", "sys_exit_recvmmsg"),
+    ("exit_write", "syscalls", "sys_exit_write"),
+    ("exit_writev", "syscalls", "sys_exit_writev"),
+    ("exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("exit_sendmmsg", "syscalls", "sys_exit_sendmmsg"),
     ("exit_accept", "syscalls", "sys_exit_accept4"),
     ("exit_accept", "syscalls", "sys_exit_accept"),
+    ("enter_close", "syscalls", "sys_enter_close"),
     ("on_fork", "sched", "sched_process_fork"),
     ("on_exit", "sched", "sched_process_exit"),
 ];
@@ -91,9 +79,9 @@ impl KernelCounters {
         self.0[index as usize]
     }
 
-    /// Events lost in the kernel (ring buffer or in-flight map full).
+    /// Events lost in the kernel (ring buffer full).
     pub fn lost(&self) -> u64 {
-        self.get(counter::RINGBUF_FULL) + self.get(counter::INFLIGHT_FULL)
+        self.get(counter::RINGBUF_FULL)
     }
 }
 

@@ -12,6 +12,7 @@ use std::fmt;
 use memchr::memmem;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// What one SSE event (or one non-streaming body) says.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -277,56 +278,21 @@ struct TgiDetails<'a> {
     generated_tokens: Option<u64>,
 }
 
-/// Whether a JSON value is "non-empty" (string, array or object with something in it),
-/// without copying it.
+/// Whether a JSON value is "non-empty" (string, array or object with something in it).
+/// Read as raw JSON text: no copy, no UTF-8 validation, no unescaping of generated text.
 #[derive(Default)]
 struct NonEmpty(bool);
 
 impl<'de> Deserialize<'de> for NonEmpty {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = NonEmpty;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(!v.is_empty()))
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(!v.is_empty()))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<NonEmpty, E> {
-                Ok(NonEmpty(false))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NonEmpty, A::Error> {
-                let mut any = false;
-                while seq.next_element::<IgnoredAny>()?.is_some() {
-                    any = true;
-                }
-                Ok(NonEmpty(any))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NonEmpty, A::Error> {
-                let mut any = false;
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
-                    any = true;
-                }
-                Ok(NonEmpty(any))
-            }
-        }
-        d.deserialize_any(V)
+        let raw = <&'de RawValue>::deserialize(d)?;
+        let v = raw.get().as_bytes();
+        let nonempty = match v.first() {
+            Some(b'"') => v.len() > 2,
+            Some(b'[' | b'{') => v[1..v.len() - 1].iter().any(|b| !b.is_ascii_whitespace()),
+            _ => false,
+        };
+        Ok(NonEmpty(nonempty))
     }
 }
 
@@ -447,7 +413,9 @@ fn fallback(data: &[u8]) -> EventInfo<'_> {
         info.terminal = true;
         info.finish_reason = Some(Cow::Borrowed(fr));
     }
-    info.completion_tokens = number_value(data, b"\"completion_tokens\"");
+    // `generated_tokens`: TGI `details` (its non-streaming `/generate` may answer with an array).
+    info.completion_tokens = number_value(data, b"\"completion_tokens\"")
+        .or_else(|| number_value(data, b"\"generated_tokens\""));
     info.prompt_tokens = number_value(data, b"\"prompt_tokens\"");
     if bool_value(data, b"\"stop\"") == Some(true) {
         info.terminal = true;

@@ -21,11 +21,16 @@ pub struct SseEvent<'a> {
     pub data: &'a [u8],
     /// Part of the event was not seen (gap, or over the size bound).
     pub truncated: bool,
+    /// The payload came in `error:` lines instead of `data:` (llama.cpp server reports stream
+    /// errors that way).
+    pub error_field: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Field {
     Data,
+    /// `error:` lines, kept like data.
+    Error,
     Other,
 }
 
@@ -53,6 +58,7 @@ pub struct SseSplitter {
     /// The previous byte was CR: a following LF belongs to the same line end.
     pending_cr: bool,
     has_data: bool,
+    error_field: bool,
     /// Some field line was seen in the current event.
     event_open: bool,
     overflowed: bool,
@@ -79,6 +85,7 @@ impl SseSplitter {
             line: Line::Start,
             pending_cr: false,
             has_data: false,
+            error_field: false,
             event_open: false,
             overflowed: false,
             after_gap: false,
@@ -99,6 +106,7 @@ impl SseSplitter {
     fn clear_event(&mut self) {
         self.data.clear();
         self.has_data = false;
+        self.error_field = false;
         self.event_open = false;
         self.overflowed = false;
     }
@@ -112,6 +120,7 @@ impl SseSplitter {
             emit(SseEvent {
                 data: &self.data,
                 truncated,
+                error_field: self.error_field,
             });
         }
         self.clear_event();
@@ -184,15 +193,14 @@ impl SseSplitter {
                     if j == rest.len() {
                         continue;
                     }
-                    let field = if &self.name[..self.name_len.min(self.name.len())] == b"data"
-                        && self.name_len == 4
-                    {
-                        Field::Data
-                    } else {
-                        Field::Other
+                    let field = match &self.name[..self.name_len.min(self.name.len())] {
+                        b"data" if self.name_len == 4 => Field::Data,
+                        b"error" if self.name_len == 5 => Field::Error,
+                        _ => Field::Other,
                     };
                     self.event_open = true;
-                    if field == Field::Data {
+                    if field != Field::Other {
+                        self.error_field |= field == Field::Error;
                         self.start_data_line();
                     }
                     if rest[j] == b':' {
@@ -213,14 +221,14 @@ impl SseSplitter {
                     let rest = &bytes[i..];
                     match memchr2(b'\r', b'\n', rest) {
                         Some(j) => {
-                            if field == Field::Data {
+                            if field != Field::Other {
                                 self.push_data(&rest[..j]);
                             }
                             i += j + 1;
                             self.end_line(rest[j]);
                         }
                         None => {
-                            if field == Field::Data {
+                            if field != Field::Other {
                                 self.push_data(rest);
                             }
                             i = bytes.len();
@@ -277,7 +285,7 @@ fn starts_like_field(s: &[u8]) -> bool {
     if s[0] == b':' {
         return true;
     }
-    [&b"data"[..], b"event", b"id", b"retry"]
+    [&b"data"[..], b"event", b"id", b"retry", b"error"]
         .iter()
         .any(|name| {
             let k = s.len().min(name.len());
@@ -402,6 +410,19 @@ mod tests {
         assert_eq!(out, vec![(b"01234567".to_vec(), true)]);
         assert!(sp.finish());
         assert!(!sp.finish());
+    }
+
+    #[test]
+    fn error_lines_are_kept_and_flagged() {
+        let mut sp = SseSplitter::default();
+        let mut out = Vec::new();
+        sp.feed(b"error: {\"code\":500}\n\ndata: x\n\n", &mut |e| {
+            out.push((e.data.to_vec(), e.error_field))
+        });
+        assert_eq!(
+            out,
+            vec![(b"{\"code\":500}".to_vec(), true), (b"x".to_vec(), false)]
+        );
     }
 
     #[test]

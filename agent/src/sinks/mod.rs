@@ -1,3 +1,5 @@
 //! Where results go: JSON lines, the Prometheus endpoint, the gRPC stream to the collector.
 
+pub mod grpc;
 pub mod jsonl;
+pub mod prometheus;

@@ -1,0 +1,77 @@
+//! Arbitrary byte sequences, cut into syscall-sized events on a few connections, through the
+//! Reconstructor: it must never panic, and its state must stay bounded.
+#![no_main]
+
+use infertap::events::{ConnEvent, ConnKey, Direction};
+use infertap::reconstruct::{ReconstructConfig, Reconstructor};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let cfg = ReconstructConfig {
+        max_connections: 3,
+        max_pending_per_conn: 4,
+        max_header_bytes: 512,
+        ..Default::default()
+    };
+    let mut r = Reconstructor::new(cfg);
+    let mut out = Vec::new();
+    let mut rest = data;
+    let mut ts = 0u64;
+    // Each step: control byte (event kind, connection), length byte, gap byte, then payload.
+    while let [ctl, len, gap, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (payload, next) = tail.split_at(n);
+        rest = next;
+        ts += u64::from(*gap) + 1;
+        let conn = ConnKey {
+            pid: 1 + u32::from(ctl >> 6),
+            conn_id: u64::from((ctl >> 3) & 3),
+        };
+        let ev = match ctl & 7 {
+            0..=2 => ConnEvent::Data {
+                conn,
+                dir: Direction::In,
+                ts_ns: ts,
+                len: (n + usize::from(*gap & 0x0f)) as u64,
+                payload,
+            },
+            3..=5 => ConnEvent::Data {
+                conn,
+                dir: Direction::Out,
+                ts_ns: ts,
+                len: (n + usize::from(*gap >> 6)) as u64,
+                payload,
+            },
+            6 => match gap & 3 {
+                0 => ConnEvent::Close { conn, ts_ns: ts },
+                1 => ConnEvent::PeerClosed { conn, ts_ns: ts },
+                2 => ConnEvent::Error {
+                    conn,
+                    dir: Direction::Out,
+                    ts_ns: ts,
+                    errno: 104,
+                },
+                _ => ConnEvent::Open {
+                    conn,
+                    fd: 3,
+                    ts_ns: ts,
+                    peer: None,
+                },
+            },
+            _ => {
+                r.expire_idle(ts, &mut out);
+                continue;
+            }
+        };
+        r.on_event(&ev, &mut out);
+        assert!(r.stats().connections_open <= 3);
+        let _ = r.in_flight();
+    }
+    r.on_process_exit(1, ts + 1, &mut out);
+    let records = out.len() as u64;
+    assert_eq!(records, r.stats().records);
+    for rec in &out {
+        assert_eq!(rec.token_ns.len(), rec.tokens_per_event.len());
+        assert!(rec.end_ns >= rec.start_ns);
+    }
+});

@@ -1,0 +1,753 @@
+//! infertap collector: receives interval reports from many agents over gRPC, merges them into a
+//! fleet view and serves it on a Prometheus endpoint with the same metric names the agents use.
+//!
+//! Merging: reports are deltas, so histograms (fixed schema bounds) and counters add exactly.
+//! Series carry `node` and `agent` labels by default ([`AggregateBy::Agent`]); fleet-wide figures
+//! are left to PromQL (`sum without (node, agent) (...)`), which avoids double counting that an
+//! extra unlabelled fleet series would cause in `sum()` queries. `--aggregate-by node|fleet`
+//! merges at collection time instead, for fleets where per-agent series are too many.
+//!
+//! Each (node, agent, instance) applies every sequence number at most once, so reports an agent
+//! re-sends after a reconnect are acked but not counted again. Gauges are per agent and summed at
+//! scrape time; an agent's gauges disappear when it disconnects cleanly or sends nothing for
+//! `agent_timeout`, while its counters and histograms keep their totals.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use infertap_proto::pb::collector_server::{Collector, CollectorServer};
+use infertap_proto::pb::{agent_message, Ack, AgentHello, AgentMessage, IntervalReport};
+use infertap_proto::schema;
+use infertap_proto::store::MetricStore;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Identity labels kept on merged series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AggregateBy {
+    /// `node` and `agent` labels on every series.
+    #[default]
+    Agent,
+    /// `node` label only: agents of one node merged.
+    Node,
+    /// No identity labels: one series per metric and schema labels for the whole fleet.
+    Fleet,
+}
+
+#[derive(Clone, Debug)]
+pub struct CollectorConfig {
+    /// An agent that sent nothing for this long is considered gone: its gauges are dropped.
+    pub agent_timeout: Duration,
+    pub aggregate_by: AggregateBy,
+    /// Cap on distinct `model_name` values across the fleet (overflow → "other").
+    pub max_models: usize,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            agent_timeout: Duration::from_secs(60),
+            aggregate_by: AggregateBy::Agent,
+            max_models: 256,
+        }
+    }
+}
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Dedupe state is forgotten this long after an agent instance's last message.
+const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct InstanceKey {
+    node: String,
+    agent: String,
+    instance: u64,
+}
+
+#[derive(Debug)]
+struct AgentState {
+    /// Highest sequence applied; reports at or below it are duplicates.
+    last_sequence: u64,
+    last_seen: Instant,
+    /// Open streams of this instance (normally 0 or 1; briefly 2 during a reconnect).
+    streams: usize,
+    /// Latest gauges, identity labels included; `None` once the agent is gone.
+    gauges: Option<MetricStore>,
+}
+
+#[derive(Debug, Default)]
+struct FleetState {
+    totals: MetricStore,
+    agents: HashMap<InstanceKey, AgentState>,
+    models: HashSet<String>,
+}
+
+/// Collector's own metrics, next to the merged ones.
+#[derive(Debug, Clone, Default)]
+struct SelfMetrics {
+    agents_connected: Gauge,
+    reports: Family<Vec<(String, String)>, Counter>,
+    rejected_series: Family<Vec<(String, String)>, Counter>,
+}
+
+/// The merged fleet state, shared by the gRPC service and the metrics endpoint.
+#[derive(Debug)]
+pub struct Fleet {
+    cfg: CollectorConfig,
+    state: Mutex<FleetState>,
+    metrics: SelfMetrics,
+}
+
+/// What happened to one report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyResult {
+    Applied { rejected_series: usize },
+    Duplicate,
+}
+
+impl Fleet {
+    pub fn new(cfg: CollectorConfig) -> Self {
+        Fleet {
+            cfg,
+            state: Mutex::new(FleetState::default()),
+            metrics: SelfMetrics::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FleetState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn prefix(&self, key: &InstanceKey) -> Vec<(String, String)> {
+        let node = (schema::LABEL_NODE.to_owned(), key.node.clone());
+        let agent = (schema::LABEL_AGENT.to_owned(), key.agent.clone());
+        match self.cfg.aggregate_by {
+            AggregateBy::Agent => vec![node, agent],
+            AggregateBy::Node => vec![node],
+            AggregateBy::Fleet => vec![],
+        }
+    }
+
+    fn connect(&self, key: &InstanceKey) {
+        let mut st = self.lock();
+        let a = st.agents.entry(key.clone()).or_insert(AgentState {
+            last_sequence: 0,
+            last_seen: Instant::now(),
+            streams: 0,
+            gauges: None,
+        });
+        a.streams += 1;
+        a.last_seen = Instant::now();
+        self.metrics.agents_connected.inc();
+    }
+
+    fn disconnect(&self, key: &InstanceKey, clean: bool) {
+        let mut st = self.lock();
+        if let Some(a) = st.agents.get_mut(key) {
+            a.streams = a.streams.saturating_sub(1);
+            // A clean end means the agent shut down: its in-flight gauges are no longer true.
+            if clean && a.streams == 0 {
+                a.gauges = None;
+            }
+        }
+        self.metrics.agents_connected.dec();
+    }
+
+    fn apply(&self, key: &InstanceKey, report: &IntervalReport) -> ApplyResult {
+        let prefix = self.prefix(key);
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(agent) = st.agents.get_mut(key) else {
+            // `connect` always runs first; treat a missing entry as a protocol bug, not a panic.
+            return ApplyResult::Duplicate;
+        };
+        agent.last_seen = Instant::now();
+        if report.sequence <= agent.last_sequence {
+            self.metrics
+                .reports
+                .get_or_create(&vec![("result".into(), "duplicate".into())])
+                .inc();
+            return ApplyResult::Duplicate;
+        }
+        agent.last_sequence = report.sequence;
+        let max_models = self.cfg.max_models;
+        let models = &mut st.models;
+        let mut cap_models = |label: &str, value: &str| {
+            if label != schema::LABEL_MODEL || models.contains(value) {
+                return value.to_owned();
+            }
+            if models.len() < max_models {
+                models.insert(value.to_owned());
+                return value.to_owned();
+            }
+            schema::MODEL_OTHER.to_owned()
+        };
+        let (gauges_only, counted) = split_gauges(report);
+        let mut errors = st.totals.apply_report(&counted, &prefix, &mut cap_models);
+        let mut gauges = MetricStore::new();
+        errors.extend(gauges.apply_report(&gauges_only, &prefix, &mut cap_models));
+        agent.gauges = Some(gauges);
+        self.metrics
+            .reports
+            .get_or_create(&vec![("result".into(), "applied".into())])
+            .inc();
+        for e in &errors {
+            self.metrics
+                .rejected_series
+                .get_or_create(&vec![("reason".into(), e.reason().into())])
+                .inc();
+        }
+        if let Some(first) = errors.first() {
+            tracing::warn!(node = %key.node, agent = %key.agent, sequence = report.sequence, rejected = errors.len(), "report had series outside the schema, skipped them; first: {first}");
+        }
+        ApplyResult::Applied {
+            rejected_series: errors.len(),
+        }
+    }
+
+    /// Drops gauges of agents silent for longer than the timeout and forgets long-gone ones.
+    pub fn sweep(&self) {
+        let mut st = self.lock();
+        let timeout = self.cfg.agent_timeout;
+        for (key, a) in st.agents.iter_mut() {
+            if a.gauges.is_some() && a.last_seen.elapsed() > timeout {
+                a.gauges = None;
+                tracing::warn!(node = %key.node, agent = %key.agent, instance = format_args!("{:016x}", key.instance), "agent silent for {}; dropped its gauges", humantime::format_duration(timeout));
+            }
+        }
+        st.agents
+            .retain(|_, a| a.streams > 0 || a.last_seen.elapsed() < FORGET_AFTER.max(timeout));
+    }
+
+    /// The merged view: counter and histogram totals plus the gauges of live agents.
+    pub fn snapshot(&self) -> MetricStore {
+        let st = self.lock();
+        let mut view = st.totals.clone();
+        for a in st.agents.values() {
+            if let Some(g) = &a.gauges {
+                // Gauges only: merging cannot hit a histogram layout mismatch.
+                let _ = view.merge(g);
+            }
+        }
+        view
+    }
+
+    /// OpenMetrics text of the merged view and the collector's own metrics.
+    pub fn encode_openmetrics(&self) -> Result<String, std::fmt::Error> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.snapshot()));
+        registry.register(
+            "infertap_collector_agent_streams",
+            "Open agent streams",
+            self.metrics.agents_connected.clone(),
+        );
+        registry.register(
+            "infertap_collector_reports",
+            "Agent reports received, by result",
+            self.metrics.reports.clone(),
+        );
+        registry.register(
+            "infertap_collector_rejected_series",
+            "Report series skipped because they did not match the schema, by reason",
+            self.metrics.rejected_series.clone(),
+        );
+        let mut out = String::new();
+        encode(&mut out, &registry)?;
+        Ok(out)
+    }
+}
+
+/// Splits a report into its gauges and its counted part (histograms and counters).
+fn split_gauges(report: &IntervalReport) -> (IntervalReport, IntervalReport) {
+    let gauges = IntervalReport {
+        gauges: report.gauges.clone(),
+        ..Default::default()
+    };
+    let counted = IntervalReport {
+        gauges: Vec::new(),
+        ..report.clone()
+    };
+    (gauges, counted)
+}
+
+/// The gRPC service.
+#[derive(Clone, Debug)]
+pub struct CollectorService {
+    fleet: Arc<Fleet>,
+}
+
+fn valid_identity(hello: &AgentHello) -> Result<InstanceKey, Status> {
+    if hello.schema_version != schema::SCHEMA_VERSION {
+        return Err(Status::failed_precondition(format!(
+            "agent metric schema {} differs from the collector's {}",
+            hello.schema_version,
+            schema::SCHEMA_VERSION
+        )));
+    }
+    if hello.node.is_empty() || hello.agent_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "hello needs a node and an agent id",
+        ));
+    }
+    Ok(InstanceKey {
+        node: schema::clamp_label_value(&hello.node).to_owned(),
+        agent: schema::clamp_label_value(&hello.agent_id).to_owned(),
+        instance: hello.instance_id,
+    })
+}
+
+#[tonic::async_trait]
+impl Collector for CollectorService {
+    type ReportStream = ReceiverStream<Result<Ack, Status>>;
+
+    async fn report(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        // A peer that connects and never says hello must not hold a task forever.
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 30 s"))??;
+        let hello = match first {
+            Some(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(h)),
+            }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ))
+            }
+            None => return Err(Status::cancelled("stream ended before the hello")),
+        };
+        let key = valid_identity(&hello)
+            .inspect_err(|e| tracing::warn!(?peer, "rejected agent: {}", e.message()))?;
+        tracing::info!(
+            node = %key.node, agent = %key.agent, instance = format_args!("{:016x}", key.instance),
+            pids = ?hello.pids, version = %hello.version, ?peer, "agent connected"
+        );
+        self.fleet.connect(&key);
+        // Acks queue here; one per report, so an agent's unacked window bounds it in practice.
+        let (tx, rx) = mpsc::channel(64);
+        let fleet = self.fleet.clone();
+        tokio::spawn(async move {
+            let clean = loop {
+                match inbound.message().await {
+                    Ok(Some(AgentMessage {
+                        msg: Some(agent_message::Msg::Report(report)),
+                    })) if report.sequence == 0 => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(
+                                "report sequence numbers start at 1",
+                            )))
+                            .await;
+                        break false;
+                    }
+                    Ok(Some(AgentMessage {
+                        msg: Some(agent_message::Msg::Report(report)),
+                    })) => {
+                        let seq = report.sequence;
+                        match fleet.apply(&key, &report) {
+                            ApplyResult::Duplicate => {
+                                tracing::debug!(node = %key.node, agent = %key.agent, seq, "duplicate report acked again")
+                            }
+                            ApplyResult::Applied { .. } => {
+                                tracing::debug!(node = %key.node, agent = %key.agent, seq, "report applied")
+                            }
+                        }
+                        if tx.send(Ok(Ack { sequence: seq })).await.is_err() {
+                            break false;
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument("expected a report")))
+                            .await;
+                        break false;
+                    }
+                    Ok(None) => break true,
+                    Err(status) => {
+                        tracing::debug!(node = %key.node, agent = %key.agent, "stream error: {status}");
+                        break false;
+                    }
+                }
+            };
+            fleet.disconnect(&key, clean);
+            if clean {
+                tracing::info!(node = %key.node, agent = %key.agent, "agent disconnected");
+            } else {
+                tracing::warn!(node = %key.node, agent = %key.agent, "agent stream lost; its gauges stay until the agent timeout");
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A running collector (gRPC + metrics servers + sweeper).
+#[derive(Debug)]
+pub struct RunningCollector {
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    fleet: Arc<Fleet>,
+    stop: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Starts serving on already bound listeners (port 0 works: see the `*_addr` accessors).
+pub async fn start(
+    cfg: CollectorConfig,
+    grpc: TcpListener,
+    metrics: TcpListener,
+) -> anyhow::Result<RunningCollector> {
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics.local_addr()?;
+    let sweep_every =
+        (cfg.agent_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let fleet = Arc::new(Fleet::new(cfg));
+    let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
+    let (http_stop, http_stopped) = oneshot::channel::<()>();
+    let (sweep_stop, mut sweep_stopped) = oneshot::channel::<()>();
+
+    let service = CollectorServer::new(CollectorService {
+        fleet: fleet.clone(),
+    });
+    let grpc_task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async {
+                let _ = grpc_stopped.await;
+            })
+            .await
+            .context("gRPC server")
+    });
+
+    let scrape_fleet = fleet.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let fleet = scrape_fleet.clone();
+                async move {
+                    fleet.sweep();
+                    match fleet.encode_openmetrics() {
+                        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body)
+                            .into_response(),
+                        Err(e) => {
+                            tracing::error!("encoding metrics failed: {e}");
+                            (
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "encoding metrics failed\n",
+                            )
+                                .into_response()
+                        }
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    let http_task = tokio::spawn(async move {
+        axum::serve(metrics, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+            .context("metrics server")
+    });
+
+    let sweep_fleet = fleet.clone();
+    let sweep_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweep_every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => sweep_fleet.sweep(),
+                _ = &mut sweep_stopped => return Ok(()),
+            }
+        }
+    });
+    tracing::info!(%grpc_addr, %metrics_addr, "collector listening");
+    Ok(RunningCollector {
+        grpc_addr,
+        metrics_addr,
+        fleet,
+        stop: vec![grpc_stop, http_stop, sweep_stop],
+        tasks: vec![grpc_task, http_task, sweep_task],
+    })
+}
+
+impl RunningCollector {
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Stops all servers gracefully and waits for them. The first failure is returned.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        for s in self.stop {
+            let _ = s.send(());
+        }
+        let mut result = Ok(());
+        for t in self.tasks {
+            let r = t.await.context("collector task panicked").and_then(|r| r);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+
+    /// Waits until a server task ends on its own (an error: they run until shut down).
+    pub async fn wait_failure(&mut self) -> anyhow::Error {
+        let (res, idx) = first_finished(&mut self.tasks).await;
+        self.tasks.remove(idx);
+        match res {
+            Ok(Ok(())) => anyhow::anyhow!("a collector server stopped unexpectedly"),
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::Error::new(e).context("collector task panicked"),
+        }
+    }
+}
+
+/// The first of `tasks` to finish, and its index (`select_all` without the futures crate).
+async fn first_finished(
+    tasks: &mut [JoinHandle<anyhow::Result<()>>],
+) -> (Result<anyhow::Result<()>, tokio::task::JoinError>, usize) {
+    std::future::poll_fn(|cx| {
+        for (i, t) in tasks.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(r) = std::pin::Pin::new(t).poll(cx) {
+                return std::task::Poll::Ready((r, i));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infertap_proto::pb;
+
+    fn key(node: &str) -> InstanceKey {
+        InstanceKey {
+            node: node.into(),
+            agent: "a".into(),
+            instance: 7,
+        }
+    }
+
+    fn report(seq: u64, requests: u64, running: f64) -> IntervalReport {
+        let def = &schema::E2E_REQUEST_LATENCY;
+        let mut buckets = vec![0; def.bucket_count()];
+        buckets[3] = requests;
+        IntervalReport {
+            sequence: seq,
+            histograms: vec![pb::Histogram {
+                name: def.name.into(),
+                labels: vec![pb::Label {
+                    name: "model_name".into(),
+                    value: "m".into(),
+                }],
+                bucket_counts: buckets,
+                sum: requests as f64,
+                count: requests,
+            }],
+            counters: vec![pb::Counter {
+                name: schema::REQUESTS.name.into(),
+                labels: vec![
+                    pb::Label {
+                        name: "model_name".into(),
+                        value: "m".into(),
+                    },
+                    pb::Label {
+                        name: "outcome".into(),
+                        value: "ok".into(),
+                    },
+                ],
+                value: requests,
+            }],
+            gauges: vec![pb::Gauge {
+                name: schema::REQUESTS_RUNNING.name.into(),
+                labels: vec![],
+                value: running,
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn req_labels(prefix: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut l: Vec<(String, String)> = prefix
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        l.push(("model_name".into(), "m".into()));
+        l.push(("outcome".into(), "ok".into()));
+        l
+    }
+
+    #[test]
+    fn duplicates_are_idempotent_and_fleet_merges() {
+        let fleet = Fleet::new(CollectorConfig {
+            aggregate_by: AggregateBy::Fleet,
+            ..Default::default()
+        });
+        let (k1, k2) = (key("n1"), key("n2"));
+        fleet.connect(&k1);
+        fleet.connect(&k2);
+        assert_eq!(
+            fleet.apply(&k1, &report(1, 2, 1.0)),
+            ApplyResult::Applied { rejected_series: 0 }
+        );
+        assert_eq!(fleet.apply(&k1, &report(1, 2, 1.0)), ApplyResult::Duplicate);
+        assert_eq!(
+            fleet.apply(&k1, &report(3, 5, 2.0)),
+            ApplyResult::Applied { rejected_series: 0 }
+        );
+        assert_eq!(
+            fleet.apply(&k1, &report(2, 100, 9.0)),
+            ApplyResult::Duplicate,
+            "late lower sequence"
+        );
+        fleet.apply(&k2, &report(1, 10, 4.0));
+        let view = fleet.snapshot();
+        assert_eq!(view.counter(&schema::REQUESTS, &req_labels(&[])), Some(17));
+        let h = view
+            .histogram(
+                &schema::E2E_REQUEST_LATENCY,
+                &vec![("model_name".into(), "m".into())],
+            )
+            .unwrap();
+        assert_eq!((h.count, h.buckets[3]), (17, 17));
+        assert_eq!(view.gauge(&schema::REQUESTS_RUNNING, &vec![]), Some(6.0));
+    }
+
+    #[test]
+    fn clean_disconnect_and_timeout_drop_gauges_only() {
+        let fleet = Fleet::new(CollectorConfig {
+            agent_timeout: Duration::from_millis(50),
+            ..Default::default()
+        });
+        let (k1, k2) = (key("n1"), key("n2"));
+        fleet.connect(&k1);
+        fleet.connect(&k2);
+        fleet.apply(&k1, &report(1, 1, 3.0));
+        fleet.apply(&k2, &report(1, 1, 5.0));
+        let g = |f: &Fleet, n: &str| {
+            f.snapshot().gauge(
+                &schema::REQUESTS_RUNNING,
+                &vec![("node".into(), n.into()), ("agent".into(), "a".into())],
+            )
+        };
+        assert_eq!((g(&fleet, "n1"), g(&fleet, "n2")), (Some(3.0), Some(5.0)));
+        fleet.disconnect(&k1, true);
+        assert_eq!(g(&fleet, "n1"), None, "clean shutdown drops gauges at once");
+        fleet.disconnect(&k2, false);
+        fleet.sweep();
+        assert_eq!(
+            g(&fleet, "n2"),
+            Some(5.0),
+            "lost stream keeps gauges until the timeout"
+        );
+        std::thread::sleep(Duration::from_millis(80));
+        fleet.sweep();
+        assert_eq!(g(&fleet, "n2"), None);
+        let c = fleet.snapshot().counter(
+            &schema::REQUESTS,
+            &req_labels(&[("node", "n2"), ("agent", "a")]),
+        );
+        assert_eq!(c, Some(1), "counters keep their totals");
+    }
+
+    #[test]
+    fn model_labels_are_capped_fleet_wide() {
+        let fleet = Fleet::new(CollectorConfig {
+            max_models: 1,
+            aggregate_by: AggregateBy::Fleet,
+            ..Default::default()
+        });
+        let k = key("n");
+        fleet.connect(&k);
+        let mut r = report(1, 1, 0.0);
+        fleet.apply(&k, &r);
+        r.sequence = 2;
+        r.counters[0].labels[0].value = "other-model".into();
+        r.histograms.clear();
+        fleet.apply(&k, &r);
+        let view = fleet.snapshot();
+        let mut other = req_labels(&[]);
+        other[0].1 = "other".into();
+        assert_eq!(view.counter(&schema::REQUESTS, &other), Some(1));
+    }
+
+    #[test]
+    fn node_mode_merges_agents_of_a_node() {
+        let fleet = Fleet::new(CollectorConfig {
+            aggregate_by: AggregateBy::Node,
+            ..Default::default()
+        });
+        let a = InstanceKey {
+            node: "n1".into(),
+            agent: "a".into(),
+            instance: 1,
+        };
+        let b = InstanceKey {
+            node: "n1".into(),
+            agent: "b".into(),
+            instance: 2,
+        };
+        let c = InstanceKey {
+            node: "n2".into(),
+            agent: "a".into(),
+            instance: 3,
+        };
+        for (k, n) in [(&a, 1), (&b, 2), (&c, 4)] {
+            fleet.connect(k);
+            fleet.apply(k, &report(1, n, n as f64));
+        }
+        let view = fleet.snapshot();
+        assert_eq!(
+            view.counter(&schema::REQUESTS, &req_labels(&[("node", "n1")])),
+            Some(3)
+        );
+        assert_eq!(
+            view.counter(&schema::REQUESTS, &req_labels(&[("node", "n2")])),
+            Some(4)
+        );
+        assert_eq!(
+            view.gauge(
+                &schema::REQUESTS_RUNNING,
+                &vec![("node".into(), "n1".into())]
+            ),
+            Some(3.0)
+        );
+    }
+}
