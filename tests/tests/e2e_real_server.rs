@@ -57,8 +57,13 @@ fn real_server_concurrent_streams() {
         assert_eq!(a.path, c.path);
         assert_eq!(a.output_tokens, Some(c.output_tokens), "{a:?}\n{c:?}");
         assert_eq!(a.token_unix_ns.len(), c.event_unix_ns.len(), "{a:?}\n{c:?}");
-        assert!(c.output_tokens > 0);
     }
+    // The model may stop at once for a prompt (0 tokens is legitimate); most requests stream.
+    let streamed = client.iter().filter(|c| c.output_tokens > 1).count();
+    assert!(
+        streamed * 2 > client.len(),
+        "only {streamed} requests streamed tokens"
+    );
     let f = fidelity(&recs, &client);
     eprintln!("fidelity: {}", serde_json::to_string_pretty(&f).unwrap());
     assert_eq!(f.token_mismatches, 0);
