@@ -49,8 +49,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, build, then measure fidelity and overhead (needs root); JSON in target/bench/.
+    /// Set up, build, then measure fidelity and overhead (needs root), then the GPU-side costs
+    /// (CUDA uprobes, NVML sampler, CUPTI records); JSON in target/bench/.
     Bench {
+        /// Only the GPU-side measurements.
+        #[arg(long)]
+        gpu_only: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -82,10 +86,16 @@ fn main() -> Result<()> {
             build()?;
             exec_as_root(&release_bin("demo"), &args)
         }
-        Cmd::Bench { args } => {
+        Cmd::Bench { gpu_only, args } => {
             setup(&SetupArgs::default())?;
             build()?;
-            exec_as_root(&release_bin("bench"), &args)
+            if !gpu_only {
+                let st = run_as_root(&release_bin("bench"), &args)?;
+                if !st.success() {
+                    bail!("the fidelity/overhead benchmark failed ({st})");
+                }
+            }
+            exec_as_root(&release_bin("bench_gpu"), &[])
         }
     }
 }
@@ -407,6 +417,12 @@ fn build() -> Result<()> {
 
 /// Replaces this process' work with `bin args` run as root (sudo when not root).
 fn exec_as_root(bin: &Path, args: &[OsString]) -> Result<()> {
+    let st = run_as_root(bin, args)?;
+    std::process::exit(st.code().unwrap_or(1));
+}
+
+/// Runs one of our binaries as root (sudo when needed) with the release binaries' paths set.
+fn run_as_root(bin: &Path, args: &[OsString]) -> Result<std::process::ExitStatus> {
     if !bin.is_file() {
         bail!("{} was not built", bin.display());
     }
@@ -422,10 +438,8 @@ fn exec_as_root(bin: &Path, args: &[OsString]) -> Result<()> {
     cmd.env("INFERTAP_BIN", release_bin("infertap"));
     cmd.env("INFERTAP_COLLECTOR_BIN", release_bin("infertap-collector"));
     cmd.env("INFERTAP_TARGET_DIR", target_dir());
-    let st = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    std::process::exit(st.code().unwrap_or(1));
+    cmd.status()
+        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 fn test(extra: &[OsString]) -> Result<()> {
