@@ -198,6 +198,9 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
     Ok(out)
 }
 
+/// The `model` name the real server reports.
+pub const MODEL_ALIAS: &str = "SmolLM2-135M-Instruct";
+
 /// The real llama.cpp server (llama-cpp-python) with SmolLM2-135M.
 pub struct LlamaServer {
     child: Child,
@@ -224,6 +227,8 @@ impl LlamaServer {
             // By default a new request cancels the stream in progress; we want real concurrency
             // (requests queue for the model and stream one after another).
             .args(["--interrupt_requests", "false"])
+            // A short model name in responses and metrics labels instead of the gguf path.
+            .args(["--model_alias", MODEL_ALIAS])
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .spawn()

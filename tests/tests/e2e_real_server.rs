@@ -8,7 +8,7 @@ use infertap_tests::agent::{Agent, AgentOptions};
 use infertap_tests::compare::{fidelity, join};
 use infertap_tests::load::{run_load_blocking, EndpointMix, LoadConfig};
 use infertap_tests::prereq;
-use infertap_tests::servers::LlamaServer;
+use infertap_tests::servers::{LlamaServer, MODEL_ALIAS};
 
 /// The agent times server-side syscalls, the client times its own; on loopback they differ by
 /// the kernel hop plus scheduling on a 2-core machine shared with the model's threads.
@@ -27,6 +27,7 @@ fn real_server_concurrent_streams() {
     let server = LlamaServer::start(2).unwrap();
     let agent = Agent::spawn(&AgentOptions::pid(server.pid())).unwrap();
     let mut cfg = LoadConfig::new(server.addr());
+    cfg.model = Some(MODEL_ALIAS.into());
     cfg.concurrency = 4;
     cfg.requests = Some(16);
     cfg.max_tokens = 24;

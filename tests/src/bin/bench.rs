@@ -18,7 +18,7 @@ use infertap_tests::agent::{Agent, AgentOptions};
 use infertap_tests::compare::{fidelity, Fidelity};
 use infertap_tests::load::{run_load_blocking, EndpointMix, LoadConfig};
 use infertap_tests::report::{proc_usage, ProcUsage};
-use infertap_tests::servers::LlamaServer;
+use infertap_tests::servers::{LlamaServer, MODEL_ALIAS};
 use infertap_tests::{paths, prereq};
 use serde::Serialize;
 
@@ -148,6 +148,7 @@ fn fidelity_run(server: &LlamaServer, streams: u32, args: &Args) -> Result<Fidel
     eprintln!("[bench] fidelity at {streams} concurrent streams");
     let agent = Agent::spawn(&AgentOptions::pid(server.pid()))?;
     let mut cfg = LoadConfig::new(server.addr());
+    cfg.model = Some(MODEL_ALIAS.into());
     cfg.concurrency = streams;
     cfg.requests = Some(args.requests.max(2 * streams as u64));
     cfg.max_tokens = args.max_tokens;
@@ -174,6 +175,7 @@ fn fidelity_run(server: &LlamaServer, streams: u32, args: &Args) -> Result<Fidel
 
 fn tok_per_s(server: &LlamaServer, args: &Args) -> Result<f64> {
     let mut cfg = LoadConfig::new(server.addr());
+    cfg.model = Some(MODEL_ALIAS.into());
     cfg.concurrency = args.throughput_streams;
     cfg.requests = None;
     cfg.duration = Some(args.round_duration);

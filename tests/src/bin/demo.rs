@@ -14,7 +14,7 @@ use infertap_tests::agent::{Agent, AgentOptions, AgentRecord, Collector};
 use infertap_tests::compare::fidelity;
 use infertap_tests::load::{run_load, EndpointMix, LoadConfig};
 use infertap_tests::report::{print_latency_table, summarize_agent, summarize_client};
-use infertap_tests::servers::{http_get, LlamaServer};
+use infertap_tests::servers::{http_get, LlamaServer, MODEL_ALIAS};
 use infertap_tests::{paths, prereq};
 
 #[derive(Parser, Debug)]
@@ -91,6 +91,8 @@ fn main() -> Result<()> {
     });
 
     let mut cfg = LoadConfig::new(server.addr());
+
+    cfg.model = Some(MODEL_ALIAS.into());
     cfg.concurrency = args.concurrency;
     cfg.requests = None;
     cfg.duration = Some(args.duration);
@@ -154,12 +156,17 @@ fn show_metrics(who: &str, addr: std::net::SocketAddr) {
             let lines: Vec<&str> = body
                 .lines()
                 .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                // Counters and histogram counts/sums; buckets would fill the screen.
+                .filter(|l| !l.contains("_bucket{"))
                 .collect();
-            for l in lines.iter().take(8) {
+            for l in lines.iter().take(12) {
                 println!("      {l}");
             }
-            if lines.len() > 8 {
-                println!("      ... ({} series in all)", lines.len());
+            if lines.len() > 12 {
+                println!(
+                    "      ... ({} more series, histogram buckets not shown)",
+                    lines.len() - 12
+                );
             }
         }
         Ok((st, _)) => println!("      (HTTP {st})"),
