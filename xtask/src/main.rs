@@ -49,6 +49,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Fuzz the HTTP/SSE reconstruction with cargo-fuzz (nightly) for a while per target.
+    Fuzz {
+        /// Seconds per fuzz target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
     /// Set up, build, then measure fidelity and overhead (needs root), then the GPU-side costs
     /// (CUDA uprobes, NVML sampler, CUPTI records); JSON in target/bench/.
     Bench {
@@ -81,6 +87,7 @@ fn main() -> Result<()> {
             exec_as_root(&release_bin("infertap"), &args)
         }
         Cmd::Test { args } => test(&args),
+        Cmd::Fuzz { secs } => fuzz(secs),
         Cmd::Demo { args } => {
             setup(&SetupArgs::default())?;
             build()?;
@@ -274,15 +281,6 @@ fn setup(args: &SetupArgs) -> Result<()> {
         setup_venv()?;
     }
 
-    // Fuzz smoke runs need cargo-fuzz, only if the workspace has fuzz targets.
-    if root_dir().join("fuzz/Cargo.toml").exists() {
-        if probe(Command::new("cargo").args(["fuzz", "--version"])) {
-            step("cargo-fuzz: present");
-        } else {
-            step("cargo-fuzz: installing");
-            run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
-        }
-    }
     step("done");
     Ok(())
 }
@@ -454,29 +452,39 @@ fn test(extra: &[OsString]) -> Result<()> {
         .env_remove("AYA_BUILD_SKIP")
         .env("INFERTAP_BIN", release_bin("infertap"))
         .env("INFERTAP_COLLECTOR_BIN", release_bin("infertap-collector")))?;
-    fuzz_smoke()?;
     eprintln!("[test] all passed");
     Ok(())
 }
 
-/// Runs every fuzz target briefly (`INFERTAP_FUZZ_SECS`, default 20 s each), if there are any.
-fn fuzz_smoke() -> Result<()> {
-    let fuzz = root_dir().join("fuzz");
-    if !fuzz.join("Cargo.toml").exists() {
-        return Ok(());
+/// Fuzzes the HTTP/SSE reconstruction (`agent/fuzz`, libFuzzer via cargo-fuzz on nightly) for
+/// `secs` seconds per target. Not part of `test`: the first sanitizer build takes ~10 minutes.
+fn fuzz(secs: u64) -> Result<()> {
+    setup_build_tools()?;
+    if probe(Command::new("cargo").args(["fuzz", "--version"])) {
+        step("cargo-fuzz: present");
+    } else {
+        step("cargo-fuzz: installing");
+        run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
     }
-    let secs = std::env::var("INFERTAP_FUZZ_SECS").unwrap_or_else(|_| "20".into());
+    let dir = root_dir().join("agent/fuzz");
     // The rustup proxy (not $CARGO) understands `+nightly`.
     let nightly = || {
         let mut c = Command::new("cargo");
-        c.current_dir(&fuzz).arg("+nightly");
+        c.current_dir(&dir)
+            .arg("+nightly")
+            .env_remove("CARGO_TARGET_DIR");
         c
     };
     let list = output(nightly().args(["fuzz", "list"]));
     for target in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        eprintln!("[test] fuzz smoke: {target} for {secs} s");
+        eprintln!("[fuzz] {target} for {secs} s");
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
         run(nightly()
-            .args(["fuzz", "run", target, "--"])
+            .args(["fuzz", "run", "-O", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds"))
+            .arg("--")
             .arg(format!("-max_total_time={secs}")))?;
     }
     Ok(())
