@@ -21,7 +21,6 @@ use anyhow::{bail, Context, Result};
 use infertap_tests::paths;
 use serde::Serialize;
 
-const STEPS: u32 = 2000;
 const ROUNDS: usize = 3;
 
 fn cc(args: &[&str], out: &Path, src: &Path) -> Result<()> {
@@ -40,10 +39,10 @@ fn cc(args: &[&str], out: &Path, src: &Path) -> Result<()> {
 }
 
 /// One run of the launch microbenchmark; `mode` is none, aggregate or events.
-fn launch_run(bench: &Path, lib: &Path, mode: &str) -> Result<f64> {
+fn launch_run(bench: &Path, lib: &Path, mode: &str, steps: u32) -> Result<f64> {
     let mut child = Command::new(bench)
         .arg(lib)
-        .arg(STEPS.to_string())
+        .arg(steps.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -230,22 +229,26 @@ fn main() -> Result<()> {
     let fx = paths::workspace_root().join("tests/fixtures/cuda");
     let bench: PathBuf = dir.path().join("bench_launch");
     cc(&["-O2"], &bench, &fx.join("bench_launch.c"))?;
+    // (prologue, compiler flags, decode steps per run): the single-stepped case is ~100× slower.
     let variants = [
         (
             "endbr64; push (CET build with frame setup, as driver entry points)",
             vec!["-O0", "-fcf-protection=full"],
+            2000,
         ),
         (
             "push %rbp (emulated by the kernel)",
             vec!["-O0", "-fcf-protection=none"],
+            2000,
         ),
         (
             "mov (single-stepped by the kernel)",
             vec!["-O1", "-fcf-protection=none"],
+            40,
         ),
     ];
     let mut launch = Vec::new();
-    for (i, (prologue, flags)) in variants.iter().enumerate() {
+    for (i, (prologue, flags, steps)) in variants.iter().enumerate() {
         let vdir = dir.path().join(format!("v{i}"));
         std::fs::create_dir_all(&vdir)?;
         let lib = vdir.join("libcuda.so.1");
@@ -263,7 +266,7 @@ fn main() -> Result<()> {
         }
         let m = |mode: &str| -> Result<f64> {
             let v: Result<Vec<f64>> = (0..ROUNDS)
-                .map(|_| launch_run(&bench, &lib, mode))
+                .map(|_| launch_run(&bench, &lib, mode, *steps))
                 .collect();
             Ok(median(v?))
         };
@@ -286,7 +289,7 @@ fn main() -> Result<()> {
         cupti_ns_per_record: cupti_ns,
         cupti_wire_bytes_per_record: cupti_bytes,
     };
-    println!("CUDA launch-path uprobes (ns added per cuLaunchKernel; median of {ROUNDS} runs of {STEPS} steps × 1000 launches):");
+    println!("CUDA launch-path uprobes (ns added per cuLaunchKernel; median of {ROUNDS} runs of steps of 1000 launches + 1 sync):");
     println!(
         "  {:<70} {:>9} {:>11} {:>9} {:>16}",
         "entry prologue", "baseline", "aggregate", "events", "µs/1000-step"
