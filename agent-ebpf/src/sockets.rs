@@ -177,6 +177,34 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
 
 // ---- exit: byte counts, payload, new connections ---------------------------------------------
 
+/// This CPU's record under construction, with its header filled (no payload yet).
+#[inline(always)]
+fn scratch_record(
+    pid_tgid: u64,
+    now: u64,
+    conn_id: u64,
+    ret: i64,
+    fd: i32,
+    kind: u8,
+    syscall: u8,
+) -> Option<&'static mut Record> {
+    let rec = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
+    let rec = unsafe { &mut *rec };
+    rec.header = EventHeader {
+        ts_enter_ns: now,
+        ts_exit_ns: now,
+        pid_tgid,
+        conn_id,
+        ret,
+        fd,
+        captured: 0,
+        kind,
+        syscall,
+    };
+    Some(rec)
+}
+
 /// The arguments of the current syscall, from the task's saved user registers
 /// (System V syscall order: rdi, rsi, rdx, r10, r8, r9).
 #[inline(always)]
@@ -220,21 +248,8 @@ pub fn exit_accept(ctx: TracePointContext) -> u32 {
         bump(counter::CONN_MAP_FULL);
         return 0;
     }
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+    let Some(rec) = scratch_record(id, now, now, ret, ret as i32, kind::ACCEPT, sc::ACCEPT4) else {
         return 0;
-    };
-    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
-    let rec = unsafe { &mut *rec };
-    rec.header = EventHeader {
-        ts_enter_ns: now,
-        ts_exit_ns: now,
-        pid_tgid: id,
-        conn_id: now,
-        ret,
-        fd: ret as i32,
-        captured: 0,
-        kind: kind::ACCEPT,
-        syscall: sc::ACCEPT4,
     };
     // The peer address, if the caller asked for it (sockaddr_in6 is the largest we decode).
     let addr = syscall_args().map_or(0, |a| a[1]);
@@ -266,21 +281,8 @@ fn exit_io(ctx: &TracePointContext, kind: u8, syscall: u8, layout: u8) -> u32 {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+    let Some(rec) = scratch_record(id, now, conn.conn_id, ret, fd, kind, syscall) else {
         return 0;
-    };
-    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
-    let rec = unsafe { &mut *rec };
-    rec.header = EventHeader {
-        ts_enter_ns: now,
-        ts_exit_ns: now,
-        pid_tgid: id,
-        conn_id: conn.conn_id,
-        ret,
-        fd,
-        captured: 0,
-        kind,
-        syscall,
     };
     if ret > 0 {
         let limit = config(&CAPTURE_BYTES) as u64;
