@@ -201,16 +201,7 @@ impl Aggregator {
         for (f, n) in calls {
             store.set_counter(&schema::CUDA_CALLS, label(schema::LABEL_FUNCTION, f), n);
         }
-        for (kind, n) in [
-            CopyKind::Unknown,
-            CopyKind::HostToDevice,
-            CopyKind::DeviceToHost,
-            CopyKind::DeviceToDevice,
-            CopyKind::HostToHost,
-        ]
-        .iter()
-        .zip(bytes)
-        {
+        for (kind, n) in CopyKind::ALL.iter().zip(bytes) {
             if n > 0 {
                 store.set_counter(
                     &schema::CUDA_COPY_BYTES,

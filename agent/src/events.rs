@@ -181,13 +181,7 @@ fn decode_cuda(h: &EventHeader, payload: &[u8]) -> Result<CudaCall, DecodeError>
             .get(i * 8..i * 8 + 8)
             .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
     };
-    let copy = match h.fd {
-        1 => cuda::CopyKind::HostToDevice,
-        2 => cuda::CopyKind::DeviceToHost,
-        3 => cuda::CopyKind::DeviceToDevice,
-        4 => cuda::CopyKind::HostToHost,
-        _ => cuda::CopyKind::Unknown,
-    };
+    let copy = u8::try_from(h.fd).map_or(cuda::CopyKind::Unknown, cuda::CopyKind::from_u8);
     Ok(CudaCall {
         pid: (h.pid_tgid >> 32) as u32,
         tid: h.pid_tgid as u32,

@@ -131,9 +131,10 @@ impl Pipeline {
         }
         let jsonl = opts.requests.as_deref().map(JsonLines::open).transpose()?;
         let aggregator = Aggregator::new(DEFAULT_MAX_MODELS, clock::unix_ns());
+        let clock = Clock::measure();
         let mut gpu = GpuStage::start(&opts.gpu);
         if opts.trace {
-            gpu.trace = Some(TraceWriter::new(Clock::measure().unix_offset_ns()));
+            gpu.trace = Some(TraceWriter::new(clock.unix_offset_ns()));
         }
         let metrics_server = match opts.metrics_addr {
             Some(addr) => {
@@ -163,7 +164,7 @@ impl Pipeline {
             kept: Vec::new(),
             probes,
             recon: Reconstructor::new(ReconstructConfig::default()),
-            clock: Clock::measure(),
+            clock,
             jsonl,
             known_pids: HashSet::new(),
             next_adopted_id: ADOPTED_CONN_ID_BASE,

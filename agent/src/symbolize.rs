@@ -11,39 +11,6 @@ use std::{
 
 use object::{Object, ObjectSegment, ObjectSymbol};
 
-/// One mapping of /proc/<pid>/maps backed by a file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Mapping {
-    start: u64,
-    end: u64,
-    offset: u64,
-    path: PathBuf,
-}
-
-fn parse_maps(text: &str) -> Vec<Mapping> {
-    text.lines()
-        .filter_map(|line| {
-            let mut it = line.split_whitespace();
-            let range = it.next()?;
-            let _perms = it.next()?;
-            let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-            let _dev = it.next()?;
-            let _inode = it.next()?;
-            let path = it.next()?;
-            if !path.starts_with('/') {
-                return None;
-            }
-            let (s, e) = range.split_once('-')?;
-            Some(Mapping {
-                start: u64::from_str_radix(s, 16).ok()?,
-                end: u64::from_str_radix(e, 16).ok()?,
-                offset,
-                path: PathBuf::from(path),
-            })
-        })
-        .collect()
-}
-
 /// Symbols and loadable segments of one ELF file.
 struct SymbolTable {
     /// (address, size, name), sorted by address.
@@ -108,8 +75,7 @@ pub struct Symbolizer {
 impl Symbolizer {
     /// The demangled name of the function at `addr` in process `pid`.
     pub fn symbolize(&mut self, pid: u32, addr: u64) -> Option<String> {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-        let m = parse_maps(&maps)
+        let m = crate::targets::file_mappings(pid)
             .into_iter()
             .find(|m| addr >= m.start && addr < m.end)?;
         // Through the process's root, so files inside containers resolve too.
@@ -148,19 +114,5 @@ mod tests {
             "rmsnorm_kernel(float*, int)"
         );
         assert_eq!(demangle("plain_c"), "plain_c");
-    }
-
-    #[test]
-    fn parses_maps_lines() {
-        let m = parse_maps("7f00-7f10 r-xp 00001000 08:01 1234 /usr/lib/libx.so\n7f20-7f30 rw-p 00000000 00:00 0 \n");
-        assert_eq!(
-            m,
-            vec![Mapping {
-                start: 0x7f00,
-                end: 0x7f10,
-                offset: 0x1000,
-                path: "/usr/lib/libx.so".into()
-            }]
-        );
     }
 }

@@ -7,11 +7,12 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    path::PathBuf,
 };
 
 use procfs::{
     net::{TcpNetEntry, TcpState},
-    process::{FDTarget, Process},
+    process::{FDTarget, MMapPath, Process},
 };
 
 /// TCP sockets of one process's network namespace, by inode.
@@ -123,6 +124,35 @@ pub fn peer_of(pid: u32, fd: i32) -> Option<SocketAddr> {
     let proc_ = Process::new(pid as i32).ok()?;
     let inode = socket_fds(&proc_).into_iter().find(|(f, _)| *f == fd)?.1;
     tcp_table(&proc_).get(&inode).map(|e| e.remote_address)
+}
+
+/// A region of a process's address space backed by a file (from /proc/<pid>/maps).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Offset of `start` in the file.
+    pub offset: u64,
+    /// The file's path in the process's mount namespace.
+    pub path: PathBuf,
+}
+
+/// File-backed mappings of a process (empty when it is gone or unreadable).
+pub fn file_mappings(pid: u32) -> Vec<FileMapping> {
+    let Ok(maps) = Process::new(pid as i32).and_then(|p| p.maps()) else {
+        return Vec::new();
+    };
+    maps.into_iter()
+        .filter_map(|m| match m.pathname {
+            MMapPath::Path(path) => Some(FileMapping {
+                start: m.address.0,
+                end: m.address.1,
+                offset: m.offset,
+                path,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn process_alive(pid: u32) -> bool {

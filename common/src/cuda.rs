@@ -60,6 +60,23 @@ pub enum CopyKind {
 }
 
 impl CopyKind {
+    /// Every direction, in discriminant order (the index of `Stat::bytes_by_kind`).
+    pub const ALL: [CopyKind; 5] = [
+        CopyKind::Unknown,
+        CopyKind::HostToDevice,
+        CopyKind::DeviceToHost,
+        CopyKind::DeviceToDevice,
+        CopyKind::HostToHost,
+    ];
+
+    /// From the discriminant the eBPF side records; anything else is `Unknown`.
+    pub fn from_u8(v: u8) -> Self {
+        Self::ALL
+            .get(v as usize)
+            .copied()
+            .unwrap_or(CopyKind::Unknown)
+    }
+
     /// From `cudaMemcpyKind` (0 HtoH, 1 HtoD, 2 DtoH, 3 DtoD, 4 default/inferred).
     pub fn from_runtime_kind(kind: u64) -> Self {
         match kind {
@@ -454,6 +471,7 @@ mod tests {
             assert_eq!(Class::from_u8(c.class()), Some(f.class));
             assert_eq!(c.copy(), f.copy as u8);
             assert_eq!(c.timed(), f.ret);
+            assert_eq!(CopyKind::from_u8(f.copy as u8), f.copy);
             assert!(
                 !(f.ret && f.class == Class::Launch),
                 "no return probes on launches"

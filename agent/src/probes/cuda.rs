@@ -38,18 +38,10 @@ pub fn library_api(path: &Path) -> Option<Api> {
 /// CUDA libraries mapped by a process, as paths reachable from the agent's mount namespace
 /// (`/proc/<pid>/root/...`, which also works for containers).
 pub fn mapped_cuda_libraries(pid: u32) -> Vec<PathBuf> {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
     let mut out: Vec<PathBuf> = Vec::new();
-    for line in maps.lines() {
-        // address perms offset dev inode path
-        let Some(path) = line.split_whitespace().nth(5) else {
-            continue;
-        };
-        let path = Path::new(path);
-        if library_api(path).is_some() {
-            let p = PathBuf::from(format!("/proc/{pid}/root{}", path.display()));
+    for m in crate::targets::file_mappings(pid) {
+        if library_api(&m.path).is_some() {
+            let p = PathBuf::from(format!("/proc/{pid}/root{}", m.path.display()));
             if !out.contains(&p) {
                 out.push(p);
             }
