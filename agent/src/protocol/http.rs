@@ -705,7 +705,7 @@ impl HeaderInfo {
             if name.eq_ignore_ascii_case("content-length") {
                 // A list of identical values is allowed (RFC 9110 §8.6); different ones are not.
                 for v in h.value.split(|&b| b == b',') {
-                    let n = parse_decimal(trim(v)).ok_or(MalformedKind::BadFraming)?;
+                    let n = parse_decimal(v.trim_ascii()).ok_or(MalformedKind::BadFraming)?;
                     if info.content_length.is_some_and(|c| c != n) {
                         return Err(MalformedKind::BadFraming);
                     }
@@ -718,12 +718,12 @@ impl HeaderInfo {
                     .value
                     .rsplit(|&b| b == b',')
                     .next()
-                    .map(trim)
+                    .map(<[u8]>::trim_ascii)
                     .unwrap_or(b"");
                 info.chunked = last.eq_ignore_ascii_case(b"chunked");
             } else if name.eq_ignore_ascii_case("content-type") {
-                let v = trim(h.value);
-                let essence = trim(v.split(|&b| b == b';').next().unwrap_or(b""));
+                let v = h.value.trim_ascii();
+                let essence = v.split(|&b| b == b';').next().unwrap_or(b"").trim_ascii();
                 info.content_type = Some(if essence.eq_ignore_ascii_case(b"text/event-stream") {
                     ContentType::EventStream
                 } else if essence.len() >= 4
@@ -735,7 +735,7 @@ impl HeaderInfo {
                     ContentType::Other
                 });
             } else if name.eq_ignore_ascii_case("connection") {
-                for tok in h.value.split(|&b| b == b',').map(trim) {
+                for tok in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if tok.eq_ignore_ascii_case(b"close") {
                         info.connection = Some(true);
                     } else if tok.eq_ignore_ascii_case(b"keep-alive") && info.connection.is_none() {
@@ -750,18 +750,6 @@ impl HeaderInfo {
     fn close(&self, minor_version: u8) -> bool {
         self.connection.unwrap_or(minor_version == 0)
     }
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &v[start..end]
 }
 
 fn parse_decimal(v: &[u8]) -> Option<u64> {
@@ -790,7 +778,7 @@ fn parse_chunk_line(line: &[u8]) -> Option<u64> {
         size = (size << 4) | u64::from((b as char).to_digit(16)?);
     }
     let tail = &line[digits..];
-    let tail_trimmed = trim(tail);
+    let tail_trimmed = tail.trim_ascii();
     if !(tail_trimmed.is_empty() || tail_trimmed[0] == b';') {
         return None;
     }

@@ -38,7 +38,7 @@ pub struct EventInfo<'a> {
 /// Classifies one SSE event's data or a non-streaming JSON body. Payloads that do not parse
 /// (cut by the capture limit) get the byte-level check (`fallback` set).
 pub fn classify(data: &[u8]) -> EventInfo<'_> {
-    let trimmed = trim(data);
+    let trimmed = data.trim_ascii();
     if trimmed == b"[DONE]" {
         return EventInfo {
             done: true,
@@ -68,7 +68,7 @@ pub fn request_info(body: &[u8]) -> RequestInfo<'_> {
         #[serde(default)]
         stream: Option<bool>,
     }
-    let body = trim(body);
+    let body = body.trim_ascii();
     if let Ok(r) = serde_json::from_slice::<Req<'_>>(body) {
         return RequestInfo {
             model: r.model,
@@ -503,18 +503,6 @@ fn number_value(data: &[u8], key: &[u8]) -> Option<u64> {
         }
         std::str::from_utf8(&s[..n]).ok()?.parse().ok()
     })
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &v[start..end]
 }
 
 #[cfg(test)]
