@@ -9,6 +9,7 @@
 extern crate std;
 
 pub mod cuda;
+pub mod profile;
 
 /// Largest payload the kernel copies per syscall. A power of two so the eBPF side can bound
 /// lengths with a mask the verifier understands.
@@ -127,7 +128,13 @@ pub mod counter {
     pub const PAYLOAD_FAULT: u32 = 2;
     /// The CUDA statistics map was full: a (process, thread, function) is not aggregated.
     pub const CUDA_MAP_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The sample ring buffer was full: a stack sample was lost.
+    pub const SAMPLE_RING_FULL: u32 = 4;
+    /// A sample could not be assembled (scratch memory unavailable, unreadable registers).
+    pub const SAMPLE_FAILED: u32 = 5;
+    /// The off-CPU or Python thread map was full: a switch-out or thread is not followed.
+    pub const PROFILE_MAP_FULL: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     pub fn name(i: u32) -> &'static str {
         match i {
@@ -135,6 +142,9 @@ pub mod counter {
             CONN_MAP_FULL => "conn_map_full",
             PAYLOAD_FAULT => "payload_fault",
             CUDA_MAP_FULL => "cuda_map_full",
+            SAMPLE_RING_FULL => "sample_ring_full",
+            SAMPLE_FAILED => "sample_failed",
+            PROFILE_MAP_FULL => "profile_map_full",
             _ => "unused",
         }
     }
@@ -149,6 +159,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::profile::PyProc {}
+    unsafe impl aya::Pod for super::profile::OffCpuTotals {}
 }
 
 #[cfg(test)]

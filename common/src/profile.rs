@@ -1,0 +1,259 @@
+//! Profiling ABI: stack samples taken in the kernel (on-CPU timer samples, off-CPU switch-outs,
+//! CUDA launch sites) and the per-process Python layout user space hands to the kernel so it can
+//! walk the interpreter's frames.
+//!
+//! Samples travel on their own ring buffer (`SAMPLES`), apart from the socket events, so a burst
+//! of stacks never delays token timing and the profiler drains at its own pace. Every record
+//! starts with a [`SampleHeader`]; stack samples are a whole [`SampleRecord`] cut after
+//! `user_stack_len` bytes of `stack` (so the fixed part is always there and only the copied stack
+//! varies), and `OFFCPU_END` records are the header alone.
+
+/// Most bytes of the user stack copied per sample (from the sampled `sp` upward). A power of two
+/// so lengths can be bounded with a mask the verifier understands.
+pub const MAX_STACK_BYTES: usize = 16384;
+/// Default copy: enough for deep C++/Python native stacks on x86-64.
+pub const DEFAULT_STACK_BYTES: u32 = 16384;
+/// Kernel frames kept per sample (`bpf_get_stack`).
+pub const MAX_KERNEL_FRAMES: usize = 64;
+/// Python frames walked per sample; deeper stacks are cut at the root end (flag `PY_TRUNCATED`).
+pub const MAX_PY_FRAMES: usize = 128;
+/// Python threads walked to find the sampled thread's `PyThreadState` when it is not cached.
+pub const MAX_PY_THREADS: usize = 128;
+
+/// What a sample record describes (`SampleHeader::kind`).
+pub mod sample_kind {
+    /// A `cpu-clock` timer sample of a traced thread (on-CPU).
+    pub const CPU: u8 = 1;
+    /// A traced thread switched out (`sched_switch`), with its stack at that moment. Its
+    /// duration arrives later as an [`OFFCPU_END`] record with the same tid and `aux` = this
+    /// record's `ts_ns`. Sampled 1 in `OFFCPU_SAMPLE_EVERY` switch-outs.
+    pub const OFFCPU: u8 = 2;
+    /// The thread of an earlier [`OFFCPU`] record ran again: `ts_ns` is the switch-in time,
+    /// `aux` the switch-out time. Header only.
+    pub const OFFCPU_END: u8 = 3;
+    /// A CUDA launch (uprobe on a launch function), with the launching thread's stack. `aux`
+    /// holds the attach cookie (`cuda::Cookie`), `aux2` the kernel handle (CUfunction or host
+    /// stub) or graph. Sampled 1 in `LAUNCH_SAMPLE_EVERY` launches.
+    pub const LAUNCH: u8 = 4;
+}
+
+/// `SampleHeader::flags`.
+pub mod sample_flags {
+    /// The timer interrupted the thread in kernel mode: `kernel_frames` are its kernel stack and
+    /// `ip`/`sp`/`bp` are the user registers saved at kernel entry.
+    pub const IN_KERNEL: u8 = 1;
+    /// More Python frames than `MAX_PY_FRAMES`: the outermost ones are missing.
+    pub const PY_TRUNCATED: u8 = 2;
+    /// The Python walk failed part-way (unreadable memory, a thread state that was being torn
+    /// down): the frames present are valid, the rest is missing.
+    pub const PY_ERROR: u8 = 4;
+    /// The user stack copy stopped at unreadable memory before the wanted size (usually the top
+    /// of the stack mapping: the stack is then complete, not cut).
+    pub const STACK_SHORT: u8 = 8;
+    /// Off-CPU: the thread was preempted while runnable (waiting for a CPU), not blocked.
+    pub const PREEMPTED: u8 = 16;
+    /// The process is a known Python process but no `PyThreadState` matched this thread (a
+    /// native-only thread, e.g. a BLAS/OpenMP worker).
+    pub const PY_NO_THREAD: u8 = 32;
+}
+
+/// Header of every sample record. 72 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleHeader {
+    /// CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`) when the sample was taken.
+    pub ts_ns: u64,
+    /// `tgid << 32 | tid` of the sampled thread.
+    pub pid_tgid: u64,
+    /// User-mode instruction pointer, stack pointer and frame pointer of the sampled thread (the
+    /// registers saved at kernel entry when the sample interrupted kernel mode).
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// `OFFCPU_END`: switch-out time of the period that ended; `LAUNCH`: attach cookie.
+    pub aux: u64,
+    /// `LAUNCH`: kernel handle / host stub / graph exec passed to the launch function.
+    pub aux2: u64,
+    /// Bytes of `SampleRecord::stack` that follow the fixed part (≤ `MAX_STACK_BYTES`).
+    pub user_stack_len: u32,
+    /// Valid entries of `SampleRecord::kernel`.
+    pub kernel_frames: u16,
+    /// Valid entries of `SampleRecord::python`, innermost first.
+    pub py_frames: u16,
+    pub cpu: u16,
+    /// One of [`sample_kind`].
+    pub kind: u8,
+    /// Bits of [`sample_flags`].
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+pub const SAMPLE_HEADER_LEN: usize = core::mem::size_of::<SampleHeader>();
+
+/// One Python frame as the kernel walked it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    /// Address of the frame's code object in the target process, with [`PY_FRAME_ENTRY`] in the
+    /// top bit.
+    pub code: u64,
+    /// 3.11+: the frame's instruction pointer (`prev_instr` / `instr_ptr`, an address inside the
+    /// code object's bytecode); 3.10: `f_lasti` (an index in code units).
+    pub instr: u64,
+}
+
+/// Set on `PyFrame::code` for the outermost frame of one `_PyEval_EvalFrameDefault` invocation
+/// (3.11: `is_entry`; 3.12+: the frame right before a C-stack shim frame; 3.10: every frame).
+/// Merging with native frames replaces the k-th eval-loop native frame with the k-th such group.
+pub const PY_FRAME_ENTRY: u64 = 1 << 63;
+
+impl PyFrame {
+    pub fn code_addr(&self) -> u64 {
+        self.code & !PY_FRAME_ENTRY
+    }
+    pub fn is_entry(&self) -> bool {
+        self.code & PY_FRAME_ENTRY != 0
+    }
+}
+
+/// The record the eBPF side assembles in per-CPU scratch memory and emits up to
+/// `SAMPLE_FIXED_LEN + user_stack_len` bytes of.
+#[repr(C)]
+pub struct SampleRecord {
+    pub header: SampleHeader,
+    /// Kernel return addresses, innermost first.
+    pub kernel: [u64; MAX_KERNEL_FRAMES],
+    pub python: [PyFrame; MAX_PY_FRAMES],
+    /// The user stack from `header.sp` upward.
+    pub stack: [u8; MAX_STACK_BYTES],
+}
+
+/// Bytes of a stack sample before its copied user stack.
+pub const SAMPLE_FIXED_LEN: usize = core::mem::offset_of!(SampleRecord, stack);
+
+/// Marks an offset that does not exist in this interpreter version.
+pub const PY_OFFSET_NONE: u16 = u16::MAX;
+
+/// Field offsets the kernel needs to walk one CPython version's frames. Filled by user space
+/// from its per-version tables (and checked against the interpreter's own debug offsets where
+/// it has them, 3.13+).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyOffsets {
+    /// `PyInterpreterState`: first thread state (`threads.head`; 3.10 `tstate_head`).
+    pub interp_threads_head: u16,
+    /// `PyThreadState.next`.
+    pub tstate_next: u16,
+    /// `PyThreadState.native_thread_id` (the kernel tid).
+    pub tstate_native_thread_id: u16,
+    /// `PyThreadState` → current frame: 3.10 `frame`, 3.11/3.12 `cframe`, 3.13+ `current_frame`.
+    pub tstate_frame: u16,
+    /// 3.11/3.12: `_PyCFrame.current_frame` (one more dereference after `tstate_frame`);
+    /// `PY_OFFSET_NONE` when `tstate_frame` points at the frame itself.
+    pub cframe_current_frame: u16,
+    /// Frame → code object: `f_code` (3.10–3.12), `f_executable` (3.13+).
+    pub frame_code: u16,
+    /// Frame → outer frame: `previous` (3.11+), `f_back` (3.10).
+    pub frame_previous: u16,
+    /// Frame → instruction: `prev_instr` (3.11/3.12), `instr_ptr` (3.13+), `f_lasti` (3.10, an
+    /// `int`; see `PyProc::flags`).
+    pub frame_instr: u16,
+    /// `_PyInterpreterFrame.owner` (a `char`); `PY_OFFSET_NONE` on 3.10.
+    pub frame_owner: u16,
+    /// `_PyInterpreterFrame.is_entry` (3.11 only); `PY_OFFSET_NONE` elsewhere.
+    pub frame_is_entry: u16,
+    /// `PyObject.ob_type` (to check that `f_executable` is a code object, 3.13+).
+    pub object_type: u16,
+    pub _pad: [u16; 5],
+}
+
+impl Default for PyOffsets {
+    fn default() -> Self {
+        PyOffsets {
+            interp_threads_head: PY_OFFSET_NONE,
+            tstate_next: PY_OFFSET_NONE,
+            tstate_native_thread_id: PY_OFFSET_NONE,
+            tstate_frame: PY_OFFSET_NONE,
+            cframe_current_frame: PY_OFFSET_NONE,
+            frame_code: PY_OFFSET_NONE,
+            frame_previous: PY_OFFSET_NONE,
+            frame_instr: PY_OFFSET_NONE,
+            frame_owner: PY_OFFSET_NONE,
+            frame_is_entry: PY_OFFSET_NONE,
+            object_type: PY_OFFSET_NONE,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// `PyProc::flags`.
+pub mod py_flags {
+    /// `frame_instr` is a 4-byte `f_lasti` (3.10), not a pointer.
+    pub const LASTI_IS_INT: u32 = 1;
+}
+
+/// Value of the kernel's per-process Python map (key: tgid): where the interpreter is and how to
+/// walk it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProc {
+    /// Address of the main `PyInterpreterState` in the target process.
+    pub interp: u64,
+    /// Address of `PyCode_Type`; frames whose executable has another type are skipped (3.13+
+    /// shim frames). 0: no check.
+    pub code_type: u64,
+    pub offsets: PyOffsets,
+    /// `(major << 8) | minor`, e.g. `0x030b` for 3.11.
+    pub version: u16,
+    /// `_PyInterpreterFrame.owner` value of C-stack shim frames (3.12+: 3), skipped and turned
+    /// into an entry mark on the frame before them; 0xff when the version has none.
+    pub owner_cstack: u8,
+    pub _pad0: u8,
+    /// Bits of [`py_flags`].
+    pub flags: u32,
+}
+
+/// Indices of the profiler's control array (`PROFILE_CONTROL`), written by user space at run
+/// time.
+pub mod profile_control {
+    /// Capture 1 in N off-CPU switch-outs of traced threads with their stacks (0: off-CPU
+    /// profiling off). Every switch-out still counts in the off-CPU totals.
+    pub const OFFCPU_SAMPLE_EVERY: u32 = 0;
+    /// Capture the stack of 1 in N CUDA launches (0: off).
+    pub const LAUNCH_SAMPLE_EVERY: u32 = 1;
+    /// Bytes of user stack to copy per sample (≤ `MAX_STACK_BYTES`, rounded to 8).
+    pub const STACK_BYTES: u32 = 2;
+    /// 1: on-CPU timer samples are taken (the perf events stay attached either way).
+    pub const CPU_ON: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Per-process off-CPU totals kept in the kernel (every switch-out, sampled or not).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuTotals {
+    /// Time traced threads spent blocked (sleeping) off-CPU.
+    pub blocked_ns: u64,
+    /// Time traced threads spent runnable but not running (preempted).
+    pub preempted_ns: u64,
+    /// Switch-outs counted.
+    pub switches: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(SAMPLE_HEADER_LEN, 72);
+        assert_eq!(core::mem::size_of::<PyFrame>(), 16);
+        assert_eq!(
+            SAMPLE_FIXED_LEN,
+            72 + 8 * MAX_KERNEL_FRAMES + 16 * MAX_PY_FRAMES
+        );
+        assert_eq!(core::mem::size_of::<PyOffsets>(), 32);
+        assert_eq!(core::mem::size_of::<PyProc>(), 56);
+        assert!(MAX_STACK_BYTES.is_power_of_two());
+    }
+}
