@@ -20,6 +20,7 @@ pub mod events;
 pub mod gpu;
 pub mod pipeline;
 pub mod probes;
+pub mod profiling;
 pub mod protocol;
 pub mod reconstruct;
 pub mod record;

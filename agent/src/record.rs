@@ -125,6 +125,70 @@ impl RequestRecord {
     pub fn is_streaming(&self) -> bool {
         self.stream
     }
+
+    /// The median inter-token gap and the gaps longer than `factor ×` that median, longest
+    /// first, at most `max` of them. One definition of a "slow token" for every consumer (GPU
+    /// correlation, CPU attribution, metrics).
+    pub fn slow_gaps(&self, factor: f64, max: usize) -> SlowGaps {
+        let t = &self.token_ns;
+        if t.len() < 2 {
+            return SlowGaps::default();
+        }
+        let gaps: Vec<TokenGap> = t
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| TokenGap {
+                token_index: i + 1,
+                start_ns: w[0],
+                end_ns: w[1].max(w[0]),
+            })
+            .collect();
+        let mut sorted: Vec<u64> = gaps.iter().map(TokenGap::gap_ns).collect();
+        sorted.sort_unstable();
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2
+        };
+        let threshold = factor * median as f64;
+        let mut slow: Vec<TokenGap> = gaps
+            .iter()
+            .copied()
+            .filter(|g| g.gap_ns() as f64 > threshold)
+            .collect();
+        slow.sort_by_key(|g| (std::cmp::Reverse(g.gap_ns()), g.token_index));
+        slow.truncate(max);
+        SlowGaps {
+            median_ns: Some(median),
+            all: gaps,
+            slow,
+        }
+    }
+}
+
+/// The gap before content event `token_index` (1-based: the gap between events i-1 and i).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenGap {
+    pub token_index: usize,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+impl TokenGap {
+    pub fn gap_ns(&self) -> u64 {
+        self.end_ns - self.start_ns
+    }
+}
+
+/// Result of [`RequestRecord::slow_gaps`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlowGaps {
+    pub median_ns: Option<u64>,
+    /// Every gap, in order.
+    pub all: Vec<TokenGap>,
+    /// The slow ones, longest first.
+    pub slow: Vec<TokenGap>,
 }
 
 #[cfg(test)]
@@ -166,5 +230,19 @@ mod tests {
         assert_eq!(r.e2e_ns(), 4_000);
         assert_eq!(r.itl_ns().collect::<Vec<_>>(), vec![1_000, 1_500]);
         assert_eq!(r.tpot_ns(), Some(2_500 / 3));
+    }
+
+    #[test]
+    fn slow_gaps_are_relative_to_the_median() {
+        let mut r = rec();
+        r.token_ns = vec![0, 10, 20, 30, 130, 140, 200];
+        let g = r.slow_gaps(3.0, 5);
+        assert_eq!(g.median_ns, Some(10));
+        assert_eq!(g.all.len(), 6);
+        let slow: Vec<(usize, u64)> = g.slow.iter().map(|g| (g.token_index, g.gap_ns())).collect();
+        assert_eq!(slow, vec![(4, 100), (6, 60)]);
+        assert_eq!(r.slow_gaps(3.0, 1).slow.len(), 1);
+        r.token_ns = vec![5];
+        assert_eq!(r.slow_gaps(3.0, 5), SlowGaps::default());
     }
 }

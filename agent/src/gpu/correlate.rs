@@ -752,34 +752,19 @@ impl Correlator {
         rec: &RequestRecord,
         me: RequestKey,
     ) -> (Option<u64>, Option<GapBreakdown>, Vec<TokenGapExplanation>) {
-        let t = &rec.token_ns;
-        if t.len() < 2 {
+        let gaps = rec.slow_gaps(self.cfg.slow_gap_factor, self.cfg.max_slow_gaps);
+        let Some(median) = gaps.median_ns else {
             return (None, None, Vec::new());
-        }
-        let gaps: Vec<(usize, u64, u64)> = t
-            .windows(2)
-            .enumerate()
-            .map(|(i, w)| (i + 1, w[0], w[1].max(w[0])))
-            .collect();
-        let mut sorted: Vec<u64> = gaps.iter().map(|&(_, a, b)| b - a).collect();
-        sorted.sort_unstable();
-        let n = sorted.len();
-        let median = if n % 2 == 1 {
-            sorted[n / 2]
-        } else {
-            (sorted[n / 2 - 1] + sorted[n / 2]) / 2
         };
         let mut total = GapBreakdown::default();
-        for &(_, a, b) in &gaps {
-            total.add(&w.host.breakdown(a, b));
+        for g in &gaps.all {
+            total.add(&w.host.breakdown(g.start_ns, g.end_ns));
         }
-        let threshold = self.cfg.slow_gap_factor * median as f64;
-        let mut slow: Vec<(usize, u64, u64)> = gaps
-            .into_iter()
-            .filter(|&(_, a, b)| (b - a) as f64 > threshold)
+        let slow: Vec<(usize, u64, u64)> = gaps
+            .slow
+            .iter()
+            .map(|g| (g.token_index, g.start_ns, g.end_ns))
             .collect();
-        slow.sort_by_key(|&(i, a, b)| (std::cmp::Reverse(b - a), i));
-        slow.truncate(self.cfg.max_slow_gaps);
         let explained = slow
             .into_iter()
             .map(|(i, a, b)| {
