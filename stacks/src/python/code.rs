@@ -278,7 +278,11 @@ impl<M: Memory> CodeReader<M> {
         )?;
         let filename = self.read_str(word(&head, l.code_filename), MAX_FILENAME_CHARS)?;
         let first_line = word(&head, l.code_firstlineno) as u32;
-        let first_line = if (first_line as i32) < 0 { 0 } else { first_line };
+        let first_line = if (first_line as i32) < 0 {
+            0
+        } else {
+            first_line
+        };
         let table = self.read_bytes(word(&head, l.code_linetable), MAX_LINETABLE_BYTES)?;
         let (lines, bytecode, bytecode_len, instr_kind) = match l.code_bytecode {
             Bytecode::Bytes { co_code } => {

@@ -46,7 +46,7 @@ pub enum DiscoverError {
     /// The process does not exist (any more).
     #[error("process is gone")]
     Gone,
-    /// No mapped ELF file defines `_PyRuntime`: not a CPython ≥ 3.7 process.
+    /// No mapped ELF file defines `_PyRuntime` or `Py_Initialize`: not a CPython process.
     #[error("not a CPython process")]
     NotPython,
     /// A CPython this crate has no tables for.
@@ -148,6 +148,8 @@ struct Symbols {
     py_version: Option<u64>,
     /// `Py_IsNone` (a function since 3.10): tells 3.10 from 3.7–3.9, which lack `Py_Version`.
     is_none: bool,
+    /// `Py_Initialize`: any CPython, including those too old to have `_PyRuntime`.
+    py_initialize: bool,
 }
 
 impl Symbols {
@@ -175,6 +177,10 @@ impl Symbols {
             b"Py_Version" => &mut self.py_version,
             b"Py_IsNone" => {
                 self.is_none = true;
+                return;
+            }
+            b"Py_Initialize" => {
+                self.py_initialize = true;
                 return;
             }
             _ => return,
@@ -296,7 +302,11 @@ fn read_symbols(pid: u32, c: &Candidate) -> Result<(Symbols, u64), DiscoverError
         }
         None => {
             return Err(DiscoverError::Io {
-                what: format!("{}: no segment maps offset {:#x}", c.path.display(), c.offset),
+                what: format!(
+                    "{}: no segment maps offset {:#x}",
+                    c.path.display(),
+                    c.offset
+                ),
                 error: std::io::Error::from(std::io::ErrorKind::InvalidData),
             })
         }
@@ -304,7 +314,20 @@ fn read_symbols(pid: u32, c: &Candidate) -> Result<(Symbols, u64), DiscoverError
     Ok((syms, bias))
 }
 
-/// The version family of a file without `Py_Version`, from its symbols and name.
+/// The `X.Y` a CPython file name carries (`python3.9`, `libpython3.6m.so.1.0` → `3.9`, `3.6`).
+fn version_from_name(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let rest = &name[name.find("python")? + 6..];
+    let digits: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let digits = digits.trim_end_matches('.');
+    (!digits.is_empty()).then(|| digits.to_string())
+}
+
+/// The version family of a file with `_PyRuntime` but without `Py_Version`: 3.10 (recognised
+/// by its symbols) or an unsupported 3.7–3.9.
 fn version_without_py_version(syms: &Symbols, path: &Path) -> Result<PyVersion, DiscoverError> {
     if syms.is_none {
         return Ok(PyVersion {
@@ -313,21 +336,9 @@ fn version_without_py_version(syms: &Symbols, path: &Path) -> Result<PyVersion, 
             patch: None,
         });
     }
-    // 3.7–3.9: name it from the file name when it says (python3.9, libpython3.8.so).
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let version = name
-        .find("python")
-        .map(|i| &name[i + 6..])
-        .and_then(|rest| {
-            let digits: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.')
-                .collect();
-            let digits = digits.trim_end_matches('.');
-            (!digits.is_empty()).then(|| digits.to_string())
-        })
-        .unwrap_or_else(|| "< 3.10".to_string());
-    Err(DiscoverError::Unsupported { version })
+    Err(DiscoverError::Unsupported {
+        version: version_from_name(path).unwrap_or_else(|| "3.7-3.9".to_string()),
+    })
 }
 
 /// Finds the CPython interpreter of `pid`. See the module docs for what is checked.
@@ -338,6 +349,7 @@ pub fn discover(pid: u32) -> Result<PythonProcess, DiscoverError> {
     })?;
     let mut first_error = None;
     let mut saw_runtime = false;
+    let mut old_python = None;
     for c in candidates(pid)? {
         let (syms, bias) = match read_symbols(pid, &c) {
             Ok(x) => x,
@@ -347,6 +359,9 @@ pub fn discover(pid: u32) -> Result<PythonProcess, DiscoverError> {
             }
         };
         if syms.runtime.is_none() {
+            if syms.py_initialize {
+                old_python.get_or_insert(c.path.clone());
+            }
             continue;
         }
         saw_runtime = true;
@@ -357,6 +372,12 @@ pub fn discover(pid: u32) -> Result<PythonProcess, DiscoverError> {
     }
     if saw_runtime {
         return Err(DiscoverError::NotInitialized);
+    }
+    // A CPython without _PyRuntime (≤ 3.6): name its version from the file name.
+    if let Some(path) = old_python {
+        return Err(DiscoverError::Unsupported {
+            version: version_from_name(&path).unwrap_or_else(|| "< 3.7".to_string()),
+        });
     }
     // A file we could not read may have been the interpreter; say so rather than NotPython.
     Err(first_error.unwrap_or(DiscoverError::NotPython))
@@ -532,7 +553,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match version_without_py_version(&syms, Path::new("/opt/bin/pyapp")) {
-            Err(DiscoverError::Unsupported { version }) => assert_eq!(version, "< 3.10"),
+            Err(DiscoverError::Unsupported { version }) => assert_eq!(version, "3.7-3.9"),
             other => panic!("{other:?}"),
         }
         let syms = Symbols {
@@ -541,6 +562,16 @@ mod tests {
         };
         let v = version_without_py_version(&syms, Path::new("/opt/bin/pyapp")).unwrap();
         assert_eq!((v.major, v.minor, v.patch), (3, 10, None));
+    }
+
+    #[test]
+    fn version_in_file_names() {
+        let v = |p: &str| version_from_name(Path::new(p));
+        assert_eq!(v("/usr/lib/libpython2.7.so.1.0").as_deref(), Some("2.7"));
+        assert_eq!(v("/x/libpython3.6m.so.1.0").as_deref(), Some("3.6"));
+        assert_eq!(v("/usr/bin/python3.12").as_deref(), Some("3.12"));
+        assert_eq!(v("/usr/bin/python"), None);
+        assert_eq!(v("/usr/bin/uwsgi"), None);
     }
 
     #[test]

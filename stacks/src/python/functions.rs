@@ -107,7 +107,10 @@ mod tests {
             ("Klass.method", "/app/x.py", 10)
         );
         // File names are shared, not copied per function.
-        assert!(Arc::ptr_eq(&t.get(a).unwrap().filename, &t.get(c).unwrap().filename));
+        assert!(Arc::ptr_eq(
+            &t.get(a).unwrap().filename,
+            &t.get(c).unwrap().filename
+        ));
         t.clear();
         assert!(t.is_empty());
         assert_eq!(t.intern("f", "g", 1), FunctionId(0));

@@ -92,24 +92,32 @@ pub fn merge<S: AsRef<str>, F: AsRef<[S]>>(native: &[F], python_entry: &[bool]) 
     for (i, f) in native.iter().enumerate() {
         let names = f.as_ref();
         if names.is_empty() {
-            out.slots.push(Slot::Native { frame: i, inline: 0 });
+            out.slots.push(Slot::Native {
+                frame: i,
+                inline: 0,
+            });
             continue;
         }
         for (j, n) in names.iter().enumerate() {
             if is_eval_function(n.as_ref()) {
                 out.eval_frames += 1;
                 if let Some(g) = groups.get(next) {
-                    out.slots.extend(g.clone().map(|frame| Slot::Python { frame }));
+                    out.slots
+                        .extend(g.clone().map(|frame| Slot::Python { frame }));
                     next += 1;
                     continue;
                 }
             }
-            out.slots.push(Slot::Native { frame: i, inline: j });
+            out.slots.push(Slot::Native {
+                frame: i,
+                inline: j,
+            });
         }
     }
     out.replaced = next;
     for g in &groups[next..] {
-        out.slots.extend(g.clone().map(|frame| Slot::Python { frame }));
+        out.slots
+            .extend(g.clone().map(|frame| Slot::Python { frame }));
     }
     out
 }
@@ -180,7 +188,11 @@ mod tests {
     #[test]
     fn inlined_names_around_the_eval_loop_are_kept() {
         let native: &[&[&str]] = &[
-            &["_Py_DECREF", "_PyEval_EvalFrameDefault", "_PyEval_EvalFrame"],
+            &[
+                "_Py_DECREF",
+                "_PyEval_EvalFrameDefault",
+                "_PyEval_EvalFrame",
+            ],
             &["main"],
         ];
         let py = ["f"];
@@ -198,7 +210,10 @@ mod tests {
         let py = ["a", "b", "c"];
         let m = merge(native, &[true, true, true]);
         assert_eq!((m.eval_frames, m.groups, m.replaced), (1, 3, 1));
-        assert_eq!(names(native, &m, &py), ["memcpy", "py:a", "?", "py:b", "py:c"]);
+        assert_eq!(
+            names(native, &m, &py),
+            ["memcpy", "py:a", "?", "py:b", "py:c"]
+        );
     }
 
     #[test]

@@ -435,13 +435,25 @@ pub const DEBUG_OFFSETS_313: DebugOffsetsLayout = DebugOffsetsLayout {
     version: 8,
     free_threaded: 16,
     fields: debug_fields![
-        ("debug.runtime_state.interpreters_head", 40, "runtime.interpreters_head"),
-        ("debug.interpreter_state.threads_head", 72, "interp.threads_head"),
+        (
+            "debug.runtime_state.interpreters_head",
+            40,
+            "runtime.interpreters_head"
+        ),
+        (
+            "debug.interpreter_state.threads_head",
+            72,
+            "interp.threads_head"
+        ),
         ("debug.thread_state.next", 168, "tstate.next"),
         ("debug.thread_state.interp", 176, "tstate.interp"),
         ("debug.thread_state.current_frame", 184, "tstate.frame"),
         ("debug.thread_state.thread_id", 192, "tstate.thread_id"),
-        ("debug.thread_state.native_thread_id", 200, "tstate.native_thread_id"),
+        (
+            "debug.thread_state.native_thread_id",
+            200,
+            "tstate.native_thread_id"
+        ),
         ("debug.interpreter_frame.previous", 232, "frame.previous"),
         ("debug.interpreter_frame.executable", 240, "frame.code"),
         ("debug.interpreter_frame.instr_ptr", 248, "frame.instr"),
@@ -451,14 +463,22 @@ pub const DEBUG_OFFSETS_313: DebugOffsetsLayout = DebugOffsetsLayout {
         ("debug.code_object.qualname", 296, "code.co_qualname"),
         ("debug.code_object.linetable", 304, "code.co_linetable"),
         ("debug.code_object.firstlineno", 312, "code.co_firstlineno"),
-        ("debug.code_object.co_code_adaptive", 344, "code.co_code_adaptive"),
+        (
+            "debug.code_object.co_code_adaptive",
+            344,
+            "code.co_code_adaptive"
+        ),
         ("debug.pyobject.ob_type", 360, "object.ob_type"),
         ("debug.type_object.tp_name", 376, "type.tp_name"),
         ("debug.bytes_object.ob_size", 520, "bytes.ob_size"),
         ("debug.bytes_object.ob_sval", 528, "bytes.ob_sval"),
         ("debug.unicode_object.state", 544, "unicode.state"),
         ("debug.unicode_object.length", 552, "unicode.length"),
-        ("debug.unicode_object.asciiobject_size", 560, "unicode.ascii_size"),
+        (
+            "debug.unicode_object.asciiobject_size",
+            560,
+            "unicode.ascii_size"
+        ),
     ],
 };
 
@@ -486,7 +506,10 @@ mod tests {
             assert_eq!(proc.offsets.frame_is_entry != PY_OFFSET_NONE, minor == 11);
             assert_eq!(proc.owner_cstack != 0xff, minor >= 12);
             assert_eq!(proc.flags & py_flags::LASTI_IS_INT != 0, minor == 10);
-            assert_eq!(proc.flags & py_flags::THREAD_ID_IS_PTHREAD != 0, minor == 10);
+            assert_eq!(
+                proc.flags & py_flags::THREAD_ID_IS_PTHREAD != 0,
+                minor == 10
+            );
         }
         assert!(layout(3, 9).is_none());
         assert!(layout(3, 14).is_none());

@@ -204,8 +204,7 @@ fn walk_frames(
             mem.read_u64(f + off(o.frame_instr))?
         };
         let entry = every_frame_entry
-            || (o.frame_is_entry != PY_OFFSET_NONE
-                && mem.read_u8(f + off(o.frame_is_entry))? != 0);
+            || (o.frame_is_entry != PY_OFFSET_NONE && mem.read_u8(f + off(o.frame_is_entry))? != 0);
         out.frames.push(PyFrame {
             code: code | if entry { PY_FRAME_ENTRY } else { 0 },
             instr,
