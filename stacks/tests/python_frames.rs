@@ -423,3 +423,60 @@ fn walks_and_resolves_real_interpreters_like_py_spy_and_gdb() {
         child.kill();
     }
 }
+
+/// Names and file names of every `str` kind: Latin-1 (1 byte, non-ASCII), UCS-2 and UCS-4, in
+/// a directory whose name needs UCS-4.
+#[test]
+fn non_ascii_names_and_files_resolve() {
+    const TEST: &str = "non_ascii_names_and_files_resolve";
+    if !support::require_root(TEST) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("données_数据_\u{20000}");
+    std::fs::create_dir(&sub).unwrap();
+    let script = sub.join("names.py");
+    std::fs::write(
+        &script,
+        "def naïve():\n    n = 0\n    while n >= 0: n += 1  # @leaf\n\
+         class Ünïcödé:\n    def 函数(self):\n        return naïve()  # @method\n\
+         def \u{20000}():\n    return Ünïcödé().函数()  # @top\n\
+         print('ready', flush=True)\n\u{20000}()  # @main\n",
+    )
+    .unwrap();
+    let at = support::markers(&script);
+    let file = script.to_str().unwrap().to_string();
+    for interp in support::interpreters(TEST) {
+        let v = interp.version;
+        let m = interp.minor;
+        let child = support::Script::start(&interp.python(), &script, &[]);
+        let pid = child.pid();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let p = discover(pid).unwrap();
+        let proc = p.py_proc();
+        let stopped = Stopped::attach(pid).unwrap();
+        let mem = ProcMem::open(pid).unwrap();
+        let w = walk::walk(&mem, &proc, stopped.thread(pid).unwrap().key());
+        let mut r = Resolver::default();
+        r.add_process(&p).unwrap();
+        let got: Vec<(String, String, Option<u32>)> = w
+            .frames
+            .iter()
+            .map(|f| {
+                let loc = r.resolve(pid, *f).unwrap();
+                let func = r.function(loc.function).unwrap();
+                (func.qualname.to_string(), func.filename.to_string(), loc.line)
+            })
+            .collect();
+        let want = [
+            ("naïve".to_string(), "leaf"),
+            (qual(m, "Ünïcödé", "函数"), "method"),
+            ("\u{20000}".to_string(), "top"),
+            ("<module>".to_string(), "main"),
+        ]
+        .map(|(n, mark)| (n, file.clone(), Some(at[mark])));
+        assert_eq!(got, want, "{v}");
+        drop(stopped);
+        drop(child);
+    }
+}

@@ -197,9 +197,9 @@ impl<M: Memory> CodeReader<M> {
             return Err(bad(format!("state {state:#x}")));
         }
         let data = match (compact, ascii) {
-            (true, true) => addr + u.ascii_size,
-            (true, false) => addr + u.compact_size,
-            (false, _) => self.mem.read_u64(addr + u.data)?,
+            (true, true) => addr.wrapping_add(u.ascii_size),
+            (true, false) => addr.wrapping_add(u.compact_size),
+            (false, _) => self.mem.read_u64(addr.wrapping_add(u.data))?,
         };
         let nbytes = len as usize * kind as usize;
         let inline_at = data.wrapping_sub(addr) as usize;
@@ -249,7 +249,9 @@ impl<M: Memory> CodeReader<M> {
         if sval + len <= head.len() {
             return Ok(head[sval..sval + len].to_vec());
         }
-        Ok(self.mem.read_vec(addr + sval as u64, len, limit)?)
+        Ok(self
+            .mem
+            .read_vec(addr.wrapping_add(sval as u64), len, limit)?)
     }
 
     /// Reads the code object at `addr`.
@@ -292,7 +294,7 @@ impl<M: Memory> CodeReader<M> {
                 let len = self.bytes_len(code_bytes, &bhead, 1 << 30)?;
                 (
                     LineTable::parse_310(&table, first_line),
-                    code_bytes + l.bytes_sval,
+                    code_bytes.wrapping_add(l.bytes_sval),
                     len as u64,
                     InstrKind::LastI,
                 )
@@ -308,7 +310,7 @@ impl<M: Memory> CodeReader<M> {
                 }
                 (
                     LineTable::parse_311(&table, first_line),
-                    addr + co_code_adaptive,
+                    addr.wrapping_add(co_code_adaptive),
                     units * CODE_UNIT,
                     InstrKind::Pointer,
                 )

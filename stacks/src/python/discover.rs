@@ -293,12 +293,13 @@ fn read_symbols(pid: u32, c: &Candidate) -> Result<(Symbols, u64), DiscoverError
     // The segment holding the mapping's file offset gives the link-time address of `start`.
     let seg = obj.segments().find(|s| {
         let (off, size) = s.file_range();
-        off <= c.offset && c.offset < off + size.max(1)
+        off <= c.offset && c.offset < off.saturating_add(size.max(1))
     });
     let bias = match seg {
         Some(s) => {
             let (off, _) = s.file_range();
-            c.start.wrapping_sub(s.address() + (c.offset - off))
+            c.start
+                .wrapping_sub(s.address().wrapping_add(c.offset - off))
         }
         None => {
             return Err(DiscoverError::Io {
@@ -423,7 +424,7 @@ fn from_symbols(
         check_debug_offsets(mem, runtime, version, syms, bias, layout, debug)?;
     }
 
-    let interp = mem.read_u64(runtime + layout.runtime_interpreters_main)?;
+    let interp = mem.read_u64(runtime.wrapping_add(layout.runtime_interpreters_main))?;
     if interp == 0 {
         return Err(DiscoverError::NotInitialized);
     }
@@ -436,13 +437,13 @@ fn from_symbols(
         (unicode_type, "str"),
         (bytes_type, "bytes"),
     ] {
-        let meta = mem.read_u64(ty + layout.object_type)?;
+        let meta = mem.read_u64(ty.wrapping_add(layout.object_type))?;
         if meta != type_type {
             return Err(invalid(format!(
                 "type object {name} at {ty:#x} has type {meta:#x}, not PyType_Type {type_type:#x}"
             )));
         }
-        let tp_name = mem.read_u64(ty + layout.type_tp_name)?;
+        let tp_name = mem.read_u64(ty.wrapping_add(layout.type_tp_name))?;
         let got = mem.read_cstr(tp_name, 64)?;
         if got != name.as_bytes() {
             return Err(invalid(format!(
@@ -453,9 +454,9 @@ fn from_symbols(
     }
 
     // The first thread state, if any, must point back at this interpreter.
-    let head = mem.read_u64(interp + layout.interp_threads_head)?;
+    let head = mem.read_u64(interp.wrapping_add(layout.interp_threads_head))?;
     if head != 0 {
-        let back = mem.read_u64(head + layout.tstate_interp)?;
+        let back = mem.read_u64(head.wrapping_add(layout.tstate_interp))?;
         if back != interp {
             return Err(invalid(format!(
                 "thread state {head:#x} belongs to interpreter {back:#x}, not {interp:#x}"
@@ -536,6 +537,94 @@ fn check_debug_offsets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One contiguous block of target memory.
+    struct Flat {
+        base: u64,
+        bytes: Vec<u8>,
+    }
+
+    impl Memory for Flat {
+        fn read_exact_at(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+            let bad = ReadError::Unreadable {
+                addr,
+                len: buf.len(),
+                errno: libc::EFAULT,
+            };
+            let start = addr.checked_sub(self.base).ok_or(bad.clone())? as usize;
+            let src = self.bytes.get(start..start + buf.len()).ok_or(bad)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+    }
+
+    /// A `_Py_DebugOffsets` block as a 3.13 interpreter laid out like our table would have it.
+    fn debug_block(version_hex: u64) -> Flat {
+        let d = &offsets::DEBUG_OFFSETS_313;
+        let mut bytes = vec![0u8; d.size as usize + 8];
+        bytes[..8].copy_from_slice(DEBUG_COOKIE);
+        bytes[d.version as usize..][..8].copy_from_slice(&version_hex.to_le_bytes());
+        for f in d.fields {
+            let v = offsets::PY313.field(f.table_field).unwrap();
+            bytes[f.position as usize..][..8].copy_from_slice(&v.to_le_bytes());
+        }
+        // Py_Version right after the block.
+        let at = d.size as usize;
+        bytes[at..at + 8].copy_from_slice(&version_hex.to_le_bytes());
+        Flat {
+            base: 0x1000,
+            bytes,
+        }
+    }
+
+    #[test]
+    fn debug_offsets_must_agree_with_the_table() {
+        let d = &offsets::DEBUG_OFFSETS_313;
+        let v = PyVersion {
+            major: 3,
+            minor: 13,
+            patch: Some(0),
+        };
+        let syms = Symbols {
+            py_version: Some(0x1000 + d.size),
+            ..Default::default()
+        };
+        let check = |m: &Flat| check_debug_offsets(m, 0x1000, v, &syms, 0, &offsets::PY313, d);
+        let good = debug_block(0x030d00f0);
+        check(&good).unwrap();
+
+        // Every single field that differs is named in the refusal.
+        for f in d.fields {
+            let mut m = debug_block(0x030d00f0);
+            m.bytes[f.position as usize] ^= 8;
+            match check(&m) {
+                Err(DiscoverError::LayoutMismatch { field, .. }) => assert_eq!(field, f.name),
+                other => panic!("{}: {other:?}", f.name),
+            }
+        }
+        let mut m = debug_block(0x030d00f0);
+        m.bytes[d.free_threaded as usize] = 1;
+        assert!(matches!(check(&m), Err(DiscoverError::FreeThreaded { .. })));
+        let mut m = debug_block(0x030d00f0);
+        m.bytes[0] = b'y';
+        assert!(matches!(check(&m), Err(DiscoverError::Invalid { .. })));
+        // The block's version must be the process's Py_Version.
+        let mut m = debug_block(0x030d00f0);
+        m.bytes[d.version as usize + 1] = 1;
+        assert!(matches!(
+            check(&m),
+            Err(DiscoverError::LayoutMismatch {
+                field: "debug.version",
+                ..
+            })
+        ));
+        // Unreadable runtime: an error, not a panic.
+        let short = Flat {
+            base: 0x1000,
+            bytes: vec![0; 100],
+        };
+        assert!(matches!(check(&short), Err(DiscoverError::Read(_))));
+    }
 
     #[test]
     fn libpython_names() {

@@ -76,10 +76,11 @@ pub trait Memory {
             let want = chunk.len().min(limit - out.len());
             // A string may end right before an unmapped page: fall back to byte reads when a
             // whole chunk cannot be read.
-            let got = match self.read_exact_at(addr + out.len() as u64, &mut chunk[..want]) {
+            let at = addr.wrapping_add(out.len() as u64);
+            let got = match self.read_exact_at(at, &mut chunk[..want]) {
                 Ok(()) => want,
                 Err(_) => {
-                    self.read_exact_at(addr + out.len() as u64, &mut chunk[..1])?;
+                    self.read_exact_at(at, &mut chunk[..1])?;
                     1
                 }
             };
