@@ -465,7 +465,11 @@ fn non_ascii_names_and_files_resolve() {
             .map(|f| {
                 let loc = r.resolve(pid, *f).unwrap();
                 let func = r.function(loc.function).unwrap();
-                (func.qualname.to_string(), func.filename.to_string(), loc.line)
+                (
+                    func.qualname.to_string(),
+                    func.filename.to_string(),
+                    loc.line,
+                )
             })
             .collect();
         let want = [

@@ -664,6 +664,26 @@ mod tests {
     }
 
     #[test]
+    fn mapped_files_open_through_the_root_when_map_files_fails() {
+        let pid = std::process::id();
+        let mut exe = candidates(pid)
+            .unwrap()
+            .into_iter()
+            .find(|c| !is_libpython(&c.path))
+            .expect("the test binary is mapped");
+        open_mapped(pid, &exe).unwrap();
+        // No such map_files entry: /proc/<pid>/root/<path> is used.
+        exe.start = 0x1000;
+        exe.end = 0x2000;
+        open_mapped(pid, &exe).unwrap();
+        exe.path = PathBuf::from("/nonexistent/python3.12");
+        assert!(matches!(
+            open_mapped(pid, &exe),
+            Err(DiscoverError::Io { .. })
+        ));
+    }
+
+    #[test]
     fn this_test_binary_is_not_python() {
         match discover(std::process::id()) {
             Err(DiscoverError::NotPython) => {}
