@@ -17,6 +17,16 @@
 //!   semantics, the reference for the eBPF walker's tests and a debugging aid. Not used on the
 //!   profiling path.
 //!
+//! # Using it
+//!
+//! ```text
+//! new process  → discover(pid) → Ok(p): PY_PROCS[pid] = p.py_proc(); resolver.add_process(&p)
+//!                               Err(e): count e.reason(); retry later if e.is_transient()
+//! each sample  → for f in python frames: resolver.resolve(pid, f) → PyLocation
+//!                merge::merge(native names, entry marks) → one leaf-first stack
+//! process exit → resolver.forget_process(pid); remove PY_PROCS[pid]
+//! ```
+//!
 //! [`PyProc`]: infertap_common::profile::PyProc
 //! [`PyFrame`]: infertap_common::profile::PyFrame
 

@@ -100,21 +100,22 @@ fn a_process_exiting_mid_read_gives_errors_not_panics() {
                 let mem = ProcMem::open(pid).unwrap();
                 let (mut ok, mut failed_walks, mut failed_resolves) = (0u64, 0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
+                    // The walk reads through an fd opened before the exit; the resolver opens
+                    // the memory anew (which fails once the process is gone).
+                    let walks: Vec<_> = keys.iter().map(|k| walk::walk(&mem, &proc, *k)).collect();
+                    failed_walks += walks
+                        .iter()
+                        .filter(|w| w.flags & sample_flags::PY_ERROR != 0)
+                        .count() as u64;
                     let mut r = Resolver::default();
                     if r.add_process(&p).is_err() {
                         failed_resolves += 1;
                         continue;
                     }
-                    for k in &keys {
-                        let w = walk::walk(&mem, &proc, *k);
-                        if w.flags & sample_flags::PY_ERROR != 0 {
-                            failed_walks += 1;
-                        }
-                        for f in &w.frames {
-                            match r.resolve(pid, *f) {
-                                Ok(_) => ok += 1,
-                                Err(_) => failed_resolves += 1,
-                            }
+                    for f in walks.iter().flat_map(|w| &w.frames) {
+                        match r.resolve(pid, *f) {
+                            Ok(_) => ok += 1,
+                            Err(_) => failed_resolves += 1,
                         }
                     }
                 }

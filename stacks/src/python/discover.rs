@@ -124,16 +124,17 @@ pub struct PythonProcess {
     pub bytes_type: u64,
     /// The offset table for `version`.
     pub layout: &'static Layout,
+    py_proc: PyProc,
 }
 
 impl PythonProcess {
     /// The record to put in the kernel's per-process Python map (key: tgid).
+    ///
+    /// Its `code_type` is set for 3.13+ only, where a frame's `f_executable` may be something
+    /// other than a code object; 3.10–3.12 frames always point at code objects, so the kernel
+    /// is spared one read per frame there (the resolver type-checks every code object anyway).
     pub fn py_proc(&self) -> PyProc {
-        // Every table fits the ABI (offsets::tests::every_table_fits_the_kernel_abi), and
-        // discovery refused the process otherwise.
-        self.layout
-            .py_proc(self.interp, self.code_type)
-            .unwrap_or_default()
+        self.py_proc
     }
 }
 
@@ -463,6 +464,10 @@ fn from_symbols(
             )));
         }
     }
+    let kernel_code_type = if version.minor >= 13 { code_type } else { 0 };
+    let py_proc = layout
+        .py_proc(interp, kernel_code_type)
+        .ok_or_else(|| invalid("an offset does not fit the kernel ABI".into()))?;
     Ok(PythonProcess {
         pid,
         version,
@@ -474,6 +479,7 @@ fn from_symbols(
         unicode_type,
         bytes_type,
         layout,
+        py_proc,
     })
 }
 

@@ -6,8 +6,9 @@
 //! # The walk, step by step (what the eBPF walker must do)
 //!
 //! Input: the sampled task's tid and fs base (`task->thread.fsbase`), and the process's
-//! [`PyProc`] `p` (`o` = `p.offsets`). All reads are 8-byte little-endian pointers unless said;
-//! any failed read stops the walk with `PY_ERROR`, keeping the frames already emitted.
+//! [`PyProc`] `p` (`o` = `p.offsets`). All reads are 8-byte little-endian pointers unless said,
+//! at `base + offset` in wrapping `u64` arithmetic; any failed read stops the walk with
+//! `PY_ERROR`, keeping the frames already emitted.
 //!
 //! 1. **Thread.** `key` = fs base if `p.flags & THREAD_ID_IS_PTHREAD` (3.10), else the tid.
 //!    `ts = *(p.interp + o.interp_threads_head)`; up to `MAX_PY_THREADS` times: if `ts == 0`
