@@ -50,10 +50,7 @@ fn non_python_and_unsupported_processes_are_refused_with_a_reason() {
         ("3.6.15", "python3.6", "3.6"),
         ("2.7.18", "python2.7", "2.7"),
     ] {
-        let python = std::path::Path::new("/root/.pyenv/versions")
-            .join(version)
-            .join("bin")
-            .join(bin);
+        let python = support::pyenv_root().join(version).join("bin").join(bin);
         if !python.exists() {
             support::skip(&format!("{TEST}[{version}]"), "not installed");
             continue;

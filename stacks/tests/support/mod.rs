@@ -56,7 +56,7 @@ pub const VERSIONS: [(&str, u8); 4] = [
     ("3.13.0", 13),
 ];
 
-fn pyenv_root() -> PathBuf {
+pub fn pyenv_root() -> PathBuf {
     std::env::var_os("INFERTAP_PYENV_VERSIONS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root/.pyenv/versions"))
