@@ -144,7 +144,9 @@ pub struct PyOffsets {
     pub interp_threads_head: u16,
     /// `PyThreadState.next`.
     pub tstate_next: u16,
-    /// `PyThreadState.native_thread_id` (the kernel tid).
+    /// `PyThreadState.native_thread_id` (the kernel tid), 3.11+. 3.10 has no such field: there it
+    /// is `PyThreadState.thread_id` (the creating thread's `pthread_t`) and `PyProc::flags` has
+    /// [`py_flags::THREAD_ID_IS_PTHREAD`].
     pub tstate_native_thread_id: u16,
     /// `PyThreadState` → current frame: 3.10 `frame`, 3.11/3.12 `cframe`, 3.13+ `current_frame`.
     pub tstate_frame: u16,
@@ -190,6 +192,11 @@ impl Default for PyOffsets {
 pub mod py_flags {
     /// `frame_instr` is a 4-byte `f_lasti` (3.10), not a pointer.
     pub const LASTI_IS_INT: u32 = 1;
+    /// `tstate_native_thread_id` is the offset of `thread_id`, an 8-byte `pthread_t` (3.10,
+    /// which records no kernel tid): match it against the sampled task's fs base
+    /// (`task->thread.fsbase`), not its tid. On x86-64 glibc and musl a thread's `pthread_t` is
+    /// the address of its thread control block, which is what `fs` points at.
+    pub const THREAD_ID_IS_PTHREAD: u32 = 2;
 }
 
 /// Value of the kernel's per-process Python map (key: tgid): where the interpreter is and how to
