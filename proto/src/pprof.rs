@@ -440,6 +440,7 @@ type SampleKey = (Vec<u64>, Vec<LabelKey>);
 /// (an identical stack with identical labels adds its values to the existing sample).
 #[derive(Debug, Clone)]
 pub struct ProfileBuilder {
+    kind: Option<ProfileKind>,
     strings: StringTable,
     profile: pb::Profile,
     mappings: HashMap<MappingKey, u64>,
@@ -475,6 +476,7 @@ impl ProfileBuilder {
     /// value (nanoseconds) as the default sample type.
     pub fn new(kind: ProfileKind) -> Self {
         let mut b = Self::with_sample_types(&kind.sample_types());
+        b.kind = Some(kind);
         let (ty, unit) = kind.default_period_type();
         b.set_period(ty, unit, 0);
         b
@@ -483,6 +485,7 @@ impl ProfileBuilder {
     /// A builder with arbitrary sample types (`(type, unit)`); the last is the default.
     pub fn with_sample_types(sample_types: &[(&str, &str)]) -> Self {
         let mut b = ProfileBuilder {
+            kind: None,
             strings: StringTable::default(),
             profile: pb::Profile::default(),
             mappings: HashMap::new(),
@@ -728,6 +731,24 @@ impl ProfileBuilder {
     pub fn encode_gzip(self) -> (Vec<u8>, u64) {
         let count = self.sample_count();
         (encode_gzip(&self.build()), count)
+    }
+
+    /// The finished profile as it travels on an `IntervalReport` (type, time range from
+    /// [`ProfileBuilder::set_time`], gzipped bytes, sample count): what the agent hands to the
+    /// gRPC exporter's `attach_profile`. `None` for a builder made with
+    /// [`ProfileBuilder::with_sample_types`] (no [`ProfileKind`]).
+    pub fn into_profile_data(self) -> Option<crate::pb::ProfileData> {
+        let kind = self.kind?;
+        let start = self.profile.time_nanos.max(0) as u64;
+        let end = start.saturating_add(self.profile.duration_nanos.max(0) as u64);
+        let (bytes, sample_count) = self.encode_gzip();
+        Some(crate::pb::ProfileData {
+            r#type: kind.to_pb() as i32,
+            start_unix_ns: start,
+            end_unix_ns: end,
+            pprof: bytes.into(),
+            sample_count,
+        })
     }
 }
 
