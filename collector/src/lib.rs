@@ -524,6 +524,15 @@ impl Collector for CollectorService {
                     Ok(None) => break true,
                     Err(status) => {
                         tracing::debug!(node = %key.node, agent = %key.agent, "stream error: {status}");
+                        // Tell the agent why (e.g. a message over --max-message-bytes), if it
+                        // is still there to hear it.
+                        if matches!(
+                            status.code(),
+                            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                        ) {
+                            tracing::warn!(node = %key.node, agent = %key.agent, "refused a report: {}", status.message());
+                        }
+                        let _ = tx.send(Err(status)).await;
                         break false;
                     }
                 }

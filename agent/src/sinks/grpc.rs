@@ -596,10 +596,43 @@ impl Worker {
                 ack = acks.message() => match ack {
                     Ok(Some(ack)) => self.ack(ack.sequence),
                     Ok(None) => return lost(true, "collector ended the stream".into()),
-                    Err(status) => return lost(true, format!("{}: {}", status.code(), status.message())),
+                    Err(status) => {
+                        if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) {
+                            self.strip_refused_report();
+                        }
+                        return lost(true, format!("{}: {}", status.code(), status.message()));
+                    }
                 },
             }
         }
+    }
+
+    /// The collector refused a message as too large. It applies messages in order and acks
+    /// each, so the refused one is the oldest unacked report: its profiles go (counted as
+    /// `profile_too_large`) so that re-sending it can succeed instead of failing forever.
+    fn strip_refused_report(&mut self) {
+        let Some(r) = self.buffer.front_mut() else {
+            return;
+        };
+        if r.profiles.is_empty() {
+            return;
+        }
+        let n = r.profiles.len();
+        let bytes: usize = r.profiles.iter().map(|p| p.pprof.len()).sum();
+        let sequence = r.sequence;
+        r.profiles.clear();
+        self.profile_bytes = self.profile_bytes.saturating_sub(bytes);
+        self.stats
+            .oversized_profiles
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.publish();
+        tracing::warn!(
+            sequence,
+            profiles = n,
+            bytes,
+            "collector refused a report as too large; re-sending it without its profiles \
+             (raise the collector's --max-message-bytes or lower max_report_profile_bytes)"
+        );
     }
 }
 
