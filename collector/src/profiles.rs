@@ -379,8 +379,7 @@ impl ProfileStore {
         let mut m = Merger::new(q.labels.clone());
         let mut failed = 0;
         for data in &payloads {
-            let res = pprof::decode(data, self.cfg.max_decoded_bytes).and_then(|p| m.add(&p));
-            if let Err(e) = res {
+            if let Err(e) = m.add_encoded(data, self.cfg.max_decoded_bytes) {
                 failed += 1;
                 tracing::error!("stored profile failed to merge: {e}");
             }

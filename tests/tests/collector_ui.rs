@@ -259,7 +259,10 @@ async fn ui_page_shows_percentiles_and_flame_graph_in_headless_chromium() {
     .unwrap();
     let latency = &dom1[dom1.find("id=\"latency\"").unwrap()..];
     let latency = &latency[..latency.find("</table>").unwrap()];
-    assert!(!latency.contains("gpu-node-1") && latency.contains("gpu-node-2"), "{latency}");
+    assert!(
+        !latency.contains("gpu-node-1") && latency.contains("gpu-node-2"),
+        "{latency}"
+    );
     assert!(
         dom1.contains("<title>Scheduler.schedule (450,000 µs, 75.00%)</title>"),
         "node 2 only"
