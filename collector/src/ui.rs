@@ -291,11 +291,11 @@ pub(crate) fn page(fleet: &Fleet, raw: Option<&str>) -> (StatusCode, String) {
             k.name()
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
         "</select></label><label>from <input name=\"from\" size=\"22\" value=\"{}\" placeholder=\"-5m, unix s, RFC 3339\"></label>\
          <label>to <input name=\"to\" size=\"22\" value=\"{}\" placeholder=\"now\"></label>\
-         <button type=\"submit\">Show</button></form>\n",
+         <button type=\"submit\">Show</button></form>",
         esc(&sel.from_raw),
         esc(&sel.to_raw)
     );
@@ -346,9 +346,9 @@ pub(crate) fn page(fleet: &Fleet, raw: Option<&str>) -> (StatusCode, String) {
         [] => "all nodes".to_owned(),
         ns => ns.join(", "),
     };
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<h2 id=\"profile-heading\">{} profile: {} — {} to {}</h2>\n",
+        "<h2 id=\"profile-heading\">{} profile: {} — {} to {}</h2>",
         kind.name(),
         esc(&scope),
         utc(from),
@@ -359,9 +359,9 @@ pub(crate) fn page(fleet: &Fleet, raw: Option<&str>) -> (StatusCode, String) {
     let merge_ms = t_merge.elapsed().as_secs_f64() * 1e3;
     match &merged.profile {
         None => {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<p id=\"no-profile\">No {} profiles stored for {} in this range.</p>\n",
+                "<p id=\"no-profile\">No {} profiles stored for {} in this range.</p>",
                 kind.name(),
                 esc(&scope)
             );
@@ -369,10 +369,10 @@ pub(crate) fn page(fleet: &Fleet, raw: Option<&str>) -> (StatusCode, String) {
         Some(p) => {
             let samples = pprof::total(p, 0);
             let time_ns = pprof::total(p, 1);
-            let _ = write!(
+            let _ = writeln!(
                 h,
                 "<p id=\"profile-summary\">{} profiles merged: {samples} samples, {:.3} s of {} time. \
-                 <a href=\"/pprof/profile?{}\">Download pprof</a> (for <code>go tool pprof</code>).</p>\n",
+                 <a href=\"/pprof/profile?{}\">Download pprof</a> (for <code>go tool pprof</code>).</p>",
                 merged.profiles,
                 time_ns as f64 / 1e9,
                 kind.name(),
@@ -403,10 +403,10 @@ pub(crate) fn page(fleet: &Fleet, raw: Option<&str>) -> (StatusCode, String) {
         h.push_str("<table id=\"stored\"><tr><th class=\"l\">node</th><th class=\"l\">agent</th><th class=\"l\">type</th>\
                     <th>profiles</th><th>samples</th><th>KiB</th><th class=\"l\">from</th><th class=\"l\">to</th></tr>\n");
         for s in &summary {
-            let _ = write!(
+            let _ = writeln!(
                 h,
                 "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{:.1}</td>\
-                 <td class=\"l\">{}</td><td class=\"l\">{}</td></tr>\n",
+                 <td class=\"l\">{}</td><td class=\"l\">{}</td></tr>",
                 esc(&s.node),
                 esc(&s.agent),
                 s.kind,
