@@ -163,8 +163,9 @@ async fn nodes(State(fleet): State<Arc<Fleet>>) -> Response {
 }
 
 async fn ui(State(fleet): State<Arc<Fleet>>, RawQuery(raw): RawQuery) -> Response {
-    let f = fleet.clone();
-    let page = tokio::task::spawn_blocking(move || crate::ui::page(&f, raw.as_deref())).await;
+    let page = fleet
+        .run_cpu(move |f| crate::ui::page(f, raw.as_deref()))
+        .await;
     match page {
         Ok((status, html)) => (
             status,

@@ -153,6 +153,10 @@ pub struct Fleet {
     metrics: SelfMetrics,
     profiles: ProfileStore,
     forwarder: OnceLock<Forwarder>,
+    /// Bounds the CPU-heavy profile work (decoding on ingest, merging for queries) running at
+    /// once, to the number of cores: many agents or queries wait instead of piling up threads
+    /// and memory.
+    cpu_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// What happened to one report.
@@ -172,7 +176,31 @@ impl Fleet {
             metrics,
             profiles,
             forwarder: OnceLock::new(),
+            cpu_permits: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         }
+    }
+
+    /// Runs CPU-heavy profile work `f` on the blocking pool once a permit is free.
+    pub(crate) async fn run_cpu<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Fleet) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let permit = self
+            .cpu_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .context("collector shutting down")?;
+        let fleet = self.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&fleet)
+        })
+        .await
+        .context("profile task panicked")?;
+        Ok(out)
     }
 
     /// The profile store.
@@ -493,11 +521,10 @@ impl Collector for CollectorService {
                             ApplyResult::Applied { .. } if !report.profiles.is_empty() => {
                                 // Decoding and validating is CPU work: off the async threads,
                                 // but before the ack, so an acked report's profiles are stored.
-                                let (f, k) = (fleet.clone(), key.clone());
-                                let done = tokio::task::spawn_blocking(move || {
-                                    f.ingest_profiles(&k, &report.profiles)
-                                })
-                                .await;
+                                let k = key.clone();
+                                let done = fleet
+                                    .run_cpu(move |f| f.ingest_profiles(&k, &report.profiles))
+                                    .await;
                                 match done {
                                     Ok(d) => {
                                         tracing::debug!(node = %key.node, agent = %key.agent, seq, stored = d.stored.len(), rejected = d.rejected.len(), "report with profiles applied")

@@ -24,7 +24,8 @@ pub struct ProfileStoreConfig {
     pub max_bytes: usize,
     /// Profiles whose interval ended longer ago than this are evicted.
     pub retention: Duration,
-    /// Most bytes one profile may decompress to (gzip bombs are refused).
+    /// Most bytes one profile may decompress to (gzip bombs are refused). Decoded structures
+    /// take up to ~8x this in memory (packed varints become `u64`s), per profile being decoded.
     pub max_decoded_bytes: usize,
 }
 
@@ -33,7 +34,7 @@ impl Default for ProfileStoreConfig {
         ProfileStoreConfig {
             max_bytes: 512 << 20,
             retention: Duration::from_secs(3600),
-            max_decoded_bytes: 256 << 20,
+            max_decoded_bytes: 32 << 20,
         }
     }
 }

@@ -59,15 +59,16 @@ pub struct ExporterConfig {
 
 /// Default [`ExporterConfig::profile_buffer_bytes`]: 64 MiB.
 pub const DEFAULT_PROFILE_BUFFER_BYTES: usize = 64 << 20;
-/// Default [`ExporterConfig::max_profile_bytes`]: 8 MiB.
-pub const DEFAULT_MAX_PROFILE_BYTES: usize = 8 << 20;
+/// Default [`ExporterConfig::max_profile_bytes`]: 4 MiB (the collector refuses profiles that
+/// decompress to more than 32 MiB).
+pub const DEFAULT_MAX_PROFILE_BYTES: usize = 4 << 20;
 /// Default [`ExporterConfig::max_report_profile_bytes`]: 16 MiB (the collector accepts 64 MiB
 /// messages by default).
 pub const DEFAULT_MAX_REPORT_PROFILE_BYTES: usize = 16 << 20;
 
 impl ExporterConfig {
     /// Defaults: 720 buffered reports (1 h at a 5 s interval), backoff 250 ms → 30 s, 64 MiB of
-    /// profile payloads, 8 MiB per profile, 16 MiB of profiles per report.
+    /// profile payloads, 4 MiB per profile, 16 MiB of profiles per report.
     pub fn new(
         endpoint: impl Into<String>,
         node: impl Into<String>,
@@ -214,7 +215,8 @@ impl GrpcExporter {
     }
 
     /// Queues a report without blocking. Returns false (and counts a drop) when the exporter
-    /// cannot keep up or has stopped.
+    /// cannot keep up or has stopped. Profiles already on the report go with it (same bounds as
+    /// attached ones); profiles attached since the last report are added to it.
     pub fn submit(&self, report: IntervalReport) -> bool {
         match self.tx.try_send(Input::Report(report)) {
             Ok(()) => true,
@@ -387,28 +389,41 @@ impl Worker {
         Duration::from_nanos(half + self.rng % (half + 1))
     }
 
+    /// Whether a profile payload fits the per-profile limit; counts and logs one that does not.
+    fn profile_fits(&self, p: &ProfileData) -> bool {
+        let len = p.pprof.len();
+        if len <= self.cfg.max_profile_bytes {
+            return true;
+        }
+        let total = self
+            .stats
+            .oversized_profiles
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if total.is_power_of_two() {
+            tracing::warn!(
+                bytes = len,
+                limit = self.cfg.max_profile_bytes,
+                dropped_total = total,
+                "profile payload over the per-profile limit, dropped"
+            );
+        }
+        false
+    }
+
     fn take(&mut self, msg: Option<Input>) {
         match msg {
-            Some(Input::Report(report)) => self.push_report(report),
+            Some(Input::Report(mut report)) => {
+                let mut profiles = std::mem::take(&mut report.profiles);
+                profiles.retain(|p| self.profile_fits(p));
+                report.profiles = profiles;
+                self.push_report(report)
+            }
             Some(Input::Profile(p)) => {
-                let len = p.pprof.len();
-                if len > self.cfg.max_profile_bytes {
-                    let total = self
-                        .stats
-                        .oversized_profiles
-                        .fetch_add(1, Ordering::Relaxed)
-                        + 1;
-                    if total.is_power_of_two() {
-                        tracing::warn!(
-                            bytes = len,
-                            limit = self.cfg.max_profile_bytes,
-                            dropped_total = total,
-                            "profile payload over the per-profile limit, dropped"
-                        );
-                    }
+                if !self.profile_fits(&p) {
                     return;
                 }
-                self.profile_bytes += len;
+                self.profile_bytes += p.pprof.len();
                 self.pending_profiles.push_back(p);
                 self.enforce_profile_bound();
             }
