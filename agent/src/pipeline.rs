@@ -382,6 +382,14 @@ impl Pipeline {
                 infertap_proto::schema::DROP_REASON_EXPORT_BUFFER_FULL,
                 e.dropped_reports(),
             ));
+            drops.push((
+                infertap_proto::schema::DROP_REASON_PROFILE_BUFFER_FULL,
+                e.dropped_profiles(),
+            ));
+            drops.push((
+                infertap_proto::schema::DROP_REASON_PROFILE_TOO_LARGE,
+                e.oversized_profiles(),
+            ));
         }
         for (reason, n) in drops {
             self.aggregator.set_drops(reason, n);

@@ -11,20 +11,30 @@
 //! re-sends after a reconnect are acked but not counted again. Gauges are per agent and summed at
 //! scrape time; an agent's gauges disappear when it disconnects cleanly or sends nothing for
 //! `agent_timeout`, while its counters and histograms keep their totals.
+//!
+//! Profiles: reports may carry gzipped pprof profiles; those of applied (non-duplicate) reports
+//! are validated and kept in a bounded in-memory store ([`profiles`]), served merged on
+//! `/pprof/profile`, listed on `/pprof/nodes`, drawn as a flame graph on `/ui` next to the
+//! latency percentiles, and optionally forwarded to a Pyroscope-compatible backend
+//! ([`forward`]). All HTTP endpoints share the metrics address.
+
+pub mod forward;
+mod http;
+pub mod profiles;
+pub mod query;
+mod ui;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use infertap_proto::pb::collector_server::{Collector, CollectorServer};
-use infertap_proto::pb::{agent_message, Ack, AgentHello, AgentMessage, IntervalReport};
+use infertap_proto::pb::{
+    agent_message, Ack, AgentHello, AgentMessage, IntervalReport, ProfileData,
+};
 use infertap_proto::schema;
 use infertap_proto::store::MetricStore;
 use prometheus_client::encoding::text::encode;
@@ -37,6 +47,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::forward::{ForwardConfig, ForwardMetrics, Forwarder};
+use crate::profiles::{Ingested, ProfileMetrics, ProfileStore, ProfileStoreConfig};
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -60,7 +73,17 @@ pub struct CollectorConfig {
     pub aggregate_by: AggregateBy,
     /// Cap on distinct `model_name` values across the fleet (overflow → "other").
     pub max_models: usize,
+    /// Bounds of the profile store.
+    pub profiles: ProfileStoreConfig,
+    /// Largest gRPC message (one report with its profiles) accepted, bytes.
+    pub max_message_bytes: usize,
+    /// Forward every stored profile to this Pyroscope-compatible backend.
+    pub forward: Option<ForwardConfig>,
 }
+
+/// Default [`CollectorConfig::max_message_bytes`]: 64 MiB (agents put at most 16 MiB of
+/// profiles on one report by default).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 impl Default for CollectorConfig {
     fn default() -> Self {
@@ -68,8 +91,18 @@ impl Default for CollectorConfig {
             agent_timeout: Duration::from_secs(60),
             aggregate_by: AggregateBy::Agent,
             max_models: 256,
+            profiles: ProfileStoreConfig::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            forward: None,
         }
     }
+}
+
+/// Wall-clock now, unix ns.
+pub(crate) fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,6 +141,8 @@ struct SelfMetrics {
     agents_connected: Gauge,
     reports: Family<Vec<(String, String)>, Counter>,
     rejected_series: Family<Vec<(String, String)>, Counter>,
+    profiles: ProfileMetrics,
+    forward: ForwardMetrics,
 }
 
 /// The merged fleet state, shared by the gRPC service and the metrics endpoint.
@@ -116,6 +151,12 @@ pub struct Fleet {
     cfg: CollectorConfig,
     state: Mutex<FleetState>,
     metrics: SelfMetrics,
+    profiles: ProfileStore,
+    forwarder: OnceLock<Forwarder>,
+    /// Bounds the CPU-heavy profile work (decoding on ingest, merging for queries) running at
+    /// once, to the number of cores: many agents or queries wait instead of piling up threads
+    /// and memory.
+    cpu_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// What happened to one report.
@@ -127,11 +168,62 @@ pub enum ApplyResult {
 
 impl Fleet {
     pub fn new(cfg: CollectorConfig) -> Self {
+        let metrics = SelfMetrics::default();
+        let profiles = ProfileStore::new(cfg.profiles.clone(), metrics.profiles.clone());
         Fleet {
             cfg,
             state: Mutex::new(FleetState::default()),
-            metrics: SelfMetrics::default(),
+            metrics,
+            profiles,
+            forwarder: OnceLock::new(),
+            cpu_permits: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         }
+    }
+
+    /// Runs CPU-heavy profile work `f` on the blocking pool once a permit is free.
+    pub(crate) async fn run_cpu<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Fleet) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let permit = self
+            .cpu_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .context("collector shutting down")?;
+        let fleet = self.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&fleet)
+        })
+        .await
+        .context("profile task panicked")?;
+        Ok(out)
+    }
+
+    /// The profile store.
+    pub fn profiles(&self) -> &ProfileStore {
+        &self.profiles
+    }
+
+    pub fn config(&self) -> &CollectorConfig {
+        &self.cfg
+    }
+
+    /// Stores the profiles of an applied report and forwards the stored ones. CPU-bound
+    /// (decoding): call it off the async threads.
+    fn ingest_profiles(&self, key: &InstanceKey, profiles: &[ProfileData]) -> Ingested {
+        let done = self
+            .profiles
+            .ingest(&key.node, &key.agent, profiles, unix_now_ns());
+        if let Some(f) = self.forwarder.get() {
+            for p in &done.stored {
+                f.enqueue(&key.node, &key.agent, p);
+            }
+        }
+        done
     }
 
     fn lock(&self) -> MutexGuard<'_, FleetState> {
@@ -227,6 +319,7 @@ impl Fleet {
 
     /// Drops gauges of agents silent for longer than the timeout and forgets long-gone ones.
     pub fn sweep(&self) {
+        self.profiles.sweep(unix_now_ns());
         let mut st = self.lock();
         let timeout = self.cfg.agent_timeout;
         for (key, a) in st.agents.iter_mut() {
@@ -271,6 +364,55 @@ impl Fleet {
             "Report series skipped because they did not match the schema, by reason",
             self.metrics.rejected_series.clone(),
         );
+        let p = &self.metrics.profiles;
+        registry.register(
+            "infertap_collector_profiles_received",
+            "Profiles received on applied reports, by result (stored, rejected)",
+            p.received.clone(),
+        );
+        registry.register(
+            "infertap_collector_profiles_rejected",
+            "Profiles refused, by reason (gzip, protobuf, invalid, sample_types, sample_count, too_large, ...)",
+            p.rejected.clone(),
+        );
+        registry.register(
+            "infertap_collector_profiles_evicted",
+            "Stored profiles evicted, by reason (age: older than the retention; bytes: store full)",
+            p.evicted.clone(),
+        );
+        registry.register(
+            "infertap_collector_profile_store_bytes",
+            "Gzipped profile bytes held in the profile store",
+            p.stored_bytes.clone(),
+        );
+        registry.register(
+            "infertap_collector_profile_store_profiles",
+            "Profiles held in the profile store",
+            p.stored_profiles.clone(),
+        );
+        if self.forwarder.get().is_some() {
+            let f = &self.metrics.forward;
+            registry.register(
+                "infertap_collector_profiles_forwarded",
+                "Profiles delivered to the --profiles-url backend",
+                f.sent.clone(),
+            );
+            registry.register(
+                "infertap_collector_profile_forward_retries",
+                "Re-sends to the --profiles-url backend after a retryable failure",
+                f.retries.clone(),
+            );
+            registry.register(
+                "infertap_collector_profile_forward_dropped",
+                "Profiles not delivered to the --profiles-url backend, by reason (queue_full, retries_exhausted, rejected, shutdown)",
+                f.dropped.clone(),
+            );
+            registry.register(
+                "infertap_collector_profile_forward_queue",
+                "Profiles waiting to be forwarded",
+                f.queued.clone(),
+            );
+        }
         let mut out = String::new();
         encode(&mut out, &registry)?;
         Ok(out)
@@ -284,8 +426,12 @@ fn split_gauges(report: &IntervalReport) -> (IntervalReport, IntervalReport) {
         ..Default::default()
     };
     let counted = IntervalReport {
-        gauges: Vec::new(),
-        ..report.clone()
+        sequence: report.sequence,
+        start_unix_ns: report.start_unix_ns,
+        end_unix_ns: report.end_unix_ns,
+        histograms: report.histograms.clone(),
+        counters: report.counters.clone(),
+        ..Default::default()
     };
     (gauges, counted)
 }
@@ -372,6 +518,22 @@ impl Collector for CollectorService {
                             ApplyResult::Duplicate => {
                                 tracing::debug!(node = %key.node, agent = %key.agent, seq, "duplicate report acked again")
                             }
+                            ApplyResult::Applied { .. } if !report.profiles.is_empty() => {
+                                // Decoding and validating is CPU work: off the async threads,
+                                // but before the ack, so an acked report's profiles are stored.
+                                let k = key.clone();
+                                let done = fleet
+                                    .run_cpu(move |f| f.ingest_profiles(&k, &report.profiles))
+                                    .await;
+                                match done {
+                                    Ok(d) => {
+                                        tracing::debug!(node = %key.node, agent = %key.agent, seq, stored = d.stored.len(), rejected = d.rejected.len(), "report with profiles applied")
+                                    }
+                                    Err(e) => {
+                                        tracing::error!(node = %key.node, agent = %key.agent, seq, "profile ingestion failed: {e}")
+                                    }
+                                }
+                            }
                             ApplyResult::Applied { .. } => {
                                 tracing::debug!(node = %key.node, agent = %key.agent, seq, "report applied")
                             }
@@ -389,6 +551,15 @@ impl Collector for CollectorService {
                     Ok(None) => break true,
                     Err(status) => {
                         tracing::debug!(node = %key.node, agent = %key.agent, "stream error: {status}");
+                        // Tell the agent why (e.g. a message over --max-message-bytes), if it
+                        // is still there to hear it.
+                        if matches!(
+                            status.code(),
+                            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                        ) {
+                            tracing::warn!(node = %key.node, agent = %key.agent, "refused a report: {}", status.message());
+                        }
+                        let _ = tx.send(Err(status)).await;
                         break false;
                     }
                 }
@@ -424,14 +595,26 @@ pub async fn start(
     let metrics_addr = metrics.local_addr()?;
     let sweep_every =
         (cfg.agent_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let max_message = cfg.max_message_bytes;
+    let forward = cfg.forward.clone();
     let fleet = Arc::new(Fleet::new(cfg));
     let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
     let (http_stop, http_stopped) = oneshot::channel::<()>();
     let (sweep_stop, mut sweep_stopped) = oneshot::channel::<()>();
+    let mut stop = Vec::new();
+    let mut tasks = Vec::new();
+    if let Some(fc) = forward {
+        let (fwd_stop, fwd_stopped) = oneshot::channel::<()>();
+        let (forwarder, task) = Forwarder::spawn(fc, fleet.metrics.forward.clone(), fwd_stopped)?;
+        let _ = fleet.forwarder.set(forwarder);
+        stop.push(fwd_stop);
+        tasks.push(task);
+    }
 
     let service = CollectorServer::new(CollectorService {
         fleet: fleet.clone(),
-    });
+    })
+    .max_decoding_message_size(max_message);
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -444,30 +627,7 @@ pub async fn start(
             .context("gRPC server")
     });
 
-    let scrape_fleet = fleet.clone();
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let fleet = scrape_fleet.clone();
-                async move {
-                    fleet.sweep();
-                    match fleet.encode_openmetrics() {
-                        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body)
-                            .into_response(),
-                        Err(e) => {
-                            tracing::error!("encoding metrics failed: {e}");
-                            (
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "encoding metrics failed\n",
-                            )
-                                .into_response()
-                        }
-                    }
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }));
+    let app = http::router(fleet.clone());
     let http_task = tokio::spawn(async move {
         axum::serve(metrics, app)
             .with_graceful_shutdown(async {
@@ -488,12 +648,14 @@ pub async fn start(
         }
     });
     tracing::info!(%grpc_addr, %metrics_addr, "collector listening");
+    stop.extend([grpc_stop, http_stop, sweep_stop]);
+    tasks.extend([grpc_task, http_task, sweep_task]);
     Ok(RunningCollector {
         grpc_addr,
         metrics_addr,
         fleet,
-        stop: vec![grpc_stop, http_stop, sweep_stop],
-        tasks: vec![grpc_task, http_task, sweep_task],
+        stop,
+        tasks,
     })
 }
 

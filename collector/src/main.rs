@@ -1,11 +1,14 @@
 //! `infertap-collector`: merges interval reports from infertap agents (gRPC) and serves the fleet
-//! view on a Prometheus endpoint. See the library docs for the merging rules.
+//! view on a Prometheus endpoint, the agents' profiles (`/pprof/*`) and a web page (`/ui`). See
+//! the library docs for the merging rules.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use infertap_collector::forward::ForwardConfig;
+use infertap_collector::profiles::ProfileStoreConfig;
 use infertap_collector::{AggregateBy, CollectorConfig};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -20,7 +23,8 @@ struct Args {
         env = "INFERTAP_COLLECTOR_GRPC_ADDR"
     )]
     grpc_addr: SocketAddr,
-    /// Address of the Prometheus endpoint (`/metrics`, `/healthz`).
+    /// Address of the HTTP endpoints: `/metrics`, `/healthz`, `/pprof/profile`, `/pprof/nodes`,
+    /// `/ui`.
     #[arg(
         long,
         default_value = "0.0.0.0:9464",
@@ -36,6 +40,49 @@ struct Args {
     /// Cap on distinct model_name label values across the fleet.
     #[arg(long, default_value_t = 256)]
     max_models: usize,
+    /// Most gzipped profile bytes kept in memory across all agents (e.g. `512MiB`, `2GiB`); past
+    /// it the oldest profile of the agent holding the most goes first.
+    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+    profile_store_bytes: usize,
+    /// Profiles whose interval ended longer ago than this are evicted (e.g. `1h`, `30m`).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    profile_retention: Duration,
+    /// Largest gRPC message (one report with its profiles) accepted.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    max_message_bytes: usize,
+    /// Forward every stored profile to this Pyroscope-compatible backend
+    /// (`POST <url>/ingest?...&format=pprof`), e.g. `http://pyroscope:4040`.
+    #[arg(long, env = "INFERTAP_PROFILES_URL")]
+    profiles_url: Option<String>,
+    /// Application name of forwarded profiles (`name=<app>{node=..,agent=..,profile_type=..}`).
+    #[arg(long, default_value = "infertap")]
+    profiles_app: String,
+    /// Profiles waiting to be forwarded; past it new ones are dropped (and counted).
+    #[arg(long, default_value_t = 1024)]
+    profiles_queue: usize,
+}
+
+/// A byte size: a number with an optional K/M/G (×1000) or KiB/MiB/GiB (×1024) suffix.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of bytes, e.g. 512MiB"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{s:?}: must be positive and fit in memory"))
 }
 
 #[tokio::main]
@@ -58,10 +105,25 @@ async fn main() -> anyhow::Result<()> {
     let metrics = TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
+    anyhow::ensure!(
+        args.profile_retention > Duration::ZERO,
+        "--profile-retention must be positive"
+    );
     let cfg = CollectorConfig {
         agent_timeout: args.agent_timeout,
         aggregate_by: args.aggregate_by,
         max_models: args.max_models,
+        profiles: ProfileStoreConfig {
+            max_bytes: args.profile_store_bytes,
+            retention: args.profile_retention,
+            ..ProfileStoreConfig::default()
+        },
+        max_message_bytes: args.max_message_bytes,
+        forward: args.profiles_url.map(|url| {
+            let mut f = ForwardConfig::new(url, args.profiles_app.clone());
+            f.queue = args.profiles_queue;
+            f
+        }),
     };
     let mut collector = infertap_collector::start(cfg, grpc, metrics).await?;
     // One machine-readable line on stdout, for scripts and tests started with port 0.

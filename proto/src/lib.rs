@@ -1,8 +1,10 @@
 //! infertap's agent→collector protocol (`pb`, generated from `proto/infertap.proto`) and the
 //! metric schema both sides share (`schema`), plus the mergeable metric store (`store`) that the
 //! agent's and the collector's Prometheus endpoints both encode from, so metric names, label names
-//! and bucket bounds cannot drift apart.
+//! and bucket bounds cannot drift apart. `pprof` builds, decodes, validates and merges the
+//! profiles that reports carry.
 
+pub mod pprof;
 pub mod schema;
 pub mod store;
 

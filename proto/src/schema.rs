@@ -29,6 +29,12 @@ pub const MODEL_OTHER: &str = "other";
 pub const MAX_LABEL_VALUE_LEN: usize = 128;
 /// Drop reason used by the agent's gRPC exporter when its report buffer overflows.
 pub const DROP_REASON_EXPORT_BUFFER_FULL: &str = "export_buffer_full";
+/// Drop reason used by the agent's gRPC exporter for profile payloads it had to drop to stay
+/// within its byte bound on buffered profiles (the reports' metrics are kept).
+pub const DROP_REASON_PROFILE_BUFFER_FULL: &str = "profile_buffer_full";
+/// Drop reason used by the agent's gRPC exporter for a single profile payload larger than its
+/// per-profile limit (it could never be delivered).
+pub const DROP_REASON_PROFILE_TOO_LARGE: &str = "profile_too_large";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

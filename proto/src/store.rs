@@ -65,6 +65,31 @@ impl HistogramData {
         Ok(())
     }
 
+    /// The `q`-quantile (0..=1) estimated the way Prometheus' `histogram_quantile` does: linear
+    /// interpolation inside the bucket holding rank `q * count`, the first bucket starting at 0,
+    /// and the largest finite bound when the rank falls in the +Inf bucket. `None` when empty or
+    /// when the layout does not match `def`.
+    pub fn quantile(&self, def: &MetricDef, q: f64) -> Option<f64> {
+        if self.count == 0 || self.buckets.len() != def.bucket_count() || !(0.0..=1.0).contains(&q)
+        {
+            return None;
+        }
+        let rank = q * self.count as f64;
+        let mut below = 0u64;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let Some(&upper) = def.bounds.get(i) else {
+                    return def.bounds.last().copied();
+                };
+                let lower = if i == 0 { 0.0 } else { def.bounds[i - 1] };
+                let into = (rank - below as f64).max(0.0);
+                return Some(lower + (upper - lower) * into / n as f64);
+            }
+            below += n;
+        }
+        def.bounds.last().copied()
+    }
+
     /// What was added since `earlier` (a previous copy of the same series). A series that went
     /// down (a reset) counts from zero.
     pub fn delta_since(&self, earlier: &HistogramData) -> HistogramData {
@@ -153,6 +178,14 @@ impl MetricStore {
         self.histograms
             .entry((def.name, labels))
             .or_insert_with(|| HistogramData::empty(def))
+    }
+
+    /// Every series of histogram `def`, in label order.
+    pub fn histograms<'a>(
+        &'a self,
+        def: &MetricDef,
+    ) -> impl Iterator<Item = (&'a Labels, &'a HistogramData)> + 'a {
+        series(&self.histograms, def.name)
     }
 
     pub fn histogram(&self, def: &MetricDef, labels: &Labels) -> Option<&HistogramData> {
@@ -268,6 +301,7 @@ impl MetricStore {
             histograms,
             counters,
             gauges,
+            profiles: Vec::new(),
         }
     }
 
@@ -491,6 +525,35 @@ mod tests {
             merged.merge(&other),
             Err(StoreError::BucketCount { .. })
         ));
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_prometheus() {
+        let def = &TIME_TO_FIRST_TOKEN; // bounds 0.001, 0.005, 0.01, 0.02, ...
+        let mut h = HistogramData::empty(def);
+        assert_eq!(h.quantile(def, 0.5), None, "empty");
+        // 4 in (0.005, 0.01], 4 in (0.01, 0.02].
+        for v in [0.006, 0.007, 0.008, 0.009, 0.011, 0.012, 0.013, 0.014] {
+            h.observe(def, v);
+        }
+        // Rank 4 of 8 is the end of the (0.005, 0.01] bucket.
+        assert!((h.quantile(def, 0.5).unwrap() - 0.01).abs() < 1e-12);
+        // Rank 2: halfway into the first populated bucket.
+        assert!((h.quantile(def, 0.25).unwrap() - 0.0075).abs() < 1e-12);
+        // Rank 7.2: 3.2 of 4 into (0.01, 0.02].
+        assert!((h.quantile(def, 0.9).unwrap() - 0.018).abs() < 1e-12);
+        assert!((h.quantile(def, 1.0).unwrap() - 0.02).abs() < 1e-12);
+        // Values in the first bucket interpolate from 0.
+        let mut low = HistogramData::empty(def);
+        low.observe(def, 0.0005);
+        low.observe(def, 0.0005);
+        assert!((low.quantile(def, 0.5).unwrap() - 0.0005).abs() < 1e-12);
+        // The +Inf bucket answers the largest finite bound.
+        let mut inf = HistogramData::empty(def);
+        inf.observe(def, 1e6);
+        assert_eq!(inf.quantile(def, 0.99), Some(2560.0));
+        assert_eq!(h.quantile(def, 1.5), None);
+        assert_eq!(h.quantile(&E2E_REQUEST_LATENCY, 0.5), None, "wrong layout");
     }
 
     #[test]

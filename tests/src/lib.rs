@@ -11,6 +11,7 @@
 //! - [`prereq`]: skip locally / fail in CI when root, binaries or the venv are missing
 //! - [`paths`]: where binaries, the venv and the model live
 //! - [`collector_support`]: in-process agents' exporters against a collector (gRPC tests)
+//! - [`tools`]: `go tool pprof`, headless Chromium and the test artefacts folder
 
 pub mod agent;
 pub mod client;
@@ -21,6 +22,7 @@ pub mod paths;
 pub mod prereq;
 pub mod report;
 pub mod servers;
+pub mod tools;
 
 /// Builds a multi-thread tokio runtime (for sync tests and binaries).
 pub fn runtime() -> tokio::runtime::Runtime {

@@ -275,6 +275,8 @@ fn setup(args: &SetupArgs) -> Result<()> {
         run(sudo_prefix("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
     }
 
+    setup_reference_tools()?;
+
     if args.no_venv {
         step("python venv: skipped (--no-venv)");
     } else {
@@ -282,6 +284,28 @@ fn setup(args: &SetupArgs) -> Result<()> {
     }
 
     step("done");
+    Ok(())
+}
+
+/// Reference tools of the profile tests: `go tool pprof` reads the pprof files the collector
+/// serves, headless Chromium loads its web page.
+fn setup_reference_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    for (tool, pkg) in [("go", "golang-go"), ("chromium", "chromium")] {
+        if probe(Command::new(tool).arg("--version")) || probe(Command::new(tool).arg("version")) {
+            step(&format!("{pkg}: present"));
+        } else {
+            missing.push(pkg);
+        }
+    }
+    if !missing.is_empty() {
+        step(&format!("{}: installing with apt-get", missing.join(", ")));
+        run(sudo_prefix("apt-get").arg("update"))?;
+        run(sudo_prefix("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
     Ok(())
 }
 
