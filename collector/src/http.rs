@@ -123,6 +123,9 @@ async fn profile(State(fleet): State<Arc<Fleet>>, RawQuery(raw): RawQuery) -> Re
                     pprof::ProfileKind::Cpu => "attachment; filename=\"infertap-cpu.pb.gz\"",
                     pprof::ProfileKind::OffCpu => "attachment; filename=\"infertap-offcpu.pb.gz\"",
                     pprof::ProfileKind::Gpu => "attachment; filename=\"infertap-gpu.pb.gz\"",
+                    pprof::ProfileKind::SlowTokens => {
+                        "attachment; filename=\"infertap-slow_tokens.pb.gz\""
+                    }
                 },
             ),
         ],

@@ -135,6 +135,9 @@ fn flame_graph(
         ProfileKind::Gpu => {
             inferno::flamegraph::Palette::Basic(inferno::flamegraph::color::BasicPalette::Green)
         }
+        ProfileKind::SlowTokens => {
+            inferno::flamegraph::Palette::Basic(inferno::flamegraph::color::BasicPalette::Red)
+        }
     };
     let mut svg = Vec::new();
     inferno::flamegraph::from_lines(&mut opt, lines.iter().map(String::as_str), &mut svg)

@@ -41,10 +41,17 @@ pub enum ProfileKind {
     OffCpu,
     /// GPU time by launching call path.
     Gpu,
+    /// Wall time inside slow token gaps of completed requests, on or off CPU, by stack.
+    SlowTokens,
 }
 
 impl ProfileKind {
-    pub const ALL: [ProfileKind; 3] = [ProfileKind::Cpu, ProfileKind::OffCpu, ProfileKind::Gpu];
+    pub const ALL: [ProfileKind; 4] = [
+        ProfileKind::Cpu,
+        ProfileKind::OffCpu,
+        ProfileKind::Gpu,
+        ProfileKind::SlowTokens,
+    ];
 
     /// Short name used in URLs and labels: `cpu`, `offcpu`, `gpu`.
     pub fn name(self) -> &'static str {
@@ -52,6 +59,7 @@ impl ProfileKind {
             ProfileKind::Cpu => "cpu",
             ProfileKind::OffCpu => "offcpu",
             ProfileKind::Gpu => "gpu",
+            ProfileKind::SlowTokens => "slow_tokens",
         }
     }
 
@@ -61,6 +69,7 @@ impl ProfileKind {
             "cpu" => Some(ProfileKind::Cpu),
             "offcpu" | "off_cpu" | "off-cpu" => Some(ProfileKind::OffCpu),
             "gpu" => Some(ProfileKind::Gpu),
+            "slow_tokens" | "slow-tokens" | "slowtokens" => Some(ProfileKind::SlowTokens),
             _ => None,
         }
     }
@@ -72,6 +81,7 @@ impl ProfileKind {
             ProfileKind::Cpu => "cpu",
             ProfileKind::OffCpu => "off_cpu",
             ProfileKind::Gpu => "gpu",
+            ProfileKind::SlowTokens => "wall",
         };
         [("samples", "count"), (time, "nanoseconds")]
     }
@@ -84,6 +94,7 @@ impl ProfileKind {
             ProfileKind::Cpu => ("cpu", "nanoseconds"),
             ProfileKind::OffCpu => ("switches", "count"),
             ProfileKind::Gpu => ("launches", "count"),
+            ProfileKind::SlowTokens => ("wall", "nanoseconds"),
         }
     }
 
@@ -92,6 +103,7 @@ impl ProfileKind {
             crate::pb::ProfileType::Cpu => Some(ProfileKind::Cpu),
             crate::pb::ProfileType::OffCpu => Some(ProfileKind::OffCpu),
             crate::pb::ProfileType::Gpu => Some(ProfileKind::Gpu),
+            crate::pb::ProfileType::SlowTokens => Some(ProfileKind::SlowTokens),
             crate::pb::ProfileType::Unspecified => None,
         }
     }
@@ -101,6 +113,7 @@ impl ProfileKind {
             ProfileKind::Cpu => crate::pb::ProfileType::Cpu,
             ProfileKind::OffCpu => crate::pb::ProfileType::OffCpu,
             ProfileKind::Gpu => crate::pb::ProfileType::Gpu,
+            ProfileKind::SlowTokens => crate::pb::ProfileType::SlowTokens,
         }
     }
 

@@ -6,41 +6,7 @@ use std::sync::Arc;
 
 use super::stack::RawStack;
 
-/// The profiles infertap produces. The names are the collector's `type=` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ProfileType {
-    /// On-CPU timer samples: where the serving processes burn CPU.
-    Cpu,
-    /// Off-CPU time of the serving processes' threads (blocked or preempted), by the stack they
-    /// were switched out at.
-    OffCpu,
-    /// GPU time (CUPTI) or launch counts (without CUPTI) by the stack that launched the work.
-    Gpu,
-    /// On- and off-CPU time that fell inside slow token gaps of completed requests.
-    SlowTokens,
-}
-
-impl ProfileType {
-    pub const ALL: [ProfileType; 4] = [
-        ProfileType::Cpu,
-        ProfileType::OffCpu,
-        ProfileType::Gpu,
-        ProfileType::SlowTokens,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ProfileType::Cpu => "cpu",
-            ProfileType::OffCpu => "offcpu",
-            ProfileType::Gpu => "gpu",
-            ProfileType::SlowTokens => "slow_tokens",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ProfileType> {
-        ProfileType::ALL.into_iter().find(|t| t.name() == s)
-    }
-}
+pub use infertap_proto::pprof::ProfileKind as ProfileType;
 
 /// Off-CPU state of a thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -196,13 +162,5 @@ mod tests {
         assert_eq!(a.total(), Values { count: 6, nanos: 60 });
         assert_eq!((a.start_ns, a.end_ns), (50, 300));
         assert_eq!(a.samples.len(), 3);
-    }
-
-    #[test]
-    fn type_names_round_trip() {
-        for t in ProfileType::ALL {
-            assert_eq!(ProfileType::parse(t.name()), Some(t));
-        }
-        assert_eq!(ProfileType::parse("heap"), None);
     }
 }
