@@ -1,1 +1,615 @@
-//! See the crate docs.
+//! Native unwinding of sampled user stacks, from the registers and the stack bytes the kernel
+//! copied (`SampleHeader::{ip, sp, bp}` + `SampleRecord::stack`), with DWARF CFI
+//! (`.eh_frame` through `.eh_frame_hdr`, `.debug_frame` where present) via `framehop`, and
+//! frame pointers where a module has no CFI.
+//!
+//! # Addresses
+//! [`UnwoundStack::frames`] holds process addresses: `frames[0]` is the sampled instruction
+//! pointer, every later entry is a **return address as found on the stack, not caller-adjusted**
+//! (it points after the call instruction). Look up code information (module, symbol, line) for
+//! [`lookup_address`]`(i, frames[i])`, which subtracts one from return addresses so a call at the
+//! very end of a function (a `noreturn` call) still resolves to its caller.
+//!
+//! # Outcome
+//! Every unwind ends in an [`UnwindOutcome`]:
+//! - **complete**: the unwind info says the stack ends here: the CFI of the last frame marks the
+//!   return address undefined (glibc's `_start`, the child side of `clone`/`clone3`), or CFI
+//!   recovered a zero return address. An end found only by the frame-pointer guess (a zero
+//!   `rbp`) is *not* complete.
+//! - **truncated** with one [`TruncatedReason`]:
+//!   - `stack_copy_exhausted`: a CFI-described frame needs stack bytes above the copied window.
+//!   - `no_unwind_info`: the walk went through a module without CFI for the address (a
+//!     frame-pointer guess was used) and the guess did not lead to a valid frame.
+//!   - `unmapped_address`: a frame address (the ip, or a return address recovered with CFI)
+//!     is in no file-backed executable mapping: JIT/anonymous code (kept as the last frame) or
+//!     a value that is not code at all (dropped).
+//!   - `max_depth`: [`UnwindConfig::max_frames`] frames were produced before the end.
+//!   - `bad_cfi`: the CFI of a frame could not be applied (a read below the stack pointer, a
+//!     frame that did not advance, a stack pointer moving backwards, arithmetic overflow).
+//!   - `process_gone`: the process's mappings could not be read (it exited before its first
+//!     sample was unwound); the ip is the only frame.
+//!
+//! Frames recovered by the frame-pointer guess in code without CFI are counted in
+//! [`UnwoundStack::guessed_frames`]; a stack that reaches a CFI-described end after such
+//! guesses is complete (typical for binaries built with frame pointers and without unwind
+//! tables: their frames chain up to glibc, whose CFI ends the stack).
+//!
+//! # Modules and costs
+//! A process's executable mappings are read from `/proc/<pid>/maps` on its first sample and
+//! re-read when an address falls outside every known mapping, at most once per
+//! [`UnwindConfig::maps_refresh_interval`]. A module is parsed the first time a frame needs it
+//! (on the caller's thread, inside `unwind`): a few `pread`s of its CFI sections plus one pass
+//! over its FDEs, ≈ 1 ms for libpython3.11; [`Unwinder::preload`] does this for every module
+//! of a process up front, off the sampling path. Parses are shared by every process mapping
+//! the same file ((device, inode) or build id) and bounded by [`ModuleCacheLimits`]. Once a
+//! module is parsed, unwinding costs a few µs per sample (see `examples/unwind_cost.rs`).
+
+mod elf;
+mod maps;
+mod modules;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64};
+use framehop::{FrameAddress, Unwinder as _};
+
+use crate::UserRegs;
+
+use elf::{CfiSource, CfiUnwinder};
+use maps::{Backing, OpenOptions, ProcessMap};
+use modules::ModuleCache;
+pub use modules::{ModuleCacheLimits, ModuleCacheStats, ModuleId, ModuleInfo, ModuleKey};
+
+/// The address to look code information up for: `addr` itself for frame 0 (the instruction
+/// pointer), `addr - 1` for return addresses.
+pub fn lookup_address(frame_index: usize, addr: u64) -> u64 {
+    if frame_index == 0 {
+        addr
+    } else {
+        addr.saturating_sub(1)
+    }
+}
+
+/// Why an unwind stopped before the end of the stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TruncatedReason {
+    StackCopyExhausted,
+    NoUnwindInfo,
+    UnmappedAddress,
+    MaxDepth,
+    BadCfi,
+    ProcessGone,
+}
+
+impl TruncatedReason {
+    pub const ALL: [TruncatedReason; 6] = [
+        TruncatedReason::StackCopyExhausted,
+        TruncatedReason::NoUnwindInfo,
+        TruncatedReason::UnmappedAddress,
+        TruncatedReason::MaxDepth,
+        TruncatedReason::BadCfi,
+        TruncatedReason::ProcessGone,
+    ];
+
+    /// The metric label (`stack_copy_exhausted`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TruncatedReason::StackCopyExhausted => "stack_copy_exhausted",
+            TruncatedReason::NoUnwindInfo => "no_unwind_info",
+            TruncatedReason::UnmappedAddress => "unmapped_address",
+            TruncatedReason::MaxDepth => "max_depth",
+            TruncatedReason::BadCfi => "bad_cfi",
+            TruncatedReason::ProcessGone => "process_gone",
+        }
+    }
+}
+
+impl std::fmt::Display for TruncatedReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an unwind ended (see the module docs for the rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnwindOutcome {
+    Complete,
+    Truncated(TruncatedReason),
+}
+
+impl UnwindOutcome {
+    pub fn is_complete(self) -> bool {
+        self == UnwindOutcome::Complete
+    }
+}
+
+/// One unwound stack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnwoundStack {
+    /// `frames[0]`: the ip; then return addresses, innermost first, not caller-adjusted.
+    pub frames: Vec<u64>,
+    pub outcome: UnwindOutcome,
+    /// Frames recovered by the frame-pointer guess (code without CFI).
+    pub guessed_frames: u32,
+}
+
+impl UnwoundStack {
+    /// The addresses to look code up for, frame by frame (see [`lookup_address`]).
+    pub fn lookup_addrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.frames
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| lookup_address(i, a))
+    }
+}
+
+/// An address normalized to its module.
+#[derive(Clone, Debug)]
+pub struct NormalizedAddr {
+    pub module: Arc<ModuleInfo>,
+    /// Offset of the address in the module's file (what [`crate::symbolize`] takes).
+    pub file_offset: u64,
+    /// The address in the ELF's own virtual address space (what `addr2line -e <file>` takes);
+    /// `None` when the ELF headers could not be read.
+    pub vaddr: Option<u64>,
+}
+
+/// Settings of an [`Unwinder`].
+#[derive(Clone, Copy, Debug)]
+pub struct UnwindConfig {
+    /// Most frames per stack (ip included).
+    pub max_frames: usize,
+    /// Least time between two reads of one process's maps when an address is outside every
+    /// known mapping.
+    pub maps_refresh_interval: Duration,
+    /// Open module files through `/proc/<pid>/map_files/` first (needs CAP_SYS_ADMIN or
+    /// CAP_CHECKPOINT_RESTORE; the only way to a library deleted on disk). Otherwise, or if
+    /// that fails, `/proc/<pid>/root/<path>`, accepted only when its device and inode match the
+    /// mapping.
+    pub use_map_files: bool,
+    pub module_cache: ModuleCacheLimits,
+}
+
+impl Default for UnwindConfig {
+    fn default() -> Self {
+        UnwindConfig {
+            max_frames: 256,
+            maps_refresh_interval: Duration::from_millis(250),
+            use_map_files: true,
+            module_cache: ModuleCacheLimits::default(),
+        }
+    }
+}
+
+/// Truncations by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TruncatedCounts {
+    pub stack_copy_exhausted: u64,
+    pub no_unwind_info: u64,
+    pub unmapped_address: u64,
+    pub max_depth: u64,
+    pub bad_cfi: u64,
+    pub process_gone: u64,
+}
+
+impl TruncatedCounts {
+    pub fn get(&self, r: TruncatedReason) -> u64 {
+        match r {
+            TruncatedReason::StackCopyExhausted => self.stack_copy_exhausted,
+            TruncatedReason::NoUnwindInfo => self.no_unwind_info,
+            TruncatedReason::UnmappedAddress => self.unmapped_address,
+            TruncatedReason::MaxDepth => self.max_depth,
+            TruncatedReason::BadCfi => self.bad_cfi,
+            TruncatedReason::ProcessGone => self.process_gone,
+        }
+    }
+
+    fn bump(&mut self, r: TruncatedReason) {
+        let c = match r {
+            TruncatedReason::StackCopyExhausted => &mut self.stack_copy_exhausted,
+            TruncatedReason::NoUnwindInfo => &mut self.no_unwind_info,
+            TruncatedReason::UnmappedAddress => &mut self.unmapped_address,
+            TruncatedReason::MaxDepth => &mut self.max_depth,
+            TruncatedReason::BadCfi => &mut self.bad_cfi,
+            TruncatedReason::ProcessGone => &mut self.process_gone,
+        };
+        *c += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        TruncatedReason::ALL.iter().map(|r| self.get(*r)).sum()
+    }
+}
+
+/// Counters of an [`Unwinder`] (monotonic unless noted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindStats {
+    /// Stacks unwound (`complete + truncated.total()`).
+    pub samples: u64,
+    pub complete: u64,
+    pub truncated: TruncatedCounts,
+    /// Frames produced, ip included.
+    pub frames: u64,
+    /// Frames recovered by the frame-pointer guess.
+    pub guessed_frames: u64,
+    /// Reads of `/proc/<pid>/maps` (first reads and refreshes).
+    pub maps_reads: u64,
+    /// Reads of `/proc/<pid>/maps` that failed (process gone, permission).
+    pub maps_read_failures: u64,
+    /// Processes with a module map now (gauge).
+    pub processes: u64,
+    pub modules: ModuleCacheStats,
+}
+
+/// Unwinds the stacks of any number of processes, sharing parsed modules between them. Not
+/// thread-safe by design: one sample-processing thread owns it.
+pub struct Unwinder {
+    config: UnwindConfig,
+    processes: HashMap<u32, ProcessMap>,
+    modules: ModuleCache,
+    cache: CacheX86_64,
+    /// An unwinder without modules: framehop's fallback rule (frame pointers) for every
+    /// address, used where a module has no CFI for the address.
+    fp_only: CfiUnwinder,
+    stats: UnwindStats,
+}
+
+/// One step's way of unwinding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    Cfi,
+    Guess,
+}
+
+impl Unwinder {
+    pub fn new(config: UnwindConfig) -> Self {
+        Unwinder {
+            config,
+            processes: HashMap::new(),
+            modules: ModuleCache::new(config.module_cache),
+            cache: CacheX86_64::new(),
+            fp_only: CfiUnwinder::new(),
+            stats: UnwindStats::default(),
+        }
+    }
+
+    /// Counters (see [`UnwindStats`]).
+    pub fn stats(&self) -> UnwindStats {
+        let mut s = self.stats;
+        s.modules = self.modules.stats;
+        s.processes = self.processes.len() as u64;
+        s
+    }
+
+    /// Drops everything known about `pid` (call when it exits or execs). Parsed modules stay in
+    /// the shared cache for other processes until evicted.
+    pub fn forget(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
+    /// Reads `pid`'s maps now and parses every module it maps (the work `unwind` would
+    /// otherwise do lazily on the samples that first hit each module). Returns how many
+    /// executable mappings have a parsed module.
+    pub fn preload(&mut self, pid: u32) -> std::io::Result<usize> {
+        let opts = self.open_options();
+        let map = process_map(&mut self.processes, &mut self.stats, pid)?;
+        let mut n = 0;
+        for i in 0..map.entries.len() {
+            if map
+                .module(i, &mut self.modules, opts)
+                .is_some_and(|m| m.id.is_some())
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The module holding process address `addr` of `pid` and the address's offset in it. For
+    /// a frame's address pass [`lookup_address`] of it. `None` when `addr` is in no file-backed
+    /// executable mapping (after a rate-limited re-read of the maps).
+    pub fn normalize(&mut self, pid: u32, addr: u64) -> Option<NormalizedAddr> {
+        let opts = self.open_options();
+        let interval = self.config.maps_refresh_interval;
+        let map = process_map(&mut self.processes, &mut self.stats, pid).ok()?;
+        let i = match map.find(addr) {
+            Some(i) => i,
+            None => {
+                if map.last_read.elapsed() < interval {
+                    return None;
+                }
+                self.stats.maps_reads += 1;
+                if map.refresh().is_err() {
+                    self.stats.maps_read_failures += 1;
+                    return None;
+                }
+                map.find(addr)?
+            }
+        };
+        let module = map.module(i, &mut self.modules, opts)?;
+        Some(NormalizedAddr {
+            file_offset: module.file_offset_of(addr),
+            vaddr: module.vaddr_of(addr),
+            module,
+        })
+    }
+
+    /// Unwinds one sampled stack: `stack` holds the bytes the kernel copied from `regs.sp`
+    /// upward.
+    pub fn unwind(&mut self, pid: u32, regs: UserRegs, stack: &[u8]) -> UnwoundStack {
+        let mut frames = Vec::with_capacity(32);
+        let (outcome, guessed_frames) = self.unwind_into(pid, regs, stack, &mut frames);
+        UnwoundStack {
+            frames,
+            outcome,
+            guessed_frames,
+        }
+    }
+
+    /// [`unwind`](Self::unwind) into a reused vector (cleared first); returns the outcome and
+    /// the number of guessed frames.
+    pub fn unwind_into(
+        &mut self,
+        pid: u32,
+        regs: UserRegs,
+        stack: &[u8],
+        frames: &mut Vec<u64>,
+    ) -> (UnwindOutcome, u32) {
+        frames.clear();
+        frames.push(regs.ip);
+        let mut guessed = 0u32;
+        let outcome = self.walk(pid, regs, stack, frames, &mut guessed);
+        self.stats.samples += 1;
+        self.stats.frames += frames.len() as u64;
+        self.stats.guessed_frames += u64::from(guessed);
+        match outcome {
+            UnwindOutcome::Complete => self.stats.complete += 1,
+            UnwindOutcome::Truncated(r) => self.stats.truncated.bump(r),
+        }
+        (outcome, guessed)
+    }
+
+    fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            use_map_files: self.config.use_map_files,
+        }
+    }
+
+    fn walk(
+        &mut self,
+        pid: u32,
+        regs: UserRegs,
+        stack: &[u8],
+        frames: &mut Vec<u64>,
+        guessed: &mut u32,
+    ) -> UnwindOutcome {
+        use TruncatedReason::*;
+        let opts = self.open_options();
+        let interval = self.config.maps_refresh_interval;
+        let max_frames = self.config.max_frames.max(1);
+        let Unwinder {
+            processes,
+            modules,
+            cache,
+            fp_only,
+            stats,
+            ..
+        } = self;
+        let Ok(map) = process_map(processes, stats, pid) else {
+            return UnwindOutcome::Truncated(ProcessGone);
+        };
+
+        let stack_lo = regs.sp;
+        let stack_hi = regs.sp.saturating_add(stack.len() as u64);
+        let failed_read: std::cell::Cell<Option<u64>> = std::cell::Cell::new(None);
+        let mut read_stack = |addr: u64| -> Result<u64, ()> {
+            if addr >= stack_lo && addr.checked_add(8).is_some_and(|e| e <= stack_hi) {
+                let off = (addr - stack_lo) as usize;
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&stack[off..off + 8]);
+                Ok(u64::from_le_bytes(b))
+            } else {
+                failed_read.set(Some(addr));
+                Err(())
+            }
+        };
+
+        let mut uregs = UnwindRegsX86_64::new(regs.ip, regs.sp, regs.bp);
+        // How the step that produced the current frame's address worked.
+        let mut prev_step: Option<StepKind> = None;
+        loop {
+            failed_read.set(None);
+            let index = frames.len() - 1;
+            let addr = frames[index];
+            let lookup = lookup_address(index, addr);
+            let mut found = map.find(lookup);
+            if found.is_none() && map.last_read.elapsed() >= interval {
+                stats.maps_reads += 1;
+                match map.refresh() {
+                    Ok(()) => found = map.find(lookup),
+                    Err(_) => stats.maps_read_failures += 1,
+                }
+            }
+            let guessed_here = prev_step == Some(StepKind::Guess);
+            let Some(i) = found else {
+                // Not code of this process: a return address recovered from garbage. The ip
+                // itself is kept whatever it is.
+                if index > 0 {
+                    frames.pop();
+                    if guessed_here {
+                        *guessed -= 1;
+                    }
+                }
+                return UnwindOutcome::Truncated(if guessed_here {
+                    NoUnwindInfo
+                } else {
+                    UnmappedAddress
+                });
+            };
+            if map.entries[i].backing == Backing::Anonymous {
+                if guessed_here {
+                    // A frame-pointer guess that lands in anonymous memory is as likely noise
+                    // as JIT code: drop it and blame the module that lacked CFI.
+                    frames.pop();
+                    *guessed -= 1;
+                    return UnwindOutcome::Truncated(NoUnwindInfo);
+                }
+                return UnwindOutcome::Truncated(UnmappedAddress);
+            }
+            if frames.len() >= max_frames {
+                return UnwindOutcome::Truncated(MaxDepth);
+            }
+            let module = map.module(i, modules, opts);
+            let located = module.as_ref().and_then(|m| {
+                let bias = m.bias?;
+                let obj = m.object.as_ref()?;
+                let vaddr = lookup.wrapping_sub(bias);
+                let source = obj.data.cfi_for(vaddr)?;
+                Some((obj.clone(), bias, source))
+            });
+            let (step, result) = match &located {
+                Some((obj, bias, source)) => {
+                    let unwinder = match source {
+                        CfiSource::EhFrame => obj.data.eh.as_ref(),
+                        CfiSource::DebugFrame => obj.data.debug.as_ref(),
+                    }
+                    .expect("coverage entries come from a section with an unwinder");
+                    let svma = addr.wrapping_sub(*bias);
+                    let fa = frame_address(index, svma);
+                    (
+                        StepKind::Cfi,
+                        unwinder.unwind_frame(fa, &mut uregs, cache, &mut read_stack),
+                    )
+                }
+                None => {
+                    // No CFI for this address. In a module that has CFI elsewhere, the ip is
+                    // most likely in a hand-written stub outside any FDE (glibc's clone3 after
+                    // the syscall, in the parent) where the return address is on top of the
+                    // stack; everywhere else, frame pointers. A guess is taken only if it
+                    // lands in code; the other is tried otherwise.
+                    let leaf_first = index == 0 && module.as_ref().is_some_and(|m| m.has_cfi());
+                    let before = uregs;
+                    let mut attempt = |leaf: bool, uregs: &mut UnwindRegsX86_64| {
+                        *uregs = before;
+                        if leaf {
+                            leaf_return(uregs, &mut read_stack)
+                        } else {
+                            let fa = frame_address(index, addr);
+                            fp_only.unwind_frame(fa, uregs, cache, &mut read_stack)
+                        }
+                    };
+                    let lands_in_code = |r: &Result<Option<u64>, framehop::Error>| match r {
+                        Ok(Some(ra)) => map
+                            .find(ra.wrapping_sub(1))
+                            .is_some_and(|j| map.entries[j].backing != Backing::Anonymous),
+                        _ => false,
+                    };
+                    let mut r = attempt(leaf_first, &mut uregs);
+                    if index == 0 && !lands_in_code(&r) {
+                        let other = attempt(!leaf_first, &mut uregs);
+                        if lands_in_code(&other) {
+                            r = other;
+                        } else {
+                            r = attempt(leaf_first, &mut uregs);
+                        }
+                    }
+                    (StepKind::Guess, r)
+                }
+            };
+            match result {
+                Ok(Some(ra)) => {
+                    frames.push(ra);
+                    if step == StepKind::Guess {
+                        *guessed += 1;
+                    }
+                    prev_step = Some(step);
+                }
+                Ok(None) => {
+                    return match step {
+                        StepKind::Cfi => UnwindOutcome::Complete,
+                        // A zero frame pointer only ends the walk; it proves nothing.
+                        StepKind::Guess => UnwindOutcome::Truncated(NoUnwindInfo),
+                    };
+                }
+                Err(e) => {
+                    let beyond_copy = failed_read.take().filter(|a| *a >= stack_hi);
+                    return UnwindOutcome::Truncated(classify_error(
+                        step,
+                        e,
+                        beyond_copy.map(|a| a - stack_hi),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The map of `pid`, read on first use.
+fn process_map<'a>(
+    processes: &'a mut HashMap<u32, ProcessMap>,
+    stats: &mut UnwindStats,
+    pid: u32,
+) -> std::io::Result<&'a mut ProcessMap> {
+    use std::collections::hash_map::Entry;
+    match processes.entry(pid) {
+        Entry::Occupied(o) => Ok(o.into_mut()),
+        Entry::Vacant(v) => {
+            stats.maps_reads += 1;
+            match ProcessMap::read(pid) {
+                Ok(m) => Ok(v.insert(m)),
+                Err(e) => {
+                    stats.maps_read_failures += 1;
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// The frame-pointer guess reading this far above the copy is taken as a real frame beyond it.
+const GUESS_BEYOND_COPY_SLACK: u64 = 64 << 10;
+
+fn classify_error(
+    step: StepKind,
+    err: framehop::Error,
+    beyond_copy_by: Option<u64>,
+) -> TruncatedReason {
+    use TruncatedReason::*;
+    match (step, err, beyond_copy_by) {
+        (StepKind::Cfi, framehop::Error::CouldNotReadStack(_), Some(_)) => StackCopyExhausted,
+        (StepKind::Cfi, _, _) => BadCfi,
+        (StepKind::Guess, framehop::Error::CouldNotReadStack(_), Some(by))
+            if by < GUESS_BEYOND_COPY_SLACK =>
+        {
+            StackCopyExhausted
+        }
+        (StepKind::Guess, _, _) => NoUnwindInfo,
+    }
+}
+
+/// The guess for a leaf function without CFI: the return address is on top of the stack.
+fn leaf_return(
+    regs: &mut UnwindRegsX86_64,
+    read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
+) -> Result<Option<u64>, framehop::Error> {
+    let sp = regs.sp();
+    let ra = read_stack(sp).map_err(|()| framehop::Error::CouldNotReadStack(sp))?;
+    if ra == 0 {
+        return Ok(None);
+    }
+    regs.set_ip(ra);
+    regs.set_sp(sp.checked_add(8).ok_or(framehop::Error::IntegerOverflow)?);
+    Ok(Some(ra))
+}
+
+fn frame_address(index: usize, addr: u64) -> FrameAddress {
+    if index == 0 {
+        FrameAddress::from_instruction_pointer(addr)
+    } else {
+        // Return addresses are never 0 here: a zero return address ends the walk.
+        FrameAddress::from_return_address(addr)
+            .unwrap_or(FrameAddress::from_instruction_pointer(addr))
+    }
+}
