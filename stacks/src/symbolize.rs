@@ -251,11 +251,12 @@ impl Symbolizer {
             self.stats.unresolved += addrs.len() as u64;
             return addrs.iter().map(|&a| fallback(a)).collect();
         };
-        let mut src = Kernel::default();
-        src.kallsyms = MaybeDefault::Some(kallsyms);
-        src.vmlinux = MaybeDefault::None;
-        src.debug_syms = false;
-        let src = Source::Kernel(src);
+        let src = Source::Kernel(Kernel {
+            kallsyms: MaybeDefault::Some(kallsyms),
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..Kernel::default()
+        });
         match self.inner.symbolize(&src, Input::AbsAddr(addrs)) {
             Ok(res) => res
                 .into_iter()

@@ -44,11 +44,13 @@
 //! the same file ((device, inode) or build id) and bounded by [`ModuleCacheLimits`]. Once a
 //! module is parsed, unwinding costs a few µs per sample (see `examples/unwind_cost.rs`).
 
+mod cfi_eval;
 mod elf;
 mod maps;
 mod modules;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -234,6 +236,9 @@ pub struct UnwindStats {
     pub frames: u64,
     /// Frames recovered by the frame-pointer guess.
     pub guessed_frames: u64,
+    /// Steps through CFI rows framehop does not apply (CFA expressions with memory reads, as
+    /// in stack-realigning functions), evaluated in full with gimli.
+    pub evaluated_steps: u64,
     /// Reads of `/proc/<pid>/maps` (first reads and refreshes).
     pub maps_reads: u64,
     /// Reads of `/proc/<pid>/maps` that failed (process gone, permission).
@@ -253,6 +258,8 @@ pub struct Unwinder {
     /// An unwinder without modules: framehop's fallback rule (frame pointers) for every
     /// address, used where a module has no CFI for the address.
     fp_only: CfiUnwinder,
+    /// For CFI rows framehop does not apply exactly (stack realignment, expressions).
+    evaluator: cfi_eval::Evaluator,
     stats: UnwindStats,
 }
 
@@ -271,6 +278,7 @@ impl Unwinder {
             modules: ModuleCache::new(config.module_cache),
             cache: CacheX86_64::new(),
             fp_only: CfiUnwinder::new(),
+            evaluator: cfi_eval::Evaluator::new(),
             stats: UnwindStats::default(),
         }
     }
@@ -394,6 +402,7 @@ impl Unwinder {
             modules,
             cache,
             fp_only,
+            evaluator,
             stats,
             ..
         } = self;
@@ -403,7 +412,6 @@ impl Unwinder {
 
         let stack_lo = regs.sp;
         let stack_hi = regs.sp.saturating_add(stack.len() as u64);
-        let failed_read: std::cell::Cell<Option<u64>> = std::cell::Cell::new(None);
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
             if addr >= stack_lo && addr.checked_add(8).is_some_and(|e| e <= stack_hi) {
                 let off = (addr - stack_lo) as usize;
@@ -411,7 +419,6 @@ impl Unwinder {
                 b.copy_from_slice(&stack[off..off + 8]);
                 Ok(u64::from_le_bytes(b))
             } else {
-                failed_read.set(Some(addr));
                 Err(())
             }
         };
@@ -420,7 +427,6 @@ impl Unwinder {
         // How the step that produced the current frame's address worked.
         let mut prev_step: Option<StepKind> = None;
         loop {
-            failed_read.set(None);
             let index = frames.len() - 1;
             let addr = frames[index];
             let lookup = lookup_address(index, addr);
@@ -465,23 +471,46 @@ impl Unwinder {
             let located = module.as_ref().and_then(|m| {
                 let bias = m.bias?;
                 let obj = m.object.as_ref()?;
-                let vaddr = lookup.wrapping_sub(bias);
-                let source = obj.data.cfi_for(vaddr)?;
-                Some((obj.clone(), bias, source))
+                let (fde_index, fde) = obj.data.fde_for(lookup.wrapping_sub(bias))?;
+                Some((obj.clone(), bias, fde_index, fde))
             });
             let (step, result) = match &located {
-                Some((obj, bias, source)) => {
-                    let unwinder = match source {
-                        CfiSource::EhFrame => obj.data.eh.as_ref(),
-                        CfiSource::DebugFrame => obj.data.debug.as_ref(),
+                Some((obj, bias, fde_index, fde)) => {
+                    let data = &obj.data;
+                    let kind = data.fde_kind(*fde_index);
+                    let mut k = kind.load(Ordering::Relaxed);
+                    if k == 0 {
+                        k = if evaluator.fde_is_simple(data, *fde) {
+                            elf::FDE_SIMPLE
+                        } else {
+                            elf::FDE_COMPLEX
+                        };
+                        kind.store(k, Ordering::Relaxed);
                     }
-                    .expect("coverage entries come from a section with an unwinder");
-                    let svma = addr.wrapping_sub(*bias);
-                    let fa = frame_address(index, svma);
-                    (
-                        StepKind::Cfi,
-                        unwinder.unwind_frame(fa, &mut uregs, cache, &mut read_stack),
-                    )
+                    let r = if k == elf::FDE_SIMPLE {
+                        let unwinder = match fde.source {
+                            CfiSource::EhFrame => data.eh.as_ref(),
+                            CfiSource::DebugFrame => data.debug.as_ref(),
+                        }
+                        .expect("coverage entries come from a section with an unwinder");
+                        let fa = frame_address(index, addr.wrapping_sub(*bias));
+                        unwinder
+                            .unwind_frame(fa, &mut uregs, cache, &mut read_stack)
+                            .map_err(StepError::from)
+                    } else {
+                        stats.evaluated_steps += 1;
+                        evaluator
+                            .step(
+                                data,
+                                *fde,
+                                lookup.wrapping_sub(*bias),
+                                index == 0,
+                                &mut uregs,
+                                &mut read_stack,
+                            )
+                            .map_err(StepError::from)
+                    };
+                    (StepKind::Cfi, r)
                 }
                 None => {
                     // No CFI for this address. In a module that has CFI elsewhere, the ip is
@@ -497,10 +526,12 @@ impl Unwinder {
                             leaf_return(uregs, &mut read_stack)
                         } else {
                             let fa = frame_address(index, addr);
-                            fp_only.unwind_frame(fa, uregs, cache, &mut read_stack)
+                            fp_only
+                                .unwind_frame(fa, uregs, cache, &mut read_stack)
+                                .map_err(StepError::from)
                         }
                     };
-                    let lands_in_code = |r: &Result<Option<u64>, framehop::Error>| match r {
+                    let lands_in_code = |r: &Result<Option<u64>, StepError>| match r {
                         Ok(Some(ra)) => map
                             .find(ra.wrapping_sub(1))
                             .is_some_and(|j| map.entries[j].backing != Backing::Anonymous),
@@ -533,14 +564,7 @@ impl Unwinder {
                         StepKind::Guess => UnwindOutcome::Truncated(NoUnwindInfo),
                     };
                 }
-                Err(e) => {
-                    let beyond_copy = failed_read.take().filter(|a| *a >= stack_hi);
-                    return UnwindOutcome::Truncated(classify_error(
-                        step,
-                        e,
-                        beyond_copy.map(|a| a - stack_hi),
-                    ));
-                }
+                Err(e) => return UnwindOutcome::Truncated(classify_error(step, e, stack_hi)),
             }
         }
     }
@@ -571,21 +595,44 @@ fn process_map<'a>(
 /// The frame-pointer guess reading this far above the copy is taken as a real frame beyond it.
 const GUESS_BEYOND_COPY_SLACK: u64 = 64 << 10;
 
-fn classify_error(
-    step: StepKind,
-    err: framehop::Error,
-    beyond_copy_by: Option<u64>,
-) -> TruncatedReason {
+/// Why one step failed.
+#[derive(Clone, Copy, Debug)]
+enum StepError {
+    /// A stack read outside the copied bytes, at this address.
+    Read(u64),
+    /// Anything else: the rule could not be applied or did not advance.
+    Unusable,
+}
+
+impl From<framehop::Error> for StepError {
+    fn from(e: framehop::Error) -> Self {
+        match e {
+            framehop::Error::CouldNotReadStack(a) => StepError::Read(a),
+            _ => StepError::Unusable,
+        }
+    }
+}
+
+impl From<cfi_eval::EvalError> for StepError {
+    fn from(e: cfi_eval::EvalError) -> Self {
+        match e {
+            cfi_eval::EvalError::Read(a) => StepError::Read(a),
+            cfi_eval::EvalError::Unusable => StepError::Unusable,
+        }
+    }
+}
+
+fn classify_error(step: StepKind, err: StepError, stack_hi: u64) -> TruncatedReason {
     use TruncatedReason::*;
-    match (step, err, beyond_copy_by) {
-        (StepKind::Cfi, framehop::Error::CouldNotReadStack(_), Some(_)) => StackCopyExhausted,
-        (StepKind::Cfi, _, _) => BadCfi,
-        (StepKind::Guess, framehop::Error::CouldNotReadStack(_), Some(by))
-            if by < GUESS_BEYOND_COPY_SLACK =>
+    match (step, err) {
+        (StepKind::Cfi, StepError::Read(a)) if a >= stack_hi => StackCopyExhausted,
+        (StepKind::Cfi, _) => BadCfi,
+        (StepKind::Guess, StepError::Read(a))
+            if a >= stack_hi && a - stack_hi < GUESS_BEYOND_COPY_SLACK =>
         {
             StackCopyExhausted
         }
-        (StepKind::Guess, _, _) => NoUnwindInfo,
+        (StepKind::Guess, _) => NoUnwindInfo,
     }
 }
 
@@ -593,14 +640,14 @@ fn classify_error(
 fn leaf_return(
     regs: &mut UnwindRegsX86_64,
     read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
-) -> Result<Option<u64>, framehop::Error> {
+) -> Result<Option<u64>, StepError> {
     let sp = regs.sp();
-    let ra = read_stack(sp).map_err(|()| framehop::Error::CouldNotReadStack(sp))?;
+    let ra = read_stack(sp).map_err(|()| StepError::Read(sp))?;
     if ra == 0 {
         return Ok(None);
     }
     regs.set_ip(ra);
-    regs.set_sp(sp.checked_add(8).ok_or(framehop::Error::IntegerOverflow)?);
+    regs.set_sp(sp.checked_add(8).ok_or(StepError::Unusable)?);
     Ok(Some(ra))
 }
 

@@ -410,7 +410,8 @@ fn cpp_names_are_demangled_and_inlined_frames_reported() {
     let cap = capture(pid, pid).unwrap();
     let (stack, syms) = unwind_and_symbolize(&mut u, &mut s, pid, &cap);
     let report = describe(&stack, &syms);
-    assert_matches_gdb("c++", &stack, &syms, &gdb[&pid], false, Some(dir.path()));
+    let lines = assert_matches_gdb("c++", &stack, &syms, &gdb[&pid], false, Some(dir.path()));
+    assert!(lines >= 4, "{lines} lines compared\n{report}");
     assert_eq!(stack.outcome, UnwindOutcome::Complete, "{report}");
     // The frame of Worker<long>::run shows leaf_inline inlined into it, with lines.
     let i = syms
@@ -890,4 +891,69 @@ fn unwinds_through_the_vdso() {
         std::thread::sleep(Duration::from_millis(3));
     }
     panic!("never stopped inside the vDSO in 200 tries");
+}
+
+/// A stack-realigning function (a VLA next to AVX values): gcc describes its frame with a
+/// CFA expression that reads memory (`DW_OP_breg6 (rbp): -8; DW_OP_deref`), as in ggml's and
+/// BLAS's kernels.
+const REALIGN: &str = r#"
+#include <immintrin.h>
+#include <signal.h>
+volatile long sink;
+__attribute__((noinline)) void leaf(char *p) { sink += p[0]; raise(SIGSTOP); sink++; }
+__attribute__((noinline)) void realigned(int n) {
+  char buf[n] __attribute__((aligned(64)));
+  __m256 v[4];
+  for (int i = 0; i < 4; i++) v[i] = _mm256_set1_ps((float)(n + i));
+  buf[0] = (char)n;
+  leaf(buf);
+  float out[8];
+  _mm256_storeu_ps(out, _mm256_add_ps(v[0], v[3]));
+  sink += buf[1] + (long)out[0];
+}
+int main(int argc, char **argv) { (void)argv; realigned(argc + 300); return 0; }
+"#;
+
+#[test]
+fn stack_realigning_function_with_a_cfa_expression() {
+    if !native_prereqs("stack_realigning_function_with_a_cfa_expression") {
+        return;
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !prereq(
+        "stack_realigning_function_with_a_cfa_expression",
+        (!cpu.contains(" avx")).then(|| "CPU without AVX".to_string()),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile(
+        dir.path(),
+        "realign",
+        "c",
+        REALIGN,
+        &["-O2", "-mavx", "-fomit-frame-pointer"],
+    );
+    let t = start_stopped(&bin, &[]);
+    let pid = t.pid();
+    let gdb = gdb_backtraces(pid);
+    let mut u = Unwinder::new(UnwindConfig::default());
+    let mut s = Symbolizer::new(SymbolizerConfig::default());
+    let cap = capture(pid, pid).unwrap();
+    let (stack, syms) = unwind_and_symbolize(&mut u, &mut s, pid, &cap);
+    assert_matches_gdb(
+        "realign",
+        &stack,
+        &syms,
+        &gdb[&pid],
+        false,
+        Some(dir.path()),
+    );
+    assert_eq!(stack.outcome, UnwindOutcome::Complete);
+    let names = physical_names(&syms);
+    let i = names.iter().position(|n| n == "leaf").unwrap();
+    assert_eq!(&names[i..i + 3], &["leaf", "realigned", "main"]);
+    // The step out of `realigned` went through the full evaluator.
+    assert_eq!(u.stats().evaluated_steps, 1, "{:?}", u.stats());
+    assert_eq!(stack.guessed_frames, 0);
 }

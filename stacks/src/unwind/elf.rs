@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
+use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
 use framehop::x86_64::UnwinderX86_64;
@@ -35,12 +36,20 @@ pub(crate) enum CfiSource {
     DebugFrame,
 }
 
-/// One FDE's address range, `start..start+len` in ELF virtual addresses.
+/// One FDE's address range, `start..start+len` in ELF virtual addresses, and where it is.
 #[derive(Clone, Copy, Debug)]
-struct Fde {
-    start: u64,
-    len: u32,
-    source: CfiSource,
+pub(crate) struct Fde {
+    pub start: u64,
+    pub len: u32,
+    /// Offset of the FDE in its section.
+    pub offset: u32,
+    pub source: CfiSource,
+}
+
+/// A CFI section kept for evaluating rows framehop cannot (see `cfi_eval`).
+pub(crate) struct CfiSection {
+    pub bytes: SectionData,
+    pub bases: gimli::BaseAddresses,
 }
 
 /// A PT_LOAD segment: where file bytes land in the ELF's virtual address space.
@@ -74,6 +83,11 @@ pub(crate) struct ElfUnwindData {
     pub segments: Vec<LoadSegment>,
     /// Sorted by `start`.
     coverage: Vec<Fde>,
+    /// Per FDE of `coverage`: 0 not looked at yet, [`FDE_SIMPLE`] every row is one framehop
+    /// applies exactly, [`FDE_COMPLEX`] some row needs the full evaluator.
+    fde_kind: Vec<AtomicU8>,
+    pub eh_frame: Option<CfiSection>,
+    pub debug_frame: Option<CfiSection>,
     pub eh: Option<CfiUnwinder>,
     pub debug: Option<CfiUnwinder>,
     /// Heap bytes held (section copies + coverage table).
@@ -155,9 +169,7 @@ impl ElfUnwindData {
 
         let mut coverage = Vec::new();
         let mut bad_fdes = 0;
-        if let Some((range, bytes)) = &eh_frame {
-            let mut sec = gimli::EhFrame::new(bytes, LittleEndian);
-            sec.set_address_size(8);
+        let eh_section = eh_frame.as_ref().map(|(range, bytes)| {
             let mut bases = gimli::BaseAddresses::default().set_eh_frame(range.start);
             if let Some(t) = &text_svma {
                 bases = bases.set_text(t.start);
@@ -165,13 +177,30 @@ impl ElfUnwindData {
             if let Some(g) = &got_svma {
                 bases = bases.set_got(g.start);
             }
-            bad_fdes += collect_fdes(&sec, &bases, CfiSource::EhFrame, &mut coverage);
+            CfiSection {
+                bytes: bytes.clone(),
+                bases,
+            }
+        });
+        let debug_section = debug_frame.as_ref().map(|(_, bytes)| CfiSection {
+            bytes: bytes.clone(),
+            bases: gimli::BaseAddresses::default(),
+        });
+        if let Some(sec) = &eh_section {
+            bad_fdes += collect_fdes(
+                &eh_frame_of(sec),
+                &sec.bases,
+                CfiSource::EhFrame,
+                &mut coverage,
+            );
         }
-        if let Some((_, bytes)) = &debug_frame {
-            let mut sec = gimli::DebugFrame::new(bytes, LittleEndian);
-            sec.set_address_size(8);
-            let bases = gimli::BaseAddresses::default();
-            bad_fdes += collect_fdes(&sec, &bases, CfiSource::DebugFrame, &mut coverage);
+        if let Some(sec) = &debug_section {
+            bad_fdes += collect_fdes(
+                &debug_frame_of(sec),
+                &sec.bases,
+                CfiSource::DebugFrame,
+                &mut coverage,
+            );
         }
         // Where both sections describe an address (crt objects linked into a `-g` build without
         // `.eh_frame` for its own code), `.eh_frame` sorts first and wins.
@@ -179,7 +208,8 @@ impl ElfUnwindData {
         coverage.dedup_by_key(|f| f.start);
         coverage.shrink_to_fit();
 
-        let mut heap_bytes = coverage.capacity() * std::mem::size_of::<Fde>();
+        let fde_kind = (0..coverage.len()).map(|_| AtomicU8::new(0)).collect();
+        let mut heap_bytes = coverage.capacity() * (std::mem::size_of::<Fde>() + 1);
         let eh = eh_frame.map(|(eh_range, eh_bytes)| {
             heap_bytes += eh_bytes.len();
             let (hdr_svma, hdr_bytes) = match eh_frame_hdr {
@@ -213,6 +243,9 @@ impl ElfUnwindData {
             build_id,
             segments,
             coverage,
+            fde_kind,
+            eh_frame: eh_section,
+            debug_frame: debug_section,
             eh,
             debug,
             heap_bytes,
@@ -220,11 +253,17 @@ impl ElfUnwindData {
         })
     }
 
-    /// Which CFI section covers ELF virtual address `vaddr`, if any.
-    pub fn cfi_for(&self, vaddr: u64) -> Option<CfiSource> {
+    /// The FDE covering ELF virtual address `vaddr` (its index and entry), if any.
+    pub fn fde_for(&self, vaddr: u64) -> Option<(usize, Fde)> {
         let i = self.coverage.partition_point(|f| f.start <= vaddr);
-        let f = self.coverage.get(i.checked_sub(1)?)?;
-        (vaddr - f.start < u64::from(f.len)).then_some(f.source)
+        let i = i.checked_sub(1)?;
+        let f = self.coverage[i];
+        (vaddr - f.start < u64::from(f.len)).then_some((i, f))
+    }
+
+    /// The per-FDE memo of [`FDE_SIMPLE`] / [`FDE_COMPLEX`] (0: not computed).
+    pub fn fde_kind(&self, index: usize) -> &AtomicU8 {
+        &self.fde_kind[index]
     }
 
     /// Whether the file has any CFI at all.
@@ -257,6 +296,25 @@ impl ElfUnwindData {
 }
 
 const PAGE: u64 = 4096;
+
+/// `ElfUnwindData::fde_kind` values.
+pub(crate) const FDE_SIMPLE: u8 = 1;
+pub(crate) const FDE_COMPLEX: u8 = 2;
+
+/// The reader type over a kept section.
+pub(crate) type Reader<'a> = gimli::EndianSlice<'a, LittleEndian>;
+
+pub(crate) fn eh_frame_of(sec: &CfiSection) -> gimli::EhFrame<Reader<'_>> {
+    let mut s = gimli::EhFrame::new(&sec.bytes, LittleEndian);
+    s.set_address_size(8);
+    s
+}
+
+pub(crate) fn debug_frame_of(sec: &CfiSection) -> gimli::DebugFrame<Reader<'_>> {
+    let mut s = gimli::DebugFrame::new(&sec.bytes, LittleEndian);
+    s.set_address_size(8);
+    s
+}
 
 /// A framehop unwinder that knows exactly one module, at its link-time addresses.
 fn one_module_unwinder(info: ExplicitModuleSectionInfo<SectionData>) -> CfiUnwinder {
@@ -299,11 +357,15 @@ where
                         let len = fde.len();
                         if len > 0 && fde.initial_address() != 0 {
                             if let Ok(len) = u32::try_from(len) {
-                                out.push(Fde {
-                                    start: fde.initial_address(),
-                                    len,
-                                    source,
-                                });
+                                let offset: usize = partial.offset();
+                                if let Ok(offset) = u32::try_from(offset) {
+                                    out.push(Fde {
+                                        start: fde.initial_address(),
+                                        len,
+                                        offset,
+                                        source,
+                                    });
+                                }
                             }
                         }
                     }
