@@ -660,3 +660,210 @@ fn frame_address(index: usize, addr: u64) -> FrameAddress {
             .unwrap_or(FrameAddress::from_instruction_pointer(addr))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// This thread's registers and up to 16 KiB of its stack, as the kernel would copy them
+    /// when sampling it right here.
+    #[inline(never)]
+    fn sample_self() -> (UserRegs, Vec<u8>) {
+        let (ip, sp, bp): (u64, u64, u64);
+        // SAFETY: reads three registers; no memory is touched.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]",
+                "mov {sp}, rsp",
+                "mov {bp}, rbp",
+                ip = out(reg) ip,
+                sp = out(reg) sp,
+                bp = out(reg) bp,
+            );
+        }
+        let mem = std::fs::File::open("/proc/self/mem").unwrap();
+        let mut stack = Vec::new();
+        let mut addr = sp;
+        while stack.len() < 16384 {
+            let want = (((addr | 0xfff) + 1 - addr) as usize).min(16384 - stack.len());
+            let mut buf = vec![0u8; want];
+            match mem.read_at(&mut buf, addr) {
+                Ok(n) if n > 0 => {
+                    stack.extend_from_slice(&buf[..n]);
+                    addr += n as u64;
+                }
+                _ => break,
+            }
+        }
+        (UserRegs { ip, sp, bp }, stack)
+    }
+
+    #[inline(never)]
+    fn sampled_two_calls_deep() -> (UserRegs, Vec<u8>) {
+        let r = sample_self();
+        std::hint::black_box(r)
+    }
+
+    fn own_pid() -> u32 {
+        std::process::id()
+    }
+
+    #[test]
+    fn unwinds_its_own_thread_to_thread_start() {
+        let (regs, stack) = sampled_two_calls_deep();
+        let mut u = Unwinder::new(UnwindConfig::default());
+        let s = u.unwind(own_pid(), regs, &stack);
+        // The test harness runs each test on its own thread: the stack ends in clone3.
+        assert_eq!(s.outcome, UnwindOutcome::Complete, "{s:x?}");
+        assert_eq!(s.guessed_frames, 0);
+        assert!(s.frames.len() >= 5, "{s:x?}");
+        let st = u.stats();
+        assert_eq!((st.samples, st.complete), (1, 1));
+        assert!(st.modules.loaded >= 2, "{st:?}");
+        // The ip is in sample_self, the first return address in its caller, both in the test
+        // binary.
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        for (i, a) in s.lookup_addrs().take(2).enumerate() {
+            let n = u.normalize(own_pid(), a).unwrap();
+            assert_eq!(n.module.path, me, "frame {i}");
+            assert!(n.module.has_cfi());
+            assert!(n.module.build_id().is_some());
+            assert_eq!(n.module.file_offset_of(a), n.file_offset);
+        }
+        // The last frame is libc's thread start.
+        let last = s.lookup_addrs().last().unwrap();
+        let n = u.normalize(own_pid(), last).unwrap();
+        assert!(n.module.name().starts_with("libc"), "{:?}", n.module);
+    }
+
+    #[test]
+    fn a_short_copy_is_stack_copy_exhausted() {
+        let (regs, stack) = sampled_two_calls_deep();
+        let mut u = Unwinder::new(UnwindConfig::default());
+        let full = u.unwind(own_pid(), regs, &stack);
+        assert_eq!(full.outcome, UnwindOutcome::Complete);
+        let cut = u.unwind(own_pid(), regs, &stack[..64]);
+        assert_eq!(
+            cut.outcome,
+            UnwindOutcome::Truncated(TruncatedReason::StackCopyExhausted)
+        );
+        assert!(full.frames.starts_with(&cut.frames));
+        let none = u.unwind(own_pid(), regs, &[]);
+        assert_eq!(
+            none.outcome,
+            UnwindOutcome::Truncated(TruncatedReason::StackCopyExhausted)
+        );
+        assert_eq!(none.frames, vec![regs.ip]);
+        assert_eq!(u.stats().truncated.stack_copy_exhausted, 2);
+    }
+
+    #[test]
+    fn an_ip_outside_any_module_is_unmapped() {
+        let (regs, stack) = sample_self();
+        let mut u = Unwinder::new(UnwindConfig {
+            maps_refresh_interval: Duration::ZERO,
+            ..UnwindConfig::default()
+        });
+        let s = u.unwind(own_pid(), UserRegs { ip: 0x10, ..regs }, &stack);
+        assert_eq!(
+            s.outcome,
+            UnwindOutcome::Truncated(TruncatedReason::UnmappedAddress)
+        );
+        assert_eq!(s.frames, vec![0x10]);
+        assert!(u.normalize(own_pid(), 0x10).is_none());
+        // The miss re-read the maps (interval zero).
+        assert!(u.stats().maps_reads >= 2);
+    }
+
+    #[test]
+    fn max_depth_cuts_and_counts() {
+        let (regs, stack) = sampled_two_calls_deep();
+        let mut u = Unwinder::new(UnwindConfig {
+            max_frames: 2,
+            ..UnwindConfig::default()
+        });
+        let s = u.unwind(own_pid(), regs, &stack);
+        assert_eq!(
+            s.outcome,
+            UnwindOutcome::Truncated(TruncatedReason::MaxDepth),
+            "{s:x?}"
+        );
+        assert_eq!(s.frames.len(), 2);
+        assert_eq!(u.stats().truncated.max_depth, 1);
+    }
+
+    #[test]
+    fn labels_are_stable() {
+        let labels: Vec<&str> = TruncatedReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "stack_copy_exhausted",
+                "no_unwind_info",
+                "unmapped_address",
+                "max_depth",
+                "bad_cfi",
+                "process_gone"
+            ]
+        );
+        assert_eq!(lookup_address(0, 0x1000), 0x1000);
+        assert_eq!(lookup_address(3, 0x1000), 0xfff);
+    }
+
+    #[test]
+    fn unwinder_and_modules_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send::<Unwinder>();
+        send_sync::<ModuleInfo>();
+        send_sync::<NormalizedAddr>();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Garbage registers and stack bytes against this process's real mappings: always an
+        /// outcome, never a panic, never more frames than allowed, every counter consistent.
+        #[test]
+        fn garbage_never_panics(
+            ip_pick in 0usize..4,
+            ip_raw in proptest::num::u64::ANY,
+            sp_off in 0u64..4096,
+            bp in proptest::num::u64::ANY,
+            words in proptest::collection::vec(proptest::num::u64::ANY, 0..512),
+            plant in proptest::collection::vec((0usize..512, 0usize..64), 0..16),
+        ) {
+            thread_local! {
+                static REAL: (UserRegs, Vec<u8>, Vec<u64>) = {
+                    let (regs, stack) = sampled_two_calls_deep();
+                    let frames = Unwinder::new(UnwindConfig::default()).unwind(std::process::id(), regs, &stack).frames;
+                    (regs, stack, frames)
+                };
+            }
+            REAL.with(|(regs, _stack, real_frames)| {
+                // Plant real code addresses among random words so CFI rules run on junk.
+                let mut words = words.clone();
+                for (at, which) in &plant {
+                    if let (Some(w), Some(f)) = (words.get_mut(*at), real_frames.get(*which % real_frames.len())) {
+                        *w = *f;
+                    }
+                }
+                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let ip = match ip_pick {
+                    0 => ip_raw,
+                    _ => real_frames[ip_pick % real_frames.len()],
+                };
+                let regs = UserRegs { ip, sp: regs.sp.wrapping_sub(sp_off * 8), bp };
+                let mut u = Unwinder::new(UnwindConfig { max_frames: 64, ..UnwindConfig::default() });
+                let s = u.unwind(std::process::id(), regs, &bytes);
+                proptest::prop_assert!(!s.frames.is_empty() && s.frames.len() <= 64);
+                proptest::prop_assert_eq!(s.frames[0], ip);
+                let st = u.stats();
+                proptest::prop_assert_eq!(st.samples, 1);
+                proptest::prop_assert_eq!(st.complete + st.truncated.total(), 1);
+                proptest::prop_assert!(s.guessed_frames as usize <= s.frames.len());
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -58,6 +58,8 @@ pub(crate) struct LoadSegment {
     pub file_offset: u64,
     pub file_size: u64,
     pub vaddr: u64,
+    /// PF_X: the segment holds code.
+    pub exec: bool,
 }
 
 /// Why an ELF file could not be used.
@@ -125,6 +127,7 @@ impl ElfUnwindData {
                     file_offset: ph.p_offset(endian),
                     file_size: ph.p_filesz(endian),
                     vaddr: ph.p_vaddr(endian),
+                    exec: ph.p_flags(endian).contains(object::elf::PF_X),
                 });
             }
         }
@@ -276,17 +279,23 @@ impl ElfUnwindData {
         self.coverage.len()
     }
 
-    /// The load bias of a mapping of this file at `map_start` from file offset `map_offset`:
-    /// process address = ELF virtual address + bias. `None` when no PT_LOAD segment holds that
-    /// offset.
-    pub fn bias_for_mapping(&self, map_start: u64, map_offset: u64) -> Option<u64> {
-        // Every PT_LOAD segment of one file shares the same bias, so the first segment whose
-        // file range holds the mapping's offset answers. The kernel maps from the page holding a
-        // segment's first byte, hence the rounding.
-        let seg = self.segments.iter().find(|s| {
+    /// The load bias of a mapping of this file at `map_start` from file offset `map_offset`
+    /// (`exec`: the mapping is executable): process address = ELF virtual address + bias.
+    /// `None` when no PT_LOAD segment holds that offset.
+    pub fn bias_for_mapping(&self, map_start: u64, map_offset: u64, exec: bool) -> Option<u64> {
+        // The kernel maps a segment from the page holding its first byte, so one page of the
+        // file can start two mappings (lld lays out `R` then `R E` segments back to back in the
+        // file, a page apart in memory): the segment with the mapping's permissions decides.
+        let holds = |s: &&LoadSegment| {
             map_offset >= s.file_offset - s.file_offset % PAGE
                 && map_offset < s.file_offset.saturating_add(s.file_size.max(1))
-        })?;
+        };
+        let seg = self
+            .segments
+            .iter()
+            .filter(holds)
+            .find(|s| s.exec == exec)
+            .or_else(|| self.segments.iter().find(holds))?;
         let vaddr_at_map_start = seg
             .vaddr
             .wrapping_sub(seg.file_offset)
@@ -380,4 +389,94 @@ where
         }
     }
     bad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(file_offset: u64, file_size: u64, vaddr: u64, exec: bool) -> LoadSegment {
+        LoadSegment {
+            file_offset,
+            file_size,
+            vaddr,
+            exec,
+        }
+    }
+
+    fn data(segments: Vec<LoadSegment>) -> ElfUnwindData {
+        ElfUnwindData {
+            build_id: None,
+            segments,
+            coverage: Vec::new(),
+            fde_kind: Vec::new(),
+            eh_frame: None,
+            debug_frame: None,
+            eh: None,
+            debug: None,
+            heap_bytes: 0,
+            bad_fdes: 0,
+        }
+    }
+
+    #[test]
+    fn bias_of_an_lld_layout_uses_the_code_segment() {
+        // rustc's default (lld) layout: the code segment starts mid-page in the file, one page
+        // further in memory; the page at 0xde000 starts both the R and the R E mapping.
+        let d = data(vec![
+            seg(0, 0xde620, 0, false),
+            seg(0xde620, 0x1ef920, 0xdf620, true),
+            seg(0x2cdf40, 0x1c7c0, 0x2cff40, false),
+        ]);
+        let base = 0x5555_5555_0000u64;
+        let exec_map_start = base + 0xdf000;
+        let bias = d.bias_for_mapping(exec_map_start, 0xde000, true).unwrap();
+        assert_eq!(bias, base);
+        // The read-only mapping of the same page resolves through the first segment.
+        assert_eq!(d.bias_for_mapping(base, 0, false), Some(base));
+        assert_eq!(d.bias_for_mapping(base, 0x400000, true), None);
+    }
+
+    #[test]
+    fn bias_of_a_bfd_layout() {
+        // ld.bfd with -z separate-code: page-aligned segments, vaddr == offset.
+        let d = data(vec![
+            seg(0, 0x600, 0, false),
+            seg(0x1000, 0x1d5, 0x1000, true),
+        ]);
+        let base = 0x7f00_0000_0000u64;
+        assert_eq!(d.bias_for_mapping(base + 0x1000, 0x1000, true), Some(base));
+    }
+
+    #[test]
+    fn own_executable_has_cfi_for_its_functions() {
+        let f = File::open("/proc/self/exe").unwrap();
+        let d = ElfUnwindData::from_file(&f).unwrap();
+        assert!(d.has_cfi() && d.eh.is_some());
+        assert!(d.build_id.is_some());
+        assert_eq!(d.bad_fdes, 0);
+        assert!(d.fde_count() > 1000, "{}", d.fde_count());
+        // Every FDE start is covered, and the coverage is sorted and disjoint.
+        let mut last_end = 0;
+        for f in &d.coverage {
+            assert!(f.start >= last_end, "overlap at {:#x}", f.start);
+            last_end = f.start + u64::from(f.len);
+            assert_eq!(d.fde_for(f.start).map(|(_, x)| x.start), Some(f.start));
+        }
+        assert!(d.fde_for(0).is_none());
+    }
+
+    #[test]
+    fn garbage_is_not_an_elf() {
+        assert!(matches!(
+            ElfUnwindData::from_bytes(b"not an elf file at all"),
+            Err(ElfError::NotElf(_))
+        ));
+        assert!(ElfUnwindData::from_bytes(&[]).is_err());
+        // A truncated real ELF: headers promise more than there is.
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        for cut in [64, 4096, me.len() / 2] {
+            let _ = ElfUnwindData::from_bytes(&me[..cut]);
+        }
+    }
 }

@@ -210,7 +210,7 @@ fn attach_object(
     match obj {
         Ok(obj) => {
             info.id = Some(obj.id);
-            info.bias = obj.data.bias_for_mapping(e.start, e.offset);
+            info.bias = obj.data.bias_for_mapping(e.start, e.offset, true);
             if info.bias.is_none() {
                 info.load_error = Some("mapping offset outside every PT_LOAD segment".into());
             }
