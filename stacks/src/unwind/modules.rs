@@ -48,8 +48,9 @@ pub struct ModuleInfo {
     /// The file was deleted (or replaced) on disk after the process mapped it.
     pub deleted: bool,
     /// The path the agent opened it through (`/proc/<pid>/map_files/<range>` or
-    /// `/proc/<pid>/root/<path>`); only valid while the process lives. `None` when opening
-    /// failed.
+    /// `/proc/<pid>/root/<path>`); only valid while the process lives. `None` when the parsed
+    /// module was found in the cache (opened for another mapping or process) or opening
+    /// failed. To open the file later use [`ModuleInfo::agent_path`].
     pub open_path: Option<PathBuf>,
     /// Device and inode of the mapped file as `/proc/<pid>/maps` shows them (0 for the vDSO).
     pub dev: u64,

@@ -61,10 +61,10 @@ pub fn compile(dir: &Path, name: &str, lang: &str, src: &str, flags: &[&str]) ->
     let out = dir.join(name);
     let compiler = if lang == "c++" { "g++" } else { "gcc" };
     let o = Command::new(compiler)
+        .arg(&src_path)
         .args(flags)
         .arg("-o")
         .arg(&out)
-        .arg(&src_path)
         .arg("-lpthread")
         .arg("-ldl")
         .output()
