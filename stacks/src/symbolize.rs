@@ -24,20 +24,20 @@
 //! # Threading and caching
 //! `blazesym`'s symbolizer is single-threaded (`!Send`), and parsing DWARF costs milliseconds to
 //! seconds for large files: create a [`Symbolizer`] on a thread of its own, feed it batches off
-//! the sampling path ([`spawn`] does exactly that). Results are cached per module contents (build
-//! id, else device and inode) and file offset, so one libpython serves every process; the cache
+//! the sampling path ([`spawn`] does exactly that). Results are cached per file (device, inode,
+//! size, mtime of the file read) and file offset, so one libpython serves every process; the cache
 //! holds at most [`SymbolizerConfig::max_cached_addrs`] addresses (the older half is dropped when
 //! it fills) and blazesym keeps at most [`SymbolizerConfig::max_open_modules`] files parsed.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{Input, Sym, Symbolized as BzSymbolized};
 use blazesym::MaybeDefault;
 
-use crate::unwind::{ModuleInfo, ModuleKey};
+use crate::unwind::{FileId, ModuleInfo};
 
 /// One (possibly inlined) function at an address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -107,10 +107,31 @@ pub struct SymbolizeStats {
     pub modules_evicted: u64,
 }
 
+/// Which file a module's addresses are symbolized from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum FileKey {
+    /// The open file's identity (device, inode, size, mtime).
+    Open(FileId),
+    /// A module whose file could not be opened: every address gets the fallback name.
+    Unopened { dev: u64, inode: u64 },
+}
+
+impl FileKey {
+    fn of(module: &ModuleInfo) -> FileKey {
+        match module.file_id() {
+            Some(id) => FileKey::Open(id),
+            None => FileKey::Unopened {
+                dev: module.dev,
+                inode: module.inode,
+            },
+        }
+    }
+}
+
 /// Cache key of one address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum AddrKey {
-    Module(ModuleKey, u64),
+    Module(FileKey, u64),
     Kernel(u64),
 }
 
@@ -153,8 +174,8 @@ pub struct Symbolizer {
     inner: blazesym::symbolize::Symbolizer,
     config: SymbolizerConfig,
     cache: TwoGenCache,
-    /// Modules blazesym holds, with the path it knows them by and when they were last used.
-    open: HashMap<ModuleKey, (PathBuf, u64)>,
+    /// Files blazesym holds, with the path it knows them by and when they were last used.
+    open: HashMap<FileKey, (PathBuf, u64)>,
     clock: u64,
     stats: SymbolizeStats,
 }
@@ -186,11 +207,11 @@ impl Symbolizer {
     /// order.
     pub fn symbolize(&mut self, module: &ModuleInfo, file_offsets: &[u64]) -> Vec<Symbolized> {
         self.stats.addrs += file_offsets.len() as u64;
-        let key = module.key();
+        let key = FileKey::of(module);
         let mut out: Vec<Option<Symbolized>> = Vec::with_capacity(file_offsets.len());
         let mut missing = Vec::new();
         for (i, &off) in file_offsets.iter().enumerate() {
-            match self.cache.get(&AddrKey::Module(key.clone(), off)) {
+            match self.cache.get(&AddrKey::Module(key, off)) {
                 Some(v) => {
                     self.stats.cache_hits += 1;
                     out.push(Some(v));
@@ -206,7 +227,7 @@ impl Symbolizer {
             let resolved = self.resolve_module(module, &key, &offs);
             for (&i, v) in missing.iter().zip(resolved) {
                 self.cache
-                    .insert(AddrKey::Module(key.clone(), file_offsets[i]), v.clone());
+                    .insert(AddrKey::Module(key, file_offsets[i]), v.clone());
                 out[i] = Some(v);
             }
         }
@@ -284,7 +305,7 @@ impl Symbolizer {
     fn resolve_module(
         &mut self,
         module: &ModuleInfo,
-        key: &ModuleKey,
+        key: &FileKey,
         offs: &[u64],
     ) -> Vec<Symbolized> {
         let name = module.name().to_string();
@@ -349,36 +370,47 @@ impl Symbolizer {
         }
     }
 
-    /// The path blazesym knows `module` by, registering it (and evicting the least recently
-    /// used module past the limit) on first use.
-    fn path_for(&mut self, module: &ModuleInfo, key: &ModuleKey) -> Option<PathBuf> {
+    /// The path blazesym knows `module`'s file by (`/proc/self/fd/<n>` of the descriptor the
+    /// module holds), registering it on first use and dropping the least recently used file
+    /// past the limit.
+    fn path_for(&mut self, module: &ModuleInfo, key: &FileKey) -> Option<PathBuf> {
         self.clock += 1;
-        if let Some((p, used)) = self.open.get_mut(key) {
-            // The descriptor behind a `/proc/self/fd/N` path may have been closed (and its
-            // number reused) since; blazesym re-checks the file's identity on every open.
-            if Path::new(p).exists() {
-                *used = self.clock;
-                return Some(p.clone());
-            }
-        }
         let path = module.agent_path()?;
+        match self.open.get_mut(key) {
+            Some((p, used)) if *p == path => {
+                *used = self.clock;
+                return Some(path);
+            }
+            // The same file reached through another descriptor (the module was parsed again):
+            // forget the old path, whose number may since belong to another file.
+            Some(_) => {
+                if let Some((old, _)) = self.open.remove(key) {
+                    self.evict_path(old);
+                }
+            }
+            None => {}
+        }
         if self.open.len() >= self.config.max_open_modules.max(1) {
             if let Some(victim) = self
                 .open
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| *k)
             {
                 if let Some((p, _)) = self.open.remove(&victim) {
-                    let _ = self.inner.evict(&blazesym::symbolize::evict::Evict::Elf(
-                        blazesym::symbolize::evict::Elf::new(p),
-                    ));
+                    self.evict_path(p);
                     self.stats.modules_evicted += 1;
                 }
             }
         }
-        self.open.insert(key.clone(), (path.clone(), self.clock));
+        self.open.insert(*key, (path.clone(), self.clock));
         Some(path)
+    }
+
+    fn evict_path(&mut self, path: PathBuf) {
+        let _ = self.inner.evict(&blazesym::symbolize::evict::Evict::Elf(
+            blazesym::symbolize::evict::Elf::new(path),
+        ));
     }
 }
 

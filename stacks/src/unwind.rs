@@ -77,7 +77,7 @@ use crate::UserRegs;
 use elf::{CfiSource, CfiUnwinder};
 use maps::{Backing, OpenOptions, ProcessMap};
 use modules::ModuleCache;
-pub use modules::{ModuleCacheLimits, ModuleCacheStats, ModuleId, ModuleInfo, ModuleKey};
+pub use modules::{FileId, ModuleCacheLimits, ModuleCacheStats, ModuleId, ModuleInfo, ModuleKey};
 
 /// The address to look code information up for: `addr` itself for frame 0 (the instruction
 /// pointer), `addr - 1` for return addresses.

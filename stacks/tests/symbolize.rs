@@ -109,8 +109,8 @@ fn rust_names_of_this_binary_are_demangled() {
 }
 
 #[test]
-fn results_are_shared_across_processes_by_build_id() {
-    if !native_prereqs("results_are_shared_across_processes_by_build_id") {
+fn results_are_shared_across_processes_of_one_file() {
+    if !native_prereqs("results_are_shared_across_processes_of_one_file") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -119,25 +119,45 @@ fn results_are_shared_across_processes_by_build_id() {
                __attribute__((noinline)) void stop_here(void) { raise(SIGSTOP); s++; }\n\
                int main(void) { stop_here(); return 0; }\n";
     let bin = compile(dir.path(), "shared_sym", "c", src, &["-O2", "-g"]);
-    // A second copy: another inode, the same contents and build id.
-    let copy = dir.path().join("shared_sym_copy");
-    std::fs::copy(&bin, &copy).unwrap();
+    // The same build stripped: same build id (the unwinder shares one parse of both), other
+    // symbols (the symbolizer must read each process's own file).
+    let stripped = dir.path().join("shared_sym_stripped");
+    let o = Command::new("strip")
+        .args(["--strip-all", "-o"])
+        .arg(&stripped)
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
     let mut u = Unwinder::new(UnwindConfig::default());
     let mut s = Symbolizer::new(SymbolizerConfig::default());
     let mut seen = Vec::new();
-    for b in [&bin, &copy] {
+    let mut hits = Vec::new();
+    for b in [&stripped, &bin, &bin] {
         let t = Target::spawn(&mut Command::new(b));
         wait_all_stopped(t.pid(), Duration::from_secs(10));
         let cap = capture(t.pid(), t.pid()).unwrap();
         let stack = u.unwind(t.pid(), cap.regs, &cap.stack);
+        assert!(stack.outcome.is_complete());
+        let before = s.stats().cache_hits;
         let syms = symbolize_stack(&mut u, &mut s, t.pid(), &stack);
-        seen.push(names(&syms));
+        hits.push(s.stats().cache_hits - before);
+        seen.push((names(&syms), syms.len()));
     }
-    assert_eq!(seen[0], seen[1]);
-    assert!(seen[0].iter().any(|n| n == "stop_here"), "{:?}", seen[0]);
-    // The second process's frames were all answered from the cache.
-    let st = s.stats();
-    assert_eq!(st.cache_hits, seen[1].len() as u64, "{st:?}");
+    // One parse of the executable's unwind tables served all three (plus libc).
+    assert_eq!(u.stats().modules.loaded, 2, "{:?}", u.stats());
+    // The stripped process gets the fallback, the unstripped ones the name.
+    assert!(!seen[0].0.iter().any(|n| n == "stop_here"), "{:?}", seen[0]);
+    assert!(seen[0]
+        .0
+        .iter()
+        .any(|n| n.starts_with("shared_sym_stripped+0x")));
+    assert!(seen[1].0.iter().any(|n| n == "stop_here"), "{:?}", seen[1]);
+    assert_eq!(seen[1], seen[2]);
+    // The third process's frames were all answered from the cache; the second shared only
+    // libc's with the first.
+    assert_eq!(hits[2], seen[2].1 as u64, "{hits:?}");
+    assert!(hits[1] < seen[1].1 as u64, "{hits:?}");
 }
 
 #[test]

@@ -181,10 +181,11 @@ fn resolve_file(
         bias: None,
         vdso: false,
         object: None,
+        own_file: None,
         load_error: None,
     };
     let obj = match cache.lookup_file(e.dev, e.inode) {
-        Some(obj) => Ok(obj),
+        Some(obj) => Ok((obj, None)),
         None => match open_module_file(pid, e, &info.path, deleted, opts) {
             Ok((file, open_path)) => {
                 info.open_path = Some(open_path);
@@ -202,13 +203,21 @@ fn resolve_file(
     info
 }
 
+#[allow(clippy::type_complexity)]
 fn attach_object(
     info: &mut ModuleInfo,
-    obj: Result<Arc<super::modules::ModuleObject>, LoadError>,
+    obj: Result<
+        (
+            Arc<super::modules::ModuleObject>,
+            Option<(File, Option<super::modules::FileId>)>,
+        ),
+        LoadError,
+    >,
     e: &MapEntry,
 ) {
     match obj {
-        Ok(obj) => {
+        Ok((obj, own_file)) => {
+            info.own_file = own_file;
             info.id = Some(obj.id);
             info.bias = obj.data.bias_for_mapping(e.start, e.offset, true);
             if info.bias.is_none() {
@@ -279,6 +288,7 @@ fn resolve_vdso(pid: u32, e: &MapEntry, cache: &mut ModuleCache) -> ModuleInfo {
         bias: None,
         vdso: true,
         object: None,
+        own_file: None,
         load_error: None,
     };
     let image = match read_process_memory(pid, e.start, (e.end - e.start) as usize) {

@@ -14,7 +14,7 @@ use super::elf::{ElfError, ElfUnwindData};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModuleId(pub u64);
 
-/// What the contents of a module are keyed by in caches (the unwinder's and the symbolizer's).
+/// What the unwinder shares one parse of a module's unwind tables by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ModuleKey {
     /// The GNU build id (`NT_GNU_BUILD_ID`), when the file has one.
@@ -23,12 +23,36 @@ pub enum ModuleKey {
     File { dev: u64, inode: u64 },
 }
 
+/// Identity of one file's contents as the symbolizer reads them: device, inode, size and
+/// modification time of the open file (what `fstat` says; the vDSO's memory file is unique).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileId {
+    pub(crate) fn of(file: &File) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata()?;
+        Ok(FileId {
+            dev: md.dev(),
+            inode: md.ino(),
+            size: md.size(),
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+        })
+    }
+}
+
 /// A parsed file: unwind tables plus the open file (kept so the file can still be symbolized
 /// after the process exited or the file was deleted; one descriptor per cached module).
 pub(crate) struct ModuleObject {
     pub id: ModuleId,
     pub key: ModuleKey,
     pub file: File,
+    pub file_id: Option<FileId>,
     pub data: ElfUnwindData,
 }
 
@@ -66,6 +90,10 @@ pub struct ModuleInfo {
     /// The module is the kernel's vDSO (its image is read from the process's memory).
     pub vdso: bool,
     pub(crate) object: Option<Arc<ModuleObject>>,
+    /// This mapping's own file, when the parsed object was shared by build id from another
+    /// file (a copy in another container, or a stripped and an unstripped build of the same
+    /// code): symbolization reads the file this process maps.
+    pub(crate) own_file: Option<(File, Option<FileId>)>,
     /// Why the object is missing, for logs.
     pub load_error: Option<String>,
 }
@@ -112,7 +140,7 @@ impl ModuleInfo {
             .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
     }
 
-    /// The key caches use for this module's contents.
+    /// What the parsed unwind data is shared by (build id, else the mapped file).
     pub fn key(&self) -> ModuleKey {
         match &self.object {
             Some(o) => o.key.clone(),
@@ -123,10 +151,21 @@ impl ModuleInfo {
         }
     }
 
-    /// The open file, if the module could be opened. Valid for as long as this info lives, even
-    /// after the process exited or the file was deleted.
+    /// The open file this process maps, if it could be opened. Valid for as long as this info
+    /// lives, even after the process exited or the file was deleted.
     pub fn file(&self) -> Option<&File> {
-        self.object.as_ref().map(|o| &o.file)
+        match &self.own_file {
+            Some((f, _)) => Some(f),
+            None => self.object.as_ref().map(|o| &o.file),
+        }
+    }
+
+    /// Identity of [`file`](Self::file)'s contents (the symbolizer's cache key).
+    pub fn file_id(&self) -> Option<FileId> {
+        match &self.own_file {
+            Some((_, id)) => *id,
+            None => self.object.as_ref().and_then(|o| o.file_id),
+        }
     }
 
     /// A path through which this process (the agent) can open the module's file right now:
@@ -258,14 +297,17 @@ impl ModuleCache {
     }
 
     /// Parses (or finds by build id) the module in `file`, known to the process as (dev, inode).
-    /// `vdso_image`: the bytes of the vDSO instead of a file on disk.
+    /// `vdso_image`: the bytes of the vDSO instead of a file on disk. When the parse of another
+    /// file with the same build id is reused, `file` is handed back (with its identity) if it is
+    /// a different file, for symbolizing this mapping from its own file.
+    #[allow(clippy::type_complexity)]
     pub fn load(
         &mut self,
         dev: u64,
         inode: u64,
         file: File,
         vdso_image: Option<&[u8]>,
-    ) -> Result<Arc<ModuleObject>, LoadError> {
+    ) -> Result<(Arc<ModuleObject>, Option<(File, Option<FileId>)>), LoadError> {
         // A cheap pass for the build id first: another container's copy of the same library
         // (other inode, same contents) shares the parse.
         let build_id = match vdso_image {
@@ -275,11 +317,19 @@ impl ModuleCache {
         if let Some(bid) = &build_id {
             if let Some(&id) = self.by_build_id.get(bid) {
                 if let Some(obj) = self.touch(id) {
-                    if vdso_image.is_none() {
-                        self.by_file.insert((dev, inode), id);
-                    }
                     self.stats.shared += 1;
-                    return Ok(obj);
+                    if vdso_image.is_some() {
+                        return Ok((obj, None));
+                    }
+                    let fid = FileId::of(&file).ok();
+                    if fid.is_some() && fid == obj.file_id {
+                        self.by_file.insert((dev, inode), id);
+                        return Ok((obj, None));
+                    }
+                    // Another file with the same code: share the unwind tables, keep this
+                    // file for symbolization. No (dev, inode) alias, so every mapping of it
+                    // comes through here and gets its own file.
+                    return Ok((obj, Some((file, fid))));
                 }
             }
         }
@@ -305,10 +355,12 @@ impl ModuleCache {
             Some(b) => ModuleKey::BuildId(b.clone()),
             None => ModuleKey::File { dev, inode },
         };
+        let file_id = FileId::of(&file).ok();
         let obj = Arc::new(ModuleObject {
             id,
             key,
             file,
+            file_id,
             data,
         });
         self.clock += 1;
@@ -329,7 +381,7 @@ impl ModuleCache {
         self.stats.loaded += 1;
         self.stats.bad_fdes += obj.data.bad_fdes as u64;
         self.update_gauges();
-        Ok(obj)
+        Ok((obj, None))
     }
 
     /// Records a file that could not be opened.
