@@ -10,6 +10,9 @@
 //!   cache cold,
 //! - the per-address symbolization cost: cold (first address of a module: opening and parsing
 //!   its symbols and DWARF), blazesym warm (our cache bypassed), and warm (our cache).
+//!
+//! `-- --large N` also builds a shared library of N functions with gcc (libtorch_cpu has a few
+//! hundred thousand FDEs), maps it into a stopped process and times its first-use parse.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -39,7 +42,74 @@ fn quantiles(mut v: Vec<f64>) -> (f64, f64) {
     (q(0.5), q(0.99))
 }
 
+/// Builds a library with `n` small functions, maps it into a stopped process, times its parse.
+fn large_library(n: usize) {
+    use std::fmt::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = String::from("volatile long sink;\n");
+    for i in 0..n {
+        let _ = writeln!(
+            src,
+            "__attribute__((noinline)) long f{i}(long x) {{ long y = x * {i} + sink; sink = y; return y ^ (x >> 3); }}"
+        );
+    }
+    let t0 = Instant::now();
+    let lib = common::compile(
+        dir.path(),
+        "liblarge.so",
+        "c",
+        &src,
+        &["-O1", "-shared", "-fPIC"],
+    );
+    println!(
+        "\nlarge library: {n} functions, built in {:.0} s, {:.1} MiB",
+        t0.elapsed().as_secs_f64(),
+        std::fs::metadata(&lib).unwrap().len() as f64 / (1 << 20) as f64
+    );
+    let main = "#include <dlfcn.h>\n#include <signal.h>\n\
+                int main(int c, char **v) { (void)c; if (!dlopen(v[1], RTLD_NOW)) return 1; raise(SIGSTOP); return 0; }\n";
+    let bin = common::compile(dir.path(), "map_large", "c", main, &["-O2"]);
+    let t = common::Target::spawn(Command::new(&bin).arg(&lib));
+    common::wait_all_stopped(t.pid(), Duration::from_secs(30));
+    let maps = procfs::process::Process::new(t.pid() as i32)
+        .unwrap()
+        .maps()
+        .unwrap();
+    let m = maps
+        .iter()
+        .find(|m| {
+            m.perms.contains(procfs::process::MMPermissions::EXECUTE)
+                && matches!(&m.pathname, procfs::process::MMapPath::Path(p) if p.ends_with("liblarge.so"))
+        })
+        .expect("liblarge.so mapped");
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..5 {
+        let mut u = Unwinder::new(UnwindConfig::default());
+        let _ = u.normalize(t.pid(), 0);
+        let t0 = Instant::now();
+        let n = u.normalize(t.pid(), m.address.0).unwrap();
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        last = Some((n.module.fde_count(), n.module.heap_bytes()));
+    }
+    let (med, _) = quantiles(times);
+    let (fdes, heap) = last.unwrap();
+    println!(
+        "  first-use parse: median {med:.1} ms for {fdes} FDEs ({:.2} µs per FDE), {:.1} MiB held",
+        med * 1e3 / fdes as f64,
+        heap as f64 / (1 << 20) as f64
+    );
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--large") {
+        let n = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        large_library(n);
+    }
     let (py, venv) = python();
     if !py.is_file() {
         eprintln!("no python3.11 at {}", py.display());

@@ -52,8 +52,9 @@
 //! on the caller's thread inside `unwind`/`normalize`: `pread`s of its CFI sections (copied to
 //! the heap, so a file rewritten on disk cannot fault the agent) and one pass over its FDEs.
 //! Measured (`examples/unwind_cost.rs`, release build): libpython3.11 0.5 ms (5.4 k FDEs),
-//! libllama 0.7 ms, numpy's 24 MiB OpenBLAS 3.3 ms (11.7 k FDEs, 1.9 MiB held); about 0.3 µs
-//! per FDE, so a library with 200 k FDEs costs ~60 ms once. [`Unwinder::preload`] does this
+//! libllama 0.7 ms, numpy's 24 MiB OpenBLAS 3.3 ms (11.7 k FDEs, 1.9 MiB held), a generated
+//! library of 100 k functions 14.5 ms (5.1 MiB held): ≈ 0.15–0.3 µs and ≈ 50 bytes per FDE, so
+//! a libtorch-sized module (a few 100 k FDEs) costs tens of ms once. [`Unwinder::preload`] does this
 //! for every module of a process up front, off the sampling path. Parses are shared by every
 //! process mapping the same file ((device, inode), else build id) and bounded by
 //! [`ModuleCacheLimits`]. Once modules are parsed a 14-frame libpython stack unwinds in
