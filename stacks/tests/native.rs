@@ -957,3 +957,51 @@ fn stack_realigning_function_with_a_cfa_expression() {
     assert_eq!(u.stats().evaluated_steps, 1, "{:?}", u.stats());
     assert_eq!(stack.guessed_frames, 0);
 }
+
+/// chain_c spins until SIGALRM arrives; the handler raises SIGSTOP, so the stack holds a
+/// kernel-built signal frame (glibc's `__restore_rt`, described by CFI expressions over the
+/// saved context) between the handler and the interrupted chain.
+const SIGNAL: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+volatile long sink;
+__attribute__((noinline)) void in_handler(int sig) { sink += sig; raise(SIGSTOP); sink++; }
+static void handler(int sig) { in_handler(sig); sink++; }
+__attribute__((noinline)) void chain_c(int d) { sink += d; alarm(1); for (;;) sink++; }
+__attribute__((noinline)) void chain_b(int d) { chain_c(d + 1); sink += 2; }
+__attribute__((noinline)) void chain_a(int d) { chain_b(d + 1); sink += 3; }
+int main(void) {
+  struct sigaction sa = {0};
+  sa.sa_handler = handler;
+  sigaction(SIGALRM, &sa, NULL);
+  chain_a(1);
+  return 0;
+}
+"#;
+
+#[test]
+fn unwinds_through_a_signal_frame() {
+    if !native_prereqs("unwinds_through_a_signal_frame") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile(dir.path(), "sig", "c", SIGNAL, CFI_FLAGS);
+    let t = Target::spawn(&mut Command::new(&bin));
+    wait_all_stopped(t.pid(), Duration::from_secs(10));
+    let pid = t.pid();
+    let gdb = gdb_backtraces(pid);
+    let mut u = Unwinder::new(UnwindConfig::default());
+    let mut s = Symbolizer::new(SymbolizerConfig::default());
+    let cap = capture(pid, pid).unwrap();
+    let (stack, syms) = unwind_and_symbolize(&mut u, &mut s, pid, &cap);
+    assert_matches_gdb("signal", &stack, &syms, &gdb[&pid], false, Some(dir.path()));
+    assert_eq!(stack.outcome, UnwindOutcome::Complete);
+    let names = physical_names(&syms);
+    let h = names.iter().position(|n| n == "in_handler").unwrap();
+    let c = names.iter().position(|n| n == "chain_c").unwrap();
+    assert!(h < c, "{names:?}");
+    assert_chain(&names, "main", "signal");
+    // __restore_rt's CFI restores rsp, rbp and rip from the saved context with expressions.
+    assert!(u.stats().evaluated_steps >= 1, "{:?}", u.stats());
+}
