@@ -148,6 +148,7 @@ impl UnwindOutcome {
 pub struct UnwoundStack {
     /// `frames[0]`: the ip; then return addresses, innermost first, not caller-adjusted.
     pub frames: Vec<u64>,
+    /// Whether the walk reached the end of the stack, or why not.
     pub outcome: UnwindOutcome,
     /// Frames recovered by the frame-pointer guess (code without CFI).
     pub guessed_frames: u32,
@@ -187,6 +188,7 @@ pub struct UnwindConfig {
     /// that fails, `/proc/<pid>/root/<path>`, accepted only when its device and inode match the
     /// mapping.
     pub use_map_files: bool,
+    /// Bounds of the shared module cache.
     pub module_cache: ModuleCacheLimits,
 }
 
@@ -201,7 +203,7 @@ impl Default for UnwindConfig {
     }
 }
 
-/// Truncations by reason.
+/// Truncated stacks, one counter per [`TruncatedReason`] (same names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TruncatedCounts {
     pub stack_copy_exhausted: u64,
@@ -246,7 +248,9 @@ impl TruncatedCounts {
 pub struct UnwindStats {
     /// Stacks unwound (`complete + truncated.total()`).
     pub samples: u64,
+    /// Stacks that reached the end the unwind info marks.
     pub complete: u64,
+    /// Stacks cut short, by reason.
     pub truncated: TruncatedCounts,
     /// Frames produced, ip included.
     pub frames: u64,
@@ -261,6 +265,7 @@ pub struct UnwindStats {
     pub maps_read_failures: u64,
     /// Processes with a module map now (gauge).
     pub processes: u64,
+    /// The shared module cache's counters.
     pub modules: ModuleCacheStats,
 }
 

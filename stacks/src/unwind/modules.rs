@@ -27,9 +27,13 @@ pub enum ModuleKey {
 /// modification time of the open file (what `fstat` says; the vDSO's memory file is unique).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileId {
+    /// `st_dev` of the open file.
     pub dev: u64,
+    /// `st_ino`.
     pub inode: u64,
+    /// Bytes.
     pub size: u64,
+    /// Modification time, ns since the epoch.
     pub mtime_ns: i128,
 }
 
@@ -76,7 +80,8 @@ pub struct ModuleInfo {
     /// module was found in the cache (opened for another mapping or process) or opening
     /// failed. To open the file later use [`ModuleInfo::agent_path`].
     pub open_path: Option<PathBuf>,
-    /// Device and inode of the mapped file as `/proc/<pid>/maps` shows them (0 for the vDSO).
+    /// Device (`makedev(major, minor)`) and inode of the mapped file as `/proc/<pid>/maps`
+    /// shows them (0 for the vDSO).
     pub dev: u64,
     pub inode: u64,
     /// The executable mapping this info describes, in the process's address space.
@@ -191,14 +196,15 @@ impl ModuleInfo {
         self.object.as_ref().map_or(0, |o| o.data.heap_bytes)
     }
 
-    /// ELF virtual address of process address `addr` (inside this mapping).
+    /// ELF virtual address of process address `addr` (meaningful inside this mapping).
     pub fn vaddr_of(&self, addr: u64) -> Option<u64> {
         self.bias.map(|b| addr.wrapping_sub(b))
     }
 
-    /// File offset of process address `addr` (inside this mapping).
+    /// File offset of process address `addr` (meaningful for addresses inside this mapping).
     pub fn file_offset_of(&self, addr: u64) -> u64 {
-        addr - self.mapping_start + self.mapping_offset
+        addr.wrapping_sub(self.mapping_start)
+            .wrapping_add(self.mapping_offset)
     }
 }
 
