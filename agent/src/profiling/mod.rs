@@ -20,3 +20,4 @@ pub mod attribution;
 pub mod labels;
 pub mod offcpu;
 pub mod stack;
+pub mod symbolic;

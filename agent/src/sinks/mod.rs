@@ -1,5 +1,7 @@
-//! Where results go: JSON lines, the Prometheus endpoint, the gRPC stream to the collector.
+//! Where results go: JSON lines, the Prometheus endpoint, the gRPC stream to the collector,
+//! pprof profiles.
 
 pub mod grpc;
 pub mod jsonl;
+pub mod pprof;
 pub mod prometheus;
