@@ -151,15 +151,49 @@ mod tests {
     #[test]
     fn adds_and_merges_preserve_totals() {
         let mut a = ProfileAggregate::new(ProfileType::Cpu, 100, 10);
-        a.add(stack(1), labels(1), Values { count: 1, nanos: 10 });
-        a.add(stack(1), labels(1), Values { count: 1, nanos: 10 });
-        a.add(stack(2), labels(1), Values { count: 1, nanos: 10 });
+        a.add(
+            stack(1),
+            labels(1),
+            Values {
+                count: 1,
+                nanos: 10,
+            },
+        );
+        a.add(
+            stack(1),
+            labels(1),
+            Values {
+                count: 1,
+                nanos: 10,
+            },
+        );
+        a.add(
+            stack(2),
+            labels(1),
+            Values {
+                count: 1,
+                nanos: 10,
+            },
+        );
         assert_eq!(a.samples.len(), 2);
         let mut b = ProfileAggregate::new(ProfileType::Cpu, 50, 10);
         b.end_ns = 300;
-        b.add(stack(1), labels(2), Values { count: 3, nanos: 30 });
+        b.add(
+            stack(1),
+            labels(2),
+            Values {
+                count: 3,
+                nanos: 30,
+            },
+        );
         a.merge(b);
-        assert_eq!(a.total(), Values { count: 6, nanos: 60 });
+        assert_eq!(
+            a.total(),
+            Values {
+                count: 6,
+                nanos: 60
+            }
+        );
         assert_eq!((a.start_ns, a.end_ns), (50, 300));
         assert_eq!(a.samples.len(), 3);
     }

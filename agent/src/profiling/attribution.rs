@@ -98,7 +98,9 @@ impl SampleWindow {
             self.evicted_full += 1;
         }
         if let EntryKind::OffCpu(_) = e.kind {
-            self.longest_offcpu_ns = self.longest_offcpu_ns.max(e.end_ns - e.start_ns.min(e.end_ns));
+            self.longest_offcpu_ns = self
+                .longest_offcpu_ns
+                .max(e.end_ns - e.start_ns.min(e.end_ns));
         }
         let pos = if self.entries.back().is_none_or(|b| b.end_ns <= e.end_ns) {
             self.entries.len()

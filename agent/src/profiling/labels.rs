@@ -185,7 +185,10 @@ mod tests {
 
     #[test]
     fn roles_from_titles() {
-        assert_eq!(role_of("VLLM::EngineCor", "VLLM::EngineCore", false), "engine_core");
+        assert_eq!(
+            role_of("VLLM::EngineCor", "VLLM::EngineCore", false),
+            "engine_core"
+        );
         assert_eq!(role_of("python3", "VLLM::Worker_TP0", false), "worker");
         assert_eq!(
             role_of("python3", "python3 -m llama_cpp.server --model m", true),

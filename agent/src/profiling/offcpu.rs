@@ -172,7 +172,10 @@ mod tests {
         t.switched_out(7, pending(1, 100));
         let open = t.account_open(250);
         assert_eq!(open.len(), 1);
-        assert_eq!((open[0].from_ns, open[0].to_ns, open[0].ended), (100, 250, false));
+        assert_eq!(
+            (open[0].from_ns, open[0].to_ns, open[0].ended),
+            (100, 250, false)
+        );
         let end = t.switched_in(7, 100, 400).unwrap();
         assert_eq!((end.from_ns, end.to_ns, end.ended), (250, 400, true));
         assert_eq!(t.pending_len(), 0);

@@ -112,6 +112,10 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(i.len(), 2);
         i.clear();
-        assert_eq!(*a, stack(1), "cleared interner keeps referenced stacks alive");
+        assert_eq!(
+            *a,
+            stack(1),
+            "cleared interner keeps referenced stacks alive"
+        );
     }
 }

@@ -157,7 +157,11 @@ impl Namer {
     fn kernel(&mut self, index: usize, addr: u64) -> Location {
         // Every kernel frame but the interrupted instruction is a return address: look up the
         // call instruction before it.
-        let lookup = if index == 0 { addr } else { addr.saturating_sub(1) };
+        let lookup = if index == 0 {
+            addr
+        } else {
+            addr.saturating_sub(1)
+        };
         let frames = match self.kernel_cache.get(&lookup) {
             Some(f) => f.clone(),
             None => {
@@ -210,9 +214,8 @@ impl Namer {
         modules: &[Arc<ModuleInfo>],
         functions: &FunctionSnapshot,
     ) -> Vec<Location> {
-        let mut out: Vec<Location> = Vec::with_capacity(
-            stack.kernel.len() + stack.native.len() + stack.python.len() + 1,
-        );
+        let mut out: Vec<Location> =
+            Vec::with_capacity(stack.kernel.len() + stack.native.len() + stack.python.len() + 1);
         for (i, &a) in stack.kernel.iter().enumerate() {
             out.push(self.kernel(i, a));
         }

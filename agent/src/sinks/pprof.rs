@@ -150,7 +150,11 @@ fn labels_of<'a>(l: &'a SampleLabels, kind: ProfileKind, node: &'a str) -> Vec<S
 }
 
 /// Builds the pprof of one aggregate; `None` when it has no samples.
-pub fn build(agg: &ProfileAggregate, namer: &mut Namer, ctx: &BuildContext<'_>) -> Option<ProfileData> {
+pub fn build(
+    agg: &ProfileAggregate,
+    namer: &mut Namer,
+    ctx: &BuildContext<'_>,
+) -> Option<ProfileData> {
     if agg.is_empty() {
         return None;
     }
@@ -189,16 +193,14 @@ pub fn build(agg: &ProfileAggregate, namer: &mut Namer, ctx: &BuildContext<'_>) 
     let mut named: HashMap<*const crate::profiling::stack::RawStack, Vec<LocationId>> =
         HashMap::new();
     for ((stack, labels), v) in samples {
-        let key = Arc::as_ptr(stack);
-        if !named.contains_key(&key) {
+        let ids = named.entry(Arc::as_ptr(stack)).or_insert_with(|| {
             let locs = namer.name(stack, ctx.modules, ctx.functions);
-            let ids: Vec<LocationId> = locs.iter().map(|l| b.location(l)).collect();
-            named.insert(key, ids);
-        }
-        let ids = &named[&key];
+            locs.iter().map(|l| b.location(l)).collect()
+        });
         let values = [v.count as i64, v.nanos as i64];
         // Built from this builder's own ids with one value per sample type: cannot fail.
-        let _ = b.b.add_sample(ids, &values, &labels_of(labels, agg.kind, ctx.node));
+        let _ =
+            b.b.add_sample(ids, &values, &labels_of(labels, agg.kind, ctx.node));
     }
     b.b.into_profile_data()
 }
@@ -288,7 +290,14 @@ mod tests {
             state: None,
             kernel: None,
         });
-        agg.add(stack.clone(), labels.clone(), Values { count: 3, nanos: 61_224_489 });
+        agg.add(
+            stack.clone(),
+            labels.clone(),
+            Values {
+                count: 3,
+                nanos: 61_224_489,
+            },
+        );
         let mods = modules.snapshot();
         let funcs = FunctionSnapshot::new();
         let ctx = BuildContext {
@@ -338,8 +347,10 @@ mod tests {
             .collect();
         assert!(files.iter().any(|f| f.contains("infertap")), "{files:?}");
         assert!(
-            p.mapping.windows(2).all(|w| w[0].memory_limit <= w[1].memory_start
-                || w[1].memory_limit <= w[0].memory_start),
+            p.mapping
+                .windows(2)
+                .all(|w| w[0].memory_limit <= w[1].memory_start
+                    || w[1].memory_limit <= w[0].memory_start),
             "mappings overlap"
         );
     }
