@@ -1481,3 +1481,111 @@ fn cuda_launches_are_stack_sampled_one_in_n() {
     t.send("go");
     t.child.wait().unwrap();
 }
+
+// ---- degraded modes --------------------------------------------------------------------------
+
+/// Perf events that cannot be opened (here: a rate above kernel.perf_event_max_sample_rate,
+/// which perf_event_open refuses like it refuses a container without CAP_PERFMON) leave the
+/// probes loaded, with CPU profiling unavailable and the reason said, and off-CPU profiling on.
+#[test]
+fn cpu_profiling_that_cannot_start_leaves_the_rest_running() {
+    if !gate("cpu_profiling_that_cannot_start_leaves_the_rest_running") {
+        return;
+    }
+    let _g = lock();
+    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut probes = load(ProfileConfig {
+        hz: max + 1,
+        offcpu_sample_every: 1,
+        ..ProfileConfig::default()
+    });
+    let CpuProfiling::Unavailable(why) = probes.profile.cpu_profiling().clone() else {
+        panic!("{:?}", probes.profile.cpu_profiling());
+    };
+    assert!(why.contains("perf_event_open"), "{why}");
+    assert!(why.contains("perf_event_max_sample_rate"), "{why}");
+    assert!(probes.profile.set_cpu_sampling(true).is_err());
+    assert_eq!(probes.profile.offcpu_unavailable(), None);
+    // Off-CPU records still flow.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut col = Collector::new(&mut probes);
+    let mut t = Target::spawn(Command::new(&exe).args(["sleep", "5"]));
+    t.line();
+    probes.add_target(t.pid()).unwrap();
+    t.send("go");
+    t.line();
+    col.collect_for(Duration::from_millis(300));
+    t.finish();
+    assert!(col
+        .samples
+        .iter()
+        .any(|s| s.kind == SampleKind::OffCpu && s.pid() == t.pid()));
+    assert!(col.samples.iter().all(|s| s.kind != SampleKind::Cpu));
+}
+
+/// A `PyProc` that points at memory that is no interpreter (here: the code of a C program)
+/// yields samples without Python frames, flagged, never garbage frames.
+#[test]
+fn a_bad_python_layout_is_flagged_not_walked() {
+    if !gate("a_bad_python_layout_is_flagged_not_walked") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut b = start_burner(&exe, "deep");
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        ..ProfileConfig::default()
+    });
+    let mut col = Collector::new(&mut probes);
+    let offsets = PyOffsets {
+        interp_threads_head: 16,
+        tstate_next: 8,
+        tstate_native_thread_id: 160,
+        tstate_frame: 56,
+        cframe_current_frame: 8,
+        frame_code: 32,
+        frame_previous: 48,
+        frame_instr: 56,
+        frame_owner: 69,
+        frame_is_entry: 68,
+        object_type: 8,
+        _pad: [0; 5],
+    };
+    let fake = PyProc {
+        // burn's machine code read as an interpreter: its "thread list head" is code bytes.
+        interp: b.burn.0,
+        code_type: 0,
+        offsets,
+        version: 0x030b,
+        owner_cstack: 0xff,
+        _pad0: 0,
+        flags: 0,
+    };
+    probes.profile.set_python_process(b.pid(), &fake).unwrap();
+    probes.add_target(b.pid()).unwrap();
+    b.go(1);
+    col.collect_for(Duration::from_secs(1));
+    let ours: Vec<&Sample> = col.samples.iter().filter(|s| s.pid() == b.pid()).collect();
+    assert!(ours.len() > 20, "{} samples", ours.len());
+    for s in &ours {
+        assert!(s.python.is_empty());
+        assert!(s.flag(sf::PY_NO_THREAD), "{:#x}", s.h.flags);
+    }
+    assert!(
+        ours.iter().any(|s| s.flag(sf::PY_ERROR)),
+        "an unreadable thread list is an error, not an empty one"
+    );
+    // Layouts the kernel could not use are refused up front.
+    let mut bad = fake;
+    bad.offsets.frame_previous = 200;
+    assert!(probes.profile.set_python_process(b.pid(), &bad).is_err());
+    b.target.finish();
+}
