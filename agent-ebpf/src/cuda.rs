@@ -5,7 +5,8 @@
 //! Default mode aggregates in the kernel (calls, bytes, duration histograms per
 //! process/thread/function, launch counts per kernel) so a decode step's thousands of launches
 //! cost one map update each and no ring-buffer traffic. In per-event mode (a trace window) each
-//! call is also written to the ring buffer.
+//! call is also written to the ring buffer. Launches (kernel and graph) are also stack-sampled,
+//! 1 in `LAUNCH_SAMPLE_EVERY`, into the profiler's `SAMPLES` ring (`profile::launch_sample`).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -17,8 +18,10 @@ use aya_ebpf::{
 };
 use infertap_common::{
     counter,
-    cuda::{control, CallPayload, Cookie, KernelKey, Stat, StatKey, DURATION_BUCKETS},
-    kind, EventHeader,
+    cuda::{control, CallPayload, Class, Cookie, KernelKey, Stat, StatKey, DURATION_BUCKETS},
+    kind,
+    profile::profile_control,
+    EventHeader,
 };
 
 use crate::sockets::{bump, emit_small, is_target};
@@ -243,6 +246,14 @@ pub fn cuda_enter(ctx: ProbeContext) -> u32 {
                 let _ = CUDA_KERNELS.insert(&kkey, &1, 0);
             }
         }
+    }
+    let class = cookie.class();
+    if (class == Class::Launch as u8 || class == Class::GraphLaunch as u8)
+        && crate::profile::one_in(crate::profile::control(
+            profile_control::LAUNCH_SAMPLE_EVERY,
+        ))
+    {
+        crate::profile::launch_sample(&ctx, id, now, cookie.0, call.handle);
     }
     if cookie.timed() {
         let _ = CUDA_INFLIGHT.insert(

@@ -3,10 +3,13 @@
 //! `sockets`: syscall tracepoints that follow the connections accepted by the traced processes
 //! and stream what they read and write to user space through one ring buffer.
 //! `cuda`: uprobes on the CUDA driver/runtime launch paths, aggregated in the kernel.
+//! `profile`: stack samples (on-CPU timer, off-CPU switches, CUDA launch sites) with the Python
+//! frame walker, streamed through their own ring buffer.
 #![no_std]
 #![no_main]
 
 mod cuda;
+mod profile;
 mod sockets;
 
 #[cfg(not(test))]

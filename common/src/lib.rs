@@ -161,6 +161,7 @@ mod pod {
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::profile::PyProc {}
     unsafe impl aya::Pod for super::profile::OffCpuTotals {}
+    unsafe impl aya::Pod for super::profile::OffCpuStart {}
 }
 
 #[cfg(test)]

@@ -39,22 +39,30 @@ pub mod sample_kind {
 
 /// `SampleHeader::flags`.
 pub mod sample_flags {
-    /// The timer interrupted the thread in kernel mode: `kernel_frames` are its kernel stack and
+    /// The sample was taken in kernel mode (a timer tick during a syscall or fault; every
+    /// `OFFCPU` record, taken in `schedule()`): `kernel_frames` are its kernel stack and
     /// `ip`/`sp`/`bp` are the user registers saved at kernel entry.
     pub const IN_KERNEL: u8 = 1;
     /// More Python frames than `MAX_PY_FRAMES`: the outermost ones are missing.
     pub const PY_TRUNCATED: u8 = 2;
     /// The Python walk failed part-way (unreadable memory, a thread state that was being torn
-    /// down): the frames present are valid, the rest is missing.
+    /// down, a `PyProc` whose offsets the walker cannot use): the frames present are valid, the
+    /// rest is missing. With `PY_NO_THREAD`: the thread search itself could not finish (more
+    /// than `MAX_PY_THREADS` threads, or an unreadable thread list).
     pub const PY_ERROR: u8 = 4;
     /// The user stack copy stopped at unreadable memory before the wanted size (usually the top
     /// of the stack mapping: the stack is then complete, not cut).
     pub const STACK_SHORT: u8 = 8;
-    /// Off-CPU: the thread was preempted while runnable (waiting for a CPU), not blocked.
+    /// Off-CPU: the thread was preempted while runnable (waiting for a CPU), not blocked: the
+    /// tracepoint's `prev_state` had no blocking state bit (0, or `TASK_REPORT_MAX` for a
+    /// preemption).
     pub const PREEMPTED: u8 = 16;
     /// The process is a known Python process but no `PyThreadState` matched this thread (a
     /// native-only thread, e.g. a BLAS/OpenMP worker).
     pub const PY_NO_THREAD: u8 = 32;
+    /// Every defined bit (a decoder rejects others).
+    pub const ALL: u8 =
+        IN_KERNEL | PY_TRUNCATED | PY_ERROR | STACK_SHORT | PREEMPTED | PY_NO_THREAD;
 }
 
 /// Header of every sample record. 72 bytes.
@@ -98,7 +106,8 @@ pub struct PyFrame {
     /// top bit.
     pub code: u64,
     /// 3.11+: the frame's instruction pointer (`prev_instr` / `instr_ptr`, an address inside the
-    /// code object's bytecode); 3.10: `f_lasti` (an index in code units).
+    /// code object's bytecode); 3.10: `f_lasti` (an index in code units), sign-extended (-1
+    /// before the frame's first instruction).
     pub instr: u64,
 }
 
@@ -134,9 +143,16 @@ pub const SAMPLE_FIXED_LEN: usize = core::mem::offset_of!(SampleRecord, stack);
 /// Marks an offset that does not exist in this interpreter version.
 pub const PY_OFFSET_NONE: u16 = u16::MAX;
 
+/// Bytes at the start of a frame the kernel walker reads per frame (see [`PyOffsets`]).
+pub const PY_FRAME_WINDOW_BYTES: usize = 128;
+
 /// Field offsets the kernel needs to walk one CPython version's frames. Filled by user space
 /// from its per-version tables (and checked against the interpreter's own debug offsets where
 /// it has them, 3.13+).
+///
+/// The kernel reads each frame's first [`PY_FRAME_WINDOW_BYTES`] in one go: the frame fields
+/// (`frame_*`) must end within them, pointers 8-aligned and a 3.10 `f_lasti` 4-aligned. User
+/// space rejects a layout that breaks this; the kernel flags `PY_ERROR` for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PyOffsets {
@@ -235,7 +251,8 @@ pub mod profile_control {
     pub const COUNT: u32 = 4;
 }
 
-/// Per-process off-CPU totals kept in the kernel (every switch-out, sampled or not).
+/// Per-process off-CPU totals kept in the kernel (every switch-out, sampled or not), per CPU
+/// (user space sums the CPUs). A period is added when the thread runs again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffCpuTotals {
@@ -243,8 +260,28 @@ pub struct OffCpuTotals {
     pub blocked_ns: u64,
     /// Time traced threads spent runnable but not running (preempted).
     pub preempted_ns: u64,
-    /// Switch-outs counted.
+    /// Off-CPU periods completed (switch-out followed by switch-in).
     pub switches: u64,
+}
+
+/// Value of the kernel's per-thread off-CPU map (`OFFCPU_START`, key: tid): a traced thread that
+/// is off-CPU now. User space only reads it to drop a forgotten process's entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuStart {
+    /// CLOCK_MONOTONIC ns of the switch-out.
+    pub ts_ns: u64,
+    pub tgid: u32,
+    /// Bits of [`offcpu_start`].
+    pub flags: u32,
+}
+
+/// `OffCpuStart::flags`.
+pub mod offcpu_start {
+    /// Switched out while runnable (see `sample_flags::PREEMPTED`).
+    pub const PREEMPTED: u32 = 1;
+    /// An `OFFCPU` record was emitted for this switch-out: the switch-in emits its `OFFCPU_END`.
+    pub const CAPTURED: u32 = 2;
 }
 
 #[cfg(test)]
@@ -261,6 +298,8 @@ mod tests {
         );
         assert_eq!(core::mem::size_of::<PyOffsets>(), 32);
         assert_eq!(core::mem::size_of::<PyProc>(), 56);
+        assert_eq!(core::mem::size_of::<OffCpuStart>(), 16);
+        assert_eq!(core::mem::size_of::<OffCpuTotals>(), 24);
         assert!(MAX_STACK_BYTES.is_power_of_two());
     }
 }

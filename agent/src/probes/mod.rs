@@ -1,8 +1,10 @@
 //! Loading and attaching the eBPF programs (agent-ebpf), and the maps user space drives:
 //! the traced process set, the traced connections, the event ring buffer and the drop counters.
-//! The CUDA uprobes live in the same object and share the traced process set (`cuda`).
+//! The CUDA uprobes live in the same object and share the traced process set (`cuda`), and so
+//! does the profiler's kernel side (`profile`: perf events, sched_switch, the sample ring).
 
 pub mod cuda;
+pub mod profile;
 
 use std::path::Path;
 
@@ -47,6 +49,8 @@ pub struct ProbeConfig {
     pub ringbuf_bytes: u32,
     /// Unread bytes above which the kernel wakes the consumer instead of waiting for its poll.
     pub wakeup_bytes: u64,
+    /// The profiler's sampling sources and sample ring.
+    pub profile: profile::ProfileConfig,
 }
 
 impl Default for ProbeConfig {
@@ -55,6 +59,7 @@ impl Default for ProbeConfig {
             capture_bytes: infertap_common::DEFAULT_CAPTURE,
             ringbuf_bytes: 16 << 20,
             wakeup_bytes: 256 << 10,
+            profile: profile::ProfileConfig::default(),
         }
     }
 }
@@ -67,6 +72,7 @@ pub struct Probes {
     conns: HashMap<MapData, ConnKey, ConnInfo>,
     counters: PerCpuArray<MapData, u64>,
     pub cuda: cuda::CudaProbes,
+    pub profile: profile::ProfileProbes,
     _ebpf: Ebpf,
 }
 
@@ -96,16 +102,21 @@ impl Probes {
                 cfg.capture_bytes
             );
         }
+        cfg.profile.validate()?;
         ensure_tracefs()?;
         let fork_offset = fork_child_pid_offset().unwrap_or_else(|e| {
             warn!("could not read sched_process_fork's format ({e:#}); assuming the 6.x layout");
             20
         });
-        let mut ebpf = EbpfLoader::new()
+        let plan = profile::LoadPlan::new(&cfg.profile);
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("CAPTURE_BYTES", &cfg.capture_bytes, true)
             .override_global("WAKEUP_BYTES", &cfg.wakeup_bytes, true)
             .override_global("FORK_CHILD_PID_OFFSET", &fork_offset, true)
-            .map_max_entries("EVENTS", cfg.ringbuf_bytes)
+            .map_max_entries("EVENTS", cfg.ringbuf_bytes);
+        plan.apply(&mut loader);
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root, with BPF enabled?)")?;
 
@@ -131,12 +142,14 @@ impl Probes {
         let conns = HashMap::try_from(ebpf.take_map("CONNS").context("CONNS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
         let cuda = cuda::CudaProbes::new(&mut ebpf)?;
+        let profile = profile::ProfileProbes::new(&mut ebpf, &cfg.profile, plan)?;
         Ok(Self {
             events: Some(events),
             targets,
             conns,
             counters,
             cuda,
+            profile,
             _ebpf: ebpf,
         })
     }
@@ -197,6 +210,7 @@ impl Probes {
     /// Drops a process and its connections from the kernel maps (after it exited).
     pub fn forget_process(&mut self, pid: u32) {
         self.cuda.forget_process(pid);
+        self.profile.forget_process(pid);
         let _ = self.targets.remove(&pid);
         let keys: Vec<ConnKey> = self
             .conns
@@ -207,6 +221,16 @@ impl Probes {
         for k in keys {
             let _ = self.conns.remove(&k);
         }
+    }
+
+    /// The kernel's view of a loaded program (verified instruction count, and run time / run
+    /// count while `kernel.bpf_stats_enabled` is on).
+    pub fn program_info(&self, name: &str) -> Result<aya::programs::ProgramInfo> {
+        self._ebpf
+            .program(name)
+            .with_context(|| format!("eBPF program {name} missing"))?
+            .info()
+            .with_context(|| format!("program info of {name} (is it loaded?)"))
     }
 
     pub fn counters(&self) -> KernelCounters {

@@ -1,0 +1,888 @@
+//! The profiler's kernel side, from user space: the `cpu-clock` perf events (one per online CPU)
+//! and the `sched_switch` tracepoint that feed the `SAMPLES` ring, the run-time controls, the
+//! per-process Python layouts the kernel walks with, the off-CPU totals, and a decoder for the
+//! sample records ([`decode_sample`]).
+//!
+//! CPU profiling is optional: when perf events cannot be opened (no perf support in the kernel,
+//! `kernel.perf_event_paranoid`, a container without CAP_PERFMON) the agent goes on without it
+//! and says why once ([`ProfileProbes::cpu_profiling`]). Off-CPU profiling likewise.
+
+use std::collections::HashMap as StdHashMap;
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
+    programs::{
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        PerfEvent, TracePoint,
+    },
+    Ebpf, EbpfLoader,
+};
+use infertap_common::profile::{
+    profile_control as ctl, py_flags, sample_flags, sample_kind, OffCpuStart, OffCpuTotals,
+    PyFrame, PyProc, SampleHeader, MAX_KERNEL_FRAMES, MAX_PY_FRAMES, MAX_STACK_BYTES,
+    PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
+};
+use tracing::{debug, info, warn};
+
+/// Profiler settings fixed at load (the 1-in-N rates and the stack size can also change at run
+/// time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileConfig {
+    /// On-CPU samples per second per CPU (`cpu-clock` timer); 0: no perf events at all. An odd
+    /// rate that divides no common timer period avoids lockstep with periodic work.
+    pub hz: u64,
+    /// Capture the stack of 1 in N switch-outs of traced threads; 0 turns off-CPU profiling
+    /// off (no totals either). Totals count every switch-out whatever N is.
+    pub offcpu_sample_every: u32,
+    /// Capture the stack of 1 in N CUDA launches; 0: off.
+    pub launch_sample_every: u32,
+    /// User stack bytes copied per sample (≤ `MAX_STACK_BYTES`, rounded down to 8).
+    pub stack_bytes: u32,
+    /// Size of the `SAMPLES` ring buffer in bytes (a power of two, a multiple of the page size).
+    pub samples_ring_bytes: u32,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        Self {
+            hz: 49,
+            // A capture costs a 16 KiB copy and ring traffic; servers switch thousands of times
+            // a second. The totals still see every switch.
+            offcpu_sample_every: 16,
+            launch_sample_every: 0,
+            stack_bytes: infertap_common::profile::DEFAULT_STACK_BYTES,
+            // ≈1700 full samples: a second of 49 Hz on 32 busy threads, a consumer that polls
+            // every 100 ms has ten times the headroom.
+            samples_ring_bytes: 32 << 20,
+        }
+    }
+}
+
+impl ProfileConfig {
+    pub(super) fn validate(&self) -> Result<()> {
+        if self.stack_bytes as usize > MAX_STACK_BYTES {
+            bail!(
+                "stack bytes {} exceed the maximum of {MAX_STACK_BYTES}",
+                self.stack_bytes
+            );
+        }
+        let ring = self.samples_ring_bytes;
+        if !ring.is_power_of_two() || ring < 4096 {
+            bail!("samples ring size {ring} is not a power of two ≥ 4096");
+        }
+        Ok(())
+    }
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Field offsets of the sched_switch tracepoint record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SwitchOffsets {
+    prev_pid: u32,
+    prev_state: u32,
+    next_pid: u32,
+}
+
+impl SwitchOffsets {
+    fn parse(format: &str) -> Option<Self> {
+        Some(Self {
+            prev_pid: super::parse_field_offset(format, "prev_pid")?,
+            prev_state: super::parse_field_offset(format, "prev_state")?,
+            next_pid: super::parse_field_offset(format, "next_pid")?,
+        })
+    }
+
+    fn read() -> Result<Self> {
+        let path = format!("{TRACEFS}/events/sched/sched_switch/format");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        Self::parse(&text).context("prev_pid, prev_state or next_pid missing in its format")
+    }
+}
+
+/// What the loader must know before the object is loaded (globals and the ring size).
+pub(super) struct LoadPlan {
+    switch: Result<SwitchOffsets>,
+    ring_bytes: u32,
+    wakeup_bytes: u64,
+}
+
+impl LoadPlan {
+    pub(super) fn new(cfg: &ProfileConfig) -> Self {
+        Self {
+            switch: SwitchOffsets::read(),
+            ring_bytes: cfg.samples_ring_bytes,
+            // Wake the consumer only when a quarter of the ring is waiting.
+            wakeup_bytes: cfg.samples_ring_bytes as u64 / 4,
+        }
+    }
+
+    /// Applies the globals and the ring size to the loader.
+    pub(super) fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader
+            .override_global("SAMPLE_WAKEUP_BYTES", &self.wakeup_bytes, true)
+            .map_max_entries("SAMPLES", self.ring_bytes);
+        if let Ok(o) = &self.switch {
+            loader
+                .override_global("SWITCH_PREV_PID_OFFSET", &o.prev_pid, true)
+                .override_global("SWITCH_PREV_STATE_OFFSET", &o.prev_state, true)
+                .override_global("SWITCH_NEXT_PID_OFFSET", &o.next_pid, true);
+        }
+    }
+}
+
+/// Whether on-CPU sampling runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CpuProfiling {
+    /// Perf events attached on `cpus` CPUs at `hz`.
+    Sampling { hz: u64, cpus: usize },
+    /// Not configured (`hz` = 0).
+    Off,
+    /// Wanted but unavailable, with the reason.
+    Unavailable(String),
+}
+
+pub struct ProfileProbes {
+    control: Array<MapData, u32>,
+    py_procs: HashMap<MapData, u32, PyProc>,
+    py_threads: HashMap<MapData, u64, u64>,
+    offcpu_start: HashMap<MapData, u32, OffCpuStart>,
+    offcpu_totals: PerCpuHashMap<MapData, u32, OffCpuTotals>,
+    samples: Option<RingBuf<MapData>>,
+    /// Totals as last handed out by `take_offcpu_totals` (the kernel's are cumulative).
+    taken: StdHashMap<u32, OffCpuTotals>,
+    cpu: CpuProfiling,
+    /// Why off-CPU profiling is unavailable (None: the tracepoint is attached).
+    offcpu_unavailable: Option<String>,
+}
+
+impl ProfileProbes {
+    pub(super) fn new(ebpf: &mut Ebpf, cfg: &ProfileConfig, plan: LoadPlan) -> Result<Self> {
+        let mut control = Array::try_from(
+            ebpf.take_map("PROFILE_CONTROL")
+                .context("PROFILE_CONTROL map")?,
+        )?;
+        let py_procs = HashMap::try_from(ebpf.take_map("PY_PROCS").context("PY_PROCS map")?)?;
+        let py_threads = HashMap::try_from(ebpf.take_map("PY_THREADS").context("PY_THREADS map")?)?;
+        let offcpu_start =
+            HashMap::try_from(ebpf.take_map("OFFCPU_START").context("OFFCPU_START map")?)?;
+        let offcpu_totals = PerCpuHashMap::try_from(
+            ebpf.take_map("OFFCPU_TOTALS")
+                .context("OFFCPU_TOTALS map")?,
+        )?;
+        let samples = RingBuf::try_from(ebpf.take_map("SAMPLES").context("SAMPLES map")?)?;
+        control.set(ctl::STACK_BYTES, cfg.stack_bytes & !7, 0)?;
+        control.set(ctl::LAUNCH_SAMPLE_EVERY, cfg.launch_sample_every, 0)?;
+
+        let cpu = if cfg.hz == 0 {
+            CpuProfiling::Off
+        } else {
+            match attach_cpu_clock(ebpf, cfg.hz) {
+                Ok(cpus) => {
+                    control.set(ctl::CPU_ON, 1, 0)?;
+                    info!("CPU profiling: {} Hz on {cpus} CPUs", cfg.hz);
+                    CpuProfiling::Sampling { hz: cfg.hz, cpus }
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    warn!("CPU profiling disabled, the agent goes on without it: {why}");
+                    CpuProfiling::Unavailable(why)
+                }
+            }
+        };
+
+        let offcpu_unavailable = match plan.switch.and_then(|_| attach_sched_switch(ebpf)) {
+            Ok(()) => {
+                control.set(ctl::OFFCPU_SAMPLE_EVERY, cfg.offcpu_sample_every, 0)?;
+                None
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                warn!("off-CPU profiling disabled, the agent goes on without it: {why}");
+                Some(why)
+            }
+        };
+        Ok(Self {
+            control,
+            py_procs,
+            py_threads,
+            offcpu_start,
+            offcpu_totals,
+            samples: Some(samples),
+            taken: StdHashMap::new(),
+            cpu,
+            offcpu_unavailable,
+        })
+    }
+
+    /// The `SAMPLES` ring buffer, handed to the consumer once.
+    pub fn take_samples(&mut self) -> Option<RingBuf<MapData>> {
+        self.samples.take()
+    }
+
+    /// Whether on-CPU sampling runs, and why not.
+    pub fn cpu_profiling(&self) -> &CpuProfiling {
+        &self.cpu
+    }
+
+    /// Why off-CPU profiling is unavailable (`None`: it is attached).
+    pub fn offcpu_unavailable(&self) -> Option<&str> {
+        self.offcpu_unavailable.as_deref()
+    }
+
+    /// Pauses or resumes on-CPU samples (the perf events stay attached).
+    pub fn set_cpu_sampling(&mut self, on: bool) -> Result<()> {
+        if on {
+            if let CpuProfiling::Unavailable(why) = &self.cpu {
+                bail!("CPU profiling is unavailable: {why}");
+            }
+            if self.cpu == CpuProfiling::Off {
+                bail!("CPU profiling was not configured (0 Hz)");
+            }
+        }
+        self.control
+            .set(ctl::CPU_ON, on as u32, 0)
+            .context("setting CPU sampling")
+    }
+
+    /// Captures 1 in `every` switch-outs with their stacks (0: off-CPU profiling off, totals
+    /// included).
+    pub fn set_offcpu_sample_every(&mut self, every: u32) -> Result<()> {
+        if every != 0 {
+            if let Some(why) = &self.offcpu_unavailable {
+                bail!("off-CPU profiling is unavailable: {why}");
+            }
+        }
+        self.control
+            .set(ctl::OFFCPU_SAMPLE_EVERY, every, 0)
+            .context("setting the off-CPU sampling rate")
+    }
+
+    /// Captures the stack of 1 in `every` CUDA launches (0: off).
+    pub fn set_launch_sample_every(&mut self, every: u32) -> Result<()> {
+        self.control
+            .set(ctl::LAUNCH_SAMPLE_EVERY, every, 0)
+            .context("setting the launch sampling rate")
+    }
+
+    /// User stack bytes copied per sample, rounded down to 8.
+    pub fn set_stack_bytes(&mut self, bytes: u32) -> Result<()> {
+        if bytes as usize > MAX_STACK_BYTES {
+            bail!("stack bytes {bytes} exceed the maximum of {MAX_STACK_BYTES}");
+        }
+        self.control
+            .set(ctl::STACK_BYTES, bytes & !7, 0)
+            .context("setting the stack copy size")
+    }
+
+    /// Tells the kernel where process `pid`'s interpreter is and how to walk its frames.
+    pub fn set_python_process(&mut self, pid: u32, proc_: &PyProc) -> Result<()> {
+        check_py_proc(proc_)?;
+        self.py_procs
+            .insert(pid, *proc_, 0)
+            .with_context(|| format!("PY_PROCS entry of pid {pid} (map full?)"))
+    }
+
+    /// Stops walking process `pid`'s Python frames.
+    pub fn remove_python_process(&mut self, pid: u32) {
+        let _ = self.py_procs.remove(&pid);
+        let threads: Vec<u64> = self
+            .py_threads
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| (k >> 32) as u32 == pid)
+            .collect();
+        for k in threads {
+            let _ = self.py_threads.remove(&k);
+        }
+    }
+
+    /// Drops everything the profiler's maps hold about process `pid` (after it exited or
+    /// stopped being traced).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.remove_python_process(pid);
+        let _ = self.offcpu_totals.remove(&pid);
+        self.taken.remove(&pid);
+        let starts: Vec<u32> = self
+            .offcpu_start
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| v.tgid == pid)
+            .map(|(k, _)| k)
+            .collect();
+        for k in starts {
+            let _ = self.offcpu_start.remove(&k);
+        }
+    }
+
+    /// Off-CPU totals per process since the probes loaded, summed over CPUs.
+    pub fn offcpu_totals(&self) -> Vec<(u32, OffCpuTotals)> {
+        let mut out: Vec<(u32, OffCpuTotals)> = self
+            .offcpu_totals
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(pid, per_cpu)| {
+                let mut t = OffCpuTotals::default();
+                for c in per_cpu.iter() {
+                    t.blocked_ns += c.blocked_ns;
+                    t.preempted_ns += c.preempted_ns;
+                    t.switches += c.switches;
+                }
+                (pid, t)
+            })
+            .collect();
+        out.sort_by_key(|(pid, _)| *pid);
+        out
+    }
+
+    /// Off-CPU totals per process accumulated since the previous call (the first call: since
+    /// load). The kernel's counters are never cleared, so nothing the kernel adds between the
+    /// read and the "reset" is lost.
+    pub fn take_offcpu_totals(&mut self) -> Vec<(u32, OffCpuTotals)> {
+        let now = self.offcpu_totals();
+        let mut out = Vec::with_capacity(now.len());
+        for (pid, t) in now {
+            let prev = self.taken.insert(pid, t).unwrap_or_default();
+            let d = OffCpuTotals {
+                blocked_ns: t.blocked_ns.saturating_sub(prev.blocked_ns),
+                preempted_ns: t.preempted_ns.saturating_sub(prev.preempted_ns),
+                switches: t.switches.saturating_sub(prev.switches),
+            };
+            if d != OffCpuTotals::default() {
+                out.push((pid, d));
+            }
+        }
+        out
+    }
+}
+
+/// Opens a `cpu-clock` event at `hz` on every online CPU with the sampling program. All or
+/// nothing: a partial set would bias the profile towards some CPUs.
+fn attach_cpu_clock(ebpf: &mut Ebpf, hz: u64) -> Result<usize> {
+    let prog: &mut PerfEvent = ebpf
+        .program_mut("profile_cpu")
+        .context("eBPF program profile_cpu missing")?
+        .try_into()?;
+    prog.load().context("verifier rejected profile_cpu")?;
+    let cpus =
+        aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?;
+    for &cpu in &cpus {
+        if let Err(e) = prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Frequency(hz),
+            false,
+        ) {
+            let _ = prog.unload();
+            return Err(anyhow::Error::new(e).context(format!(
+                "perf_event_open(cpu-clock, {hz} Hz) on CPU {cpu} ({})",
+                perf_hint()
+            )));
+        }
+    }
+    debug!("profile_cpu attached on CPUs {cpus:?}");
+    Ok(cpus.len())
+}
+
+/// What usually stands in the way of perf events, with this machine's settings.
+fn perf_hint() -> String {
+    let paranoid = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unreadable: no perf events in this kernel?".into());
+    let max_rate = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        "needs CAP_PERFMON or CAP_SYS_ADMIN and a kernel with perf events; \
+         kernel.perf_event_paranoid = {paranoid}, kernel.perf_event_max_sample_rate = {max_rate}"
+    )
+}
+
+fn attach_sched_switch(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut("on_sched_switch")
+        .context("eBPF program on_sched_switch missing")?
+        .try_into()?;
+    prog.load().context("verifier rejected on_sched_switch")?;
+    prog.attach("sched", "sched_switch")
+        .context("attaching on_sched_switch to sched/sched_switch")?;
+    Ok(())
+}
+
+/// The checks the kernel walker makes (`frame_window` in agent-ebpf), made here first so a bad
+/// layout is an error at registration instead of `PY_ERROR` on every sample.
+fn check_py_proc(p: &PyProc) -> Result<()> {
+    let o = &p.offsets;
+    if p.interp == 0 {
+        bail!("PyProc without an interpreter address");
+    }
+    // The walker knows the frame layouts of 3.10 (PyFrameObject chain) through 3.13.
+    if !(0x030a..=0x030d).contains(&p.version) {
+        bail!(
+            "Python {}.{} is not walked (3.10–3.13)",
+            p.version >> 8,
+            p.version & 0xff
+        );
+    }
+    let required = [
+        ("interp_threads_head", o.interp_threads_head),
+        ("tstate_next", o.tstate_next),
+        ("tstate_native_thread_id", o.tstate_native_thread_id),
+        ("tstate_frame", o.tstate_frame),
+        ("frame_code", o.frame_code),
+        ("frame_previous", o.frame_previous),
+        ("frame_instr", o.frame_instr),
+    ];
+    for (name, v) in required {
+        if v == PY_OFFSET_NONE {
+            bail!("PyOffsets.{name} is missing");
+        }
+    }
+    if p.code_type != 0 && o.object_type == PY_OFFSET_NONE {
+        bail!("PyProc checks code_type but PyOffsets.object_type is missing");
+    }
+    let lasti_int = p.flags & py_flags::LASTI_IS_INT != 0;
+    let mut end = 0u32;
+    for (name, off, size) in [
+        ("frame_code", o.frame_code, 8u32),
+        ("frame_previous", o.frame_previous, 8),
+        ("frame_instr", o.frame_instr, if lasti_int { 4 } else { 8 }),
+        ("frame_owner", o.frame_owner, 1),
+        ("frame_is_entry", o.frame_is_entry, 1),
+    ] {
+        if off == PY_OFFSET_NONE {
+            continue;
+        }
+        if !(off as u32).is_multiple_of(size) {
+            bail!("PyOffsets.{name} = {off} is not aligned to its {size}-byte field");
+        }
+        end = end.max(off as u32 + size);
+    }
+    if end > FRAME_WINDOW_BYTES {
+        bail!("frame fields end at byte {end}, past the kernel walker's {FRAME_WINDOW_BYTES}-byte window");
+    }
+    Ok(())
+}
+
+const FRAME_WINDOW_BYTES: u32 = infertap_common::profile::PY_FRAME_WINDOW_BYTES as u32;
+
+// ---- decoding ----------------------------------------------------------------------------------
+
+/// What a sample record describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleKind {
+    Cpu,
+    OffCpu,
+    OffCpuEnd,
+    Launch,
+}
+
+impl SampleKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            sample_kind::CPU => SampleKind::Cpu,
+            sample_kind::OFFCPU => SampleKind::OffCpu,
+            sample_kind::OFFCPU_END => SampleKind::OffCpuEnd,
+            sample_kind::LAUNCH => SampleKind::Launch,
+            _ => return None,
+        })
+    }
+}
+
+/// A sample record decoded in place: the header copied out, frames and stack borrowed from the
+/// ring buffer's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleView<'a> {
+    pub header: SampleHeader,
+    pub kind: SampleKind,
+    kernel: &'a [u8],
+    python: &'a [u8],
+    stack: &'a [u8],
+}
+
+impl<'a> SampleView<'a> {
+    pub fn pid(&self) -> u32 {
+        (self.header.pid_tgid >> 32) as u32
+    }
+
+    pub fn tid(&self) -> u32 {
+        self.header.pid_tgid as u32
+    }
+
+    pub fn has_flag(&self, flag: u8) -> bool {
+        self.header.flags & flag != 0
+    }
+
+    /// Kernel return addresses, innermost first.
+    pub fn kernel_frames(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.kernel
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().expect("8-byte chunk")))
+    }
+
+    /// Python frames, innermost first.
+    pub fn python_frames(&self) -> impl ExactSizeIterator<Item = PyFrame> + 'a {
+        self.python.chunks_exact(16).map(|c| PyFrame {
+            code: u64::from_ne_bytes(c[..8].try_into().expect("8 bytes")),
+            instr: u64::from_ne_bytes(c[8..].try_into().expect("8 bytes")),
+        })
+    }
+
+    /// The copied user stack; byte `i` is the target's memory at `header.sp + i`.
+    pub fn stack(&self) -> &'a [u8] {
+        self.stack
+    }
+}
+
+/// Why a sample record was rejected (count it; never fatal).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SampleError {
+    #[error("sample record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("unknown sample kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown sample flags {0:#x}")]
+    UnknownFlags(u8),
+    #[error("{what} = {value} exceeds the maximum of {max}")]
+    TooMany {
+        what: &'static str,
+        value: usize,
+        max: usize,
+    },
+    #[error("record is {len} bytes but its header says {expected}")]
+    Length { len: usize, expected: usize },
+}
+
+/// Decodes one `SAMPLES` record. Every length the header claims is checked against the record
+/// and the ABI's bounds; a record that does not add up is an error, never a panic.
+pub fn decode_sample(record: &[u8]) -> Result<SampleView<'_>, SampleError> {
+    if record.len() < SAMPLE_HEADER_LEN {
+        return Err(SampleError::Short(record.len()));
+    }
+    // SAFETY: the length is checked above; SampleHeader is repr(C) plain integers, so any bit
+    // pattern is valid; read_unaligned needs no alignment.
+    let header: SampleHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    let kind = SampleKind::from_u8(header.kind).ok_or(SampleError::UnknownKind(header.kind))?;
+    if header.flags & !sample_flags::ALL != 0 {
+        return Err(SampleError::UnknownFlags(header.flags & !sample_flags::ALL));
+    }
+    if kind == SampleKind::OffCpuEnd {
+        let counts = header.user_stack_len as usize
+            + header.kernel_frames as usize
+            + header.py_frames as usize;
+        if record.len() != SAMPLE_HEADER_LEN || counts != 0 {
+            return Err(SampleError::Length {
+                len: record.len(),
+                expected: SAMPLE_HEADER_LEN,
+            });
+        }
+        return Ok(SampleView {
+            header,
+            kind,
+            kernel: &[],
+            python: &[],
+            stack: &[],
+        });
+    }
+    let kernel_frames = header.kernel_frames as usize;
+    let py_frames = header.py_frames as usize;
+    let stack_len = header.user_stack_len as usize;
+    for (what, value, max) in [
+        ("kernel_frames", kernel_frames, MAX_KERNEL_FRAMES),
+        ("py_frames", py_frames, MAX_PY_FRAMES),
+        ("user_stack_len", stack_len, MAX_STACK_BYTES),
+    ] {
+        if value > max {
+            return Err(SampleError::TooMany { what, value, max });
+        }
+    }
+    let expected = SAMPLE_FIXED_LEN + stack_len;
+    if record.len() != expected {
+        return Err(SampleError::Length {
+            len: record.len(),
+            expected,
+        });
+    }
+    let kernel_at = SAMPLE_HEADER_LEN;
+    let python_at = kernel_at + MAX_KERNEL_FRAMES * 8;
+    Ok(SampleView {
+        header,
+        kind,
+        kernel: &record[kernel_at..kernel_at + kernel_frames * 8],
+        python: &record[python_at..python_at + py_frames * 16],
+        stack: &record[SAMPLE_FIXED_LEN..],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infertap_common::profile::{sample_flags as sf, PyOffsets, SampleRecord, PY_FRAME_ENTRY};
+
+    /// A stack record as the kernel lays it out: the fixed part, then `stack`.
+    fn record(header: SampleHeader, kernel: &[u64], python: &[PyFrame], stack: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; SAMPLE_FIXED_LEN];
+        // SAFETY: writing a repr(C) integer struct into a buffer of at least its size.
+        unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<SampleHeader>(), header) };
+        let k = std::mem::offset_of!(SampleRecord, kernel);
+        for (i, f) in kernel.iter().enumerate() {
+            out[k + 8 * i..k + 8 * i + 8].copy_from_slice(&f.to_ne_bytes());
+        }
+        let p = std::mem::offset_of!(SampleRecord, python);
+        for (i, f) in python.iter().enumerate() {
+            out[p + 16 * i..p + 16 * i + 8].copy_from_slice(&f.code.to_ne_bytes());
+            out[p + 16 * i + 8..p + 16 * i + 16].copy_from_slice(&f.instr.to_ne_bytes());
+        }
+        out.extend_from_slice(stack);
+        out
+    }
+
+    fn cpu_header(kernel: usize, python: usize, stack: usize) -> SampleHeader {
+        SampleHeader {
+            ts_ns: 123,
+            pid_tgid: 7 << 32 | 9,
+            ip: 0x401000,
+            sp: 0x7ffc0000,
+            bp: 0,
+            user_stack_len: stack as u32,
+            kernel_frames: kernel as u16,
+            py_frames: python as u16,
+            cpu: 1,
+            kind: sample_kind::CPU,
+            flags: sf::IN_KERNEL | sf::STACK_SHORT,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decodes_a_full_record() {
+        let py = [
+            PyFrame {
+                code: 0x1000 | PY_FRAME_ENTRY,
+                instr: 0x1010,
+            },
+            PyFrame {
+                code: 0x2000,
+                instr: 0x2020,
+            },
+        ];
+        let stack: Vec<u8> = (0..64u8).collect();
+        let bytes = record(cpu_header(3, 2, 64), &[11, 22, 33], &py, &stack);
+        let v = decode_sample(&bytes).unwrap();
+        assert_eq!(v.kind, SampleKind::Cpu);
+        assert_eq!((v.pid(), v.tid()), (7, 9));
+        assert!(v.has_flag(sf::IN_KERNEL) && v.has_flag(sf::STACK_SHORT));
+        assert!(!v.has_flag(sf::PY_ERROR));
+        assert_eq!(v.kernel_frames().collect::<Vec<_>>(), vec![11, 22, 33]);
+        let frames: Vec<PyFrame> = v.python_frames().collect();
+        assert_eq!(frames, py);
+        assert!(frames[0].is_entry() && frames[0].code_addr() == 0x1000);
+        assert_eq!(v.stack(), &stack[..]);
+    }
+
+    #[test]
+    fn decodes_a_header_only_end_record() {
+        let h = SampleHeader {
+            kind: sample_kind::OFFCPU_END,
+            aux: 100,
+            ts_ns: 150,
+            flags: sf::PREEMPTED,
+            ..Default::default()
+        };
+        let mut bytes = record(h, &[], &[], &[]);
+        bytes.truncate(SAMPLE_HEADER_LEN);
+        let v = decode_sample(&bytes).unwrap();
+        assert_eq!(v.kind, SampleKind::OffCpuEnd);
+        assert_eq!((v.header.aux, v.header.ts_ns), (100, 150));
+        assert_eq!(
+            v.stack().len() + v.kernel_frames().len() + v.python_frames().len(),
+            0
+        );
+        // An end record with a body, or claiming frames, does not add up.
+        let long = record(h, &[], &[], &[]);
+        assert!(matches!(
+            decode_sample(&long),
+            Err(SampleError::Length { .. })
+        ));
+        let mut lying = bytes.clone();
+        lying[std::mem::offset_of!(SampleHeader, kernel_frames)] = 1;
+        assert!(matches!(
+            decode_sample(&lying),
+            Err(SampleError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_truncated_records() {
+        let bytes = record(
+            cpu_header(1, 1, 256),
+            &[1],
+            &[PyFrame::default()],
+            &[7; 256],
+        );
+        for cut in [0, 1, SAMPLE_HEADER_LEN - 1] {
+            assert_eq!(decode_sample(&bytes[..cut]), Err(SampleError::Short(cut)));
+        }
+        for cut in [
+            SAMPLE_HEADER_LEN,
+            SAMPLE_FIXED_LEN - 1,
+            SAMPLE_FIXED_LEN + 255,
+        ] {
+            assert_eq!(
+                decode_sample(&bytes[..cut]),
+                Err(SampleError::Length {
+                    len: cut,
+                    expected: SAMPLE_FIXED_LEN + 256
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_lengths_that_lie() {
+        // The header claims more stack than the record carries, and less.
+        let mut h = cpu_header(0, 0, 512);
+        let bytes = record(h, &[], &[], &[0; 256]);
+        assert!(matches!(
+            decode_sample(&bytes),
+            Err(SampleError::Length { .. })
+        ));
+        h.user_stack_len = 128;
+        let bytes = record(h, &[], &[], &[0; 256]);
+        assert!(matches!(
+            decode_sample(&bytes),
+            Err(SampleError::Length { .. })
+        ));
+        // Counts beyond the ABI's arrays.
+        let cases = [
+            cpu_header(MAX_KERNEL_FRAMES + 1, 0, 0),
+            cpu_header(0, MAX_PY_FRAMES + 1, 0),
+            cpu_header(0, 0, MAX_STACK_BYTES + 8),
+        ];
+        for h in cases {
+            let bytes = record(h, &[], &[], &[]);
+            assert!(
+                matches!(decode_sample(&bytes), Err(SampleError::TooMany { .. })),
+                "{h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_and_flags() {
+        for kind in [0u8, 5, 0xff] {
+            let mut h = cpu_header(0, 0, 0);
+            h.kind = kind;
+            assert_eq!(
+                decode_sample(&record(h, &[], &[], &[])).unwrap_err(),
+                SampleError::UnknownKind(kind)
+            );
+        }
+        let mut h = cpu_header(0, 0, 0);
+        h.flags = 0x80 | sf::IN_KERNEL;
+        assert_eq!(
+            decode_sample(&record(h, &[], &[], &[])).unwrap_err(),
+            SampleError::UnknownFlags(0x80)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096)) {
+            if let Ok(v) = decode_sample(&bytes) {
+                // Whatever was accepted is internally consistent.
+                proptest::prop_assert!(v.stack().len() <= MAX_STACK_BYTES);
+                proptest::prop_assert_eq!(v.kernel_frames().len(), v.header.kernel_frames as usize);
+                proptest::prop_assert_eq!(v.python_frames().len(), v.header.py_frames as usize);
+            }
+        }
+
+        #[test]
+        fn stack_records_of_any_size_round_trip(len in 0usize..=MAX_STACK_BYTES / 8, k in 0usize..=MAX_KERNEL_FRAMES, p in 0usize..=MAX_PY_FRAMES) {
+            let stack: Vec<u8> = (0..len * 8).map(|i| i as u8).collect();
+            let kernel: Vec<u64> = (0..k as u64).collect();
+            let python: Vec<PyFrame> = (0..p as u64).map(|i| PyFrame { code: i, instr: !i }).collect();
+            let bytes = record(cpu_header(k, p, stack.len()), &kernel, &python, &stack);
+            let v = decode_sample(&bytes).unwrap();
+            proptest::prop_assert_eq!(v.stack(), &stack[..]);
+            proptest::prop_assert_eq!(v.kernel_frames().collect::<Vec<_>>(), kernel);
+            proptest::prop_assert_eq!(v.python_frames().collect::<Vec<_>>(), python);
+        }
+    }
+
+    #[test]
+    fn switch_format_offsets() {
+        let format = "name: sched_switch\nID: 316\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t prev_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:int prev_prio;\toffset:28;\tsize:4;\tsigned:1;\n\tfield:long prev_state;\toffset:32;\tsize:8;\tsigned:1;\n\tfield:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;\n\tfield:pid_t next_pid;\toffset:56;\tsize:4;\tsigned:1;\n";
+        assert_eq!(
+            SwitchOffsets::parse(format),
+            Some(SwitchOffsets {
+                prev_pid: 24,
+                prev_state: 32,
+                next_pid: 56
+            })
+        );
+        assert_eq!(
+            SwitchOffsets::parse("field:pid_t prev_pid;\toffset:24;"),
+            None
+        );
+    }
+
+    fn py311() -> PyProc {
+        PyProc {
+            interp: 0x1000,
+            code_type: 0,
+            offsets: PyOffsets {
+                interp_threads_head: 16,
+                tstate_next: 8,
+                tstate_native_thread_id: 152,
+                tstate_frame: 56,
+                cframe_current_frame: 8,
+                frame_code: 32,
+                frame_previous: 48,
+                frame_instr: 56,
+                frame_owner: 69,
+                frame_is_entry: 68,
+                object_type: 8,
+                _pad: [0; 5],
+            },
+            version: 0x030b,
+            owner_cstack: 0xff,
+            _pad0: 0,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn python_layouts_are_checked_like_the_kernel_does() {
+        check_py_proc(&py311()).unwrap();
+        let mut p = py311();
+        p.offsets.frame_previous = 50;
+        assert!(check_py_proc(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("aligned"));
+        let mut p = py311();
+        p.offsets.frame_owner = 200;
+        assert!(check_py_proc(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("window"));
+        let mut p = py311();
+        p.offsets.tstate_next = PY_OFFSET_NONE;
+        assert!(check_py_proc(&p).is_err());
+        let mut p = py311();
+        p.interp = 0;
+        assert!(check_py_proc(&p).is_err());
+        let mut p = py311();
+        p.version = 0x0309;
+        assert!(check_py_proc(&p).unwrap_err().to_string().contains("3.9"));
+        // 3.10: f_lasti is a 4-byte int, 4-aligned is enough.
+        let mut p = py311();
+        p.flags = py_flags::LASTI_IS_INT;
+        p.offsets.frame_instr = 100;
+        p.offsets.frame_owner = PY_OFFSET_NONE;
+        p.offsets.frame_is_entry = PY_OFFSET_NONE;
+        check_py_proc(&p).unwrap();
+    }
+}

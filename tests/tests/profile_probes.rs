@@ -1,0 +1,1591 @@
+//! Kernel-level tests of the profiler's eBPF side: the real programs load and attach (perf
+//! events on every CPU, sched_switch, the CUDA launch uprobe), real targets run (small C
+//! programs built here with gcc, a pyenv CPython 3.11, the stub CUDA libraries), and every
+//! sample is checked against the target's own truth: its symbol table and memory maps, its
+//! stack memory read back through /proc/<pid>/mem, its CPU time from schedstat, its own sleep
+//! counts, CPython's headers for the frame layout, /proc/kallsyms for kernel frames.
+//! Needs root and gcc; the Python test needs /root/.pyenv/versions/3.11.7.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use infertap::probes::{
+    profile::{decode_sample, CpuProfiling, ProfileConfig, SampleKind},
+    ProbeConfig, Probes,
+};
+use infertap_common::{
+    counter,
+    cuda::{func, Cookie},
+    profile::{sample_flags as sf, PyFrame, PyOffsets, PyProc, SampleHeader, DEFAULT_STACK_BYTES},
+};
+use infertap_tests::prereq;
+
+#[path = "support/cuda_stub.rs"]
+mod cuda_stub;
+
+/// On-CPU sampling rate of these tests: ≈5 ms apart, a prime so it locks onto no periodic work.
+const HZ: u64 = 199;
+const STACK_BYTES: u32 = 16384;
+const PY311: &str = "/root/.pyenv/versions/3.11.7";
+
+// ---- harness ---------------------------------------------------------------------------------
+
+/// One test at a time: they attach perf events on every CPU and judge rates and durations on a
+/// small shared machine.
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn missing_gcc() -> Option<String> {
+    match Command::new("gcc").arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("gcc not found".into()),
+    }
+}
+
+fn gate(test: &str) -> bool {
+    prereq::check(test, prereq::missing_root()) && prereq::check(test, missing_gcc())
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/profile")
+        .join(name)
+}
+
+fn gcc(args: &[&str]) {
+    let out = Command::new("gcc").args(args).output().expect("gcc runs");
+    assert!(
+        out.status.success(),
+        "gcc {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Unoptimized: every function (the leaf burn too, which gcc 12 leaves frameless at -O1 even
+/// with -fno-omit-frame-pointer) keeps a frame pointer, nothing is inlined or sibling-called,
+/// so burn's return address sits at bp + 8.
+fn build_burner(dir: &Path) -> PathBuf {
+    let exe = dir.join("burner");
+    gcc(&[
+        "-O0",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-pthread",
+        "-o",
+        exe.to_str().unwrap(),
+        fixture("burner.c").to_str().unwrap(),
+    ]);
+    exe
+}
+
+fn load(profile: ProfileConfig) -> Probes {
+    Probes::load(&ProbeConfig {
+        profile,
+        ..ProbeConfig::default()
+    })
+    .expect("load probes")
+}
+
+/// A sample copied out of the ring.
+#[derive(Clone, Debug)]
+struct Sample {
+    h: SampleHeader,
+    kind: SampleKind,
+    kernel: Vec<u64>,
+    python: Vec<PyFrame>,
+    stack: Vec<u8>,
+}
+
+impl Sample {
+    fn pid(&self) -> u32 {
+        (self.h.pid_tgid >> 32) as u32
+    }
+    fn tid(&self) -> u32 {
+        self.h.pid_tgid as u32
+    }
+    fn flag(&self, f: u8) -> bool {
+        self.h.flags & f != 0
+    }
+    /// The copied stack's u64 at `addr` (an address in the target), if copied.
+    fn stack_u64(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(self.h.sp)? as usize;
+        let b = self.stack.get(off..off + 8)?;
+        Some(u64::from_ne_bytes(b.try_into().unwrap()))
+    }
+}
+
+struct Collector {
+    ring: RingBuf<MapData>,
+    samples: Vec<Sample>,
+}
+
+impl Collector {
+    fn new(probes: &mut Probes) -> Self {
+        Self {
+            ring: probes.profile.take_samples().expect("samples ring"),
+            samples: Vec::new(),
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(item) = self.ring.next() {
+            let v = decode_sample(&item).expect("the kernel writes well-formed samples");
+            self.samples.push(Sample {
+                h: v.header,
+                kind: v.kind,
+                kernel: v.kernel_frames().collect(),
+                python: v.python_frames().collect(),
+                stack: v.stack().to_vec(),
+            });
+        }
+    }
+
+    fn collect_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.drain();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.drain();
+    }
+}
+
+/// A target process driven line by line over stdin/stdout.
+struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Target {
+    fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        Self {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.stdout.read_line(&mut s).unwrap();
+        assert!(!s.is_empty(), "target exited early");
+        s.trim().to_owned()
+    }
+
+    fn send(&mut self, s: &str) {
+        self.stdin.write_all(format!("{s}\n").as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Tells it to stop and returns its remaining output.
+    fn finish(&mut self) -> Vec<String> {
+        self.send("stop");
+        let mut lines = Vec::new();
+        loop {
+            let mut s = String::new();
+            if self.stdout.read_line(&mut s).unwrap() == 0 {
+                break;
+            }
+            lines.push(s.trim().to_owned());
+        }
+        self.child.wait().unwrap();
+        lines
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn hex(s: &str) -> u64 {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("hex {s}"))
+}
+
+#[derive(Clone, Debug)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    perms: String,
+    offset: u64,
+    path: String,
+}
+
+fn maps(pid: u32) -> Vec<Mapping> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            let (start, end) = f.next().unwrap().split_once('-').unwrap();
+            let perms = f.next().unwrap().to_owned();
+            let offset = hex(f.next().unwrap());
+            let path = f.nth(2).unwrap_or("").to_owned();
+            Mapping {
+                start: hex(start),
+                end: hex(end),
+                perms,
+                offset,
+                path,
+            }
+        })
+        .collect()
+}
+
+fn mapping_of(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
+    maps.iter().find(|m| m.start <= addr && addr < m.end)
+}
+
+/// End of the memory readable from `addr` without a page fault (the kernel copies with page
+/// faults disabled): consecutive pages that lie in readable mappings and are present in the
+/// page tables (/proc/<pid>/pagemap bit 63), looked at up to `limit` bytes.
+fn copyable_end(pid: u32, maps: &[Mapping], addr: u64, limit: u64) -> u64 {
+    const PAGE: u64 = 4096;
+    let pagemap = File::open(format!("/proc/{pid}/pagemap")).unwrap();
+    let mut page = addr & !(PAGE - 1);
+    while page < addr + limit {
+        let readable = mapping_of(maps, page).is_some_and(|m| m.perms.starts_with('r'));
+        let mut entry = [0u8; 8];
+        pagemap.read_exact_at(&mut entry, page / PAGE * 8).unwrap();
+        let present = u64::from_ne_bytes(entry) >> 63 == 1;
+        if !readable || !present {
+            return page.max(addr);
+        }
+        page += PAGE;
+    }
+    addr + limit
+}
+
+fn read_mem(pid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+    let f = File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, addr).ok()?;
+    Some(buf)
+}
+
+fn read_u64(pid: u32, addr: u64) -> Option<u64> {
+    read_mem(pid, addr, 8).map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+}
+
+/// (value, size) of a symbol in an ELF file's symbol tables.
+fn elf_symbol(path: &Path, name: &str) -> (u64, u64) {
+    use object::{Object, ObjectSymbol};
+    let data = std::fs::read(path).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    file.symbols()
+        .chain(file.dynamic_symbols())
+        .find(|s| s.name() == Ok(name))
+        .map(|s| (s.address(), s.size()))
+        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
+}
+
+/// Load bias of `path` in `pid`: where its first PT_LOAD (file offset 0) was mapped, minus that
+/// segment's virtual address.
+fn load_bias(pid: u32, path: &Path) -> u64 {
+    use object::{Object, ObjectSegment};
+    let data = std::fs::read(path).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    let seg = file
+        .segments()
+        .find(|s| s.file_range().0 == 0)
+        .expect("a PT_LOAD at offset 0");
+    let canon = std::fs::canonicalize(path).unwrap();
+    let m = maps(pid)
+        .into_iter()
+        .find(|m| m.offset == 0 && Path::new(&m.path) == canon)
+        .unwrap_or_else(|| panic!("{} not mapped in {pid}", canon.display()));
+    m.start - seg.address()
+}
+
+/// Nanoseconds thread `tid` of `pid` has run (schedstat's first field).
+fn cpu_ns(pid: u32, tid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whether the instruction before `ip` in the target is `syscall` (0f 05): `ip` is then a real
+/// user return address from a syscall.
+fn after_syscall(pid: u32, ip: u64) -> bool {
+    read_mem(pid, ip - 2, 2).as_deref() == Some(&[0x0f, 0x05][..])
+}
+
+struct Kallsyms(Vec<(u64, String)>);
+
+impl Kallsyms {
+    fn load() -> Self {
+        let text = std::fs::read_to_string("/proc/kallsyms").unwrap();
+        let mut syms: Vec<(u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+                let kind = f.next()?;
+                let name = f.next()?;
+                matches!(kind, "t" | "T" | "w" | "W").then(|| (addr, name.to_owned()))
+            })
+            .collect();
+        syms.sort();
+        assert!(
+            syms.iter().any(|s| s.0 != 0),
+            "/proc/kallsyms shows no addresses (kptr_restrict)"
+        );
+        Self(syms)
+    }
+
+    /// The function containing `addr` (nearest symbol at or below it, within 1 MiB).
+    fn resolve(&self, addr: u64) -> Option<&str> {
+        let i = self.0.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+        let (a, name) = &self.0[i];
+        (addr - a < 1 << 20 && *a != 0).then_some(name.as_str())
+    }
+}
+
+/// Accumulated run time and run count of a program (`kernel.bpf_stats_enabled` on).
+fn prog_stats(probes: &Probes, name: &str) -> (u64, u64) {
+    let i = probes.program_info(name).unwrap();
+    (i.run_time().as_nanos() as u64, i.run_count())
+}
+
+/// Mean cost of the samples a phase emitted: the phase's total run time minus what its
+/// filtered-out invocations cost (`filter_ns` each, measured with nothing traced), per sample.
+fn per_sample_ns(before: (u64, u64), after: (u64, u64), samples: usize, filter_ns: f64) -> f64 {
+    let (dt, dn) = (after.0 - before.0, after.1 - before.1);
+    let filtered = dn.saturating_sub(samples as u64) as f64;
+    (dt as f64 - filtered * filter_ns) / samples as f64
+}
+
+/// Per-invocation cost of `profile_cpu` when nothing it sees is traced, over `d`.
+fn filter_cost(probes: &Probes, d: Duration) -> f64 {
+    let a = prog_stats(probes, "profile_cpu");
+    std::thread::sleep(d);
+    let b = prog_stats(probes, "profile_cpu");
+    assert!(b.1 > a.1, "the perf events fire");
+    (b.0 - a.0) as f64 / (b.1 - a.1) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Per-sample cost of `profile_cpu` under two settings, alternated over `rounds` pairs of
+/// `each`-long phases (`switch(probes, true)` before an A phase, `false` before a B phase) so a
+/// busy shared machine disturbs both alike. Returns the median cost of each side and the
+/// samples of each side. `filter_ns` is what an invocation for an untraced thread costs
+/// ([`filter_cost`], measured before anything is traced).
+fn ab_costs(
+    probes: &mut Probes,
+    col: &mut Collector,
+    filter_ns: f64,
+    rounds: usize,
+    each: Duration,
+    mut switch: impl FnMut(&mut Probes, bool),
+) -> [(f64, Vec<Sample>); 2] {
+    let mut out: [(Vec<f64>, Vec<Sample>); 2] = Default::default();
+    for _ in 0..rounds {
+        for (side, a) in [(0, true), (1, false)] {
+            switch(probes, a);
+            std::thread::sleep(Duration::from_millis(50));
+            col.drain();
+            let n = col.samples.len();
+            let before = prog_stats(probes, "profile_cpu");
+            col.collect_for(each);
+            let after = prog_stats(probes, "profile_cpu");
+            let phase = &col.samples[n..];
+            if !phase.is_empty() {
+                out[side]
+                    .0
+                    .push(per_sample_ns(before, after, phase.len(), filter_ns));
+                out[side].1.extend_from_slice(phase);
+            }
+        }
+    }
+    out.map(|(costs, samples)| {
+        assert!(costs.len() >= rounds / 2, "phases without samples");
+        (median(costs), samples)
+    })
+}
+
+// ---- on-CPU ----------------------------------------------------------------------------------
+
+struct Burner {
+    target: Target,
+    burn: (u64, u64),
+    caller_deep: (u64, u64),
+    caller_shallow: (u64, u64),
+    /// tid → (deep?, the thread function's frame address)
+    threads: HashMap<u32, (bool, u64)>,
+    child: Option<u32>,
+}
+
+/// Starts `burner <mode>`, checks the function addresses it prints against its symbol table and
+/// load bias, and returns the (start, end) of each function.
+fn start_burner(exe: &Path, mode: &str) -> Burner {
+    let mut target = Target::spawn(Command::new(exe).arg(mode));
+    let line = target.line();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        (f[0], f[1], f[3], f[5]),
+        ("addr", "burn", "caller_deep", "caller_shallow")
+    );
+    let bias = load_bias(target.pid(), exe);
+    let range = |name: &str, printed: &str| {
+        let (value, size) = elf_symbol(exe, name);
+        assert_eq!(
+            bias + value,
+            hex(printed),
+            "{name}: symbol table + bias = runtime address"
+        );
+        assert!(size > 0);
+        (bias + value, bias + value + size)
+    };
+    Burner {
+        burn: range("burn", f[2]),
+        caller_deep: range("caller_deep", f[4]),
+        caller_shallow: range("caller_shallow", f[6]),
+        target,
+        threads: HashMap::new(),
+        child: None,
+    }
+}
+
+impl Burner {
+    /// Sends "go" and reads the `n` lines describing what started.
+    fn go(&mut self, n: usize) {
+        self.target.send("go");
+        for _ in 0..n {
+            let line = self.target.line();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match f[0] {
+                "child" => self.child = Some(f[1].parse().unwrap()),
+                "thread" if f[2] == "deep" || f[2] == "shallow" => {
+                    self.threads
+                        .insert(f[1].parse().unwrap(), (f[2] == "deep", hex(f[3])));
+                }
+                "thread" => {
+                    self.threads.insert(f[1].parse().unwrap(), (false, 0));
+                }
+                _ => panic!("unexpected line {line}"),
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.target.pid()
+    }
+}
+
+fn within(r: (u64, u64), addr: u64) -> bool {
+    r.0 <= addr && addr < r.1
+}
+
+#[test]
+fn cpu_samples_match_the_targets_own_truth() {
+    if !gate("cpu_samples_match_the_targets_own_truth") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut untraced = start_burner(&exe, "deep");
+    let mut b = start_burner(&exe, "burn");
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        stack_bytes: STACK_BYTES,
+        ..ProfileConfig::default()
+    });
+    assert!(
+        matches!(
+            probes.profile.cpu_profiling(),
+            CpuProfiling::Sampling { hz: HZ, .. }
+        ),
+        "{:?}",
+        probes.profile.cpu_profiling()
+    );
+    let mut col = Collector::new(&mut probes);
+    probes.add_target(b.pid()).unwrap();
+    b.go(3);
+    untraced.go(1);
+    let pid = b.pid();
+    let child = b.child.expect("child");
+    std::thread::sleep(Duration::from_millis(300));
+    col.drain();
+    let warmup = col.samples.len();
+
+    let busy: Vec<(u32, u32)> = b
+        .threads
+        .keys()
+        .map(|&t| (pid, t))
+        .chain([(child, child)])
+        .collect();
+    let cpu0: Vec<u64> = busy.iter().map(|&(p, t)| cpu_ns(p, t)).collect();
+    let t0 = monotonic_ns();
+    col.collect_for(Duration::from_secs(3));
+    let t1 = monotonic_ns();
+    let cpu1: Vec<u64> = busy.iter().map(|&(p, t)| cpu_ns(p, t)).collect();
+
+    // Every check that reads the target's memory runs while its threads still burn.
+    let m = maps(pid);
+    let all_tids: HashSet<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let mut checked = 0;
+    let mut in_kernel = 0;
+    for s in col.samples.iter().filter(|s| s.pid() == pid) {
+        assert!(
+            all_tids.contains(&s.tid()),
+            "sample of a foreign tid {}",
+            s.tid()
+        );
+        assert_eq!(s.kind, SampleKind::Cpu);
+        let Some(&(deep, frame)) = b.threads.get(&s.tid()) else {
+            continue;
+        };
+        if s.flag(sf::IN_KERNEL) {
+            in_kernel += 1;
+            continue;
+        }
+        let h = &s.h;
+        assert!(
+            within(b.burn, h.ip),
+            "ip {:#x} outside burn {:x?}",
+            h.ip,
+            b.burn
+        );
+        assert!(s.kernel.is_empty() && s.python.is_empty());
+        assert!(!s.flag(sf::PY_NO_THREAD | sf::PY_ERROR | sf::PY_TRUNCATED));
+        // The copy is exactly what was readable from sp without faulting, up to the wanted
+        // size.
+        let want = copyable_end(pid, &m, h.sp, STACK_BYTES as u64) - h.sp;
+        assert_eq!(s.stack.len() as u64, want, "deep={deep} sp={:#x}", h.sp);
+        assert_eq!(s.flag(sf::STACK_SHORT), want < STACK_BYTES as u64);
+        assert_eq!(
+            deep,
+            !s.flag(sf::STACK_SHORT),
+            "only the shallow copy runs out"
+        );
+        // burn's frame: saved rbp at bp, the return address into its caller at bp + 8, and the
+        // call instruction before it targets burn.
+        assert!(
+            h.sp <= h.bp && h.bp < h.sp + 64,
+            "bp {:#x} sp {:#x}",
+            h.bp,
+            h.sp
+        );
+        let ret = s.stack_u64(h.bp + 8).expect("return address copied");
+        let caller = if deep {
+            b.caller_deep
+        } else {
+            b.caller_shallow
+        };
+        assert!(
+            within(caller, ret),
+            "return address {ret:#x} outside {caller:x?}"
+        );
+        let call = read_mem(pid, ret - 5, 5).unwrap();
+        assert_eq!(call[0], 0xe8, "a direct call precedes the return address");
+        let rel = i32::from_ne_bytes(call[1..5].try_into().unwrap());
+        assert_eq!(
+            ret.wrapping_add(rel as i64 as u64),
+            b.burn.0,
+            "the call targets burn"
+        );
+        // The bytes from burn's frame up to the thread function's frame (saved rbp and return
+        // address included) are the target's stack memory as it is now.
+        let from = (h.bp - h.sp) as usize;
+        let to = (s.stack.len() as u64).min(frame + 16 - h.sp) as usize;
+        let real = read_mem(pid, h.bp, to - from).unwrap();
+        assert!(
+            s.stack[from..to] == real[..],
+            "stack bytes differ from the target's memory"
+        );
+        if deep {
+            // Inside caller_deep's patterned buffer: i * 7 + 3 at pad[i].
+            let tail = &s.stack[s.stack.len() - 64..];
+            assert!(
+                tail.windows(2).all(|w| w[1] == w[0].wrapping_add(7)),
+                "{tail:?}"
+            );
+        }
+        checked += 1;
+    }
+    let lines = b.target.finish();
+    untraced.target.finish();
+    assert!(lines.iter().any(|l| l.starts_with("sleeps")));
+    col.drain();
+
+    assert!(checked > 100, "checked {checked} user-mode burner samples");
+    assert!(
+        in_kernel * 50 <= checked,
+        "{in_kernel} kernel-mode samples of a pure user loop"
+    );
+    // Nothing but the traced process and its child.
+    for s in &col.samples {
+        assert!(
+            s.pid() == pid || s.pid() == child,
+            "sample of untraced pid {}",
+            s.pid()
+        );
+        assert_ne!(s.pid(), untraced.pid());
+    }
+    let child_samples: Vec<&Sample> = col.samples.iter().filter(|s| s.pid() == child).collect();
+    assert!(!child_samples.is_empty(), "the forked child is sampled");
+    for s in &child_samples {
+        assert!(s.flag(sf::IN_KERNEL) || within(b.burn, s.h.ip));
+    }
+    // Samples per busy thread against its own CPU time: the timer fires every 1/HZ s on each
+    // CPU, so a thread that ran T seconds collects ≈ HZ·T samples. Each scheduling slice adds a
+    // draw around its expected share (a 0-or-1 draw for slices under the period, an error within
+    // ±1 for longer ones), so the count's variance stays below its mean: 4·√expected is four
+    // standard deviations.
+    for (i, &(p, t)) in busy.iter().enumerate() {
+        let ran = (cpu1[i] - cpu0[i]) as f64 / 1e9;
+        let expected = HZ as f64 * ran;
+        let got = col
+            .samples
+            .iter()
+            .filter(|s| s.pid() == p && s.tid() == t && (t0..=t1).contains(&s.h.ts_ns))
+            .count() as f64;
+        eprintln!("pid {p} tid {t}: ran {ran:.3} s, {got} samples, expected {expected:.1}");
+        assert!(
+            expected >= 60.0,
+            "thread {t} barely ran ({ran:.3} s): machine overloaded?"
+        );
+        assert!(
+            (got - expected).abs() <= 4.0 * expected.sqrt(),
+            "thread {t}: {got} samples for {ran:.3} s at {HZ} Hz"
+        );
+    }
+    assert!(warmup > 0);
+    let c = probes.counters();
+    assert_eq!(c.get(counter::SAMPLE_RING_FULL), 0);
+    assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
+}
+
+#[test]
+fn cpu_sample_cost_with_a_full_stack_copy() {
+    if !gate("cpu_sample_cost_with_a_full_stack_copy") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut b = start_burner(&exe, "deep");
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        stack_bytes: STACK_BYTES,
+        ..ProfileConfig::default()
+    });
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let mut col = Collector::new(&mut probes);
+    let filter_ns = filter_cost(&probes, Duration::from_secs(1));
+    probes.add_target(b.pid()).unwrap();
+    b.go(1);
+    std::thread::sleep(Duration::from_millis(200));
+    // A: the full 16 KiB copy; B: no stack copy at all (header, registers, ring output).
+    let [(full_ns, full), (bare_ns, bare)] = ab_costs(
+        &mut probes,
+        &mut col,
+        filter_ns,
+        6,
+        Duration::from_millis(500),
+        |p, a| {
+            p.profile
+                .set_stack_bytes(if a { STACK_BYTES } else { 0 })
+                .unwrap()
+        },
+    );
+    b.target.finish();
+    assert!(full.len() > 100, "{} samples", full.len());
+    let whole = full
+        .iter()
+        .filter(|s| s.stack.len() == STACK_BYTES as usize)
+        .count();
+    assert_eq!(whole, full.len(), "every copy is whole");
+    assert!(
+        bare.iter().all(|s| s.stack.is_empty()),
+        "no copy at 0 bytes"
+    );
+    eprintln!(
+        "MEASURED profile_cpu: {full_ns:.0} ns per sample with a {STACK_BYTES}-byte stack copy \
+         ({} samples), {bare_ns:.0} ns without a copy ({} samples); medians of 6 alternating \
+         phases; {filter_ns:.0} ns per tick of an untraced thread",
+        full.len(),
+        bare.len()
+    );
+    eprintln!(
+        "MEASURED verifier: profile_cpu {:?} insns, on_sched_switch {:?} insns",
+        probes
+            .program_info("profile_cpu")
+            .unwrap()
+            .verified_instruction_count(),
+        probes
+            .program_info("on_sched_switch")
+            .unwrap()
+            .verified_instruction_count()
+    );
+}
+
+#[test]
+fn kernel_mode_samples_carry_kernel_frames_and_user_registers() {
+    if !gate("kernel_mode_samples_carry_kernel_frames_and_user_registers") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut b = start_burner(&exe, "kernel");
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        ..ProfileConfig::default()
+    });
+    let mut col = Collector::new(&mut probes);
+    probes.add_target(b.pid()).unwrap();
+    b.go(1);
+    let pid = b.pid();
+    let tid = *b.threads.keys().next().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    col.collect_for(Duration::from_secs(2));
+    let m = maps(pid);
+    let ksyms = Kallsyms::load();
+    let ours: Vec<&Sample> = col.samples.iter().filter(|s| s.tid() == tid).collect();
+    let kernel: Vec<&Sample> = ours
+        .iter()
+        .copied()
+        .filter(|s| s.flag(sf::IN_KERNEL))
+        .collect();
+    assert!(
+        kernel.len() * 2 > ours.len(),
+        "{} of {} samples in kernel mode while reading /dev/zero",
+        kernel.len(),
+        ours.len()
+    );
+    let mut in_read = 0;
+    let mut complete = 0;
+    for s in &kernel {
+        assert!(!s.kernel.is_empty(), "kernel frames");
+        let names: Vec<&str> = s
+            .kernel
+            .iter()
+            .map(|&a| {
+                ksyms
+                    .resolve(a)
+                    .unwrap_or_else(|| panic!("{a:#x} is no kernel text"))
+            })
+            .collect();
+        // Kernel stacks start at an entry point: the syscall entry, or an interrupt's (a tick
+        // that landed on the way back to user mode), unless the kernel's unwinder stopped early.
+        let outermost = *names.last().unwrap();
+        let syscall = outermost.starts_with("entry_SYSCALL_64");
+        if syscall || outermost.starts_with("asm_") {
+            complete += 1;
+        }
+        if names
+            .iter()
+            .any(|n| n.starts_with("ksys_read") || n.starts_with("vfs_read"))
+        {
+            in_read += 1;
+        }
+        // The user registers saved at kernel entry: for a syscall, ip right after a `syscall`
+        // in libc; sp in the thread's stack, copied as far as it is readable.
+        let h = &s.h;
+        let code = mapping_of(&m, h.ip).expect("ip mapped");
+        assert!(code.perms.contains('x'), "{code:?}");
+        if syscall {
+            assert!(code.path.contains("libc"), "{code:?}");
+            assert!(after_syscall(pid, h.ip), "ip {:#x} follows a syscall", h.ip);
+        }
+        let stack = mapping_of(&m, h.sp).expect("sp mapped");
+        assert!(stack.perms.starts_with("rw"), "{stack:?}");
+        let want = copyable_end(pid, &m, h.sp, DEFAULT_STACK_BYTES as u64) - h.sp;
+        assert_eq!(s.stack.len() as u64, want);
+    }
+    assert!(
+        complete * 100 >= kernel.len() * 95,
+        "{complete} of {} kernel stacks reach an entry point",
+        kernel.len()
+    );
+    // The rest are in the syscall entry/exit work (the agent's own syscall tracepoints among
+    // it).
+    assert!(
+        in_read * 3 >= kernel.len() * 2,
+        "{in_read} of {} kernel stacks pass through vfs_read/ksys_read",
+        kernel.len()
+    );
+    b.target.finish();
+}
+
+// ---- off-CPU ---------------------------------------------------------------------------------
+
+#[test]
+fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
+    if !gate("offcpu_periods_match_the_sleeps_and_the_totals_agree") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut probes = load(ProfileConfig {
+        hz: 0,
+        offcpu_sample_every: 1,
+        ..ProfileConfig::default()
+    });
+    assert_eq!(probes.profile.offcpu_unavailable(), None);
+    assert_eq!(probes.profile.cpu_profiling(), &CpuProfiling::Off);
+    let mut col = Collector::new(&mut probes);
+    let ksyms = Kallsyms::load();
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    // What every context switch of the machine pays while nothing it sees is traced: the filter
+    // (a TARGETS lookup for prev, an OFFCPU_START lookup for next) against the program's bare
+    // minimum (off-CPU profiling off: one control read), alternated over 6 rounds.
+    let mut per_run = [Vec::new(), Vec::new()];
+    for _ in 0..6 {
+        for (side, every) in [(0, 1), (1, 0)] {
+            probes.profile.set_offcpu_sample_every(every).unwrap();
+            let a = prog_stats(&probes, "on_sched_switch");
+            std::thread::sleep(Duration::from_millis(300));
+            let b = prog_stats(&probes, "on_sched_switch");
+            if b.1 > a.1 {
+                per_run[side].push((b.0 - a.0) as f64 / (b.1 - a.1) as f64);
+            }
+        }
+    }
+    let [filter_ns, bare_ns] = per_run.map(median);
+    eprintln!(
+        "MEASURED on_sched_switch: {filter_ns:.0} ns per switch of untraced threads with off-CPU \
+         profiling on, {bare_ns:.0} ns with it off (the program's floor); medians of 6 rounds"
+    );
+    probes.profile.set_offcpu_sample_every(1).unwrap();
+
+    // Phase 1: every switch-out captured; a thread sleeping 50 ms in a loop.
+    let mut target = Target::spawn(Command::new(&exe).args(["sleep", "50"]));
+    target.line();
+    let pid = target.pid();
+    probes.add_target(pid).unwrap();
+    target.send("go");
+    let tid: u32 = target
+        .line()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    col.collect_for(Duration::from_millis(1600));
+    // User registers of the switch-outs, checked while the target lives: ip right after a
+    // `syscall` instruction in libc.
+    let m = maps(pid);
+    let syscall_ips: HashSet<u64> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpu && s.tid() == tid)
+        .map(|s| s.h.ip)
+        .filter(|&ip| {
+            after_syscall(pid, ip) && mapping_of(&m, ip).is_some_and(|l| l.path.contains("libc"))
+        })
+        .collect();
+    let lines = target.finish();
+    let sleeps: usize = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("sleeps "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    col.drain();
+
+    let starts: HashMap<(u32, u64), &Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpu)
+        .map(|s| ((s.tid(), s.h.ts_ns), s))
+        .collect();
+    let ends: Vec<&Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpuEnd && s.pid() == pid)
+        .collect();
+    let mut sleeper = Vec::new();
+    let mut sleeper_preempted = Vec::new();
+    for e in &ends {
+        let s = starts
+            .get(&(e.tid(), e.h.aux))
+            .unwrap_or_else(|| panic!("OFFCPU_END without its OFFCPU: {e:?}"));
+        assert_eq!(s.pid(), pid);
+        assert_eq!(s.flag(sf::PREEMPTED), e.flag(sf::PREEMPTED));
+        assert!(e.h.ts_ns > s.h.ts_ns);
+        // The stack at the switch-out: schedule()'s kernel stack, user registers at kernel
+        // entry.
+        assert!(s.flag(sf::IN_KERNEL) && !s.kernel.is_empty());
+        let names: Vec<&str> = s.kernel.iter().filter_map(|&a| ksyms.resolve(a)).collect();
+        assert_eq!(
+            names.len(),
+            s.kernel.len(),
+            "every kernel frame is kernel text"
+        );
+        if e.tid() != tid {
+            continue;
+        }
+        let d = (e.h.ts_ns - s.h.ts_ns) as f64 / 1e6;
+        if e.flag(sf::PREEMPTED) {
+            sleeper_preempted.push(d);
+            continue;
+        }
+        assert!(
+            names.iter().any(|n| n.contains("nanosleep")),
+            "a sleep's kernel stack: {names:?}"
+        );
+        assert!(
+            syscall_ips.contains(&s.h.ip),
+            "ip {:#x} follows a syscall",
+            s.h.ip
+        );
+        assert!(!s.stack.is_empty());
+        sleeper.push(d);
+    }
+    sleeper.sort_by(f64::total_cmp);
+    eprintln!(
+        "{sleeps} sleeps of 50 ms; blocked periods (ms): {sleeper:.2?}; preempted periods \
+         (ms): {sleeper_preempted:.2?}"
+    );
+    // Each sleep is one blocked period from the switch-out (just after the timer is armed) to
+    // the switch-in (wake-up latency later): never much under 50 ms, a few ms over at most. A
+    // preemption that lands between arming the timer and blocking (a loaded machine) turns a
+    // sleep into a preempted period, or splits it in two: allow two such sleeps.
+    let sleepy = sleeper
+        .iter()
+        .filter(|&&d| (49.9..60.0).contains(&d))
+        .count();
+    assert!(
+        sleepy + 2 >= sleeps && sleeper.len() <= sleeps,
+        "{sleepy} blocked periods of ≈50 ms, {} in all, for {sleeps} sleeps",
+        sleeper.len()
+    );
+    let close = sleeper
+        .iter()
+        .filter(|&&d| (49.9..53.0).contains(&d))
+        .count();
+    assert!(
+        close * 10 >= sleeps * 9,
+        "{close} of {sleeps} sleeps within 3 ms of 50 ms"
+    );
+    // Whatever their split, the sleeps spent ≥ 50 ms each off-CPU.
+    let off: f64 = sleeper.iter().chain(&sleeper_preempted).sum();
+    assert!(
+        off >= sleeps as f64 * 49.9,
+        "{off} ms off-CPU for {sleeps} sleeps"
+    );
+
+    // The kernel's totals count exactly the periods the records describe.
+    let totals = probes.profile.offcpu_totals();
+    let t = totals.iter().find(|(p, _)| *p == pid).expect("totals").1;
+    let sum = |pre: bool| -> u64 {
+        ends.iter()
+            .filter(|e| e.flag(sf::PREEMPTED) == pre)
+            .map(|e| e.h.ts_ns - e.h.aux)
+            .sum()
+    };
+    assert_eq!(t.switches, ends.len() as u64);
+    assert_eq!(t.blocked_ns, sum(false));
+    assert_eq!(t.preempted_ns, sum(true));
+
+    // Phase 2: 1 in 4 captured at run time; totals still count every switch.
+    let _ = probes.profile.take_offcpu_totals();
+    probes.profile.set_offcpu_sample_every(4).unwrap();
+    let mut target = Target::spawn(Command::new(&exe).args(["sleep", "10"]));
+    target.line();
+    let pid2 = target.pid();
+    probes.add_target(pid2).unwrap();
+    target.send("go");
+    target.line();
+    col.collect_for(Duration::from_secs(2));
+    let lines = target.finish();
+    let sleeps2: u64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("sleeps "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    col.drain();
+    let taken = probes.profile.take_offcpu_totals();
+    assert!(
+        taken.iter().all(|(p, _)| *p != pid),
+        "pid {pid} did not change: {taken:?}"
+    );
+    let t2 = taken.iter().find(|(p, _)| *p == pid2).expect("totals").1;
+    assert_eq!(
+        Some(&t2),
+        probes
+            .profile
+            .offcpu_totals()
+            .iter()
+            .find(|(p, _)| *p == pid2)
+            .map(|(_, t)| t)
+    );
+    assert!(
+        (sleeps2..=sleeps2 + 10).contains(&t2.switches),
+        "{} switches for {sleeps2} sleeps",
+        t2.switches
+    );
+    assert!(t2.blocked_ns >= sleeps2 * 10_000_000 - 1_000_000);
+    let captured = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpuEnd && s.pid() == pid2)
+        .count() as f64;
+    let n = t2.switches as f64;
+    let sd = (n * 0.25 * 0.75).sqrt();
+    eprintln!("1 in 4: {captured} captured of {n} switches");
+    assert!(
+        (captured - n / 4.0).abs() <= 4.0 * sd + 1.0,
+        "{captured} of {n} captured at 1 in 4"
+    );
+    let c = probes.counters();
+    assert_eq!(c.get(counter::SAMPLE_RING_FULL), 0);
+    assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
+    assert_eq!(c.get(counter::PROFILE_MAP_FULL), 0);
+}
+
+// ---- Python ----------------------------------------------------------------------------------
+
+/// Offsets printed by `py311_offsets.c`, compiled against CPython's own headers.
+fn py311_offsets(dir: &Path) -> BTreeMap<String, u64> {
+    let exe = dir.join("py311_offsets");
+    gcc(&[
+        &format!("-I{PY311}/include/python3.11"),
+        "-o",
+        exe.to_str().unwrap(),
+        fixture("py311_offsets.c").to_str().unwrap(),
+    ]);
+    let out = Command::new(&exe).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k.to_owned(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The main interpreter of a running CPython 3.11 and the layout to walk it with.
+fn py311_proc(pid: u32, off: &BTreeMap<String, u64>) -> PyProc {
+    let lib = PathBuf::from(format!("{PY311}/lib/libpython3.11.so.1.0"));
+    let (runtime, _) = elf_symbol(&lib, "_PyRuntime");
+    let runtime = load_bias(pid, &lib) + runtime;
+    let interp = read_u64(pid, runtime + off["runtime_interpreters_main"]).unwrap();
+    assert_ne!(interp, 0);
+    let o = |k: &str| off[k] as u16;
+    PyProc {
+        interp,
+        code_type: 0,
+        offsets: PyOffsets {
+            interp_threads_head: o("interp_threads_head"),
+            tstate_next: o("tstate_next"),
+            tstate_native_thread_id: o("tstate_native_thread_id"),
+            tstate_frame: o("tstate_cframe"),
+            cframe_current_frame: o("cframe_current_frame"),
+            frame_code: o("frame_code"),
+            frame_previous: o("frame_previous"),
+            frame_instr: o("frame_prev_instr"),
+            frame_owner: o("frame_owner"),
+            frame_is_entry: o("frame_is_entry"),
+            object_type: o("object_type"),
+            _pad: [0; 5],
+        },
+        version: 0x030b,
+        owner_cstack: 0xff,
+        _pad0: 0,
+        flags: 0,
+    }
+}
+
+/// A code object's `co_qualname`, read from the target (compact ASCII strings only).
+fn qualname(pid: u32, off: &BTreeMap<String, u64>, code: u64) -> String {
+    let s = read_u64(pid, code + off["code_qualname"]).unwrap();
+    let state = read_mem(pid, s + off["ascii_state"], 4).unwrap();
+    let bits = off["ascii_compact_bits"] as u32;
+    assert_eq!(u32::from_ne_bytes(state.try_into().unwrap()) & bits, bits);
+    let len = read_u64(pid, s + off["ascii_length"]).unwrap() as usize;
+    String::from_utf8(read_mem(pid, s + off["ascii_data"], len).unwrap()).unwrap()
+}
+
+/// The code object's bytecode: [start, end).
+fn bytecode(pid: u32, off: &BTreeMap<String, u64>, code: u64) -> (u64, u64) {
+    let units = read_u64(pid, code + off["varobject_size"]).unwrap();
+    let start = code + off["code_adaptive"];
+    (start, start + units * off["code_unit"])
+}
+
+const PY_CHAINS: &str = r#"
+import os, threading
+
+def ready():
+    # One write(2): the two threads' lines never interleave.
+    os.write(1, b"ready %d\n" % threading.get_native_id())
+
+def leaf():
+    ready()
+    x = 0
+    while True:
+        x += 1
+
+def middle(_):
+    leaf()
+
+def outer():
+    list(map(middle, [0]))      # middle runs in a new eval-loop invocation, entered from C
+
+def leaf2():
+    ready()
+    y = 0
+    while True:
+        y += 1
+
+def worker():
+    leaf2()
+
+threading.Thread(target=worker, daemon=True).start()
+outer()
+"#;
+
+#[test]
+fn python_frames_are_the_interpreters_own() {
+    if !gate("python_frames_are_the_interpreters_own") {
+        return;
+    }
+    let python = format!("{PY311}/bin/python3.11");
+    let missing = (!Path::new(&python).exists()).then(|| format!("{python} not installed"));
+    if !prereq::check("python_frames_are_the_interpreters_own", missing) {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let off = py311_offsets(dir.path());
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        ..ProfileConfig::default()
+    });
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let mut col = Collector::new(&mut probes);
+    let filter_ns = filter_cost(&probes, Duration::from_secs(1));
+    let mut py = Target::spawn(Command::new(&python).args(["-c", PY_CHAINS]));
+    let pid = py.pid();
+    let mut tids = Vec::new();
+    for _ in 0..2 {
+        let l = py.line();
+        let tid = l.strip_prefix("ready ").unwrap_or_else(|| panic!("{l:?}"));
+        tids.push(tid.parse::<u32>().unwrap());
+    }
+    let proc_ = py311_proc(pid, &off);
+    probes.profile.set_python_process(pid, &proc_).unwrap();
+    probes.add_target(pid).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // A: walking (PY_PROCS entry present); B: the same process unknown to the walker.
+    let [(walk_ns, walked), (plain_ns, plain)] = ab_costs(
+        &mut probes,
+        &mut col,
+        filter_ns,
+        6,
+        Duration::from_millis(500),
+        |p, a| {
+            if a {
+                p.profile.set_python_process(pid, &proc_).unwrap();
+            } else {
+                p.profile.remove_python_process(pid);
+            }
+        },
+    );
+
+    // The interpreter's view, thread by thread (main first: it printed first... either way
+    // each thread's chain is recognised by its innermost function).
+    let main_chain: &[(&str, bool)] = &[
+        ("leaf", false),
+        ("middle", true),
+        ("outer", false),
+        ("<module>", true),
+    ];
+    let thread_chain: &[(&str, bool)] = &[
+        ("leaf2", false),
+        ("worker", true),
+        ("Thread.run", false),
+        ("Thread._bootstrap_inner", false),
+        ("Thread._bootstrap", true),
+    ];
+    let mut names: HashMap<u64, String> = HashMap::new();
+    let mut per_thread: HashMap<u32, usize> = HashMap::new();
+    for s in walked.iter().filter(|s| s.pid() == pid) {
+        assert!(
+            tids.contains(&s.tid()),
+            "only the two Python threads run: {}",
+            s.tid()
+        );
+        assert!(
+            !s.flag(sf::PY_ERROR | sf::PY_NO_THREAD | sf::PY_TRUNCATED),
+            "flags {:#x}",
+            s.h.flags
+        );
+        let got: Vec<(String, bool)> = s
+            .python
+            .iter()
+            .map(|f| {
+                let name = names
+                    .entry(f.code_addr())
+                    .or_insert_with(|| qualname(pid, &off, f.code_addr()))
+                    .clone();
+                let (start, end) = bytecode(pid, &off, f.code_addr());
+                assert!(
+                    f.instr + 2 >= start && f.instr < end,
+                    "{name}: instr {:#x} outside its bytecode {start:#x}..{end:#x}",
+                    f.instr
+                );
+                (name, f.is_entry())
+            })
+            .collect();
+        let want = if got.first().map(|g| g.0.as_str()) == Some("leaf") {
+            main_chain
+        } else {
+            thread_chain
+        };
+        let want: Vec<(String, bool)> = want.iter().map(|(n, e)| (n.to_string(), *e)).collect();
+        assert_eq!(got, want, "tid {}", s.tid());
+        *per_thread.entry(s.tid()).or_default() += 1;
+    }
+    eprintln!("walked samples per thread: {per_thread:?}");
+    assert_eq!(per_thread.len(), 2, "both threads sampled: {per_thread:?}");
+    assert!(per_thread.values().all(|&n| n >= 20), "{per_thread:?}");
+    let avg = |v: &[Sample], f: fn(&Sample) -> usize| {
+        v.iter().map(f).sum::<usize>() as f64 / v.len().max(1) as f64
+    };
+    assert!(
+        plain
+            .iter()
+            .all(|s| s.python.is_empty() && s.h.flags & !(sf::STACK_SHORT | sf::IN_KERNEL) == 0),
+        "no walk without a PY_PROCS entry"
+    );
+    eprintln!(
+        "MEASURED profile_cpu on CPython 3.11: {walk_ns:.0} ns per sample with the Python walk \
+         ({} samples, {:.1} frames and {:.0} B of stack on average), {plain_ns:.0} ns without \
+         it ({} samples, {:.0} B of stack); medians of 6 alternating phases",
+        walked.len(),
+        avg(&walked, |s| s.python.len()),
+        avg(&walked, |s| s.stack.len()),
+        plain.len(),
+        avg(&plain, |s| s.stack.len()),
+    );
+    drop(py);
+
+    // A native thread in a Python process has no thread state: PY_NO_THREAD, no frames.
+    let so = dir.path().join("libnative_burner.so");
+    gcc(&[
+        "-shared",
+        "-fPIC",
+        "-O1",
+        "-pthread",
+        "-o",
+        so.to_str().unwrap(),
+        fixture("native_burner.c").to_str().unwrap(),
+    ]);
+    let script = format!(
+        "import ctypes, sys\nlib = ctypes.CDLL({so:?})\nlib.start_native_burner.restype = ctypes.c_long\nprint('native', lib.start_native_burner(), flush=True)\nsys.stdin.readline()\n",
+        so = so.to_str().unwrap()
+    );
+    let mut native = Target::spawn(Command::new(&python).args(["-c", &script]));
+    let ntid: u32 = native
+        .line()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let npid = native.pid();
+    probes
+        .profile
+        .set_python_process(npid, &py311_proc(npid, &off))
+        .unwrap();
+    probes.add_target(npid).unwrap();
+    col.collect_for(Duration::from_millis(1500));
+    let ns: Vec<&Sample> = col.samples.iter().filter(|s| s.tid() == ntid).collect();
+    assert!(ns.len() >= 20, "{} native samples", ns.len());
+    for s in ns {
+        assert!(
+            s.flag(sf::PY_NO_THREAD) && !s.flag(sf::PY_ERROR),
+            "{:#x}",
+            s.h.flags
+        );
+        assert!(s.python.is_empty());
+    }
+    native.finish();
+}
+
+// ---- CUDA launches ---------------------------------------------------------------------------
+
+#[test]
+fn cuda_launches_are_stack_sampled_one_in_n() {
+    if !gate("cuda_launches_are_stack_sampled_one_in_n") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let app = cuda_stub::build(dir.path());
+    let mut t = Target::spawn(Command::new(&app).env("LD_LIBRARY_PATH", dir.path()));
+    let stub = hex(&t.line());
+    let pid = t.pid();
+    let mut probes = load(ProfileConfig {
+        hz: 0,
+        offcpu_sample_every: 0,
+        launch_sample_every: 1,
+        ..ProfileConfig::default()
+    });
+    let mut col = Collector::new(&mut probes);
+    probes.add_target(pid).unwrap();
+    assert!(probes.attach_cuda() > 0);
+    let rt = dir.path().join("libcudart.so.12");
+    let launch_fn = {
+        let (v, _) = elf_symbol(&rt, "cudaLaunchKernel");
+        load_bias(pid, &rt) + v
+    };
+    let main_fn = {
+        let (v, size) = elf_symbol(&app, "main");
+        let a = load_bias(pid, &app) + v;
+        (a, a + size)
+    };
+    let runtime_cookie = Cookie::of(func(60).unwrap()).0;
+    let driver_cookie = Cookie::of(func(1).unwrap()).0;
+
+    // Phase 1: every launch sampled: 100 cudaLaunchKernel calls.
+    t.send("go");
+    assert_eq!(t.line(), "phase1");
+    col.collect_for(Duration::from_millis(100));
+    let launches: Vec<&Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::Launch)
+        .collect();
+    assert_eq!(launches.len(), 100, "one record per launch at 1 in 1");
+    for s in &launches {
+        assert_eq!((s.pid(), s.h.aux, s.h.aux2), (pid, runtime_cookie, stub));
+        assert!(
+            (launch_fn..launch_fn + 8).contains(&s.h.ip),
+            "ip {:#x} at cudaLaunchKernel {launch_fn:#x}",
+            s.h.ip
+        );
+        // At the function's entry the stack's top is the return address into main.
+        let ret = s.stack_u64(s.h.sp).expect("stack copied");
+        assert!(
+            within(main_fn, ret),
+            "return address {ret:#x} outside main {main_fn:x?}"
+        );
+        assert!(s.kernel.is_empty());
+    }
+    // The aggregates are untouched by the sampling.
+    let stats = probes.cuda.call_stats();
+    let calls = |sym: &str| {
+        stats
+            .iter()
+            .find(|c| c.pid == pid && c.func.symbol == sym)
+            .map(|c| c.stat.calls)
+    };
+    assert_eq!(calls("cudaLaunchKernel"), Some(100));
+
+    // Phase 2: 1 in 3 of the driver's 50 cuLaunchKernel calls, changed at run time.
+    probes.profile.set_launch_sample_every(3).unwrap();
+    t.send("go");
+    assert_eq!(t.line(), "loaded");
+    assert!(probes.attach_cuda() > 0);
+    t.send("go");
+    assert_eq!(t.line(), "phase2");
+    col.collect_for(Duration::from_millis(100));
+    let driver: Vec<&Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::Launch && s.h.aux == driver_cookie)
+        .collect();
+    for s in &driver {
+        assert_eq!((s.pid(), s.h.aux2), (pid, 0xabc0));
+    }
+    // Binomial(50, 1/3): mean 16.7, sd 3.3.
+    assert!(
+        (4..=30).contains(&driver.len()),
+        "{} of 50 launches sampled at 1 in 3",
+        driver.len()
+    );
+    let all: HashSet<u64> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::Launch)
+        .map(|s| s.h.aux)
+        .collect();
+    assert!(
+        all.is_subset(&[runtime_cookie, driver_cookie].into()),
+        "only launches: {all:?}"
+    );
+    let stats = probes.cuda.call_stats();
+    assert_eq!(
+        stats
+            .iter()
+            .find(|c| c.pid == pid && c.func.symbol == "cuLaunchKernel")
+            .map(|c| c.stat.calls),
+        Some(50)
+    );
+    eprintln!(
+        "MEASURED verifier: cuda_enter {:?} insns",
+        probes
+            .program_info("cuda_enter")
+            .unwrap()
+            .verified_instruction_count()
+    );
+    t.send("go");
+    t.child.wait().unwrap();
+}
+
+// ---- degraded modes --------------------------------------------------------------------------
+
+/// Perf events that cannot be opened (here: a rate above kernel.perf_event_max_sample_rate,
+/// which perf_event_open refuses like it refuses a container without CAP_PERFMON) leave the
+/// probes loaded, with CPU profiling unavailable and the reason said, and off-CPU profiling on.
+#[test]
+fn cpu_profiling_that_cannot_start_leaves_the_rest_running() {
+    if !gate("cpu_profiling_that_cannot_start_leaves_the_rest_running") {
+        return;
+    }
+    let _g = lock();
+    let max: u64 = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut probes = load(ProfileConfig {
+        hz: max + 1,
+        offcpu_sample_every: 1,
+        ..ProfileConfig::default()
+    });
+    let CpuProfiling::Unavailable(why) = probes.profile.cpu_profiling().clone() else {
+        panic!("{:?}", probes.profile.cpu_profiling());
+    };
+    assert!(why.contains("perf_event_open"), "{why}");
+    assert!(why.contains("perf_event_max_sample_rate"), "{why}");
+    assert!(probes.profile.set_cpu_sampling(true).is_err());
+    assert_eq!(probes.profile.offcpu_unavailable(), None);
+    // Off-CPU records still flow.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut col = Collector::new(&mut probes);
+    let mut t = Target::spawn(Command::new(&exe).args(["sleep", "5"]));
+    t.line();
+    probes.add_target(t.pid()).unwrap();
+    t.send("go");
+    t.line();
+    col.collect_for(Duration::from_millis(300));
+    t.finish();
+    assert!(col
+        .samples
+        .iter()
+        .any(|s| s.kind == SampleKind::OffCpu && s.pid() == t.pid()));
+    assert!(col.samples.iter().all(|s| s.kind != SampleKind::Cpu));
+}
+
+/// A `PyProc` that points at memory that is no interpreter (here: the code of a C program)
+/// yields samples without Python frames, flagged, never garbage frames.
+#[test]
+fn a_bad_python_layout_is_flagged_not_walked() {
+    if !gate("a_bad_python_layout_is_flagged_not_walked") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut b = start_burner(&exe, "deep");
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        ..ProfileConfig::default()
+    });
+    let mut col = Collector::new(&mut probes);
+    let offsets = PyOffsets {
+        interp_threads_head: 16,
+        tstate_next: 8,
+        tstate_native_thread_id: 160,
+        tstate_frame: 56,
+        cframe_current_frame: 8,
+        frame_code: 32,
+        frame_previous: 48,
+        frame_instr: 56,
+        frame_owner: 69,
+        frame_is_entry: 68,
+        object_type: 8,
+        _pad: [0; 5],
+    };
+    let fake = PyProc {
+        // burn's machine code read as an interpreter: its "thread list head" is code bytes.
+        interp: b.burn.0,
+        code_type: 0,
+        offsets,
+        version: 0x030b,
+        owner_cstack: 0xff,
+        _pad0: 0,
+        flags: 0,
+    };
+    probes.profile.set_python_process(b.pid(), &fake).unwrap();
+    probes.add_target(b.pid()).unwrap();
+    b.go(1);
+    col.collect_for(Duration::from_secs(1));
+    let ours: Vec<&Sample> = col.samples.iter().filter(|s| s.pid() == b.pid()).collect();
+    assert!(ours.len() > 20, "{} samples", ours.len());
+    for s in &ours {
+        assert!(s.python.is_empty());
+        assert!(s.flag(sf::PY_NO_THREAD), "{:#x}", s.h.flags);
+    }
+    assert!(
+        ours.iter().any(|s| s.flag(sf::PY_ERROR)),
+        "an unreadable thread list is an error, not an empty one"
+    );
+    // Layouts the kernel could not use are refused up front.
+    let mut bad = fake;
+    bad.offsets.frame_previous = 200;
+    assert!(probes.profile.set_python_process(b.pid(), &bad).is_err());
+    b.target.finish();
+}
