@@ -459,6 +459,30 @@ pub fn on_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// sched_process_exec: a traced process's image changed (e.g. a fork-then-exec'd worker), so
+/// user space re-reads its mappings and looks for an interpreter again.
+#[tracepoint]
+pub fn on_exec(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if !is_target(tgid) {
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit_header(&EventHeader {
+        ts_enter_ns: now,
+        ts_exit_ns: now,
+        pid_tgid: id,
+        conn_id: 0,
+        ret: 0,
+        fd: -1,
+        captured: 0,
+        kind: kind::EXEC,
+        syscall: 0,
+    });
+    0
+}
+
 /// sched_process_exit fires per thread: a thread's entry is dropped quietly, a process's exit is
 /// reported so user space can end its connections.
 #[tracepoint]

@@ -174,6 +174,53 @@ impl Aggregator {
 
     /// Sets the CUDA call metrics from the kernel-side aggregates (cumulative totals, summed
     /// over processes and threads so the label set stays the closed set of probed functions).
+    /// Publishes the profiler's cumulative counters.
+    pub fn set_profiler_stats(&mut self, c: &crate::profiling::stage::ProfilerCounters) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut store = self.cumulative.lock();
+        let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        for (kind, n) in [
+            ("cpu", &c.cpu_samples),
+            ("offcpu", &c.offcpu_samples),
+            ("launch", &c.launch_samples),
+        ] {
+            store.set_counter(
+                &schema::PROFILE_SAMPLES,
+                label(schema::LABEL_KIND, kind),
+                n.load(Relaxed),
+            );
+        }
+        store.set_counter(
+            &schema::PROFILE_STACKS,
+            label(schema::LABEL_RESULT, "complete"),
+            c.stacks_complete.load(Relaxed),
+        );
+        for r in infertap_stacks::unwind::TruncatedReason::ALL {
+            store.set_counter(
+                &schema::PROFILE_STACKS,
+                label(schema::LABEL_RESULT, r.as_str()),
+                c.truncated(r),
+            );
+        }
+        let with = c.python_samples_with_frames.load(Relaxed);
+        let all = c.python_samples.load(Relaxed);
+        store.set_counter(
+            &schema::PROFILE_PYTHON_SAMPLES,
+            label(schema::LABEL_RESULT, "with_frames"),
+            with,
+        );
+        store.set_counter(
+            &schema::PROFILE_PYTHON_SAMPLES,
+            label(schema::LABEL_RESULT, "native_only"),
+            all.saturating_sub(with),
+        );
+        store.set_gauge(
+            &schema::PROFILE_PYTHON_PROCESSES,
+            Vec::new(),
+            c.python_processes.load(Relaxed) as f64,
+        );
+    }
+
     pub fn set_cuda_stats(&mut self, stats: &[crate::probes::cuda::CallStats]) {
         use infertap_common::cuda::{CopyKind, DURATION_BUCKETS};
         use std::collections::BTreeMap;

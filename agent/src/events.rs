@@ -81,8 +81,20 @@ impl ConnEvent<'_> {
 /// Process lifecycle of the traced set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProcEvent {
-    Fork { parent: u32, child: u32, ts_ns: u64 },
-    Exit { pid: u32, ts_ns: u64 },
+    Fork {
+        parent: u32,
+        child: u32,
+        ts_ns: u64,
+    },
+    Exit {
+        pid: u32,
+        ts_ns: u64,
+    },
+    /// The process replaced its image (`execve`).
+    Exec {
+        pid: u32,
+        ts_ns: u64,
+    },
 }
 
 /// One CUDA API call seen by the uprobes in per-event mode (trace windows).
@@ -250,6 +262,10 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
             ts_ns: h.ts_enter_ns,
         }),
         kind::EXIT => Event::Proc(ProcEvent::Exit {
+            pid,
+            ts_ns: h.ts_enter_ns,
+        }),
+        kind::EXEC => Event::Proc(ProcEvent::Exec {
             pid,
             ts_ns: h.ts_enter_ns,
         }),

@@ -5,13 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use infertap::{
-    gpu::{
-        cupti::DetailLevel,
-        explain::{render_explain, ExplainOptions, RankBy},
-        stage::GpuOptions,
-    },
+    gpu::{cupti::DetailLevel, stage::GpuOptions},
     pipeline::{AgentOptions, CudaOptions, Pipeline},
-    probes::ProbeConfig,
+    probes::{profile::ProfileConfig, ProbeConfig},
+    profiling::{aggregate::ProfileType, stage::ProfilerOptions},
+    sinks::explain::{render_explain_with, ExplainOptions, RankBy},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -37,6 +35,8 @@ enum Command {
     Trace(TraceArgs),
     /// Watch for a while, then explain the slowest requests and tokens with their GPU causes.
     Explain(ExplainArgs),
+    /// Record a profile (pprof) of the traced processes for a while.
+    Profile(ProfileArgs),
 }
 
 /// Which processes to watch and how.
@@ -86,6 +86,25 @@ struct TargetArgs {
     /// CUPTI detail: full (every kernel and copy), graphs (one record per CUDA graph launch), off.
     #[arg(long, value_enum, default_value_t = Detail::Full)]
     cupti_detail: Detail,
+    /// On-CPU profiling: timer samples per second per CPU of the traced processes' threads
+    /// (kernel and user stacks, native and Python frames). 0 turns CPU sampling off. Default:
+    /// 49 (199 for `explain`, whose attribution of single token gaps needs denser samples).
+    #[arg(long, value_name = "HZ")]
+    profile_hz: Option<u64>,
+    /// Off-CPU profiling: capture the stack of 1 in N switch-outs of traced threads (each stands
+    /// for N). 0 turns off-CPU profiling off. Default: 16 (4 for `explain`).
+    #[arg(long, value_name = "N")]
+    offcpu_every: Option<u32>,
+    /// GPU time by call path: capture the launching stack of 1 in N CUDA kernel/graph launches
+    /// (each stands for N). 0 turns it off.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    gpu_stack_every: u32,
+    /// User stack bytes copied per sample for unwinding (at most the kernel's maximum).
+    #[arg(long, default_value_t = infertap_common::profile::DEFAULT_STACK_BYTES, value_name = "BYTES")]
+    profile_stack_bytes: u32,
+    /// No profiling at all (no perf events, no sched_switch, no stack captures).
+    #[arg(long)]
+    no_profile: bool,
     /// Stop after this long (default: run until SIGINT/SIGTERM).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -155,6 +174,44 @@ struct ExplainArgs {
     requests: Option<String>,
 }
 
+#[derive(Args, Debug, Clone)]
+struct ProfileArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Which profile to write: cpu (on-CPU samples), offcpu (blocked/preempted time), gpu (CUDA
+    /// launches by call path), slow_tokens (time inside slow token gaps).
+    #[arg(long = "type", value_enum, default_value_t = Kind::Cpu)]
+    kind: Kind,
+    /// Where to write the gzipped pprof (`go tool pprof` reads it).
+    #[arg(long, default_value = "profile.pb.gz")]
+    out: PathBuf,
+    /// Also write every profile type that has samples into this directory as <type>.pb.gz.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Node name put on the samples (default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    Cpu,
+    Offcpu,
+    Gpu,
+    SlowTokens,
+}
+
+impl Kind {
+    fn profile_type(self) -> ProfileType {
+        match self {
+            Kind::Cpu => ProfileType::Cpu,
+            Kind::Offcpu => ProfileType::OffCpu,
+            Kind::Gpu => ProfileType::Gpu,
+            Kind::SlowTokens => ProfileType::SlowTokens,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Rank {
     E2e,
@@ -170,11 +227,58 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Sampling defaults: continuous profiling is cheap enough to leave on; a diagnostic window
+/// (`explain`) samples denser.
+#[derive(Clone, Copy)]
+struct SamplingDefaults {
+    hz: u64,
+    offcpu_every: u32,
+}
+
+const CONTINUOUS: SamplingDefaults = SamplingDefaults {
+    hz: 49,
+    offcpu_every: 16,
+};
+const DIAGNOSTIC: SamplingDefaults = SamplingDefaults {
+    hz: 199,
+    offcpu_every: 4,
+};
+
 fn options(t: &TargetArgs) -> Result<AgentOptions> {
+    options_with(t, CONTINUOUS)
+}
+
+fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
+    let profile_hz = t.profile_hz.unwrap_or(d.hz);
+    let offcpu_every = t.offcpu_every.unwrap_or(d.offcpu_every);
     if t.pids.is_empty() && t.ports.is_empty() {
         bail!("nothing to trace: give --pid <PID> or --port <PORT>");
     }
     let cupti_socket = (t.cupti_socket != "off").then(|| PathBuf::from(&t.cupti_socket));
+    let profiling = !t.no_profile && (profile_hz > 0 || offcpu_every > 0 || t.gpu_stack_every > 0);
+    let profile = if profiling {
+        ProfileConfig {
+            hz: profile_hz,
+            offcpu_sample_every: offcpu_every,
+            launch_sample_every: if t.no_cuda { 0 } else { t.gpu_stack_every },
+            stack_bytes: t.profile_stack_bytes,
+            ..ProfileConfig::default()
+        }
+    } else {
+        ProfileConfig {
+            hz: 0,
+            offcpu_sample_every: 0,
+            launch_sample_every: 0,
+            ..ProfileConfig::default()
+        }
+    };
+    let profiler = profiling.then(|| ProfilerOptions {
+        hz: profile_hz,
+        node: host_name(),
+        offcpu_every,
+        launch_every: profile.launch_sample_every,
+        ..ProfilerOptions::default()
+    });
     Ok(AgentOptions {
         pids: t.pids.clone(),
         ports: t.ports.clone(),
@@ -183,6 +287,7 @@ fn options(t: &TargetArgs) -> Result<AgentOptions> {
         probe: ProbeConfig {
             capture_bytes: t.capture_bytes,
             ringbuf_bytes: t.ringbuf_bytes,
+            profile,
             ..ProbeConfig::default()
         },
         poll_interval: t.poll_interval,
@@ -213,6 +318,7 @@ fn options(t: &TargetArgs) -> Result<AgentOptions> {
         node: host_name(),
         keep_requests: false,
         trace: false,
+        profiler,
     })
 }
 
@@ -258,6 +364,9 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     if let Some(n) = &a.node {
         opts.node = n.clone();
     }
+    if let Some(p) = opts.profiler.as_mut() {
+        p.node = opts.node.clone();
+    }
     let p = Pipeline::new(opts).await?.run(shutdown_signal()).await?;
     summary(&p);
     Ok(())
@@ -291,7 +400,10 @@ async fn run_trace(a: TraceArgs) -> Result<()> {
 }
 
 async fn run_explain(a: ExplainArgs) -> Result<()> {
-    let mut opts = options(&a.target)?;
+    let mut opts = options_with(&a.target, DIAGNOSTIC)?;
+    if let Some(p) = opts.profiler.as_mut() {
+        p.keep_attributions = true;
+    }
     if opts.duration.is_none() {
         opts.duration = Some(Duration::from_secs(30));
     }
@@ -300,6 +412,10 @@ async fn run_explain(a: ExplainArgs) -> Result<()> {
     opts.cuda.per_event = true;
     let mut p = Pipeline::new(opts).await?.run(shutdown_signal()).await?;
     let reqs = p.take_kept();
+    let cpu = p
+        .take_profiler_report()
+        .map(|r| r.attributions)
+        .unwrap_or_default();
     let eo = ExplainOptions {
         rank_by: match a.rank_by {
             Rank::E2e => RankBy::E2e,
@@ -308,9 +424,72 @@ async fn run_explain(a: ExplainArgs) -> Result<()> {
         },
         top_requests: a.top,
         top_tokens: a.top_tokens,
+        show_gpu: p.gpu_active(),
         ..ExplainOptions::default()
     };
-    print!("{}", render_explain(&reqs, &eo));
+    print!("{}", render_explain_with(&reqs, &cpu, &eo));
+    summary(&p);
+    Ok(())
+}
+
+async fn run_profile(a: ProfileArgs) -> Result<()> {
+    let mut opts = options(&a.target)?;
+    if opts.duration.is_none() {
+        opts.duration = Some(Duration::from_secs(10));
+    }
+    if let Some(n) = &a.node {
+        opts.node = n.clone();
+    }
+    let node = opts.node.clone();
+    let Some(po) = opts.profiler.as_mut() else {
+        bail!("profiling is off (--no-profile, or every source set to 0)");
+    };
+    po.keep_whole = true;
+    po.node = node;
+    let mut p = Pipeline::new(opts).await?.run(shutdown_signal()).await?;
+    let report = p
+        .take_profiler_report()
+        .context("the profiler did not report (see the log above)")?;
+    let want = a.kind.profile_type();
+    let mut wrote_main = false;
+    for prof in &report.whole {
+        let Some(kind) = infertap_proto::pb::ProfileType::try_from(prof.r#type)
+            .ok()
+            .and_then(infertap_proto::pprof::ProfileKind::from_pb)
+        else {
+            continue;
+        };
+        if let Some(dir) = &a.out_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let f = dir.join(format!("{}.pb.gz", kind.name()));
+            std::fs::write(&f, &prof.pprof).with_context(|| format!("writing {}", f.display()))?;
+            eprintln!("wrote {} ({} samples)", f.display(), prof.sample_count);
+        }
+        if kind == want {
+            std::fs::write(&a.out, &prof.pprof)
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            eprintln!(
+                "wrote {} profile to {} ({} samples); read it with `go tool pprof -top {}`",
+                kind.name(),
+                a.out.display(),
+                prof.sample_count,
+                a.out.display()
+            );
+            wrote_main = true;
+        }
+    }
+    if !wrote_main {
+        // An empty but valid profile: the traced processes did not run (or had no launches).
+        let (start, end) = (infertap::clock::unix_ns(), infertap::clock::unix_ns());
+        let empty = infertap_proto::pprof::empty(want, start, end);
+        std::fs::write(&a.out, infertap_proto::pprof::encode_gzip(&empty))
+            .with_context(|| format!("writing {}", a.out.display()))?;
+        eprintln!(
+            "no {} samples in the window; wrote an empty profile to {}",
+            want.name(),
+            a.out.display()
+        );
+    }
     summary(&p);
     Ok(())
 }
@@ -322,6 +501,7 @@ fn main() -> Result<()> {
         Command::Run(a) => &a.target.log,
         Command::Trace(a) => &a.target.log,
         Command::Explain(a) => &a.target.log,
+        Command::Profile(a) => &a.target.log,
     };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(log).unwrap_or_else(|_| EnvFilter::new("info")))
@@ -336,6 +516,7 @@ fn main() -> Result<()> {
             Command::Run(a) => run_agent(a).await,
             Command::Trace(a) => run_trace(a).await,
             Command::Explain(a) => run_explain(a).await,
+            Command::Profile(a) => run_profile(a).await,
         }
     })
 }

@@ -27,6 +27,7 @@ use crate::{
         trace::TraceWriter,
     },
     probes::{ProbeConfig, Probes},
+    profiling::stage::{Profiler, ProfilerOptions, ProfilerReport},
     reconstruct::{ReconstructConfig, Reconstructor},
     record::RequestRecord,
     sinks::jsonl::{self, JsonLines, RequestLine},
@@ -64,6 +65,8 @@ pub struct AgentOptions {
     pub keep_requests: bool,
     /// Record a Perfetto trace of the run (`infertap trace`).
     pub trace: bool,
+    /// Continuous profiling (None: off). Its sampling sources are set in `probe.profile`.
+    pub profiler: Option<ProfilerOptions>,
 }
 
 /// CUDA launch-path probing.
@@ -112,6 +115,9 @@ pub struct Pipeline {
     exporter: Option<GrpcExporter>,
     metrics_server: Option<MetricsServer>,
     gpu: GpuStage,
+    profiler: Option<Profiler>,
+    /// What the profiler reported when it stopped (attributions, whole-run profiles).
+    profiler_report: Option<ProfilerReport>,
     /// Completed requests with their GPU attribution (`keep_requests`).
     pub kept: Vec<CorrelatedRequest>,
 }
@@ -156,11 +162,25 @@ impl Pipeline {
             }
             None => None,
         };
+        let profiler = match (&opts.profiler, probes.take_profile()) {
+            (Some(po), Some(pp)) => {
+                let sink = exporter.as_ref().map(|e| e.profile_sink());
+                let sink: crate::profiling::stage::ProfileSinkFn = Box::new(move |p| {
+                    if let Some(s) = &sink {
+                        s.attach(p.clone());
+                    }
+                });
+                Some(Profiler::spawn(po.clone(), pp, sink)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             aggregator,
             exporter,
             metrics_server,
             gpu,
+            profiler,
+            profiler_report: None,
             kept: Vec::new(),
             probes,
             recon: Reconstructor::new(ReconstructConfig::default()),
@@ -203,6 +223,9 @@ impl Pipeline {
             anyhow::bail!("process {pid} does not exist");
         }
         self.probes.add_target(pid)?;
+        if let Some(p) = &self.profiler {
+            p.add_root(pid);
+        }
         if self.known_pids.insert(pid) {
             let now = clock::monotonic_ns();
             let existing = targets::existing_server_connections(pid);
@@ -283,6 +306,14 @@ impl Pipeline {
                 self.recon.on_process_exit(pid, ts_ns, &mut self.records);
                 self.probes.forget_process(pid);
                 self.known_pids.remove(&pid);
+                if let Some(p) = &self.profiler {
+                    p.process_exited(pid);
+                }
+            }
+            Ok(Some(Event::Proc(ProcEvent::Exec { pid, .. }))) => {
+                if let Some(p) = &self.profiler {
+                    p.process_exec(pid);
+                }
             }
             Ok(Some(Event::Cuda(call))) => {
                 self.gpu.add_cuda_call(&call);
@@ -322,6 +353,9 @@ impl Pipeline {
             eprintln!("{}", jsonl::human_line(&r));
         }
         self.aggregator.observe(&r);
+        if let Some(p) = &self.profiler {
+            p.request_completed(std::sync::Arc::new(r.clone()));
+        }
         if let Some(g) = &gpu {
             self.aggregator.observe_gpu(&r, g);
         }
@@ -363,6 +397,9 @@ impl Pipeline {
             ("conn_map_full", kc.get(k::CONN_MAP_FULL)),
             ("payload_fault", kc.get(k::PAYLOAD_FAULT)),
             ("cuda_map_full", kc.get(k::CUDA_MAP_FULL)),
+            ("sample_ring_full", kc.get(k::SAMPLE_RING_FULL)),
+            ("sample_failed", kc.get(k::SAMPLE_FAILED)),
+            ("profile_map_full", kc.get(k::PROFILE_MAP_FULL)),
             ("malformed_http", rs.malformed),
             ("pending_overflow", rs.pending_overflow),
             ("connections_evicted", rs.connections_evicted),
@@ -377,6 +414,19 @@ impl Pipeline {
             ),
         ];
         drops.extend(self.gpu.drops());
+        if let Some(p) = &self.profiler {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = p.counters();
+            drops.extend([
+                ("undecodable_sample", c.undecodable.load(Relaxed)),
+                ("profiler_command_dropped", c.commands_dropped.load(Relaxed)),
+                ("profile_build_queue_full", c.build_queue_full.load(Relaxed)),
+                ("attribution_window_full", c.window_evicted.load(Relaxed)),
+                ("offcpu_pending_evicted", c.offcpu_evicted.load(Relaxed)),
+                ("offcpu_end_unmatched", c.offcpu_unmatched.load(Relaxed)),
+            ]);
+            self.aggregator.set_profiler_stats(c);
+        }
         if let Some(e) = &self.exporter {
             drops.push((
                 infertap_proto::schema::DROP_REASON_EXPORT_BUFFER_FULL,
@@ -400,6 +450,9 @@ impl Pipeline {
     fn interval(&mut self) {
         let stats = self.probes.cuda.call_stats();
         self.aggregator.set_cuda_stats(&stats);
+        if let Some(p) = &self.profiler {
+            p.end_interval();
+        }
         let report = self.aggregator.take_interval(clock::unix_ns());
         if let Some(e) = &self.exporter {
             e.set_pids(self.known_pids.iter().copied().collect());
@@ -415,6 +468,16 @@ impl Pipeline {
     /// Completed requests of this run with their GPU attribution (`keep_requests`).
     pub fn take_kept(&mut self) -> Vec<CorrelatedRequest> {
         std::mem::take(&mut self.kept)
+    }
+
+    /// Whether a GPU source (NVML, CUPTI, CUDA uprobes) was active.
+    pub fn gpu_active(&self) -> bool {
+        self.gpu.active()
+    }
+
+    /// What the profiler reported when it stopped (after [`Pipeline::run`]).
+    pub fn take_profiler_report(&mut self) -> Option<ProfilerReport> {
+        self.profiler_report.take()
     }
 
     /// The Perfetto trace of this run (`trace`).
@@ -496,7 +559,22 @@ impl Pipeline {
         for c in self.gpu.flush() {
             self.emit(c.record, Some(c.gpu));
         }
-        self.interval();
+        // The profiler's last interval is built before the final report, so its profiles go
+        // out with it.
+        if let Some(p) = self.profiler.take() {
+            self.profiler_report = p.finish(Duration::from_secs(150));
+            if self.profiler_report.is_none() {
+                warn!("the profiler did not stop in time; its last profiles are lost");
+            }
+        }
+        self.update_drops();
+        let stats = self.probes.cuda.call_stats();
+        self.aggregator.set_cuda_stats(&stats);
+        let report = self.aggregator.take_interval(clock::unix_ns());
+        if let Some(e) = &self.exporter {
+            e.set_pids(self.known_pids.iter().copied().collect());
+            e.submit(report);
+        }
         if let Some(e) = self.exporter.take() {
             let lost = e.shutdown(Duration::from_secs(3)).await;
             if lost > 0 {

@@ -37,6 +37,8 @@ pub mod kind {
     /// (`cuda::Cookie`), `ret` the byte count or -1, `fd` the copy direction; a `cuda::CallPayload`
     /// follows.
     pub const CUDA_CALL: u8 = 7;
+    /// A traced process replaced its image (`execve`): its mappings (and interpreter) are new.
+    pub const EXEC: u8 = 8;
 }
 
 /// Which syscall produced a READ/WRITE event (`EventHeader::syscall`), for diagnostics and stats.

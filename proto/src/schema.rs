@@ -307,6 +307,43 @@ pub static CUDA_CALL_DURATION: MetricDef = MetricDef {
     bounds: CUDA_DURATION_BOUNDS,
 };
 
+/// Profiler: which kind of stack sample (`cpu`, `offcpu`, `launch`).
+pub const LABEL_KIND: &str = "kind";
+/// Profiler: how a native unwind ended (`complete` or the reason it was cut).
+pub const LABEL_RESULT: &str = "result";
+
+pub static PROFILE_SAMPLES: MetricDef = MetricDef {
+    name: "infertap_profile_samples_total",
+    help: "Stack samples of the traced processes taken by the profiler, by kind (cpu: timer samples; offcpu: sampled switch-outs; launch: sampled CUDA launches)",
+    kind: Kind::Counter,
+    labels: &[LABEL_KIND],
+    bounds: &[],
+};
+
+pub static PROFILE_STACKS: MetricDef = MetricDef {
+    name: "infertap_profile_stacks_total",
+    help: "Native stacks unwound by the profiler, by result: complete (reached main or thread start) or the reason the stack was cut (stack_copy_exhausted, no_unwind_info, unmapped_address, max_depth, bad_cfi, process_gone); truncated share = 1 - complete / all",
+    kind: Kind::Counter,
+    labels: &[LABEL_RESULT],
+    bounds: &[],
+};
+
+pub static PROFILE_PYTHON_SAMPLES: MetricDef = MetricDef {
+    name: "infertap_profile_python_samples_total",
+    help: "Samples of CPython processes, by whether they carried at least one Python frame (result=with_frames|native_only)",
+    kind: Kind::Counter,
+    labels: &[LABEL_RESULT],
+    bounds: &[],
+};
+
+pub static PROFILE_PYTHON_PROCESSES: MetricDef = MetricDef {
+    name: "infertap_profile_python_processes",
+    help: "Traced processes whose Python frames the profiler walks (CPython 3.10-3.13 found)",
+    kind: Kind::Gauge,
+    labels: &[],
+    bounds: &[],
+};
+
 /// Every metric, in exposition order.
 pub static ALL: &[&MetricDef] = &[
     &TIME_TO_FIRST_TOKEN,
@@ -328,6 +365,10 @@ pub static ALL: &[&MetricDef] = &[
     &CUDA_CALLS,
     &CUDA_COPY_BYTES,
     &CUDA_CALL_DURATION,
+    &PROFILE_SAMPLES,
+    &PROFILE_STACKS,
+    &PROFILE_PYTHON_SAMPLES,
+    &PROFILE_PYTHON_PROCESSES,
 ];
 
 /// The definition of a metric by its exposition name.

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use infertap::gpu::correlate::{Contributor, Correlator, CorrelatorConfig, RequestKey};
-use infertap::gpu::explain::{render_explain, ExplainOptions};
 use infertap::gpu::timeline::{
     cuda_func, CudaApiCall, GpuActivity, GpuActivityKind, MemcpyKind, PowerSample,
 };
 use infertap::gpu::trace::{validate_trace, TraceWriter};
 use infertap::record::{RequestRecord, TokenCountSource};
+use infertap::sinks::explain::{render_explain, ExplainOptions};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000_000_000;

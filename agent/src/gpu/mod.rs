@@ -5,11 +5,10 @@
 //! - `cupti`: receiver for the CUPTI injection library (exact kernel/memcpy timings).
 //! - `nvml`: power, energy, utilisation, memory, clocks, throttling (DCGM-mapped metrics).
 //! - `correlate`: requests and token gaps joined with GPU activity through time.
-//! - `explain` / `trace`: the text report and the Perfetto timeline.
+//! - `trace`: the Perfetto timeline (the `explain` text is a sink: `sinks::explain`).
 
 pub mod correlate;
 pub mod cupti;
-pub mod explain;
 mod intervals;
 pub mod nvml;
 pub mod stage;

@@ -27,9 +27,9 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use super::correlate::{CorrelatedRequest, RequestGpuStats};
-use super::explain::contributor_label;
 use super::timeline::{CudaApiCall, GpuActivity, GpuActivityKind, PowerSample};
 use crate::record::RequestRecord;
+use crate::sinks::explain::contributor_label;
 
 /// Linux `PID_MAX_LIMIT` (2^22): real pids are below it.
 const SYNTHETIC_PID_BASE: u64 = 1 << 22;

@@ -37,6 +37,7 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("enter_close", "syscalls", "sys_enter_close"),
     ("on_fork", "sched", "sched_process_fork"),
     ("on_exit", "sched", "sched_process_exit"),
+    ("on_exec", "sched", "sched_process_exec"),
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -72,7 +73,8 @@ pub struct Probes {
     conns: HashMap<MapData, ConnKey, ConnInfo>,
     counters: PerCpuArray<MapData, u64>,
     pub cuda: cuda::CudaProbes,
-    pub profile: profile::ProfileProbes,
+    /// The profiler's kernel side; taken by the profiler stage, which runs on its own thread.
+    pub profile: profile::ProfileSlot,
     _ebpf: Ebpf,
 }
 
@@ -149,9 +151,14 @@ impl Probes {
             conns,
             counters,
             cuda,
-            profile,
+            profile: profile::ProfileSlot::new(profile),
             _ebpf: ebpf,
         })
+    }
+
+    /// The profiler's kernel side (sample ring, controls, Python map), handed out once.
+    pub fn take_profile(&mut self) -> Option<profile::ProfileProbes> {
+        self.profile.take()
     }
 
     /// The event ring buffer, handed to the consumer once.
@@ -210,7 +217,9 @@ impl Probes {
     /// Drops a process and its connections from the kernel maps (after it exited).
     pub fn forget_process(&mut self, pid: u32) {
         self.cuda.forget_process(pid);
-        self.profile.forget_process(pid);
+        if let Some(p) = self.profile.get_mut() {
+            p.forget_process(pid);
+        }
         let _ = self.targets.remove(&pid);
         let keys: Vec<ConnKey> = self
             .conns

@@ -143,6 +143,44 @@ pub enum CpuProfiling {
     Unavailable(String),
 }
 
+/// Holds the [`ProfileProbes`] until the profiler stage takes them to its own thread. Derefs to
+/// them while they are here (kernel-level tests drive them directly); using them after they
+/// were taken is a programming error and panics.
+pub struct ProfileSlot(Option<ProfileProbes>);
+
+impl ProfileSlot {
+    pub(super) fn new(p: ProfileProbes) -> Self {
+        ProfileSlot(Some(p))
+    }
+
+    /// Moves the probes out (once).
+    pub fn take(&mut self) -> Option<ProfileProbes> {
+        self.0.take()
+    }
+
+    /// The probes, unless taken.
+    pub fn get_mut(&mut self) -> Option<&mut ProfileProbes> {
+        self.0.as_mut()
+    }
+}
+
+impl std::ops::Deref for ProfileSlot {
+    type Target = ProfileProbes;
+    fn deref(&self) -> &ProfileProbes {
+        self.0
+            .as_ref()
+            .expect("profile probes were taken by the profiler")
+    }
+}
+
+impl std::ops::DerefMut for ProfileSlot {
+    fn deref_mut(&mut self) -> &mut ProfileProbes {
+        self.0
+            .as_mut()
+            .expect("profile probes were taken by the profiler")
+    }
+}
+
 pub struct ProfileProbes {
     control: Array<MapData, u32>,
     py_procs: HashMap<MapData, u32, PyProc>,

@@ -20,4 +20,5 @@ pub mod attribution;
 pub mod labels;
 pub mod offcpu;
 pub mod stack;
+pub mod stage;
 pub mod symbolic;

@@ -1,6 +1,7 @@
 //! Where results go: JSON lines, the Prometheus endpoint, the gRPC stream to the collector,
 //! pprof profiles.
 
+pub mod explain;
 pub mod grpc;
 pub mod jsonl;
 pub mod pprof;

@@ -1,11 +1,15 @@
 //! Text rendering for `infertap explain`: the slowest requests, their slowest tokens and what
-//! filled those gaps. The machine-readable form is [`RequestGpuStats`]'s serde serialisation
-//! (flat fields `gpu_busy_ms`, `energy_j`, `energy_j_per_token`, `memcpy_bytes`, `slow_tokens`,
-//! ...), meant to be merged into the request's JSON line.
+//! filled those gaps — on the GPU (busy, sync wait, launch-bound, idle, which kernels and which
+//! other requests) and on the CPU (which stacks of the server's processes ran, or where their
+//! threads were blocked, during the time to first token and each slow gap). The
+//! machine-readable GPU form is [`RequestGpuStats`]'s serde serialisation (flat fields
+//! `gpu_busy_ms`, `energy_j`, `slow_tokens`, ...), merged into the request's JSON line.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use super::correlate::{Contributor, CorrelatedRequest, RequestGpuStats};
+use crate::gpu::correlate::{Contributor, CorrelatedRequest, RequestGpuStats};
+use crate::profiling::stage::{NamedShare, RangeAttribution, RequestAttribution};
 
 /// Which requests count as the slowest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,6 +32,10 @@ pub struct ExplainOptions {
     pub top_tokens: usize,
     /// Kernel names longer than this are cut (C++ template names run to kilobytes).
     pub max_name_chars: usize,
+    /// A GPU source was active: print the GPU lines (without one they would be all zeros).
+    pub show_gpu: bool,
+    /// Stacks shown per attributed range.
+    pub top_stacks: usize,
 }
 
 impl Default for ExplainOptions {
@@ -37,6 +45,8 @@ impl Default for ExplainOptions {
             top_requests: 10,
             top_tokens: 3,
             max_name_chars: 80,
+            show_gpu: true,
+            top_stacks: 3,
         }
     }
 }
@@ -88,6 +98,51 @@ fn truncate(s: &str, max: usize) -> String {
 
 /// Renders the slowest requests (by `opts.rank_by`) with their GPU side and slowest tokens.
 pub fn render_explain(reqs: &[CorrelatedRequest], opts: &ExplainOptions) -> String {
+    render_explain_with(reqs, &[], opts)
+}
+
+/// Mean number of requests in flight over each request's lifetime (itself included), from the
+/// requests alone: what the GPU correlation computes too, for servers without a GPU source.
+fn concurrency(reqs: &[CorrelatedRequest]) -> Vec<f64> {
+    let spans: Vec<(u64, u64)> = reqs
+        .iter()
+        .map(|r| (r.record.start_ns, r.record.end_ns.max(r.record.start_ns)))
+        .collect();
+    spans
+        .iter()
+        .enumerate()
+        .map(|(i, &(s, e))| {
+            if e == s {
+                return 1.0;
+            }
+            let others: u64 = spans
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &(os, oe))| oe.min(e).saturating_sub(os.max(s)))
+                .sum();
+            1.0 + others as f64 / (e - s) as f64
+        })
+        .collect()
+}
+
+/// As [`render_explain`], with the CPU attributions of the profiler (matched to requests by
+/// process, connection and sequence).
+pub fn render_explain_with(
+    reqs: &[CorrelatedRequest],
+    cpu: &[RequestAttribution],
+    opts: &ExplainOptions,
+) -> String {
+    let by_key: HashMap<(u32, u64, u32), &RequestAttribution> = cpu
+        .iter()
+        .map(|a| ((a.pid, a.conn_id, a.seq_on_conn), a))
+        .collect();
+    let conc = concurrency(reqs);
+    let conc_of: HashMap<*const CorrelatedRequest, f64> = reqs
+        .iter()
+        .zip(conc)
+        .map(|(r, c)| (r as *const CorrelatedRequest, c))
+        .collect();
     let mut order: Vec<&CorrelatedRequest> = reqs.iter().collect();
     order.sort_by_key(|r| std::cmp::Reverse(rank_key(r, opts.rank_by)));
     order.truncate(opts.top_requests);
@@ -103,14 +158,100 @@ pub fn render_explain(reqs: &[CorrelatedRequest], opts: &ExplainOptions) -> Stri
         reqs.len(),
         order.len()
     );
+    if !cpu.is_empty() || !opts.show_gpu {
+        let _ = writeln!(
+            out,
+            "(CPU: time of the server's processes sampled during each range, on CPU or blocked; GPU lines {})",
+            if opts.show_gpu { "from the GPU sources" } else { "omitted: no GPU source was active" }
+        );
+    }
     for (n, r) in order.iter().enumerate() {
         out.push('\n');
-        render_one(&mut out, n + 1, r, opts);
+        let rec = &r.record;
+        let attr = by_key
+            .get(&(rec.pid, rec.conn_id, rec.seq_on_conn))
+            .copied();
+        let conc = conc_of
+            .get(&(*r as *const CorrelatedRequest))
+            .copied()
+            .unwrap_or(1.0);
+        render_one(&mut out, n + 1, r, attr, conc, opts);
     }
     out
 }
 
-fn render_one(out: &mut String, n: usize, r: &CorrelatedRequest, opts: &ExplainOptions) {
+/// `leaf ← caller ← …`: the innermost frames of a share, with its Python frame if any.
+fn share_line(s: &NamedShare, whole_ns: u64, max_chars: usize) -> String {
+    let t = s.on_cpu_ns + s.off_cpu_ns;
+    let what = match (s.on_cpu_ns >= s.off_cpu_ns, s.state) {
+        (true, _) => "on-CPU".to_owned(),
+        (false, Some(st)) => st.name().to_owned(),
+        (false, None) => "off-CPU".to_owned(),
+    };
+    let mut frames = s
+        .leaf
+        .iter()
+        .take(4)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ← ");
+    if s.leaf.len() > 4 {
+        frames.push_str(" ← …");
+    }
+    if let Some(py) = &s.python {
+        if !s.leaf.iter().take(4).any(|f| py.starts_with(f.as_str())) {
+            frames.push_str(&format!(" ← … {py}"));
+        }
+    }
+    format!(
+        "{:.0}% {what} {}/{} (pid {}): {}",
+        pct(t, whole_ns),
+        s.process,
+        s.thread,
+        s.pid,
+        truncate(&frames, max_chars.max(40) * 3)
+    )
+}
+
+fn render_cpu_range(
+    out: &mut String,
+    indent: &str,
+    what: &str,
+    a: &RangeAttribution,
+    opts: &ExplainOptions,
+) {
+    let whole = a.on_cpu_ns + a.off_cpu_ns;
+    let _ = writeln!(
+        out,
+        "{indent}{what}CPU: on-CPU {:.1} ms ({} samples), off-CPU {:.1} ms",
+        ms(a.on_cpu_ns),
+        a.cpu_samples,
+        ms(a.off_cpu_ns)
+    );
+    if whole == 0 {
+        let _ = writeln!(
+            out,
+            "{indent}  (no samples of the server's threads in this range)"
+        );
+        return;
+    }
+    for s in a.top.iter().take(opts.top_stacks) {
+        let _ = writeln!(
+            out,
+            "{indent}  - {}",
+            share_line(s, whole, opts.max_name_chars)
+        );
+    }
+}
+
+fn render_one(
+    out: &mut String,
+    n: usize,
+    r: &CorrelatedRequest,
+    cpu: Option<&RequestAttribution>,
+    concurrency: f64,
+    opts: &ExplainOptions,
+) {
     let rec = &r.record;
     let g = &r.gpu;
     let status = rec.status.map_or("-".to_owned(), |s| s.to_string());
@@ -136,9 +277,30 @@ fn render_one(out: &mut String, n: usize, r: &CorrelatedRequest, opts: &ExplainO
     if let Some(m) = g.median_itl_ns {
         let _ = write!(out, "  median ITL {:.1} ms", ms(m));
     }
-    let _ = writeln!(out, "  mean concurrency {:.1}", g.mean_concurrency);
-    render_gpu_line(out, g);
-    for (what, b) in [("TTFT", g.ttft_breakdown), ("token gaps", g.itl_breakdown)] {
+    let conc = if opts.show_gpu && g.mean_concurrency > 0.0 {
+        g.mean_concurrency
+    } else {
+        concurrency
+    };
+    let _ = writeln!(out, "  mean concurrency {conc:.1}");
+    if opts.show_gpu {
+        render_gpu_line(out, g);
+    }
+    if let Some(t) = cpu.and_then(|c| c.ttft.as_ref()) {
+        render_cpu_range(
+            out,
+            "   ",
+            &format!("TTFT {:.1} ms: ", ms(t.len_ns)),
+            t,
+            opts,
+        );
+    }
+    let gpu_breakdowns = if opts.show_gpu {
+        vec![("TTFT", g.ttft_breakdown), ("token gaps", g.itl_breakdown)]
+    } else {
+        Vec::new()
+    };
+    for (what, b) in gpu_breakdowns {
         if let Some(b) = b.filter(|b| b.total_ns() > 0) {
             let t = b.total_ns();
             let _ = writeln!(
@@ -151,7 +313,28 @@ fn render_one(out: &mut String, n: usize, r: &CorrelatedRequest, opts: &ExplainO
             );
         }
     }
-    if g.slow_tokens.is_empty() {
+    let cpu_gaps: HashMap<usize, &RangeAttribution> = cpu
+        .map(|c| c.slow_gaps.iter().map(|g| (g.token_index, g)).collect())
+        .unwrap_or_default();
+    if g.slow_tokens.is_empty() || !opts.show_gpu {
+        // No GPU view of the gaps: the CPU attribution alone (its gaps are the same slow gaps).
+        let Some(c) = cpu.filter(|c| !c.slow_gaps.is_empty()) else {
+            return;
+        };
+        let _ = writeln!(out, "   slowest tokens:");
+        let median = median_gap(&r.record);
+        for a in c.slow_gaps.iter().take(opts.top_tokens) {
+            let ratio = median.filter(|&m| m > 0).map_or(String::new(), |m| {
+                format!(" ({:.1}× median)", a.len_ns as f64 / m as f64)
+            });
+            let _ = writeln!(
+                out,
+                "     token {} +{:.1} ms{ratio}:",
+                a.token_index,
+                ms(a.len_ns)
+            );
+            render_cpu_range(out, "       ", "", a, opts);
+        }
         return;
     }
     let _ = writeln!(out, "   slowest tokens:");
@@ -185,7 +368,14 @@ fn render_one(out: &mut String, n: usize, r: &CorrelatedRequest, opts: &ExplainO
             };
             let _ = writeln!(out, "       - {label}");
         }
+        if let Some(a) = cpu_gaps.get(&s.token_index) {
+            render_cpu_range(out, "       ", "", a, opts);
+        }
     }
+}
+
+fn median_gap(r: &crate::record::RequestRecord) -> Option<u64> {
+    r.slow_gaps(f64::INFINITY, 0).median_ns
 }
 
 fn render_gpu_line(out: &mut String, g: &RequestGpuStats) {

@@ -1,0 +1,1135 @@
+//! The profiler stage: three threads of its own, so the socket-event drain never waits on it.
+//!
+//! - `infertap-profiler` owns the `SAMPLES` ring and the profiler's kernel maps: it drains the
+//!   ring (polling; records do not wake it), unwinds each sample's copied stack, resolves its
+//!   Python frames, labels it, counts it into the interval's aggregates and the attribution
+//!   window, and attributes completed requests' slow token gaps.
+//! - `infertap-pyfind` runs CPython discovery for newly seen processes (milliseconds of ELF
+//!   and memory reads each) and hands the layouts back.
+//! - `infertap-pprof` symbolizes and encodes each interval's aggregates (blazesym on DWARF can
+//!   take tens of milliseconds per new library) and hands the profiles to the sinks.
+//!
+//! The pipeline talks to it through a bounded command channel; a full channel drops the
+//! command and counts it (`profiler_command_dropped`) rather than blocking the drain.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use infertap_common::profile::sample_flags;
+use infertap_proto::pb::ProfileData;
+use infertap_stacks::python::code::Resolver;
+use infertap_stacks::python::discover::{discover, DiscoverError, PythonProcess};
+use infertap_stacks::symbolize::{Symbolizer, SymbolizerConfig};
+use infertap_stacks::unwind::{TruncatedReason, UnwindConfig, UnwindOutcome, Unwinder};
+use infertap_stacks::UserRegs;
+use tracing::{debug, info, warn};
+
+use super::aggregate::{OffCpuState, ProfileAggregate, ProfileType, SampleLabels, Values};
+use super::attribution::{
+    for_each_share, profile_range, EntryKind, RangeProfile, SampleWindow, WindowEntry,
+};
+use super::labels::Labeller;
+use super::offcpu::{OffCpuPiece, OffCpuTracker, Pending};
+use super::stack::{NativeFrame, PythonFrame, RawStack, StackInterner, Truncation};
+use super::symbolic::{FunctionSnapshot, Location, ModuleTable, Namer};
+use crate::clock;
+use crate::probes::profile::{decode_sample, ProfileProbes, SampleKind, SampleView};
+use crate::record::RequestRecord;
+use crate::sinks::pprof::{self, BuildContext};
+
+/// What the profiler does (from the CLI).
+#[derive(Clone, Debug)]
+pub struct ProfilerOptions {
+    /// On-CPU sampling rate per CPU (for each sample's weight; the perf events are set up by
+    /// the probes).
+    pub hz: u64,
+    /// Node name put on every sample.
+    pub node: String,
+    /// How long samples stay available for attribution to completed requests.
+    pub window: Duration,
+    /// Most samples kept for attribution.
+    pub max_window_entries: usize,
+    /// A gap is slow when longer than this × its request's median gap.
+    pub slow_gap_factor: f64,
+    /// Slow gaps attributed per request (the longest).
+    pub max_slow_gaps: usize,
+    /// Stacks kept per attributed range (`explain`).
+    pub top_stacks: usize,
+    /// Keep per-request attributions for the final report (`infertap explain`).
+    pub keep_attributions: bool,
+    /// Also merge every interval into one profile per type for the final report
+    /// (`infertap profile`).
+    pub keep_whole: bool,
+    /// Off-CPU switch-outs captured 1 in N (each stands for N; 0 = off).
+    pub offcpu_every: u32,
+    /// CUDA launches captured 1 in N (each stands for N; 0 = off).
+    pub launch_every: u32,
+}
+
+impl Default for ProfilerOptions {
+    fn default() -> Self {
+        ProfilerOptions {
+            hz: 49,
+            node: String::new(),
+            window: Duration::from_secs(60),
+            max_window_entries: 500_000,
+            slow_gap_factor: 3.0,
+            max_slow_gaps: 5,
+            top_stacks: 8,
+            keep_attributions: false,
+            keep_whole: false,
+            offcpu_every: 16,
+            launch_every: 0,
+        }
+    }
+}
+
+/// Counters of the profiler, shared with the pipeline (metrics).
+#[derive(Debug, Default)]
+pub struct ProfilerCounters {
+    pub cpu_samples: AtomicU64,
+    pub offcpu_samples: AtomicU64,
+    pub offcpu_periods: AtomicU64,
+    pub launch_samples: AtomicU64,
+    pub undecodable: AtomicU64,
+    pub stacks_complete: AtomicU64,
+    pub stacks_truncated: [AtomicU64; TruncatedReason::ALL.len()],
+    /// Samples of known Python processes, and those with at least one Python frame.
+    pub python_samples: AtomicU64,
+    pub python_samples_with_frames: AtomicU64,
+    pub python_frame_errors: AtomicU64,
+    /// Processes whose Python frames are walked now.
+    pub python_processes: AtomicU64,
+    pub commands_dropped: AtomicU64,
+    pub build_queue_full: AtomicU64,
+    pub profiles_built: AtomicU64,
+    pub window_evicted: AtomicU64,
+    pub offcpu_unmatched: AtomicU64,
+    pub offcpu_evicted: AtomicU64,
+    pub requests_attributed: AtomicU64,
+}
+
+impl ProfilerCounters {
+    pub fn truncated(&self, r: TruncatedReason) -> u64 {
+        TruncatedReason::ALL
+            .iter()
+            .position(|x| *x == r)
+            .map_or(0, |i| self.stacks_truncated[i].load(Relaxed))
+    }
+}
+
+/// One named stack's share of an attributed range.
+#[derive(Clone, Debug)]
+pub struct NamedShare {
+    /// Root first, `;`-separated (as flame graph tools fold stacks).
+    pub folded: String,
+    /// The innermost frames, leaf first (for short text output).
+    pub leaf: Vec<String>,
+    /// The innermost Python frame, `qualname (file:line)`, when the stack has one.
+    pub python: Option<String>,
+    pub process: Arc<str>,
+    pub thread: Arc<str>,
+    pub pid: u32,
+    pub on_cpu_ns: u64,
+    pub off_cpu_ns: u64,
+    /// Off-CPU state of the share's time, when it is off-CPU time.
+    pub state: Option<OffCpuState>,
+}
+
+/// A range (a token gap, or a request's time to first token) with what ran in it.
+#[derive(Clone, Debug)]
+pub struct RangeAttribution {
+    /// 1-based index of the token the gap precedes; 0 for the time to first token.
+    pub token_index: usize,
+    pub start_ns: u64,
+    pub len_ns: u64,
+    pub on_cpu_ns: u64,
+    pub off_cpu_ns: u64,
+    pub cpu_samples: u32,
+    pub top: Vec<NamedShare>,
+}
+
+/// What the serving processes did during one request's time to first token and slowest gaps.
+#[derive(Clone, Debug)]
+pub struct RequestAttribution {
+    pub pid: u32,
+    pub conn_id: u64,
+    pub seq_on_conn: u32,
+    pub ttft: Option<RangeAttribution>,
+    pub slow_gaps: Vec<RangeAttribution>,
+}
+
+/// What the profiler hands back when it stops.
+#[derive(Debug, Default)]
+pub struct ProfilerReport {
+    pub attributions: Vec<RequestAttribution>,
+    /// With `keep_whole`: one profile per type over the whole run.
+    pub whole: Vec<ProfileData>,
+}
+
+enum Command {
+    AddRoot(u32),
+    ProcessExited(u32),
+    ProcessExec(u32),
+    Request(Arc<RequestRecord>),
+    EndInterval,
+    Finish(SyncSender<ProfilerReport>),
+}
+
+/// Where finished profiles go (called on the builder thread).
+pub type ProfileSinkFn = Box<dyn FnMut(&ProfileData) + Send>;
+
+/// The running profiler.
+pub struct Profiler {
+    tx: SyncSender<Command>,
+    thread: Option<JoinHandle<()>>,
+    counters: Arc<ProfilerCounters>,
+}
+
+impl Profiler {
+    /// Starts the profiler on `probes` (the kernel maps and the sample ring move to its thread).
+    pub fn spawn(
+        opts: ProfilerOptions,
+        mut probes: ProfileProbes,
+        sink: ProfileSinkFn,
+    ) -> Result<Profiler> {
+        let ring = probes.take_samples().context("sample ring already taken")?;
+        let counters = Arc::new(ProfilerCounters::default());
+        let (tx, rx) = mpsc::sync_channel(4096);
+        let c = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("infertap-profiler".into())
+            .spawn(move || {
+                let mut s = match State::new(opts, probes, c, sink) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("profiler could not start: {e:#}");
+                        return;
+                    }
+                };
+                s.run(ring, rx);
+            })
+            .context("spawning the profiler thread")?;
+        Ok(Profiler {
+            tx,
+            thread: Some(thread),
+            counters,
+        })
+    }
+
+    pub fn counters(&self) -> &Arc<ProfilerCounters> {
+        &self.counters
+    }
+
+    fn send(&self, c: Command) {
+        match self.tx.try_send(c) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counters.commands_dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// A process the user asked to trace (the root of a server's process tree).
+    pub fn add_root(&self, pid: u32) {
+        self.send(Command::AddRoot(pid));
+    }
+
+    pub fn process_exited(&self, pid: u32) {
+        self.send(Command::ProcessExited(pid));
+    }
+
+    /// A traced process replaced its image (`execve`): its modules and interpreter changed.
+    pub fn process_exec(&self, pid: u32) {
+        self.send(Command::ProcessExec(pid));
+    }
+
+    /// A completed request, for attribution of its slow token gaps.
+    pub fn request_completed(&self, r: Arc<RequestRecord>) {
+        self.send(Command::Request(r));
+    }
+
+    /// Ends the aggregation interval: its profiles are built and handed to the sink.
+    pub fn end_interval(&self) {
+        self.send(Command::EndInterval);
+    }
+
+    /// Stops the profiler after a last drain and interval; waits at most `timeout`.
+    pub fn finish(mut self, timeout: Duration) -> Option<ProfilerReport> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        // A blocking send: the final command must not be dropped.
+        if self.tx.send(Command::Finish(tx)).is_err() {
+            return None;
+        }
+        let report = rx.recv_timeout(timeout).ok();
+        if let Some(t) = self.thread.take() {
+            if report.is_some() {
+                let _ = t.join();
+            }
+        }
+        report
+    }
+}
+
+/// What discovery knows of a process.
+enum PyState {
+    /// Discovery asked, no answer yet.
+    Asked,
+    Python,
+    /// Not CPython 3.10–3.13 (or refused): frames stay native-only.
+    NotPython,
+    /// Ask again at this time (the interpreter was still starting).
+    RetryAt(Instant),
+}
+
+enum BuildJob {
+    Interval {
+        aggs: Vec<ProfileAggregate>,
+        modules: Arc<[Arc<infertap_stacks::unwind::ModuleInfo>]>,
+        functions: FunctionSnapshot,
+        unix_offset_ns: i64,
+    },
+    Name {
+        stacks: Vec<Arc<RawStack>>,
+        modules: Arc<[Arc<infertap_stacks::unwind::ModuleInfo>]>,
+        functions: FunctionSnapshot,
+        reply: SyncSender<Vec<Vec<Location>>>,
+    },
+    Whole {
+        aggs: Vec<ProfileAggregate>,
+        modules: Arc<[Arc<infertap_stacks::unwind::ModuleInfo>]>,
+        functions: FunctionSnapshot,
+        unix_offset_ns: i64,
+        reply: SyncSender<Vec<ProfileData>>,
+    },
+}
+
+/// A completed request waiting until the samples of its last gap have been drained.
+struct PendingRequest {
+    ready_at_ns: u64,
+    record: Arc<RequestRecord>,
+}
+
+/// A request's attribution before its stacks are named.
+struct RawAttribution {
+    pid: u32,
+    conn_id: u64,
+    seq_on_conn: u32,
+    ttft: Option<(usize, RangeProfile)>,
+    gaps: Vec<(usize, RangeProfile)>,
+}
+
+/// How long after a request ended its samples are surely drained (the ring is polled every
+/// `POLL`; records from other CPUs may lag a little more).
+const ATTRIBUTION_LAG_NS: u64 = 500_000_000;
+const POLL: Duration = Duration::from_millis(50);
+const RETRY_DISCOVERY: Duration = Duration::from_secs(2);
+
+struct State {
+    opts: ProfilerOptions,
+    probes: ProfileProbes,
+    counters: Arc<ProfilerCounters>,
+    unwinder: Unwinder,
+    resolver: Resolver,
+    labeller: Labeller,
+    interner: StackInterner,
+    modules: ModuleTable,
+    window: SampleWindow,
+    offcpu: OffCpuTracker,
+    aggs: HashMap<ProfileType, ProfileAggregate>,
+    whole: HashMap<ProfileType, ProfileAggregate>,
+    interval_start_ns: u64,
+    period_ns: u64,
+    python: HashMap<u32, PyState>,
+    seen: HashSet<u32>,
+    labels: HashMap<(u32, u32, Option<OffCpuState>), Arc<SampleLabels>>,
+    requests: VecDeque<PendingRequest>,
+    attributions: Vec<RawAttribution>,
+    find_tx: SyncSender<u32>,
+    found_rx: Receiver<(u32, Result<PythonProcess, DiscoverError>)>,
+    build_tx: SyncSender<BuildJob>,
+    builder: Option<JoinHandle<()>>,
+    regs_scratch: Vec<u64>,
+}
+
+impl State {
+    fn new(
+        opts: ProfilerOptions,
+        probes: ProfileProbes,
+        counters: Arc<ProfilerCounters>,
+        mut sink: ProfileSinkFn,
+    ) -> Result<State> {
+        let (find_tx, find_rx) = mpsc::sync_channel::<u32>(1024);
+        let (found_tx, found_rx) = mpsc::sync_channel(1024);
+        std::thread::Builder::new()
+            .name("infertap-pyfind".into())
+            .spawn(move || {
+                for pid in find_rx {
+                    if found_tx.send((pid, discover(pid))).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("spawning the Python discovery thread")?;
+        let (build_tx, build_rx) = mpsc::sync_channel::<BuildJob>(8);
+        let node = opts.node.clone();
+        let c = counters.clone();
+        let builder = std::thread::Builder::new()
+            .name("infertap-pprof".into())
+            .spawn(move || {
+                let mut namer = Namer::new(Symbolizer::new(SymbolizerConfig::default()));
+                for job in build_rx {
+                    match job {
+                        BuildJob::Interval {
+                            aggs,
+                            modules,
+                            functions,
+                            unix_offset_ns,
+                        } => {
+                            let ctx = BuildContext {
+                                node: &node,
+                                unix_offset_ns,
+                                modules: &modules,
+                                functions: &functions,
+                            };
+                            for a in &aggs {
+                                if let Some(p) = pprof::build(a, &mut namer, &ctx) {
+                                    c.profiles_built.fetch_add(1, Relaxed);
+                                    sink(&p);
+                                }
+                            }
+                        }
+                        BuildJob::Whole {
+                            aggs,
+                            modules,
+                            functions,
+                            unix_offset_ns,
+                            reply,
+                        } => {
+                            let ctx = BuildContext {
+                                node: &node,
+                                unix_offset_ns,
+                                modules: &modules,
+                                functions: &functions,
+                            };
+                            let out = aggs
+                                .iter()
+                                .filter_map(|a| pprof::build(a, &mut namer, &ctx))
+                                .collect();
+                            let _ = reply.send(out);
+                        }
+                        BuildJob::Name {
+                            stacks,
+                            modules,
+                            functions,
+                            reply,
+                        } => {
+                            let out = stacks
+                                .iter()
+                                .map(|s| namer.name(s, &modules, &functions))
+                                .collect();
+                            let _ = reply.send(out);
+                        }
+                    }
+                }
+            })
+            .context("spawning the profile builder thread")?;
+        let now = clock::monotonic_ns();
+        let period_ns = 1_000_000_000u64.checked_div(opts.hz).unwrap_or(0);
+        Ok(State {
+            window: SampleWindow::new(opts.window.as_nanos() as u64, opts.max_window_entries),
+            offcpu: OffCpuTracker::new(100_000),
+            aggs: HashMap::new(),
+            whole: HashMap::new(),
+            interval_start_ns: now,
+            period_ns,
+            opts,
+            probes,
+            counters,
+            unwinder: Unwinder::new(UnwindConfig::default()),
+            resolver: Resolver::default(),
+            labeller: Labeller::new(65_536),
+            interner: StackInterner::default(),
+            modules: ModuleTable::default(),
+            python: HashMap::new(),
+            seen: HashSet::new(),
+            labels: HashMap::new(),
+            requests: VecDeque::new(),
+            attributions: Vec::new(),
+            find_tx,
+            found_rx,
+            build_tx,
+            builder: Some(builder),
+            regs_scratch: Vec::new(),
+        })
+    }
+
+    fn run(&mut self, mut ring: RingBuf<MapData>, rx: Receiver<Command>) {
+        let fd = ring.as_raw_fd();
+        let mut last_housekeeping = Instant::now();
+        loop {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; a timeout bounds the wait.
+            unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as i32) };
+            self.drain(&mut ring);
+            self.poll_discovery();
+            loop {
+                match rx.try_recv() {
+                    Ok(Command::Finish(reply)) => {
+                        self.drain(&mut ring);
+                        let report = self.finish();
+                        let _ = reply.send(report);
+                        return;
+                    }
+                    Ok(c) => self.command(c),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            if last_housekeeping.elapsed() >= Duration::from_millis(250) {
+                last_housekeeping = Instant::now();
+                self.housekeeping(clock::monotonic_ns());
+            }
+        }
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        // Bounded per call so commands are served during a flood.
+        for _ in 0..100_000 {
+            let Some(item) = ring.next() else { break };
+            match decode_sample(&item) {
+                Ok(v) => self.sample(&v),
+                Err(e) => {
+                    self.counters.undecodable.fetch_add(1, Relaxed);
+                    debug!("undecodable sample record: {e}");
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::AddRoot(pid) => self.labeller.add_root(pid),
+            Command::ProcessExited(pid) => self.forget(pid),
+            Command::ProcessExec(pid) => {
+                // A new image: modules, interpreter and role are new.
+                self.forget(pid);
+            }
+            Command::Request(r) => {
+                if let Some(m) = &r.model {
+                    self.labeller.saw_model(r.pid, m);
+                }
+                if r.token_ns.len() >= 2 || r.first_token_ns.is_some() {
+                    self.requests.push_back(PendingRequest {
+                        ready_at_ns: r.end_ns + ATTRIBUTION_LAG_NS,
+                        record: r,
+                    });
+                }
+            }
+            Command::EndInterval => self.end_interval(),
+            Command::Finish(_) => unreachable!("handled by run"),
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        if matches!(self.python.get(&pid), Some(PyState::Python)) {
+            self.counters.python_processes.fetch_sub(1, Relaxed);
+        }
+        self.probes.forget_process(pid);
+        self.unwinder.forget(pid);
+        self.resolver.forget_process(pid);
+        self.offcpu.forget_process(pid);
+        self.labeller.forget_process(pid);
+        self.python.remove(&pid);
+        self.seen.remove(&pid);
+        self.labels.retain(|k, _| k.0 != pid);
+    }
+
+    /// First sight of a process: ask whether it is Python.
+    fn see(&mut self, pid: u32) {
+        if self.seen.insert(pid) {
+            self.ask_python(pid);
+        }
+    }
+
+    fn ask_python(&mut self, pid: u32) {
+        if self.find_tx.try_send(pid).is_ok() {
+            self.python.insert(pid, PyState::Asked);
+        } else {
+            self.python
+                .insert(pid, PyState::RetryAt(Instant::now() + RETRY_DISCOVERY));
+        }
+    }
+
+    fn poll_discovery(&mut self) {
+        while let Ok((pid, r)) = self.found_rx.try_recv() {
+            if !self.seen.contains(&pid) {
+                continue; // exited meanwhile
+            }
+            match r {
+                Ok(p) => {
+                    let registered = self
+                        .resolver
+                        .add_process(&p)
+                        .context("opening its memory")
+                        .and_then(|_| self.probes.set_python_process(pid, &p.py_proc()));
+                    match registered {
+                        Ok(()) => {
+                            info!(
+                                "pid {pid}: CPython {} ({}), Python frames on",
+                                p.version,
+                                p.binary.display()
+                            );
+                            self.counters.python_processes.fetch_add(1, Relaxed);
+                            self.python.insert(pid, PyState::Python);
+                        }
+                        Err(e) => {
+                            warn!(
+                                "pid {pid}: CPython {} found but not walkable: {e:#}",
+                                p.version
+                            );
+                            self.python.insert(pid, PyState::NotPython);
+                        }
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    self.python
+                        .insert(pid, PyState::RetryAt(Instant::now() + RETRY_DISCOVERY));
+                }
+                Err(DiscoverError::NotPython) | Err(DiscoverError::Gone) => {
+                    self.python.insert(pid, PyState::NotPython);
+                }
+                Err(e) => {
+                    info!("pid {pid}: no Python frames ({}): {e}", e.reason());
+                    self.python.insert(pid, PyState::NotPython);
+                }
+            }
+        }
+        let now = Instant::now();
+        let retry: Vec<u32> = self
+            .python
+            .iter()
+            .filter_map(|(&pid, s)| match s {
+                PyState::RetryAt(t) if *t <= now => Some(pid),
+                _ => None,
+            })
+            .collect();
+        for pid in retry {
+            self.ask_python(pid);
+        }
+    }
+
+    fn labels(&mut self, pid: u32, tid: u32, state: Option<OffCpuState>) -> Arc<SampleLabels> {
+        if let Some(l) = self.labels.get(&(pid, tid, state)) {
+            return l.clone();
+        }
+        let l = Arc::new(SampleLabels {
+            pid,
+            process: self.labeller.role_of(pid),
+            thread: self.labeller.thread_name(pid, tid),
+            model: self.labeller.model_of(pid),
+            state,
+            kernel: None,
+        });
+        if self.labels.len() > 100_000 {
+            self.labels.clear();
+        }
+        self.labels.insert((pid, tid, state), l.clone());
+        l
+    }
+
+    fn stack_of(&mut self, v: &SampleView<'_>) -> Arc<RawStack> {
+        let pid = v.pid();
+        self.see(pid);
+        let h = &v.header;
+        let regs = UserRegs {
+            ip: h.ip,
+            sp: h.sp,
+            bp: h.bp,
+        };
+        let mut frames = std::mem::take(&mut self.regs_scratch);
+        frames.clear();
+        let (outcome, _) = if h.ip != 0 {
+            let un = self.unwinder.unwind(pid, regs, v.stack());
+            frames.extend(un.lookup_addrs());
+            (un.outcome, un.guessed_frames)
+        } else {
+            (
+                UnwindOutcome::Truncated(TruncatedReason::UnmappedAddress),
+                0,
+            )
+        };
+        match outcome {
+            UnwindOutcome::Complete => {
+                self.counters.stacks_complete.fetch_add(1, Relaxed);
+            }
+            UnwindOutcome::Truncated(r) => {
+                if let Some(i) = TruncatedReason::ALL.iter().position(|x| *x == r) {
+                    self.counters.stacks_truncated[i].fetch_add(1, Relaxed);
+                }
+            }
+        }
+        let native: Vec<NativeFrame> = frames
+            .iter()
+            .map(|&a| match self.unwinder.normalize(pid, a) {
+                Some(n) => NativeFrame {
+                    module: self.modules.intern(&n.module),
+                    offset: n.file_offset,
+                },
+                None => NativeFrame {
+                    module: NativeFrame::UNMAPPED,
+                    offset: a,
+                },
+            })
+            .collect();
+        self.regs_scratch = frames;
+        let mut python = Vec::new();
+        if matches!(self.python.get(&pid), Some(PyState::Python)) {
+            self.counters.python_samples.fetch_add(1, Relaxed);
+            for f in v.python_frames() {
+                match self.resolver.resolve(pid, f) {
+                    Ok(loc) => python.push(PythonFrame {
+                        func: loc.function.0,
+                        line: loc.line.unwrap_or(0),
+                        entry: loc.entry,
+                    }),
+                    Err(_) => {
+                        self.counters.python_frame_errors.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            if !python.is_empty() {
+                self.counters
+                    .python_samples_with_frames
+                    .fetch_add(1, Relaxed);
+            }
+        }
+        self.interner.intern(RawStack {
+            kernel: v.kernel_frames().collect(),
+            native: native.into(),
+            python: python.into(),
+            truncation: match outcome {
+                UnwindOutcome::Complete => Truncation::None,
+                UnwindOutcome::Truncated(r) => Truncation::Cut(r.as_str()),
+            },
+        })
+    }
+
+    fn agg(&mut self, kind: ProfileType) -> &mut ProfileAggregate {
+        let (start, period) = (self.interval_start_ns, self.period_ns);
+        let every = match kind {
+            ProfileType::OffCpu => self.opts.offcpu_every as u64,
+            ProfileType::Gpu => self.opts.launch_every as u64,
+            ProfileType::Cpu => period,
+            ProfileType::SlowTokens => 0,
+        };
+        self.aggs
+            .entry(kind)
+            .or_insert_with(|| ProfileAggregate::new(kind, start, every))
+    }
+
+    fn sample(&mut self, v: &SampleView<'_>) {
+        let (pid, tid) = (v.pid(), v.tid());
+        let ts = v.header.ts_ns;
+        match v.kind {
+            SampleKind::Cpu => {
+                self.counters.cpu_samples.fetch_add(1, Relaxed);
+                let stack = self.stack_of(v);
+                let labels = self.labels(pid, tid, None);
+                let period = self.period_ns;
+                self.agg(ProfileType::Cpu).add(
+                    stack.clone(),
+                    labels.clone(),
+                    Values {
+                        count: 1,
+                        nanos: period,
+                    },
+                );
+                self.push_window(WindowEntry {
+                    start_ns: ts,
+                    end_ns: ts,
+                    tgid: pid,
+                    tid,
+                    kind: EntryKind::OnCpu,
+                    period_ns: period,
+                    scale: 1,
+                    stack,
+                    labels,
+                });
+            }
+            SampleKind::OffCpu => {
+                self.counters.offcpu_samples.fetch_add(1, Relaxed);
+                let stack = self.stack_of(v);
+                let state = if v.has_flag(sample_flags::PREEMPTED) {
+                    OffCpuState::Preempted
+                } else {
+                    OffCpuState::Blocked
+                };
+                let labels = self.labels(pid, tid, Some(state));
+                let scale = self.opts.offcpu_every.max(1);
+                let accounted = ts.max(self.interval_start_ns);
+                self.offcpu.switched_out(
+                    tid,
+                    Pending {
+                        tgid: pid,
+                        out_ns: ts,
+                        accounted_ns: accounted,
+                        state,
+                        scale,
+                        stack,
+                        labels,
+                    },
+                );
+            }
+            SampleKind::OffCpuEnd => {
+                if let Some(piece) = self.offcpu.switched_in(tid, v.header.aux, ts) {
+                    self.counters.offcpu_periods.fetch_add(1, Relaxed);
+                    self.account_offcpu(piece);
+                } else {
+                    self.counters.offcpu_unmatched.fetch_add(1, Relaxed);
+                }
+            }
+            SampleKind::Launch => {
+                self.counters.launch_samples.fetch_add(1, Relaxed);
+                let stack = self.stack_of(v);
+                let labels = self.labels(pid, tid, None);
+                let every = self.opts.launch_every.max(1) as u64;
+                self.agg(ProfileType::Gpu).add(
+                    stack,
+                    labels,
+                    Values {
+                        count: every,
+                        nanos: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn push_window(&mut self, e: WindowEntry) {
+        let before = self.window.evicted_full;
+        self.window.push(e);
+        if self.window.evicted_full > before {
+            self.counters.window_evicted.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn account_offcpu(&mut self, p: OffCpuPiece) {
+        let nanos = p.to_ns.saturating_sub(p.from_ns) * p.scale as u64;
+        let count = if p.ended { p.scale as u64 } else { 0 };
+        if nanos > 0 || count > 0 {
+            self.agg(ProfileType::OffCpu).add(
+                p.stack.clone(),
+                p.labels.clone(),
+                Values { count, nanos },
+            );
+        }
+        if p.ended {
+            self.push_window(WindowEntry {
+                start_ns: p.out_ns,
+                end_ns: p.to_ns,
+                tgid: p.tgid,
+                tid: p.tid,
+                kind: EntryKind::OffCpu(p.state),
+                period_ns: 0,
+                scale: p.scale,
+                stack: p.stack,
+                labels: p.labels,
+            });
+        }
+    }
+
+    fn housekeeping(&mut self, now: u64) {
+        self.attribute_ready(now);
+        self.window.expire(now);
+        self.counters
+            .offcpu_evicted
+            .store(self.offcpu.stats.evicted, Relaxed);
+    }
+
+    /// Attributes the completed requests whose samples have all arrived.
+    fn attribute_ready(&mut self, now: u64) {
+        while self.requests.front().is_some_and(|r| r.ready_at_ns <= now) {
+            let Some(p) = self.requests.pop_front() else {
+                break;
+            };
+            self.attribute(&p.record);
+        }
+    }
+
+    fn attribute(&mut self, r: &RequestRecord) {
+        self.counters.requests_attributed.fetch_add(1, Relaxed);
+        let root = self.labeller.root_of(r.pid);
+        let mut roots: HashMap<u32, bool> = HashMap::new();
+        let labeller = &mut self.labeller;
+        let mut in_tree = |tgid: u32| {
+            *roots
+                .entry(tgid)
+                .or_insert_with(|| labeller.root_of(tgid) == root)
+        };
+        let gaps = r.slow_gaps(self.opts.slow_gap_factor, self.opts.max_slow_gaps);
+        let mut slow_adds: Vec<(Arc<RawStack>, Arc<SampleLabels>, Values)> = Vec::new();
+        for g in &gaps.slow {
+            for_each_share(&self.window, g.start_ns, g.end_ns, &mut in_tree, |e, v| {
+                let state = match e.kind {
+                    EntryKind::OnCpu => None,
+                    EntryKind::OffCpu(s) => Some(s),
+                };
+                let labels = if e.labels.state == state {
+                    e.labels.clone()
+                } else {
+                    Arc::new(SampleLabels {
+                        state,
+                        ..(*e.labels).clone()
+                    })
+                };
+                slow_adds.push((e.stack.clone(), labels, v));
+            });
+        }
+        let kept = self.opts.keep_attributions.then(|| {
+            let top = self.opts.top_stacks;
+            let ttft = r.first_token_ns.map(|ft| {
+                let end = ft.max(r.start_ns);
+                (
+                    0,
+                    profile_range(&self.window, r.start_ns, end, &mut in_tree, top),
+                )
+            });
+            let gaps = gaps
+                .slow
+                .iter()
+                .map(|g| {
+                    let p = profile_range(&self.window, g.start_ns, g.end_ns, &mut in_tree, top);
+                    (g.token_index, p)
+                })
+                .collect();
+            RawAttribution {
+                pid: r.pid,
+                conn_id: r.conn_id,
+                seq_on_conn: r.seq_on_conn,
+                ttft,
+                gaps,
+            }
+        });
+        for (s, l, v) in slow_adds {
+            self.agg(ProfileType::SlowTokens).add(s, l, v);
+        }
+        if let Some(a) = kept {
+            self.attributions.push(a);
+        }
+    }
+
+    fn functions_of<'a>(&self, stacks: impl Iterator<Item = &'a RawStack>) -> FunctionSnapshot {
+        let mut out = FunctionSnapshot::new();
+        for s in stacks {
+            for p in s.python.iter() {
+                if let std::collections::hash_map::Entry::Vacant(e) = out.entry(p.func) {
+                    if let Some(f) = self
+                        .resolver
+                        .function(infertap_stacks::python::functions::FunctionId(p.func))
+                    {
+                        e.insert(f.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn end_interval(&mut self) {
+        let now = clock::monotonic_ns();
+        for piece in self.offcpu.account_open(now) {
+            self.account_offcpu(piece);
+        }
+        self.attribute_ready(now);
+        let mut aggs: Vec<ProfileAggregate> =
+            std::mem::take(&mut self.aggs).into_values().collect();
+        aggs.retain(|a| !a.is_empty());
+        for a in &mut aggs {
+            a.end_ns = now;
+            if a.kind == ProfileType::Gpu {
+                a.notes.push(
+                    "GPU profile weighted by CUDA launch counts (each sampled launch stands for \
+                     the launches it was sampled from); no per-launch GPU durations joined"
+                        .into(),
+                );
+            }
+        }
+        self.interval_start_ns = now;
+        if self.opts.keep_whole {
+            for a in &aggs {
+                match self.whole.get_mut(&a.kind) {
+                    Some(w) => w.merge(a.clone()),
+                    None => {
+                        self.whole.insert(a.kind, a.clone());
+                    }
+                }
+            }
+        }
+        if !aggs.is_empty() {
+            let functions =
+                self.functions_of(aggs.iter().flat_map(|a| a.samples.keys().map(|k| &*k.0)));
+            let job = BuildJob::Interval {
+                aggs,
+                modules: self.modules.snapshot(),
+                functions,
+                unix_offset_ns: clock::Clock::measure().unix_offset_ns(),
+            };
+            if let Err(TrySendError::Full(_)) = self.build_tx.try_send(job) {
+                self.counters.build_queue_full.fetch_add(1, Relaxed);
+                warn!("profile builder is behind: this interval's profiles are dropped");
+            }
+        }
+        self.interner.clear();
+        self.labels.clear();
+    }
+
+    fn finish(&mut self) -> ProfilerReport {
+        // Requests that ended just now: the ring was drained after they ended.
+        while let Some(p) = self.requests.pop_front() {
+            self.attribute(&p.record);
+        }
+        self.end_interval();
+        let mut report = ProfilerReport::default();
+        let modules = self.modules.snapshot();
+        if self.opts.keep_whole && !self.whole.is_empty() {
+            let aggs: Vec<ProfileAggregate> =
+                std::mem::take(&mut self.whole).into_values().collect();
+            let functions =
+                self.functions_of(aggs.iter().flat_map(|a| a.samples.keys().map(|k| &*k.0)));
+            let (tx, rx) = mpsc::sync_channel(1);
+            if self
+                .build_tx
+                .send(BuildJob::Whole {
+                    aggs,
+                    modules: modules.clone(),
+                    functions,
+                    unix_offset_ns: clock::Clock::measure().unix_offset_ns(),
+                    reply: tx,
+                })
+                .is_ok()
+            {
+                report.whole = rx
+                    .recv_timeout(Duration::from_secs(120))
+                    .unwrap_or_default();
+            }
+        }
+        if self.opts.keep_attributions && !self.attributions.is_empty() {
+            report.attributions = self.name_attributions(&modules);
+        }
+        // Let the builder finish what it holds (the last interval) before the caller's sinks
+        // shut down.
+        let (dead_tx, _) = mpsc::sync_channel(1);
+        let build_tx = std::mem::replace(&mut self.build_tx, dead_tx);
+        drop(build_tx);
+        if let Some(b) = self.builder.take() {
+            let _ = b.join();
+        }
+        report
+    }
+
+    fn name_attributions(
+        &mut self,
+        modules: &Arc<[Arc<infertap_stacks::unwind::ModuleInfo>]>,
+    ) -> Vec<RequestAttribution> {
+        let raws = std::mem::take(&mut self.attributions);
+        let mut stacks: Vec<Arc<RawStack>> = Vec::new();
+        let mut index: HashMap<*const RawStack, usize> = HashMap::new();
+        for r in &raws {
+            for (_, p) in r.ttft.iter().chain(r.gaps.iter()) {
+                for s in &p.top {
+                    index.entry(Arc::as_ptr(&s.stack)).or_insert_with(|| {
+                        stacks.push(s.stack.clone());
+                        stacks.len() - 1
+                    });
+                }
+            }
+        }
+        let functions = self.functions_of(stacks.iter().map(|s| &**s));
+        let (tx, rx) = mpsc::sync_channel(1);
+        let named: Vec<Vec<Location>> = if self
+            .build_tx
+            .send(BuildJob::Name {
+                stacks,
+                modules: modules.clone(),
+                functions,
+                reply: tx,
+            })
+            .is_ok()
+        {
+            rx.recv_timeout(Duration::from_secs(120))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let convert = |token_index: usize, p: &RangeProfile| RangeAttribution {
+            token_index,
+            start_ns: p.start_ns,
+            len_ns: p.end_ns.saturating_sub(p.start_ns),
+            on_cpu_ns: p.on_cpu_ns,
+            off_cpu_ns: p.off_cpu_ns,
+            cpu_samples: p.cpu_samples,
+            top: p
+                .top
+                .iter()
+                .map(|s| {
+                    let locs = index
+                        .get(&Arc::as_ptr(&s.stack))
+                        .and_then(|&i| named.get(i));
+                    let (folded, leaf, python) = match locs {
+                        Some(l) => (
+                            super::symbolic::folded(l, 64),
+                            l.iter()
+                                .flat_map(|loc| loc.lines.iter().map(|li| li.name.to_string()))
+                                .take(6)
+                                .collect(),
+                            l.iter()
+                                .find(|loc| loc.kind == super::symbolic::FrameKind::Python)
+                                .and_then(|loc| loc.lines.first())
+                                .map(|li| {
+                                    format!(
+                                        "{} ({}:{})",
+                                        li.name,
+                                        li.file.as_deref().unwrap_or("?"),
+                                        li.line
+                                    )
+                                }),
+                        ),
+                        None => (String::from("[not symbolized]"), Vec::new(), None),
+                    };
+                    NamedShare {
+                        folded,
+                        leaf,
+                        python,
+                        process: s.labels.process.clone(),
+                        thread: s.labels.thread.clone(),
+                        pid: s.labels.pid,
+                        on_cpu_ns: s.on_cpu_ns,
+                        off_cpu_ns: s.off_cpu_ns,
+                        state: s.labels.state,
+                    }
+                })
+                .collect(),
+        };
+        raws.iter()
+            .map(|r| RequestAttribution {
+                pid: r.pid,
+                conn_id: r.conn_id,
+                seq_on_conn: r.seq_on_conn,
+                ttft: r.ttft.as_ref().map(|(i, p)| convert(*i, p)),
+                slow_gaps: r.gaps.iter().map(|(i, p)| convert(*i, p)).collect(),
+            })
+            .collect()
+    }
+}
