@@ -114,6 +114,10 @@ pub struct ProfilerCounters {
     pub offcpu_unmatched: AtomicU64,
     pub offcpu_evicted: AtomicU64,
     pub requests_attributed: AtomicU64,
+    /// Sampled launches joined to a CUPTI launch timing (their GPU time is known).
+    pub launches_timed: AtomicU64,
+    /// Sampled launches for which no timing arrived in time (counted, no GPU time).
+    pub launches_untimed: AtomicU64,
 }
 
 impl ProfilerCounters {
@@ -174,7 +178,27 @@ pub struct ProfilerReport {
     pub whole: Vec<ProfileData>,
 }
 
+/// The GPU work one CUDA launch call produced, as the CUPTI side measured it: the launch API
+/// call's time on the launching thread and the summed duration of the kernels it enqueued.
+/// The profiler joins it to the launch's stack sample (same thread, sample time inside the
+/// call) to weigh GPU profiles by GPU time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchTiming {
+    pub pid: u32,
+    /// Kernel thread id of the launching thread; 0 when CUPTI's thread could not be mapped
+    /// (then any thread of `pid` matches).
+    pub tid: u32,
+    /// The launch API call, CLOCK_MONOTONIC ns.
+    pub api_start_ns: u64,
+    pub api_end_ns: u64,
+    /// GPU time of the kernels (or graph) this launch enqueued, ns.
+    pub gpu_ns: u64,
+    /// Kernel name when known (one kernel), for the `kernel` label.
+    pub kernel: Option<Arc<str>>,
+}
+
 enum Command {
+    LaunchTimings(Vec<LaunchTiming>),
     AddRoot(u32),
     ProcessExited(u32),
     ProcessExec(u32),
@@ -234,6 +258,13 @@ impl Profiler {
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.counters.commands_dropped.fetch_add(1, Relaxed);
             }
+        }
+    }
+
+    /// GPU durations of CUDA launches (from CUPTI), to weigh the sampled launch stacks.
+    pub fn gpu_launch_timings(&self, t: Vec<LaunchTiming>) {
+        if !t.is_empty() {
+            self.send(Command::LaunchTimings(t));
         }
     }
 
@@ -311,6 +342,21 @@ enum BuildJob {
     },
 }
 
+/// A sampled launch waiting for its CUPTI timing.
+struct PendingLaunch {
+    pid: u32,
+    tid: u32,
+    ts_ns: u64,
+    stack: Arc<RawStack>,
+    labels: Arc<SampleLabels>,
+}
+
+/// How long a sampled launch waits for its timing (CUPTI delivers buffers every ~200 ms, the
+/// agent forwards them at its next tick).
+const LAUNCH_TIMING_WAIT_NS: u64 = 10_000_000_000;
+/// A launch uprobe fires at the call's first instruction, just before CUPTI's API timestamp.
+const LAUNCH_MATCH_SLACK_NS: u64 = 50_000;
+
 /// A completed request waiting until the samples of its last gap have been drained.
 struct PendingRequest {
     ready_at_ns: u64,
@@ -357,6 +403,9 @@ struct State {
     build_tx: SyncSender<BuildJob>,
     builder: Option<JoinHandle<()>>,
     regs_scratch: Vec<u64>,
+    launches: VecDeque<PendingLaunch>,
+    /// Whether any launch was timed in the current interval (the GPU profile's note).
+    timed_this_interval: bool,
 }
 
 impl State {
@@ -468,6 +517,8 @@ impl State {
             build_tx,
             builder: Some(builder),
             regs_scratch: Vec::new(),
+            launches: VecDeque::new(),
+            timed_this_interval: false,
         })
     }
 
@@ -520,6 +571,7 @@ impl State {
 
     fn command(&mut self, c: Command) {
         match c {
+            Command::LaunchTimings(t) => self.join_launches(t),
             Command::AddRoot(pid) => self.labeller.add_root(pid),
             Command::ProcessExited(pid) => self.forget(pid),
             Command::ProcessExec(pid) => {
@@ -806,13 +858,24 @@ impl State {
                 let labels = self.labels(pid, tid, None);
                 let every = self.opts.launch_every.max(1) as u64;
                 self.agg(ProfileType::Gpu).add(
-                    stack,
-                    labels,
+                    stack.clone(),
+                    labels.clone(),
                     Values {
                         count: every,
                         nanos: 0,
                     },
                 );
+                if self.launches.len() >= 100_000 {
+                    self.launches.pop_front();
+                    self.counters.launches_untimed.fetch_add(1, Relaxed);
+                }
+                self.launches.push_back(PendingLaunch {
+                    pid,
+                    tid,
+                    ts_ns: ts,
+                    stack,
+                    labels,
+                });
             }
         }
     }
@@ -850,7 +913,47 @@ impl State {
         }
     }
 
+    /// Joins CUPTI launch timings to the sampled launches they belong to: same process, same
+    /// thread (when known), the sample taken at the call's entry (just before the API start) or
+    /// inside the call. Each timed sample adds its GPU time, scaled by the sampling rate.
+    fn join_launches(&mut self, timings: Vec<LaunchTiming>) {
+        let every = self.opts.launch_every.max(1) as u64;
+        let mut adds = Vec::new();
+        for t in timings {
+            let lo = t.api_start_ns.saturating_sub(LAUNCH_MATCH_SLACK_NS);
+            let hi = t.api_end_ns.max(t.api_start_ns);
+            let hit = self.launches.iter().position(|l| {
+                l.pid == t.pid && (t.tid == 0 || l.tid == t.tid) && l.ts_ns >= lo && l.ts_ns <= hi
+            });
+            let Some(i) = hit else { continue };
+            let Some(l) = self.launches.remove(i) else {
+                continue;
+            };
+            let labels = match &t.kernel {
+                Some(k) if l.labels.kernel.as_deref() != Some(&**k) => Arc::new(SampleLabels {
+                    kernel: Some(k.clone()),
+                    ..(*l.labels).clone()
+                }),
+                _ => l.labels.clone(),
+            };
+            adds.push((l.stack, labels, t.gpu_ns * every));
+            self.counters.launches_timed.fetch_add(1, Relaxed);
+        }
+        if !adds.is_empty() {
+            self.timed_this_interval = true;
+        }
+        for (stack, labels, nanos) in adds {
+            self.agg(ProfileType::Gpu)
+                .add(stack, labels, Values { count: 0, nanos });
+        }
+    }
+
     fn housekeeping(&mut self, now: u64) {
+        let cutoff = now.saturating_sub(LAUNCH_TIMING_WAIT_NS);
+        while self.launches.front().is_some_and(|l| l.ts_ns < cutoff) {
+            self.launches.pop_front();
+            self.counters.launches_untimed.fetch_add(1, Relaxed);
+        }
         self.attribute_ready(now);
         self.window.expire(now);
         self.counters
@@ -959,14 +1062,20 @@ impl State {
         for a in &mut aggs {
             a.end_ns = now;
             if a.kind == ProfileType::Gpu {
-                a.notes.push(
-                    "GPU profile weighted by CUDA launch counts (each sampled launch stands for \
-                     the launches it was sampled from); no per-launch GPU durations joined"
-                        .into(),
-                );
+                a.notes.push(if self.timed_this_interval {
+                    "gpu/nanoseconds: GPU time of sampled launches (CUPTI), each scaled by the \
+                     launch sampling rate; samples/count: launches"
+                        .into()
+                } else {
+                    "GPU profile weighted by CUDA launch counts only (no CUPTI launch timings \
+                     arrived: gpu/nanoseconds is 0); each sampled launch stands for the launches \
+                     it was sampled from"
+                        .into()
+                });
             }
         }
         self.interval_start_ns = now;
+        self.timed_this_interval = false;
         if self.opts.keep_whole {
             for a in &aggs {
                 match self.whole.get_mut(&a.kind) {
