@@ -649,6 +649,26 @@ impl ProfileBuilder {
         LocationId(self.location_raw((0, 0, vec![(f, line, 0)], false)))
     }
 
+    /// A Python frame whose display name differs from its qualified name (`system_name`),
+    /// e.g. `[module]` for `<module>`, which pprof tools would otherwise strip as a template.
+    pub fn python_frame_named(
+        &mut self,
+        name: &str,
+        system_name: &str,
+        filename: &str,
+        first_line: i64,
+        line: i64,
+    ) -> LocationId {
+        let f = self.function(&Line {
+            name,
+            system_name,
+            filename,
+            start_line: first_line,
+            line,
+        });
+        LocationId(self.location_raw((0, 0, vec![(f, line, 0)], false)))
+    }
+
     /// A native frame at `address` in `mapping`. `lines` are the functions at that address,
     /// innermost (most deeply inlined) first and the function the code belongs to last; empty
     /// for an unsymbolized address.

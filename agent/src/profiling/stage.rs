@@ -129,22 +129,21 @@ impl ProfilerCounters {
     }
 }
 
-/// One named stack's share of an attributed range.
-#[derive(Clone, Debug)]
-pub struct NamedShare {
-    /// Root first, `;`-separated (as flame graph tools fold stacks).
-    pub folded: String,
-    /// The innermost frames, leaf first (for short text output).
-    pub leaf: Vec<String>,
-    /// The innermost Python frame, `qualname (file:line)`, when the stack has one.
+/// Code that took part of an attributed range: stacks grouped by what they were doing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodeShare {
+    /// On-CPU: the innermost frames (what ran). Off-CPU: the kernel function the thread waited
+    /// in, then the innermost user frames (where it waited). Leaf first.
+    pub frames: Vec<String>,
+    /// The innermost Python frame, `qualname (file:line)`, when the stacks have one.
     pub python: Option<String>,
     pub process: Arc<str>,
     pub thread: Arc<str>,
-    pub pid: u32,
-    pub on_cpu_ns: u64,
-    pub off_cpu_ns: u64,
-    /// Off-CPU state of the share's time, when it is off-CPU time.
+    pub nanos: u64,
+    /// `None`: on-CPU time; otherwise how the threads were off CPU.
     pub state: Option<OffCpuState>,
+    /// The largest contributing stack, root first, `;`-separated (as flame graph tools fold).
+    pub example: String,
 }
 
 /// A range (a token gap, or a request's time to first token) with what ran in it.
@@ -157,7 +156,10 @@ pub struct RangeAttribution {
     pub on_cpu_ns: u64,
     pub off_cpu_ns: u64,
     pub cpu_samples: u32,
-    pub top: Vec<NamedShare>,
+    /// On-CPU code, largest first (capped).
+    pub on_cpu: Vec<CodeShare>,
+    /// Off-CPU waits, largest first (capped).
+    pub off_cpu: Vec<CodeShare>,
 }
 
 /// What the serving processes did during one request's time to first token and slowest gaps.
@@ -572,7 +574,11 @@ impl State {
     fn command(&mut self, c: Command) {
         match c {
             Command::LaunchTimings(t) => self.join_launches(t),
-            Command::AddRoot(pid) => self.labeller.add_root(pid),
+            Command::AddRoot(pid) => {
+                self.labeller.add_root(pid);
+                // Roles depend on the roots: label samples afresh.
+                self.labels.clear();
+            }
             Command::ProcessExited(pid) => self.forget(pid),
             Command::ProcessExec(pid) => {
                 // A new image: modules, interpreter and role are new.
@@ -1001,7 +1007,8 @@ impl State {
             });
         }
         let kept = self.opts.keep_attributions.then(|| {
-            let top = self.opts.top_stacks;
+            // Every stack: they are grouped by what they did once named.
+            let top = usize::MAX;
             let ttft = r.first_token_ns.map(|ft| {
                 let end = ft.max(r.start_ns);
                 (
@@ -1182,54 +1189,25 @@ impl State {
         } else {
             Vec::new()
         };
-        let convert = |token_index: usize, p: &RangeProfile| RangeAttribution {
-            token_index,
-            start_ns: p.start_ns,
-            len_ns: p.end_ns.saturating_sub(p.start_ns),
-            on_cpu_ns: p.on_cpu_ns,
-            off_cpu_ns: p.off_cpu_ns,
-            cpu_samples: p.cpu_samples,
-            top: p
-                .top
-                .iter()
-                .map(|s| {
-                    let locs = index
-                        .get(&Arc::as_ptr(&s.stack))
-                        .and_then(|&i| named.get(i));
-                    let (folded, leaf, python) = match locs {
-                        Some(l) => (
-                            super::symbolic::folded(l, 64),
-                            l.iter()
-                                .flat_map(|loc| loc.lines.iter().map(|li| li.name.to_string()))
-                                .take(6)
-                                .collect(),
-                            l.iter()
-                                .find(|loc| loc.kind == super::symbolic::FrameKind::Python)
-                                .and_then(|loc| loc.lines.first())
-                                .map(|li| {
-                                    format!(
-                                        "{} ({}:{})",
-                                        li.name,
-                                        li.file.as_deref().unwrap_or("?"),
-                                        li.line
-                                    )
-                                }),
-                        ),
-                        None => (String::from("[not symbolized]"), Vec::new(), None),
-                    };
-                    NamedShare {
-                        folded,
-                        leaf,
-                        python,
-                        process: s.labels.process.clone(),
-                        thread: s.labels.thread.clone(),
-                        pid: s.labels.pid,
-                        on_cpu_ns: s.on_cpu_ns,
-                        off_cpu_ns: s.off_cpu_ns,
-                        state: s.labels.state,
-                    }
-                })
-                .collect(),
+        let lookup = |s: &Arc<RawStack>| {
+            index
+                .get(&Arc::as_ptr(s))
+                .and_then(|&i| named.get(i))
+                .cloned()
+        };
+        let max = self.opts.top_stacks;
+        let convert = |token_index: usize, p: &RangeProfile| {
+            let (on_cpu, off_cpu) = group_shares(p, &lookup, max);
+            RangeAttribution {
+                token_index,
+                start_ns: p.start_ns,
+                len_ns: p.end_ns.saturating_sub(p.start_ns),
+                on_cpu_ns: p.on_cpu_ns,
+                off_cpu_ns: p.off_cpu_ns,
+                cpu_samples: p.cpu_samples,
+                on_cpu,
+                off_cpu,
+            }
         };
         raws.iter()
             .map(|r| RequestAttribution {
@@ -1240,5 +1218,154 @@ impl State {
                 slow_gaps: r.gaps.iter().map(|(i, p)| convert(*i, p)).collect(),
             })
             .collect()
+    }
+}
+
+/// Scheduler-internal kernel frames, skipped when naming where a thread waited.
+fn is_scheduler_frame(name: &str) -> bool {
+    name.starts_with("__schedule")
+        || name.starts_with("schedule")
+        || name.starts_with("finish_task_switch")
+        || name.starts_with("preempt_schedule")
+}
+
+/// The grouping frames of a named stack (see [`CodeShare::frames`]).
+fn share_frames(locs: &[Location], on_cpu: bool) -> Vec<String> {
+    use super::symbolic::FrameKind;
+    let names = |l: &Location| {
+        l.lines
+            .iter()
+            .map(|li| li.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    if on_cpu {
+        return locs.iter().flat_map(names).take(2).collect();
+    }
+    let mut out: Vec<String> = locs
+        .iter()
+        .filter(|l| l.kind == FrameKind::Kernel)
+        .flat_map(names)
+        .find(|n| !is_scheduler_frame(n))
+        .into_iter()
+        .collect();
+    out.extend(
+        locs.iter()
+            .filter(|l| l.kind != FrameKind::Kernel)
+            .flat_map(names)
+            .take(2),
+    );
+    out
+}
+
+fn python_frame_of(locs: &[Location]) -> Option<String> {
+    locs.iter()
+        .find(|l| l.kind == super::symbolic::FrameKind::Python)
+        .and_then(|l| l.lines.first())
+        .map(|li| {
+            let file = li.file.as_deref().map_or("?", short_python_path);
+            format!("{} ({file}:{})", li.name, li.line)
+        })
+}
+
+/// A Python source path as a module path: what follows `site-packages/`, `dist-packages/` or
+/// the standard library's `lib/pythonX.Y/` (`llama_cpp/llama.py`, `asyncio/events.py`), else
+/// the path itself.
+pub fn short_python_path(p: &str) -> &str {
+    for marker in ["/site-packages/", "/dist-packages/"] {
+        if let Some(i) = p.rfind(marker) {
+            return &p[i + marker.len()..];
+        }
+    }
+    if let Some(i) = p.rfind("/lib/python") {
+        let rest = &p[i + "/lib/python".len()..];
+        if let Some(j) = rest.find('/') {
+            return &rest[j + 1..];
+        }
+    }
+    p
+}
+
+/// Groups a range's stacks into on-CPU and off-CPU code shares, largest first, `max` of each.
+fn group_shares(
+    p: &RangeProfile,
+    named: &dyn Fn(&Arc<RawStack>) -> Option<Vec<Location>>,
+    max: usize,
+) -> (Vec<CodeShare>, Vec<CodeShare>) {
+    type Key = (
+        Vec<String>,
+        Option<String>,
+        Arc<str>,
+        Arc<str>,
+        Option<OffCpuState>,
+    );
+    let mut groups: HashMap<Key, (u64, u64, String)> = HashMap::new();
+    for s in &p.top {
+        let Some(locs) = named(&s.stack) else {
+            continue;
+        };
+        for (ns, on) in [(s.on_cpu_ns, true), (s.off_cpu_ns, false)] {
+            if ns == 0 {
+                continue;
+            }
+            let state = if on {
+                None
+            } else {
+                s.labels.state.or(Some(OffCpuState::Blocked))
+            };
+            let key = (
+                share_frames(&locs, on),
+                python_frame_of(&locs),
+                s.labels.process.clone(),
+                s.labels.thread.clone(),
+                state,
+            );
+            let g = groups.entry(key).or_insert((0, 0, String::new()));
+            g.0 += ns;
+            if ns > g.1 {
+                g.1 = ns;
+                g.2 = super::symbolic::folded(&locs, 64);
+            }
+        }
+    }
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for ((frames, python, process, thread, state), (nanos, _, example)) in groups {
+        let share = CodeShare {
+            frames,
+            python,
+            process,
+            thread,
+            nanos,
+            state,
+            example,
+        };
+        if state.is_none() {
+            on.push(share);
+        } else {
+            off.push(share);
+        }
+    }
+    for v in [&mut on, &mut off] {
+        v.sort_by(|a, b| b.nanos.cmp(&a.nanos).then_with(|| a.frames.cmp(&b.frames)));
+        v.truncate(max);
+    }
+    (on, off)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_paths_are_shortened_to_module_paths() {
+        use super::short_python_path as s;
+        assert_eq!(
+            s("/root/.cache/infertap/venv/lib/python3.11/site-packages/llama_cpp/llama.py"),
+            "llama_cpp/llama.py"
+        );
+        assert_eq!(s("/usr/lib/python3/dist-packages/vllm/a.py"), "vllm/a.py");
+        assert_eq!(
+            s("/root/.pyenv/versions/3.11.7/lib/python3.11/asyncio/events.py"),
+            "asyncio/events.py"
+        );
+        assert_eq!(s("<frozen runpy>"), "<frozen runpy>");
     }
 }

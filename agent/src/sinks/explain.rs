@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::gpu::correlate::{Contributor, CorrelatedRequest, RequestGpuStats};
-use crate::profiling::stage::{NamedShare, RangeAttribution, RequestAttribution};
+use crate::profiling::stage::{CodeShare, RangeAttribution, RequestAttribution};
 
 /// Which requests count as the slowest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -180,36 +180,24 @@ pub fn render_explain_with(
     out
 }
 
-/// `leaf ← caller ← …`: the innermost frames of a share, with its Python frame if any.
-fn share_line(s: &NamedShare, whole_ns: u64, max_chars: usize) -> String {
-    let t = s.on_cpu_ns + s.off_cpu_ns;
-    let what = match (s.on_cpu_ns >= s.off_cpu_ns, s.state) {
-        (true, _) => "on-CPU".to_owned(),
-        (false, Some(st)) => st.name().to_owned(),
-        (false, None) => "off-CPU".to_owned(),
-    };
-    let mut frames = s
-        .leaf
-        .iter()
-        .take(4)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(" ← ");
-    if s.leaf.len() > 4 {
-        frames.push_str(" ← …");
-    }
+/// `62% ggml_vec_dot_q4_1_q8_1 ← ggml_compute_forward_mul_mat … LlamaContext.decode
+/// (_internals.py:329) [server/python]`.
+fn share_line(s: &CodeShare, whole_ns: u64, max_chars: usize) -> String {
+    let mut what = s.frames.join(" ← ");
     if let Some(py) = &s.python {
-        if !s.leaf.iter().take(4).any(|f| py.starts_with(f.as_str())) {
-            frames.push_str(&format!(" ← … {py}"));
-        }
+        what.push_str(" … ");
+        what.push_str(py);
     }
+    let state = match s.state {
+        None => String::new(),
+        Some(st) => format!(" {}", st.name()),
+    };
     format!(
-        "{:.0}% {what} {}/{} (pid {}): {}",
-        pct(t, whole_ns),
+        "{:.0}%{state} {} [{}/{}]",
+        pct(s.nanos, whole_ns),
+        truncate(&what, max_chars.max(40) * 2),
         s.process,
         s.thread,
-        s.pid,
-        truncate(&frames, max_chars.max(40) * 3)
     )
 }
 
@@ -220,7 +208,6 @@ fn render_cpu_range(
     a: &RangeAttribution,
     opts: &ExplainOptions,
 ) {
-    let whole = a.on_cpu_ns + a.off_cpu_ns;
     let _ = writeln!(
         out,
         "{indent}{what}CPU: on-CPU {:.1} ms ({} samples), off-CPU {:.1} ms",
@@ -228,19 +215,25 @@ fn render_cpu_range(
         a.cpu_samples,
         ms(a.off_cpu_ns)
     );
-    if whole == 0 {
+    if a.on_cpu_ns + a.off_cpu_ns == 0 {
         let _ = writeln!(
             out,
             "{indent}  (no samples of the server's threads in this range)"
         );
         return;
     }
-    for s in a.top.iter().take(opts.top_stacks) {
-        let _ = writeln!(
-            out,
-            "{indent}  - {}",
-            share_line(s, whole, opts.max_name_chars)
-        );
+    for (label, list, whole) in [
+        ("on-CPU ", &a.on_cpu, a.on_cpu_ns),
+        ("off-CPU", &a.off_cpu, a.off_cpu_ns),
+    ] {
+        for (i, s) in list.iter().take(opts.top_stacks).enumerate() {
+            let head = if i == 0 { label } else { "       " };
+            let _ = writeln!(
+                out,
+                "{indent}  {head} {}",
+                share_line(s, whole, opts.max_name_chars)
+            );
+        }
     }
 }
 

@@ -2,6 +2,10 @@
 //! named frames (see `profiling::symbolic`), a Mapping per module (path and GNU build id), and
 //! sample labels `node`, `pid`, `process`, `thread`, `model`, `state` and `kernel`.
 //!
+//! Python frames are Functions named by their qualified name (with `<`/`>` shown as `[`/`]`,
+//! since pprof tools strip angle brackets as C++ templates; the exact qualname is the Function's
+//! `system_name`) in their source file, at their line.
+//!
 //! Native addresses are file offsets placed in a per-module window (`memory_start` =
 //! `(module + 1) << 40`, `file_offset` 0), so `address - memory_start + file_offset` is the
 //! file offset any pprof tool would symbolize, mappings never overlap, and profiles from many
@@ -75,7 +79,9 @@ impl Builder<'_> {
         let id = match loc.kind {
             FrameKind::Python => {
                 let l = &loc.lines[0];
-                self.b.python_frame(
+                let name = pprof_python_name(&l.name);
+                self.b.python_frame_named(
+                    &name,
                     &l.name,
                     l.file.as_deref().unwrap_or(""),
                     l.start_line as i64,
@@ -125,6 +131,17 @@ impl Builder<'_> {
         };
         self.locations.insert(loc.clone(), id);
         id
+    }
+}
+
+/// A Python qualified name as pprof tools display it: they strip `<...>` as if it were a C++
+/// template argument list, so `<module>` would show as `<unknown>` and `f.<locals>.g` as `f.g`.
+/// Angle brackets become square ones (`[module]`, `f.[locals].g`, `[lambda]`).
+fn pprof_python_name(qualname: &str) -> std::borrow::Cow<'_, str> {
+    if qualname.contains(['<', '>']) {
+        qualname.replace('<', "[").replace('>', "]").into()
+    } else {
+        qualname.into()
     }
 }
 
@@ -208,6 +225,13 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_names_survive_pprof_display() {
+        assert_eq!(pprof_python_name("<module>"), "[module]");
+        assert_eq!(pprof_python_name("A.f.<locals>.g"), "A.f.[locals].g");
+        assert_eq!(pprof_python_name("Llama.eval"), "Llama.eval");
+    }
     use crate::profiling::aggregate::{ProfileType, Values};
     use crate::profiling::stack::{NativeFrame, RawStack, Truncation};
     use infertap_stacks::symbolize::SymbolizerConfig;
