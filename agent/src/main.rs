@@ -145,6 +145,10 @@ struct AgentArgs {
     /// Node name reported to the collector (default: the host name).
     #[arg(long)]
     node: Option<String>,
+    /// Also write each interval's profiles (pprof) into this directory as
+    /// <type>-<start unix ms>.pb.gz; the newest 360 per type are kept.
+    #[arg(long, value_name = "DIR")]
+    profile_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -319,6 +323,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
         keep_requests: false,
         trace: false,
         profiler,
+        profile_dir: None,
     })
 }
 
@@ -361,6 +366,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     };
     opts.collector = a.collector.clone();
     opts.interval = a.interval;
+    opts.profile_dir = a.profile_dir.clone();
     if let Some(n) = &a.node {
         opts.node = n.clone();
     }

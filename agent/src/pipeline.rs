@@ -67,6 +67,8 @@ pub struct AgentOptions {
     pub trace: bool,
     /// Continuous profiling (None: off). Its sampling sources are set in `probe.profile`.
     pub profiler: Option<ProfilerOptions>,
+    /// Also write every interval's profiles as files into this directory.
+    pub profile_dir: Option<PathBuf>,
 }
 
 /// CUDA launch-path probing.
@@ -164,10 +166,17 @@ impl Pipeline {
         };
         let profiler = match (&opts.profiler, probes.take_profile()) {
             (Some(po), Some(pp)) => {
-                let sink = exporter.as_ref().map(|e| e.profile_sink());
+                let to_collector = exporter.as_ref().map(|e| e.profile_sink());
+                let mut to_dir = match &opts.profile_dir {
+                    Some(d) => Some(crate::sinks::pprof::ProfileDir::open(d, 360)?),
+                    None => None,
+                };
                 let sink: crate::profiling::stage::ProfileSinkFn = Box::new(move |p| {
-                    if let Some(s) = &sink {
+                    if let Some(s) = &to_collector {
                         s.attach(p.clone());
+                    }
+                    if let Some(d) = to_dir.as_mut() {
+                        d.write(p);
                     }
                 });
                 Some(Profiler::spawn(po.clone(), pp, sink)?)

@@ -55,8 +55,9 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
-    /// Set up, build, then measure fidelity and overhead (needs root), then the GPU-side costs
-    /// (CUDA uprobes, NVML sampler, CUPTI records); JSON in target/bench/.
+    /// Set up, build, then measure fidelity and overhead (needs root), the cost and unwind
+    /// success of continuous profiling, then the GPU-side costs (CUDA uprobes, NVML sampler,
+    /// CUPTI records); JSON in target/bench/.
     Bench {
         /// Only the GPU-side measurements.
         #[arg(long)]
@@ -100,6 +101,10 @@ fn main() -> Result<()> {
                 let st = run_as_root(&release_bin("bench"), &args)?;
                 if !st.success() {
                     bail!("the fidelity/overhead benchmark failed ({st})");
+                }
+                let st = run_as_root(&release_bin("bench_profile"), &[])?;
+                if !st.success() {
+                    bail!("the profiling benchmark failed ({st})");
                 }
             }
             exec_as_root(&release_bin("bench_gpu"), &[])

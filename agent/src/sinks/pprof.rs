@@ -23,6 +23,54 @@ use infertap_stacks::unwind::ModuleInfo;
 use crate::profiling::aggregate::{ProfileAggregate, SampleLabels};
 use crate::profiling::symbolic::{FrameKind, FunctionSnapshot, Location, Namer};
 
+/// Writes profiles into a directory as `<type>-<start unix ms>.pb.gz`, keeping the newest
+/// `keep` files per type (older ones are deleted). A failed write is logged and counted, never
+/// fatal: the profile still reaches the other sinks.
+pub struct ProfileDir {
+    dir: std::path::PathBuf,
+    keep: usize,
+    written: HashMap<i32, std::collections::VecDeque<std::path::PathBuf>>,
+    pub write_errors: u64,
+}
+
+impl ProfileDir {
+    pub fn open(dir: &std::path::Path, keep: usize) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating --profile-dir {}", dir.display()))?;
+        Ok(ProfileDir {
+            dir: dir.to_path_buf(),
+            keep: keep.max(1),
+            written: HashMap::new(),
+            write_errors: 0,
+        })
+    }
+
+    pub fn write(&mut self, p: &ProfileData) {
+        let kind = infertap_proto::pb::ProfileType::try_from(p.r#type)
+            .ok()
+            .and_then(ProfileKind::from_pb)
+            .map_or("unknown", |k| k.name());
+        let path = self
+            .dir
+            .join(format!("{kind}-{}.pb.gz", p.start_unix_ns / 1_000_000));
+        let tmp = path.with_extension("tmp");
+        let res = std::fs::write(&tmp, &p.pprof).and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            self.write_errors += 1;
+            tracing::warn!("writing {}: {e}", path.display());
+            return;
+        }
+        let q = self.written.entry(p.r#type).or_default();
+        q.push_back(path);
+        while q.len() > self.keep {
+            if let Some(old) = q.pop_front() {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+    }
+}
+
 /// Start of the kernel's mapping (kernel addresses are kept as they are).
 const KERNEL_START: u64 = 0xffff_0000_0000_0000;
 const MODULE_WINDOW_SHIFT: u32 = 40;
