@@ -365,6 +365,35 @@ impl Unwinder {
         })
     }
 
+    /// The top of the stack that `sp` (a stack pointer of a thread of `pid`) is in: the end
+    /// address of the readable, writable, non-executable mapping containing it, from the same
+    /// read of `/proc/<pid>/maps` the unwinder keeps (re-read, at most once per
+    /// [`UnwindConfig::maps_refresh_interval`], when `sp` is in no known mapping: a thread
+    /// started after the last read). What the profiler registers so the kernel copies a
+    /// thread's stack only up to its top (`ProfileProbes::set_stack_top`).
+    ///
+    /// glibc puts a thread's `struct pthread` and static TLS at the top of its stack mapping,
+    /// so the bytes between the outermost frame and this top are a few KiB of those; a stack
+    /// mapping the kernel merged with an adjacent writable mapping gives a top above the real
+    /// one, which only costs copy size. `None` when `sp` is in no such mapping (or the maps
+    /// cannot be read).
+    pub fn stack_top(&mut self, pid: u32, sp: u64) -> Option<u64> {
+        let interval = self.config.maps_refresh_interval;
+        let map = process_map(&mut self.processes, &mut self.stats, pid).ok()?;
+        if let Some(end) = map.writable_end(sp) {
+            return Some(end);
+        }
+        if map.last_read.elapsed() < interval {
+            return None;
+        }
+        self.stats.maps_reads += 1;
+        if map.refresh().is_err() {
+            self.stats.maps_read_failures += 1;
+            return None;
+        }
+        map.writable_end(sp)
+    }
+
     /// Unwinds one sampled stack: `stack` holds the bytes the kernel copied from `regs.sp`
     /// upward.
     pub fn unwind(&mut self, pid: u32, regs: UserRegs, stack: &[u8]) -> UnwoundStack {
@@ -757,6 +786,62 @@ mod tests {
         let last = s.lookup_addrs().last().unwrap();
         let n = u.normalize(own_pid(), last).unwrap();
         assert!(n.module.name().starts_with("libc"), "{:?}", n.module);
+    }
+
+    #[test]
+    fn stack_tops_are_the_end_of_the_stack_mapping() {
+        let mut u = Unwinder::new(UnwindConfig::default());
+        let pid = own_pid();
+        // This thread's stack (the test harness runs each test on its own thread) and a thread
+        // started after the unwinder read the maps: both found, the latter by a re-read.
+        let (regs, stack) = sample_self();
+        let top = u.stack_top(pid, regs.sp).expect("sp is in a stack mapping");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mapping = maps
+            .lines()
+            .find_map(|l| {
+                let (range, rest) = l.split_once(' ')?;
+                let (a, b) = range.split_once('-')?;
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                );
+                (a <= regs.sp && regs.sp < b).then(|| (b, rest.to_string()))
+            })
+            .unwrap();
+        assert_eq!(top, mapping.0, "{}", mapping.1);
+        assert!(mapping.1.starts_with("rw"), "{}", mapping.1);
+        // A copy bounded by the top holds the whole stack: its unwind is complete.
+        let to_top = (top - regs.sp) as usize;
+        assert!(to_top <= stack.len() || stack.len() == 16384, "{to_top}");
+        let bounded = &stack[..to_top.min(stack.len())];
+        assert_eq!(u.unwind(pid, regs, bounded).outcome, UnwindOutcome::Complete);
+
+        let reads = u.stats().maps_reads;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let local = 0u64;
+            tx.send(std::ptr::addr_of!(local) as u64).unwrap();
+            let _ = done_rx.recv();
+            std::hint::black_box(local);
+        });
+        let other_sp = rx.recv().unwrap();
+        let mut fresh = Unwinder::new(UnwindConfig {
+            maps_refresh_interval: Duration::ZERO,
+            ..UnwindConfig::default()
+        });
+        let other_top = fresh.stack_top(pid, other_sp).unwrap();
+        assert!(other_top > other_sp && other_top - other_sp < 16 << 20);
+        assert_ne!(other_top, top);
+        // Within the refresh interval an unknown address is not looked up again.
+        assert_eq!(u.stack_top(pid, 0x1000), None);
+        assert_eq!(u.stats().maps_reads, reads);
+        // Code and unmapped memory are no stack.
+        assert_eq!(fresh.stack_top(pid, regs.ip), None);
+        assert_eq!(fresh.stack_top(pid, 0x10), None);
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     #[test]

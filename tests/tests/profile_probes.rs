@@ -1133,7 +1133,8 @@ fn py311_proc(pid: u32, off: &BTreeMap<String, u64>) -> PyProc {
             frame_owner: o("frame_owner"),
             frame_is_entry: o("frame_is_entry"),
             object_type: o("object_type"),
-            _pad: [0; 5],
+            pthread_tid: infertap_common::profile::PY_OFFSET_NONE,
+            _pad: [0; 4],
         },
         version: 0x030b,
         owner_cstack: 0xff,
@@ -1557,7 +1558,8 @@ fn a_bad_python_layout_is_flagged_not_walked() {
         frame_owner: 69,
         frame_is_entry: 68,
         object_type: 8,
-        _pad: [0; 5],
+        pthread_tid: infertap_common::profile::PY_OFFSET_NONE,
+            _pad: [0; 4],
     };
     let fake = PyProc {
         // burn's machine code read as an interpreter: its "thread list head" is code bytes.
