@@ -37,9 +37,9 @@ use infertap_common::{
     counter,
     profile::{
         offcpu_start, profile_control as ctl, py_flags, sample_flags as sf, sample_kind,
-        OffCpuStart, OffCpuTotals, PyFrame, PyProc, SampleHeader, SampleRecord, MAX_KERNEL_FRAMES,
-        MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_BYTES, MAX_STACK_TOPS, PY_FRAME_ENTRY,
-        PY_FRAME_WINDOW_BYTES, PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
+        OffCpuStart, OffCpuTotals, PyFrame, PyProc, SampleHeader, SampleRecord, StackTop,
+        MAX_KERNEL_FRAMES, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_BYTES, MAX_STACK_TOPS,
+        PY_FRAME_ENTRY, PY_FRAME_WINDOW_BYTES, PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
     },
 };
 
@@ -84,10 +84,10 @@ static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(4096, 0);
 #[map]
 static PY_THREADS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
-/// `pid_tgid` → the top (end address) of the mapping holding the thread's stack, written by
-/// user space from `/proc/<pid>/maps`; bounds the stack copy. Dropped when the thread exits.
+/// `pid_tgid` → the mapping holding the thread's stack, written by user space from
+/// `/proc/<pid>/maps`; bounds the stack copy of a `sp` inside it. Dropped when the thread exits.
 #[map]
-static STACK_TOPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_STACK_TOPS, 0);
+static STACK_TOPS: LruHashMap<u64, StackTop> = LruHashMap::with_max_entries(MAX_STACK_TOPS, 0);
 
 /// tid → its current off-CPU period.
 #[map]
@@ -275,9 +275,9 @@ fn kernel_stack(s: &mut Scratch, ctx: *mut c_void) {
 }
 
 /// Copies up to `STACK_BYTES` of user stack from `sp` upward, and no further than the thread's
-/// stack top when `STACK_TOPS` has one above `sp` (`STACK_TO_TOP`), one page at a time: a copy
-/// that reaches unreadable memory (the top of the stack mapping) keeps what came before it and
-/// sets `STACK_SHORT`.
+/// stack top when its `STACK_TOPS` entry holds `sp` (`STACK_TO_TOP`), one page at a time: a
+/// copy that reaches unreadable memory (the top of the stack mapping) keeps what came before it
+/// and sets `STACK_SHORT`.
 #[inline(always)]
 fn copy_stack(s: &mut Scratch, pid_tgid: u64, sp: u64) {
     let mut want = control(ctl::STACK_BYTES) as u64;
@@ -286,9 +286,9 @@ fn copy_stack(s: &mut Scratch, pid_tgid: u64, sp: u64) {
     }
     want &= !7;
     // SAFETY: value copied out immediately.
-    if let Some(top) = unsafe { STACK_TOPS.get(&pid_tgid) }.copied() {
-        if top > sp && top - sp <= want {
-            want = top - sp;
+    if let Some(t) = unsafe { STACK_TOPS.get(&pid_tgid) }.copied() {
+        if t.low <= sp && sp < t.top && t.top - sp <= want {
+            want = t.top - sp;
             s.rec.header.flags |= sf::STACK_TO_TOP;
         }
     }

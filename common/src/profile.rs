@@ -65,19 +65,15 @@ pub mod sample_flags {
     /// The process is a known Python process but no `PyThreadState` matched this thread (a
     /// native-only thread, e.g. a BLAS/OpenMP worker).
     pub const PY_NO_THREAD: u8 = 32;
-    /// The copy was bounded by the thread's stack top from `STACK_TOPS` (it was nearer than
-    /// `STACK_BYTES`): `stack` holds everything from `sp` to the top of the thread's stack
-    /// mapping, unless `STACK_SHORT` is also set (memory below the top could not be read: the
-    /// top is stale, or a page was not present).
+    /// The copy was bounded by the thread's [`StackTop`](super::StackTop) from `STACK_TOPS`
+    /// (`sp` was inside it and its top nearer than `STACK_BYTES`): `stack` holds everything
+    /// from `sp` to the top of the thread's stack mapping, unless `STACK_SHORT` is also set: a
+    /// page below the top could not be read (not present: never touched, or being migrated or
+    /// reclaimed; or the mapping changed since the entry was made).
     pub const STACK_TO_TOP: u8 = 64;
     /// Every defined bit (a decoder rejects others).
-    pub const ALL: u8 = IN_KERNEL
-        | PY_TRUNCATED
-        | PY_ERROR
-        | STACK_SHORT
-        | PREEMPTED
-        | PY_NO_THREAD
-        | STACK_TO_TOP;
+    pub const ALL: u8 =
+        IN_KERNEL | PY_TRUNCATED | PY_ERROR | STACK_SHORT | PREEMPTED | PY_NO_THREAD | STACK_TO_TOP;
 }
 
 /// Header of every sample record. 72 bytes.
@@ -267,19 +263,31 @@ pub mod profile_control {
     /// Capture the stack of 1 in N CUDA launches (0: off).
     pub const LAUNCH_SAMPLE_EVERY: u32 = 1;
     /// Bytes of user stack to copy per sample (≤ `MAX_STACK_BYTES`, rounded to 8). A thread with
-    /// a `STACK_TOPS` entry above its `sp` gets `min(top - sp, STACK_BYTES)`.
+    /// a `STACK_TOPS` entry whose range holds its `sp` gets `min(top - sp, STACK_BYTES)`.
     pub const STACK_BYTES: u32 = 2;
     /// 1: on-CPU timer samples are taken (the perf events stay attached either way).
     pub const CPU_ON: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
-/// Most entries of the kernel's `STACK_TOPS` map (LRU, key: `tgid << 32 | tid`, value: `u64`,
-/// the end address of the mapping that holds the thread's stack, from `/proc/<pid>/maps`). User
-/// space adds a thread's entry once (after its first sample); the kernel drops it when the
-/// thread exits. The key carries the tgid so a reused tid of another process never meets a
-/// stale top, and user space can drop a whole process's entries.
+/// Most entries of the kernel's `STACK_TOPS` map (LRU, key: `tgid << 32 | tid`, value:
+/// [`StackTop`]). User space adds a thread's entry once (after its first sample); the kernel
+/// drops it when the thread exits. The key carries the tgid so a reused tid of another process
+/// never meets a stale entry, and user space can drop a whole process's entries.
 pub const MAX_STACK_TOPS: u32 = 65536;
+
+/// Value of `STACK_TOPS`: the mapping that holds a thread's stack, from `/proc/<pid>/maps`. The
+/// kernel bounds a sample's copy by `top` only when `low <= sp < top`, so a thread running on
+/// another stack for a while (a signal stack, a coroutine's, a Go goroutine's) is copied in
+/// full rather than cut at the wrong top.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackTop {
+    /// End address (exclusive) of the mapping: the top of the stack.
+    pub top: u64,
+    /// Start address of the mapping; 0 for the main thread's `[stack]`, which grows down.
+    pub low: u64,
+}
 
 /// Per-process off-CPU totals kept in the kernel (every switch-out, sampled or not), per CPU
 /// (user space sums the CPUs). A period is added when the thread runs again.
@@ -333,6 +341,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(PyProc, flags), 52);
         assert_eq!(core::mem::size_of::<PyProc>(), 56);
         assert_eq!(core::mem::size_of::<OffCpuStart>(), 16);
+        assert_eq!(core::mem::size_of::<StackTop>(), 16);
         assert_eq!(core::mem::size_of::<OffCpuTotals>(), 24);
         assert!(MAX_STACK_BYTES.is_power_of_two());
         assert!(DEFAULT_STACK_BYTES as usize <= MAX_STACK_BYTES);

@@ -211,10 +211,7 @@ fn walks_and_resolves_real_interpreters_like_py_spy_and_gdb() {
         }
         assert_eq!(threads.len(), 4, "{v}: {threads:#?}");
         // A thread the interpreter does not know.
-        assert_eq!(
-            walk::walk(&mem, &proc, 1).flags,
-            sample_flags::PY_NO_THREAD
-        );
+        assert_eq!(walk::walk(&mem, &proc, 1).flags, sample_flags::PY_NO_THREAD);
 
         // Exact expected stacks of our own frames.
         let ours = |name: &str, class: &str, marker: &str| {

@@ -24,7 +24,7 @@ use aya::{
 };
 use infertap_common::profile::{
     profile_control as ctl, py_flags, sample_flags, sample_kind, OffCpuStart, OffCpuTotals,
-    PyFrame, PyProc, SampleHeader, SampleRecord, MAX_KERNEL_FRAMES, MAX_PY_FRAMES,
+    PyFrame, PyProc, SampleHeader, SampleRecord, StackTop, MAX_KERNEL_FRAMES, MAX_PY_FRAMES,
     MAX_STACK_BYTES, PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
 };
 use tracing::{debug, info, warn};
@@ -181,7 +181,7 @@ pub struct ProfileProbes {
     control: Array<MapData, u32>,
     py_procs: HashMap<MapData, u32, PyProc>,
     py_threads: HashMap<MapData, u64, u64>,
-    stack_tops: HashMap<MapData, u64, u64>,
+    stack_tops: HashMap<MapData, u64, StackTop>,
     offcpu_start: HashMap<MapData, u32, OffCpuStart>,
     offcpu_totals: PerCpuHashMap<MapData, u32, OffCpuTotals>,
     samples: Option<RingBuf<MapData>>,
@@ -324,29 +324,39 @@ impl ProfileProbes {
             .with_context(|| format!("PY_PROCS entry of pid {pid} (map full?)"))
     }
 
-    /// Bounds the stack copies of thread `tid` of process `pid` by `top`, the end address of the
-    /// mapping that holds its stack (`Unwinder::stack_top` of a sample's `sp`): its samples then
-    /// copy `min(top - sp, stack_bytes)` bytes and carry `STACK_TO_TOP`. Call once per thread,
-    /// after its first sample; the kernel drops the entry when the thread exits. A sample
-    /// flagged both `STACK_TO_TOP` and `STACK_SHORT` means the top no longer describes the
-    /// thread's stack: look it up again.
-    pub fn set_stack_top(&mut self, pid: u32, tid: u32, top: u64) -> Result<()> {
-        if top == 0 {
-            bail!("stack top 0 for tid {tid} of pid {pid}");
+    /// Bounds the stack copies of thread `tid` of process `pid` by its stack's top: `stack` is
+    /// the mapping that holds it (`Unwinder::stack_top` of a sample's `sp`). A sample whose `sp`
+    /// is inside `stack` then copies `min(top - sp, stack_bytes)` bytes and carries
+    /// `STACK_TO_TOP`; one on another stack is copied as if there were no entry. Call once per
+    /// thread, on its first sample; the kernel drops the entry when the thread exits.
+    ///
+    /// When to look again (both cheap: `Unwinder::stack_top` answers from the maps it keeps):
+    /// a sample of a registered thread without `STACK_TO_TOP` whose `sp` is outside the
+    /// registered range and less than `stack_bytes` below its own mapping's top (the thread
+    /// moved to another stack), and a sample with `STACK_TO_TOP | STACK_SHORT` (a page below
+    /// the top was not present, or the mapping changed); re-register only if the range
+    /// differs.
+    pub fn set_stack_top(&mut self, pid: u32, tid: u32, stack: StackTop) -> Result<()> {
+        if stack.top <= stack.low {
+            bail!(
+                "empty stack range {:#x}..{:#x} for tid {tid} of pid {pid}",
+                stack.low,
+                stack.top
+            );
         }
         let key = (pid as u64) << 32 | tid as u64;
         self.stack_tops
-            .insert(key, top, 0)
+            .insert(key, stack, 0)
             .with_context(|| format!("STACK_TOPS entry of tid {tid} of pid {pid}"))
     }
 
-    /// Forgets thread `tid`'s stack top (its samples copy `stack_bytes` again).
+    /// Forgets thread `tid`'s stack range (its samples copy `stack_bytes` again).
     pub fn remove_stack_top(&mut self, pid: u32, tid: u32) {
         let _ = self.stack_tops.remove(&((pid as u64) << 32 | tid as u64));
     }
 
-    /// The stack top registered for thread `tid` of `pid`, if the kernel still has it.
-    pub fn stack_top(&self, pid: u32, tid: u32) -> Option<u64> {
+    /// The stack range registered for thread `tid` of `pid`, if the kernel still has it.
+    pub fn stack_top(&self, pid: u32, tid: u32) -> Option<StackTop> {
         self.stack_tops
             .get(&((pid as u64) << 32 | tid as u64), 0)
             .ok()

@@ -275,9 +275,8 @@ fn candidates(pid: u32) -> Result<Mapped, DiscoverError> {
         let procfs::process::MMapPath::Path(path) = m.pathname else {
             continue;
         };
-        let wanted = is_libpython(&path)
-            || is_glibc_name(&path)
-            || exe.as_deref() == Some(path.as_path());
+        let wanted =
+            is_libpython(&path) || is_glibc_name(&path) || exe.as_deref() == Some(path.as_path());
         if !wanted {
             continue;
         }
@@ -347,7 +346,11 @@ fn read_pthread_tid_descriptor(pid: u32, c: &Candidate) -> Result<Option<[u32; 3
     let bytes = obj
         .segments()
         .find_map(|seg| seg.data_range(addr, 12).ok().flatten())
-        .ok_or_else(|| bad(format!("_thread_db_pthread_tid at {addr:#x} has no file data")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "_thread_db_pthread_tid at {addr:#x} has no file data"
+            ))
+        })?;
     let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"));
     Ok(Some([word(0), word(1), word(2)]))
 }

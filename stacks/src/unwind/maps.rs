@@ -58,10 +58,19 @@ pub(crate) struct ProcessMap {
     pub pid: u32,
     /// Executable mappings, sorted by start.
     pub entries: Vec<MapEntry>,
-    /// `[start, end)` of the readable, writable, non-executable mappings (thread stacks, heap,
-    /// data), sorted by start.
-    pub writable: Vec<(u64, u64)>,
+    /// The readable, writable, non-executable mappings (thread stacks, heap, data), sorted by
+    /// start.
+    pub writable: Vec<DataMapping>,
     pub last_read: Instant,
+}
+
+/// A readable, writable, non-executable mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DataMapping {
+    pub start: u64,
+    pub end: u64,
+    /// The main thread's `[stack]`, which the kernel grows down on demand.
+    pub grows_down: bool,
 }
 
 /// The mappings of `pid` the unwinder keeps, from one read of its maps.
@@ -69,7 +78,7 @@ pub(crate) struct Maps {
     /// Executable mappings, sorted by start.
     pub exec: Vec<MapEntry>,
     /// Readable, writable, non-executable mappings, sorted by start.
-    pub writable: Vec<(u64, u64)>,
+    pub writable: Vec<DataMapping>,
 }
 
 /// Reads the mappings of `pid`.
@@ -83,7 +92,11 @@ pub(crate) fn read_maps(pid: u32) -> io::Result<Maps> {
     for m in maps {
         if !m.perms.contains(MMPermissions::EXECUTE) {
             if m.perms.contains(rw) {
-                writable.push(m.address);
+                writable.push(DataMapping {
+                    start: m.address.0,
+                    end: m.address.1,
+                    grows_down: matches!(m.pathname, MMapPath::Stack),
+                });
             }
             continue;
         }
@@ -108,7 +121,7 @@ pub(crate) fn read_maps(pid: u32) -> io::Result<Maps> {
         });
     }
     out.sort_by_key(|e| e.start);
-    writable.sort_unstable();
+    writable.sort_unstable_by_key(|m| m.start);
     Ok(Maps {
         exec: out,
         writable,
@@ -154,11 +167,11 @@ impl ProcessMap {
         Ok(())
     }
 
-    /// End of the readable, writable, non-executable mapping holding `addr`.
-    pub fn writable_end(&self, addr: u64) -> Option<u64> {
-        let i = self.writable.partition_point(|r| r.0 <= addr);
-        let (_, end) = *self.writable.get(i.checked_sub(1)?)?;
-        (addr < end).then_some(end)
+    /// The readable, writable, non-executable mapping holding `addr`.
+    pub fn writable_at(&self, addr: u64) -> Option<DataMapping> {
+        let i = self.writable.partition_point(|m| m.start <= addr);
+        let m = *self.writable.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
     }
 
     /// Index of the executable mapping holding `addr`.
