@@ -662,10 +662,16 @@ fn emit(s: &mut Scratch) -> bool {
 }
 
 /// User stack and Python frames, then the record out.
-#[inline(always)]
+///
+/// A BPF subprogram rather than inlined: its only input is the scratch (header filled), so the
+/// verifier walks it once per program instead of once per path that reached it (kernel or user
+/// mode, preempted or blocked), and the copy and the walk are not multiplied by each other's
+/// exits. Measured: `profile_cpu` 114 k and `on_sched_switch` 208 k verified instructions
+/// inlined, ≈ 115 k each as a subprogram.
+#[inline(never)]
 fn finish(s: &mut Scratch) -> bool {
-    let pid_tgid = s.rec.header.pid_tgid;
-    let sp = s.rec.header.sp;
+    let pid_tgid = v(&s.rec.header.pid_tgid);
+    let sp = v(&s.rec.header.sp);
     copy_stack(s, pid_tgid, sp);
     walk_python(s, pid_tgid);
     emit(s)
