@@ -14,14 +14,18 @@
 //! Native unwinding happens in user space from the copied stack (DWARF CFI): the kernel only
 //! copies memory. The Python walk must happen here, because frames are gone by the time user
 //! space could read them; it follows the per-version field offsets user space put in `PY_PROCS`
-//! and validates the cached thread state on every use.
+//! and validates the cached thread state on every use. A thread state is the sampled thread's
+//! when its `native_thread_id` is the tid (3.11+), or (3.10, which records only a `pthread_t`)
+//! when the `tid` of the glibc `struct pthread` its `thread_id` points at is (offset
+//! `PyOffsets::pthread_tid`, from glibc's own debugger descriptor): no kernel structure is read.
 //!
 //! Untraced processes pay one `TARGETS` lookup per timer tick and, on `sched_switch`, that lookup
 //! on the switch-out side and one `OFFCPU_START` lookup on the switch-in side.
 //!
-//! The user stack copy is up to `MAX_STACK_BYTES` (64 KiB); a thread whose stack top user space
-//! registered in `STACK_TOPS` is copied only from `sp` to that top, so a shallow stack costs
-//! what it holds.
+//! The user stack copy is up to `MAX_STACK_BYTES` (64 KiB); a thread whose stack mapping user
+//! space registered in `STACK_TOPS` is copied only from `sp` to its top, so a shallow stack
+//! costs what it holds. A traced thread's exit (`sched_process_exit`) drops its `STACK_TOPS`
+//! and `PY_THREADS` entries.
 
 use core::ffi::c_void;
 
@@ -155,8 +159,10 @@ static SCRATCH_LAUNCH: Array<Scratch> = Array::with_max_entries(1, 0);
 fn scratch(map: &'static Array<Scratch>) -> Option<&'static mut Scratch> {
     // SAFETY: helper without arguments.
     let cpu = unsafe { gen::bpf_get_smp_processor_id() };
-    // SAFETY: this CPU's entry, used by one program type only, which does not nest with
-    // itself on a CPU: exclusively ours for this program run.
+    // SAFETY: this CPU's entry, used by one program type only. Perf-event and tracepoint
+    // programs never nest with themselves on a CPU. (A launch uprobe runs preemptibly on a
+    // preemptible kernel, so two launches on one CPU can share the entry and mix a record;
+    // the entry stays in bounds either way.)
     map.get_ptr_mut(cpu).map(|p| unsafe { &mut *p })
 }
 

@@ -57,9 +57,10 @@ impl Default for ProfileConfig {
             offcpu_sample_every: 16,
             launch_sample_every: 0,
             stack_bytes: infertap_common::profile::DEFAULT_STACK_BYTES,
-            // ≈490 samples with a whole 64 KiB stack, ≈4000 with a typical 6 KiB one (a
-            // registered stack top): 100 ms of 49 Hz on 32 busy threads is ≈160 samples, so a
-            // consumer that polls every 100 ms has 3× headroom even if no top is known.
+            // ≈490 samples with a whole 64 KiB stack, ≈1200 at the 27 KiB mean copy measured
+            // on the llama.cpp server with stack tops registered (tests/profile_stacks.rs):
+            // 100 ms of 49 Hz on 32 busy threads is ≈160 samples, so a consumer that polls
+            // every 100 ms has 3× headroom even if no top is known.
             samples_ring_bytes: 32 << 20,
         }
     }
