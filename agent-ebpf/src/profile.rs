@@ -14,10 +14,18 @@
 //! Native unwinding happens in user space from the copied stack (DWARF CFI): the kernel only
 //! copies memory. The Python walk must happen here, because frames are gone by the time user
 //! space could read them; it follows the per-version field offsets user space put in `PY_PROCS`
-//! and validates the cached thread state on every use.
+//! and validates the cached thread state on every use. A thread state is the sampled thread's
+//! when its `native_thread_id` is the tid (3.11+), or (3.10, which records only a `pthread_t`)
+//! when the `tid` of the glibc `struct pthread` its `thread_id` points at is (offset
+//! `PyOffsets::pthread_tid`, from glibc's own debugger descriptor): no kernel structure is read.
 //!
 //! Untraced processes pay one `TARGETS` lookup per timer tick and, on `sched_switch`, that lookup
 //! on the switch-out side and one `OFFCPU_START` lookup on the switch-in side.
+//!
+//! The user stack copy is up to `MAX_STACK_BYTES` (64 KiB); a thread whose stack mapping user
+//! space registered in `STACK_TOPS` is copied only from `sp` to its top, so a shallow stack
+//! costs what it holds. A traced thread's exit (`sched_process_exit`) drops its `STACK_TOPS`
+//! and `PY_THREADS` entries.
 
 use core::ffi::c_void;
 
@@ -25,7 +33,7 @@ use aya_ebpf::{
     bindings::{bpf_perf_event_data, pt_regs, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated as gen},
     macros::{map, perf_event, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, ProbeContext, TracePointContext},
     EbpfContext,
 };
@@ -33,9 +41,9 @@ use infertap_common::{
     counter,
     profile::{
         offcpu_start, profile_control as ctl, py_flags, sample_flags as sf, sample_kind,
-        OffCpuStart, OffCpuTotals, PyFrame, PyProc, SampleHeader, SampleRecord, MAX_KERNEL_FRAMES,
-        MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_BYTES, PY_FRAME_ENTRY, PY_FRAME_WINDOW_BYTES,
-        PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
+        OffCpuStart, OffCpuTotals, PyFrame, PyProc, SampleHeader, SampleRecord, StackTop,
+        MAX_KERNEL_FRAMES, MAX_PY_FRAMES, MAX_PY_THREADS, MAX_STACK_BYTES, MAX_STACK_TOPS,
+        PY_FRAME_ENTRY, PY_FRAME_WINDOW_BYTES, PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
     },
 };
 
@@ -76,9 +84,14 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(4096, 0);
 
 /// `pid_tgid` → the thread's `PyThreadState*`, found by walking the interpreter's thread list
-/// and re-validated (`native_thread_id == tid`) on every use.
+/// and re-validated (its thread id is still this tid) on every use.
 #[map]
 static PY_THREADS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// `pid_tgid` → the mapping holding the thread's stack, written by user space from
+/// `/proc/<pid>/maps`; bounds the stack copy of a `sp` inside it. Dropped when the thread exits.
+#[map]
+static STACK_TOPS: LruHashMap<u64, StackTop> = LruHashMap::with_max_entries(MAX_STACK_TOPS, 0);
 
 /// tid → its current off-CPU period.
 #[map]
@@ -108,6 +121,16 @@ pub(crate) struct Scratch {
     walk: PyWalk,
 }
 
+// `infertap::probes::profile::scratch_bytes` reports this size as the agent's kernel memory.
+const _: () = assert!(
+    core::mem::size_of::<Scratch>()
+        == core::mem::size_of::<SampleRecord>()
+            + PAGE as usize
+            + 2 * PY_FRAME_WINDOW_BYTES
+            + core::mem::size_of::<PyProc>()
+            + 24
+);
+
 /// The Python walker's state, kept in the scratch map value rather than in registers (see `v`).
 #[repr(C)]
 struct PyWalk {
@@ -120,13 +143,28 @@ struct PyWalk {
     flags: u64,
 }
 
-/// Per program type, so a program that interrupts another never shares its buffer.
+/// Per program type, so a program that interrupts another never shares its buffer; one entry
+/// per possible CPU (user space sets the size at load), indexed by the current CPU. Plain
+/// arrays, not per-CPU ones: a per-CPU value is limited to 32 KiB (`PCPU_MIN_UNIT_SIZE`) and a
+/// `Scratch` holds a 64 KiB stack.
 #[map]
-static SCRATCH_CPU: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH_CPU: Array<Scratch> = Array::with_max_entries(1, 0);
 #[map]
-static SCRATCH_SWITCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH_SWITCH: Array<Scratch> = Array::with_max_entries(1, 0);
 #[map]
-static SCRATCH_LAUNCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH_LAUNCH: Array<Scratch> = Array::with_max_entries(1, 0);
+
+/// This CPU's entry of a scratch array.
+#[inline(always)]
+fn scratch(map: &'static Array<Scratch>) -> Option<&'static mut Scratch> {
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { gen::bpf_get_smp_processor_id() };
+    // SAFETY: this CPU's entry, used by one program type only. Perf-event and tracepoint
+    // programs never nest with themselves on a CPU. (A launch uprobe runs preemptibly on a
+    // preemptible kernel, so two launches on one CPU can share the entry and mix a record;
+    // the entry stays in bounds either way.)
+    map.get_ptr_mut(cpu).map(|p| unsafe { &mut *p })
+}
 
 #[inline(always)]
 pub(crate) fn control(index: u32) -> u32 {
@@ -149,6 +187,20 @@ struct UserRegs {
     ip: u64,
     sp: u64,
     bp: u64,
+}
+
+#[inline(always)]
+unsafe fn read_user_u32(addr: u64) -> Option<u32> {
+    let mut v: u32 = 0;
+    // SAFETY: fault-tolerant read into a local.
+    let r = unsafe {
+        gen::bpf_probe_read_user(&mut v as *mut u32 as *mut c_void, 4, addr as *const c_void)
+    };
+    if r == 0 {
+        Some(v)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
@@ -228,16 +280,33 @@ fn kernel_stack(s: &mut Scratch, ctx: *mut c_void) {
     }
 }
 
-/// Copies up to `STACK_BYTES` of user stack from `sp` upward, one page at a time: a copy that
-/// reaches unreadable memory (the top of the stack mapping) keeps what came before it and sets
-/// `STACK_SHORT`.
+/// Copies up to `STACK_BYTES` of user stack from `sp` upward, and no further than the thread's
+/// stack top when its `STACK_TOPS` entry holds `sp` (`STACK_TO_TOP`), one page at a time: a
+/// copy that reaches unreadable memory (the top of the stack mapping) keeps what came before it
+/// and sets `STACK_SHORT`.
 #[inline(always)]
-fn copy_stack(s: &mut Scratch, sp: u64) {
+fn copy_stack(s: &mut Scratch, pid_tgid: u64, sp: u64) {
     let mut want = control(ctl::STACK_BYTES) as u64;
     if want > MAX_STACK_BYTES as u64 {
         want = MAX_STACK_BYTES as u64;
     }
     want &= !7;
+    // SAFETY: value copied out immediately.
+    if let Some(t) = unsafe { STACK_TOPS.get(&pid_tgid) }.copied() {
+        if t.low <= sp && sp < t.top && t.top - sp <= want {
+            want = t.top - sp;
+            s.rec.header.flags |= sf::STACK_TO_TOP;
+        }
+    }
+    // Through memory, so the verifier walks the copy (and everything after it) once, not once
+    // per way of choosing its length; `user_stack_len` gets its real value below.
+    set(&mut s.rec.header.user_stack_len, want as u32);
+    let want = v(&s.rec.header.user_stack_len) as u64 & (2 * MAX_STACK_BYTES as u64 - 1);
+    let want = if want > MAX_STACK_BYTES as u64 {
+        MAX_STACK_BYTES as u64
+    } else {
+        want
+    };
     let base = s.rec.stack.as_mut_ptr();
     let mut off: u64 = 0;
     let mut i = 0;
@@ -350,15 +419,28 @@ fn set<T: Copy>(p: &mut T, value: T) {
     unsafe { core::ptr::write_volatile(p, value) }
 }
 
+/// The kernel tid a thread state belongs to: `native_thread_id` (3.11+), or with
+/// `THREAD_ID_IS_PTHREAD` (3.10) the `tid` in the `struct pthread` its `thread_id` points at.
+/// `Err(())`: the thread state itself is unreadable; `Ok(None)`: its `struct pthread` is (the
+/// thread exited), which matches no thread.
+#[inline(always)]
+fn tstate_tid(walk: &PyWalk, tstate: u64) -> Result<Option<u64>, ()> {
+    let off = v(&walk.proc_.offsets.tstate_native_thread_id) as u64;
+    // SAFETY: fault-tolerant reads of the target's memory.
+    let Some(id) = (unsafe { read_user_u64(tstate + off) }) else {
+        return Err(());
+    };
+    if v(&walk.proc_.flags) & py_flags::THREAD_ID_IS_PTHREAD == 0 {
+        return Ok(Some(id));
+    }
+    let tid_off = v(&walk.proc_.offsets.pthread_tid) as u64;
+    Ok(unsafe { read_user_u32(id + tid_off) }.map(u64::from))
+}
+
 /// Whether `tstate` is the thread state of kernel thread `tid`.
 #[inline(always)]
 fn tstate_is(walk: &PyWalk, tstate: u64, tid: u32) -> bool {
-    let off = v(&walk.proc_.offsets.tstate_native_thread_id) as u64;
-    // SAFETY: fault-tolerant read.
-    match unsafe { read_user_u64(tstate + off) } {
-        Some(id) => id == tid as u64,
-        None => false,
-    }
+    matches!(tstate_tid(walk, tstate), Ok(Some(id)) if id == tid as u64)
 }
 
 /// The sampled thread's `PyThreadState*`: the cached one if it still belongs to this thread,
@@ -383,11 +465,10 @@ fn thread_state(walk: &PyWalk, pid_tgid: u64) -> Result<u64, u8> {
         if t == 0 {
             return Err(sf::PY_NO_THREAD);
         }
-        let id_off = v(&walk.proc_.offsets.tstate_native_thread_id) as u64;
-        let Some(id) = (unsafe { read_user_u64(t + id_off) }) else {
+        let Ok(id) = tstate_tid(walk, t) else {
             return Err(sf::PY_NO_THREAD | sf::PY_ERROR);
         };
-        if id == tid as u64 {
+        if id == Some(tid as u64) {
             if PY_THREADS.insert(&pid_tgid, &t, 0).is_err() {
                 bump(counter::PROFILE_MAP_FULL);
             }
@@ -421,6 +502,13 @@ fn walk_python(s: &mut Scratch, pid_tgid: u64) {
         s.rec.header.flags |= sf::PY_ERROR;
         return;
     };
+    if s.walk.proc_.flags & py_flags::THREAD_ID_IS_PTHREAD != 0
+        && s.walk.proc_.offsets.pthread_tid == PY_OFFSET_NONE
+    {
+        // No way to tell its threads apart.
+        s.rec.header.flags |= sf::PY_ERROR | sf::PY_NO_THREAD;
+        return;
+    }
     set(&mut s.walk.wlen, wlen);
     set(&mut s.walk.n, 0);
     set(&mut s.walk.flags, 0);
@@ -580,11 +668,17 @@ fn emit(s: &mut Scratch) -> bool {
 }
 
 /// User stack and Python frames, then the record out.
-#[inline(always)]
+///
+/// A BPF subprogram rather than inlined: its only input is the scratch (header filled), so the
+/// verifier walks it once per program instead of once per path that reached it (kernel or user
+/// mode, preempted or blocked), and the copy and the walk are not multiplied by each other's
+/// exits. Measured: `profile_cpu` 114 k and `on_sched_switch` 208 k verified instructions
+/// inlined, ≈ 115 k each as a subprogram.
+#[inline(never)]
 fn finish(s: &mut Scratch) -> bool {
-    let pid_tgid = s.rec.header.pid_tgid;
-    let sp = s.rec.header.sp;
-    copy_stack(s, sp);
+    let pid_tgid = v(&s.rec.header.pid_tgid);
+    let sp = v(&s.rec.header.sp);
+    copy_stack(s, pid_tgid, sp);
     walk_python(s, pid_tgid);
     emit(s)
 }
@@ -599,12 +693,10 @@ pub fn profile_cpu(ctx: PerfEventContext) -> u32 {
     if tgid == 0 || !is_target(tgid) || control(ctl::CPU_ON) == 0 {
         return 0;
     }
-    let Some(s) = SCRATCH_CPU.get_ptr_mut(0) else {
+    let Some(s) = scratch(&SCRATCH_CPU) else {
         bump(counter::SAMPLE_FAILED);
         return 0;
     };
-    // SAFETY: per-CPU scratch, exclusively ours for this program run.
-    let s = unsafe { &mut *s };
     let data = ctx.ctx as *const bpf_perf_event_data;
     // SAFETY: loads of the context's saved registers at constant offsets.
     let (cs, ip, sp, bp) = unsafe {
@@ -728,12 +820,10 @@ fn switch_out(ctx: &TracePointContext, id: u64, every: u32, now: u64) {
 /// kernel entry, user stack and Python frames.
 #[inline(always)]
 fn capture_offcpu(ctx: &TracePointContext, id: u64, now: u64, preempted: bool) -> bool {
-    let Some(s) = SCRATCH_SWITCH.get_ptr_mut(0) else {
+    let Some(s) = scratch(&SCRATCH_SWITCH) else {
         bump(counter::SAMPLE_FAILED);
         return false;
     };
-    // SAFETY: per-CPU scratch, exclusively ours for this program run.
-    let s = unsafe { &mut *s };
     let Some(regs) = task_user_regs() else {
         bump(counter::SAMPLE_FAILED);
         return false;
@@ -808,12 +898,10 @@ fn totals_entry(tgid: u32) -> Option<&'static mut OffCpuTotals> {
 /// frames; `aux` = attach cookie, `aux2` = kernel handle / graph.
 #[inline(always)]
 pub(crate) fn launch_sample(ctx: &ProbeContext, pid_tgid: u64, now: u64, cookie: u64, handle: u64) {
-    let Some(s) = SCRATCH_LAUNCH.get_ptr_mut(0) else {
+    let Some(s) = scratch(&SCRATCH_LAUNCH) else {
         bump(counter::SAMPLE_FAILED);
         return;
     };
-    // SAFETY: per-CPU scratch, exclusively ours for this program run.
-    let s = unsafe { &mut *s };
     let r = ctx.as_ptr() as *const pt_regs;
     // SAFETY: loads of the probed thread's saved registers at constant offsets.
     let regs = unsafe {
@@ -828,4 +916,15 @@ pub(crate) fn launch_sample(ctx: &ProbeContext, pid_tgid: u64, now: u64, cookie:
     s.rec.header.aux = cookie;
     s.rec.header.aux2 = handle;
     finish(s);
+}
+
+// ---- thread exit -----------------------------------------------------------------------------
+
+/// A thread of a traced process exits (`sched_process_exit`, called by `sockets::on_exit`): its
+/// stack top and cached thread state go with it, so a later thread given the same tid never
+/// meets them.
+#[inline(always)]
+pub(crate) fn thread_exited(pid_tgid: u64) {
+    let _ = STACK_TOPS.remove(&pid_tgid);
+    let _ = PY_THREADS.remove(&pid_tgid);
 }

@@ -490,11 +490,15 @@ pub fn on_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     let tid = id as u32;
-    if tid != tgid {
-        let _ = TARGETS.remove(&tid);
+    if !is_target(tgid) {
+        if tid != tgid {
+            let _ = TARGETS.remove(&tid);
+        }
         return 0;
     }
-    if !is_target(tgid) {
+    crate::profile::thread_exited(id);
+    if tid != tgid {
+        let _ = TARGETS.remove(&tid);
         return 0;
     }
     let _ = TARGETS.remove(&tgid);

@@ -164,6 +164,7 @@ mod pod {
     unsafe impl aya::Pod for super::profile::PyProc {}
     unsafe impl aya::Pod for super::profile::OffCpuTotals {}
     unsafe impl aya::Pod for super::profile::OffCpuStart {}
+    unsafe impl aya::Pod for super::profile::StackTop {}
 }
 
 #[cfg(test)]

@@ -10,9 +10,14 @@
 
 /// Most bytes of the user stack copied per sample (from the sampled `sp` upward). A power of two
 /// so lengths can be bounded with a mask the verifier understands.
-pub const MAX_STACK_BYTES: usize = 16384;
-/// Default copy: enough for deep C++/Python native stacks on x86-64.
-pub const DEFAULT_STACK_BYTES: u32 = 16384;
+///
+/// 64 KiB: llama.cpp decode threads need ≈ 43 KiB to unwind to their thread's start
+/// (`llama_context::process_ubatch` alone has a 36 KiB frame); 16 KiB cut 20–25 % of them. The
+/// copy of a thread whose stack top user space registered (`STACK_TOPS`) stops at that top, so
+/// shallow stacks cost what they hold, not 64 KiB.
+pub const MAX_STACK_BYTES: usize = 65536;
+/// Default copy (`profile_control::STACK_BYTES`): the whole window.
+pub const DEFAULT_STACK_BYTES: u32 = 65536;
 /// Kernel frames kept per sample (`bpf_get_stack`).
 pub const MAX_KERNEL_FRAMES: usize = 64;
 /// Python frames walked per sample; deeper stacks are cut at the root end (flag `PY_TRUNCATED`).
@@ -60,9 +65,15 @@ pub mod sample_flags {
     /// The process is a known Python process but no `PyThreadState` matched this thread (a
     /// native-only thread, e.g. a BLAS/OpenMP worker).
     pub const PY_NO_THREAD: u8 = 32;
+    /// The copy was bounded by the thread's [`StackTop`](super::StackTop) from `STACK_TOPS`
+    /// (`sp` was inside it and its top nearer than `STACK_BYTES`): `stack` holds everything
+    /// from `sp` to the top of the thread's stack mapping, unless `STACK_SHORT` is also set: a
+    /// page below the top could not be read (not present: never touched, or being migrated or
+    /// reclaimed; or the mapping changed since the entry was made).
+    pub const STACK_TO_TOP: u8 = 64;
     /// Every defined bit (a decoder rejects others).
     pub const ALL: u8 =
-        IN_KERNEL | PY_TRUNCATED | PY_ERROR | STACK_SHORT | PREEMPTED | PY_NO_THREAD;
+        IN_KERNEL | PY_TRUNCATED | PY_ERROR | STACK_SHORT | PREEMPTED | PY_NO_THREAD | STACK_TO_TOP;
 }
 
 /// Header of every sample record. 72 bytes.
@@ -161,8 +172,8 @@ pub struct PyOffsets {
     /// `PyThreadState.next`.
     pub tstate_next: u16,
     /// `PyThreadState.native_thread_id` (the kernel tid), 3.11+. 3.10 has no such field: there it
-    /// is `PyThreadState.thread_id` (the creating thread's `pthread_t`) and `PyProc::flags` has
-    /// [`py_flags::THREAD_ID_IS_PTHREAD`].
+    /// is `PyThreadState.thread_id` (the thread's `pthread_t`), `PyProc::flags` has
+    /// [`py_flags::THREAD_ID_IS_PTHREAD`] and the tid is read through [`Self::pthread_tid`].
     pub tstate_native_thread_id: u16,
     /// `PyThreadState` → current frame: 3.10 `frame`, 3.11/3.12 `cframe`, 3.13+ `current_frame`.
     pub tstate_frame: u16,
@@ -182,7 +193,12 @@ pub struct PyOffsets {
     pub frame_is_entry: u16,
     /// `PyObject.ob_type` (to check that `f_executable` is a code object, 3.13+).
     pub object_type: u16,
-    pub _pad: [u16; 5],
+    /// With [`py_flags::THREAD_ID_IS_PTHREAD`] (3.10): byte offset of `tid` (a 4-byte `pid_t`) in
+    /// the target libc's `struct pthread`, which a `pthread_t` points at. Read by user space from
+    /// glibc's `_thread_db_pthread_tid` descriptor (the one gdb's libthread_db uses; 720 in glibc
+    /// 2.36), so no kernel structure offset is needed. `PY_OFFSET_NONE` otherwise.
+    pub pthread_tid: u16,
+    pub _pad: [u16; 4],
 }
 
 impl Default for PyOffsets {
@@ -199,7 +215,8 @@ impl Default for PyOffsets {
             frame_owner: PY_OFFSET_NONE,
             frame_is_entry: PY_OFFSET_NONE,
             object_type: PY_OFFSET_NONE,
-            _pad: [0; 5],
+            pthread_tid: PY_OFFSET_NONE,
+            _pad: [0; 4],
         }
     }
 }
@@ -209,9 +226,10 @@ pub mod py_flags {
     /// `frame_instr` is a 4-byte `f_lasti` (3.10), not a pointer.
     pub const LASTI_IS_INT: u32 = 1;
     /// `tstate_native_thread_id` is the offset of `thread_id`, an 8-byte `pthread_t` (3.10,
-    /// which records no kernel tid): match it against the sampled task's fs base
-    /// (`task->thread.fsbase`), not its tid. On x86-64 glibc and musl a thread's `pthread_t` is
-    /// the address of its thread control block, which is what `fs` points at.
+    /// which records no kernel tid). With glibc a `pthread_t` is the address of the thread's
+    /// `struct pthread`: the kernel reads the 4-byte `tid` at `pthread_t + PyOffsets::pthread_tid`
+    /// and compares that with the sampled tid. A thread state whose `struct pthread` cannot be
+    /// read (its thread exited) matches no thread.
     pub const THREAD_ID_IS_PTHREAD: u32 = 2;
 }
 
@@ -244,11 +262,31 @@ pub mod profile_control {
     pub const OFFCPU_SAMPLE_EVERY: u32 = 0;
     /// Capture the stack of 1 in N CUDA launches (0: off).
     pub const LAUNCH_SAMPLE_EVERY: u32 = 1;
-    /// Bytes of user stack to copy per sample (≤ `MAX_STACK_BYTES`, rounded to 8).
+    /// Bytes of user stack to copy per sample (≤ `MAX_STACK_BYTES`, rounded to 8). A thread with
+    /// a `STACK_TOPS` entry whose range holds its `sp` gets `min(top - sp, STACK_BYTES)`.
     pub const STACK_BYTES: u32 = 2;
     /// 1: on-CPU timer samples are taken (the perf events stay attached either way).
     pub const CPU_ON: u32 = 3;
     pub const COUNT: u32 = 4;
+}
+
+/// Most entries of the kernel's `STACK_TOPS` map (LRU, key: `tgid << 32 | tid`, value:
+/// [`StackTop`]). User space adds a thread's entry once (after its first sample); the kernel
+/// drops it when the thread exits. The key carries the tgid so a reused tid of another process
+/// never meets a stale entry, and user space can drop a whole process's entries.
+pub const MAX_STACK_TOPS: u32 = 65536;
+
+/// Value of `STACK_TOPS`: the mapping that holds a thread's stack, from `/proc/<pid>/maps`. The
+/// kernel bounds a sample's copy by `top` only when `low <= sp < top`, so a thread running on
+/// another stack for a while (a signal stack, a coroutine's, a Go goroutine's) is copied in
+/// full rather than cut at the wrong top.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackTop {
+    /// End address (exclusive) of the mapping: the top of the stack.
+    pub top: u64,
+    /// Start address of the mapping; 0 for the main thread's `[stack]`, which grows down.
+    pub low: u64,
 }
 
 /// Per-process off-CPU totals kept in the kernel (every switch-out, sampled or not), per CPU
@@ -297,9 +335,16 @@ mod tests {
             72 + 8 * MAX_KERNEL_FRAMES + 16 * MAX_PY_FRAMES
         );
         assert_eq!(core::mem::size_of::<PyOffsets>(), 32);
+        assert_eq!(core::mem::offset_of!(PyOffsets, object_type), 20);
+        assert_eq!(core::mem::offset_of!(PyOffsets, pthread_tid), 22);
+        assert_eq!(core::mem::offset_of!(PyProc, offsets), 16);
+        assert_eq!(core::mem::offset_of!(PyProc, flags), 52);
         assert_eq!(core::mem::size_of::<PyProc>(), 56);
         assert_eq!(core::mem::size_of::<OffCpuStart>(), 16);
+        assert_eq!(core::mem::size_of::<StackTop>(), 16);
         assert_eq!(core::mem::size_of::<OffCpuTotals>(), 24);
         assert!(MAX_STACK_BYTES.is_power_of_two());
+        assert!(DEFAULT_STACK_BYTES as usize <= MAX_STACK_BYTES);
+        assert_eq!(sample_flags::ALL, 0x7f);
     }
 }

@@ -74,6 +74,7 @@ use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64};
 use framehop::{FrameAddress, Unwinder as _};
 
 use crate::UserRegs;
+use infertap_common::profile::StackTop;
 
 use elf::{CfiSource, CfiUnwinder};
 use maps::{Backing, OpenOptions, ProcessMap};
@@ -362,6 +363,41 @@ impl Unwinder {
             file_offset: module.file_offset_of(addr),
             vaddr: module.vaddr_of(addr),
             module,
+        })
+    }
+
+    /// The stack that `sp` (a stack pointer of a thread of `pid`) is in: the readable,
+    /// writable, non-executable mapping containing it (`low` 0 for the main thread's `[stack]`,
+    /// which grows down), from the same read of `/proc/<pid>/maps` the unwinder keeps (re-read,
+    /// at most once per [`UnwindConfig::maps_refresh_interval`], when `sp` is in no known
+    /// mapping: a thread started after the last read). What the profiler registers so the
+    /// kernel copies a thread's stack only up to its top (`ProfileProbes::set_stack_top`).
+    ///
+    /// glibc puts a thread's `struct pthread` and static TLS at the top of its stack mapping,
+    /// so the bytes between the outermost frame and this top are a few KiB of those; a stack
+    /// mapping the kernel merged with an adjacent writable mapping gives a top above the real
+    /// one, which only costs copy size. `None` when `sp` is in no such mapping (or the maps
+    /// cannot be read).
+    pub fn stack_top(&mut self, pid: u32, sp: u64) -> Option<StackTop> {
+        let interval = self.config.maps_refresh_interval;
+        let map = process_map(&mut self.processes, &mut self.stats, pid).ok()?;
+        let found = match map.writable_at(sp) {
+            Some(m) => m,
+            None => {
+                if map.last_read.elapsed() < interval {
+                    return None;
+                }
+                self.stats.maps_reads += 1;
+                if map.refresh().is_err() {
+                    self.stats.maps_read_failures += 1;
+                    return None;
+                }
+                map.writable_at(sp)?
+            }
+        };
+        Some(StackTop {
+            top: found.end,
+            low: if found.grows_down { 0 } else { found.start },
         })
     }
 
@@ -757,6 +793,79 @@ mod tests {
         let last = s.lookup_addrs().last().unwrap();
         let n = u.normalize(own_pid(), last).unwrap();
         assert!(n.module.name().starts_with("libc"), "{:?}", n.module);
+    }
+
+    #[test]
+    fn stack_tops_are_the_end_of_the_stack_mapping() {
+        let mut u = Unwinder::new(UnwindConfig::default());
+        let pid = own_pid();
+        // This thread's stack (the test harness runs each test on its own thread) and a thread
+        // started after the unwinder read the maps: both found, the latter by a re-read.
+        let (regs, stack) = sample_self();
+        let range = u.stack_top(pid, regs.sp).expect("sp is in a stack mapping");
+        let top = range.top;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mapping = maps
+            .lines()
+            .find_map(|l| {
+                let (range, rest) = l.split_once(' ')?;
+                let (a, b) = range.split_once('-')?;
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                );
+                (a <= regs.sp && regs.sp < b).then(|| (a, b, rest.to_string()))
+            })
+            .unwrap();
+        assert_eq!((range.low, top), (mapping.0, mapping.1), "{}", mapping.2);
+        assert!(mapping.2.starts_with("rw"), "{}", mapping.2);
+        // A copy bounded by the top holds the whole stack: its unwind is complete.
+        let to_top = (top - regs.sp) as usize;
+        assert!(to_top <= stack.len() || stack.len() == 16384, "{to_top}");
+        let bounded = &stack[..to_top.min(stack.len())];
+        assert_eq!(
+            u.unwind(pid, regs, bounded).outcome,
+            UnwindOutcome::Complete
+        );
+
+        let reads = u.stats().maps_reads;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let local = 0u64;
+            tx.send(std::ptr::addr_of!(local) as u64).unwrap();
+            let _ = done_rx.recv();
+            std::hint::black_box(local);
+        });
+        let other_sp = rx.recv().unwrap();
+        let mut fresh = Unwinder::new(UnwindConfig {
+            maps_refresh_interval: Duration::ZERO,
+            ..UnwindConfig::default()
+        });
+        let other = fresh.stack_top(pid, other_sp).unwrap();
+        assert!(other.low <= other_sp && other_sp < other.top);
+        assert!(other.top - other_sp < 16 << 20);
+        assert_ne!(other, range);
+        // Within the refresh interval an unknown address is not looked up again.
+        assert_eq!(u.stack_top(pid, 0x1000), None);
+        assert_eq!(u.stats().maps_reads, reads);
+        // The main thread (blocked in a syscall while the harness runs tests: its sp is in
+        // /proc/<pid>/syscall) is on [stack], which grows down: no low bound.
+        let syscall = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/syscall")).unwrap();
+        let fields: Vec<&str> = syscall.split_whitespace().collect();
+        if fields.len() == 9 {
+            let main_sp = u64::from_str_radix(fields[7].trim_start_matches("0x"), 16).unwrap();
+            let main = fresh.stack_top(pid, main_sp).unwrap();
+            let stack_line = maps.lines().find(|l| l.ends_with("[stack]")).unwrap();
+            let end = stack_line.split(['-', ' ']).nth(1).unwrap();
+            assert_eq!(main.top, u64::from_str_radix(end, 16).unwrap());
+            assert_eq!(main.low, 0);
+        }
+        // Code and unmapped memory are no stack.
+        assert_eq!(fresh.stack_top(pid, regs.ip), None);
+        assert_eq!(fresh.stack_top(pid, 0x10), None);
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     #[test]

@@ -112,10 +112,10 @@ fn llama_server_threads_unwind_through_llama_decode() {
     let mut probe = Unwinder::new(UnwindConfig::default());
     let mut s = Symbolizer::new(SymbolizerConfig::default());
     let mut snapshots = 0;
-    // Thread stacks sampled; complete with the kernel's 16 KiB copy; complete with the whole
+    // Thread stacks sampled; complete with the kernel's copy (STACK_BYTES); complete with the whole
     // stack (a 1 MiB copy: what the unwinder itself achieves).
     let (mut stacks, mut complete, mut complete_full) = (0u64, 0u64, 0u64);
-    let (mut decode_full, mut decode_16k) = (0u64, 0u64);
+    let (mut decode_full, mut decode_copy) = (0u64, 0u64);
     let mut needed: Vec<usize> = Vec::new();
     let mut needed_decode: Vec<usize> = Vec::new();
     let mut deepest: Option<(usize, Capture)> = None;
@@ -139,14 +139,14 @@ fn llama_server_threads_unwind_through_llama_decode() {
             stacks += 1;
             assert!(
                 whole.frames.starts_with(&stack.frames),
-                "16 KiB unwind is not a prefix of the whole one\n{}",
+                "the copy's unwind is not a prefix of the whole one\n{}",
                 describe(&stack, &syms)
             );
             let in_decode = names(&whole_syms).iter().any(|n| n == "llama_decode");
             if in_decode {
                 any_decode = true;
                 decode_full += 1;
-                decode_16k += u64::from(names(&syms).iter().any(|n| n == "llama_decode"));
+                decode_copy += u64::from(names(&syms).iter().any(|n| n == "llama_decode"));
             }
             assert_eq!(
                 whole.outcome,
@@ -175,7 +175,7 @@ fn llama_server_threads_unwind_through_llama_decode() {
             }
             match stack.outcome {
                 UnwindOutcome::Complete => complete += 1,
-                // Honest classification: the 16 KiB copy ran out where more bytes let the
+                // Honest classification: the copy ran out where more bytes let the
                 // unwind finish (the whole-stack unwind above is complete).
                 UnwindOutcome::Truncated(TruncatedReason::StackCopyExhausted) => {}
                 other => panic!("tid {tid}: {other:?}\n{}", describe(&stack, &syms)),
@@ -203,9 +203,9 @@ fn llama_server_threads_unwind_through_llama_decode() {
             .unwrap_or(0)
     };
     eprintln!(
-        "llama server: {snapshots} snapshots, {stacks} thread stacks; complete with the 16 KiB \
+        "llama server: {snapshots} snapshots, {stacks} thread stacks; complete with the {STACK_BYTES}-byte \
          copy: {complete} ({:.1} %), with the whole stack: {complete_full} ({:.1} %); inside \
-         llama_decode: {decode_full} stacks, {decode_16k} of them reach it within 16 KiB",
+         llama_decode: {decode_full} stacks, {decode_copy} of them reach it within the copy",
         pct(complete, stacks),
         pct(complete_full, stacks),
     );

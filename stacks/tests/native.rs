@@ -1,5 +1,5 @@
 //! Native unwinding + symbolization of real programs built here with gcc, stopped at a known
-//! point, sampled as the kernel sampler does (ptrace regs + 16 KiB of stack), and checked
+//! point, sampled as the kernel sampler does (ptrace regs + `STACK_BYTES` of stack), and checked
 //! against gdb's backtrace of the same stopped process.
 
 mod common;
@@ -813,13 +813,18 @@ fn deep_stacks_hit_the_copy_or_depth_limit() {
     let dir = tempfile::tempdir().unwrap();
     let bin = compile(dir.path(), "recurse", "c", RECURSE, CFI_FLAGS);
 
-    // 200 × ~230 bytes: deeper than the 16 KiB copy.
-    let t = start_stopped(&bin, &["200"]);
+    // ~230 bytes a frame, twice as deep as the kernel's copy.
+    let depth = (2 * STACK_BYTES / 200).to_string();
+    let t = start_stopped(&bin, &[&depth]);
     let pid = t.pid();
     let cap = capture(pid, pid).unwrap();
     assert_eq!(cap.stack.len(), STACK_BYTES);
     let gdb = gdb_backtraces(pid);
-    let mut u = Unwinder::new(UnwindConfig::default());
+    // Room for every frame the copy holds (≈ 290 of them in 64 KiB): the copy is the limit.
+    let mut u = Unwinder::new(UnwindConfig {
+        max_frames: 4096,
+        ..UnwindConfig::default()
+    });
     let mut s = Symbolizer::new(SymbolizerConfig::default());
     let (stack, syms) = unwind_and_symbolize(&mut u, &mut s, pid, &cap);
     assert_matches_gdb("deep", &stack, &syms, &gdb[&pid], true, Some(dir.path()));

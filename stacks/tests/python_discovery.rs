@@ -39,7 +39,7 @@ fn check_chain(what: &str, mut cmd: Command, minor: u8, binary_contains: &str) {
     let proc = p.py_proc();
     let stopped = Stopped::attach(pid).unwrap();
     let mem = ProcMem::open(pid).unwrap();
-    let w = walk::walk(&mem, &proc, stopped.thread(pid).unwrap().key());
+    let w = walk::walk(&mem, &proc, stopped.thread(pid).unwrap().tid);
     assert_eq!(w.flags, 0, "{what}: {w:?}");
     let mut r = Resolver::default();
     r.add_process(&p).unwrap();
@@ -196,7 +196,7 @@ fn deleted_libpython_is_read_through_map_files() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let stopped = Stopped::attach(pid).unwrap();
     let mem = ProcMem::open(pid).unwrap();
-    let w = walk::walk(&mem, &p.py_proc(), stopped.thread(pid).unwrap().key());
+    let w = walk::walk(&mem, &p.py_proc(), stopped.thread(pid).unwrap().tid);
     let mut r = Resolver::default();
     r.add_process(&p).unwrap();
     let names: Vec<String> = w

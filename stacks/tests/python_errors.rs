@@ -85,7 +85,7 @@ fn a_process_exiting_mid_read_gives_errors_not_panics() {
         let proc = p.py_proc();
         let keys: Vec<_> = {
             let s = Stopped::attach(pid).unwrap();
-            s.threads().iter().map(|t| t.key()).collect()
+            s.threads().iter().map(|t| t.tid).collect()
         };
 
         // A reader hammering the process (walk + cold resolution) while it is killed.
@@ -165,7 +165,7 @@ fn garbage_addresses_are_bounded_errors() {
         let main = walk::walk(
             &mem,
             &proc,
-            Stopped::attach(pid).unwrap().thread(pid).unwrap().key(),
+            Stopped::attach(pid).unwrap().thread(pid).unwrap().tid,
         );
         let real = main.frames[0];
         let mut r = Resolver::default();
@@ -231,10 +231,7 @@ fn garbage_addresses_are_bounded_errors() {
         ));
 
         // The walker pointed at garbage interpreters: fast and bounded, whatever it finds.
-        let key = walk::ThreadKey {
-            tid: pid,
-            fsbase: 0,
-        };
+        let key = pid;
         let t0 = Instant::now();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut outcomes = [0usize; 3];

@@ -20,7 +20,7 @@ use infertap_stacks::python::code::CodeReader;
 use infertap_stacks::python::mem::ProcMem;
 use infertap_stacks::python::merge::{self, Slot};
 use infertap_stacks::python::stop::Stopped;
-use infertap_stacks::python::walk::{self, ThreadKey};
+use infertap_stacks::python::walk;
 use infertap_stacks::python::{discover, Resolver};
 
 /// One walked and resolved Python thread.
@@ -167,7 +167,7 @@ fn walks_and_resolves_real_interpreters_like_py_spy_and_gdb() {
         resolver.add_process(&p).unwrap();
         let mut threads = Vec::new();
         for t in stopped.threads() {
-            let w = walk::walk(&mem, &proc, t.key());
+            let w = walk::walk(&mem, &proc, t.tid);
             assert_eq!(w.error, None, "{v}: tid {}", t.tid);
             assert_eq!(
                 w.flags & sample_flags::PY_NO_THREAD,
@@ -176,10 +176,14 @@ fn walks_and_resolves_real_interpreters_like_py_spy_and_gdb() {
                 t.tid
             );
             let st = states.iter().find(|s| s.tstate == w.tstate).unwrap();
-            if m >= 11 {
-                assert_eq!(st.native_thread_id, Some(t.tid as u64));
-            } else {
+            // 3.11+ record the tid; 3.10's is read through its pthread_t, which is the
+            // thread's fs base (the register, as ptrace reports it).
+            assert_eq!(st.native_thread_id, Some(t.tid as u64), "{v}");
+            if m == 10 {
                 assert_eq!(st.thread_id, t.fsbase, "{v}: 3.10 thread_id is the fs base");
+                assert!(p.pthread_tid.is_some(), "{v}");
+            } else {
+                assert_eq!(p.pthread_tid, None, "{v}");
             }
             let frames = w
                 .frames
@@ -207,11 +211,7 @@ fn walks_and_resolves_real_interpreters_like_py_spy_and_gdb() {
         }
         assert_eq!(threads.len(), 4, "{v}: {threads:#?}");
         // A thread the interpreter does not know.
-        let stranger = ThreadKey { tid: 1, fsbase: 1 };
-        assert_eq!(
-            walk::walk(&mem, &proc, stranger).flags,
-            sample_flags::PY_NO_THREAD
-        );
+        assert_eq!(walk::walk(&mem, &proc, 1).flags, sample_flags::PY_NO_THREAD);
 
         // Exact expected stacks of our own frames.
         let ours = |name: &str, class: &str, marker: &str| {
@@ -458,7 +458,7 @@ fn non_ascii_names_and_files_resolve() {
         let proc = p.py_proc();
         let stopped = Stopped::attach(pid).unwrap();
         let mem = ProcMem::open(pid).unwrap();
-        let w = walk::walk(&mem, &proc, stopped.thread(pid).unwrap().key());
+        let w = walk::walk(&mem, &proc, stopped.thread(pid).unwrap().tid);
         let mut r = Resolver::default();
         r.add_process(&p).unwrap();
         let got: Vec<(String, String, Option<u32>)> = w

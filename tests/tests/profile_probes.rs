@@ -3,7 +3,8 @@
 //! programs built here with gcc, a pyenv CPython 3.11, the stub CUDA libraries), and every
 //! sample is checked against the target's own truth: its symbol table and memory maps, its
 //! stack memory read back through /proc/<pid>/mem, its CPU time from schedstat, its own sleep
-//! counts, CPython's headers for the frame layout, /proc/kallsyms for kernel frames.
+//! counts, CPython's headers for the frame layout, /proc/kallsyms for kernel frames; stack copies
+//! bounded by a registered stack top against the target's own stack mapping.
 //! Needs root and gcc; the Python test needs /root/.pyenv/versions/3.11.7.
 
 use std::{
@@ -25,8 +26,12 @@ use infertap::probes::{
 use infertap_common::{
     counter,
     cuda::{func, Cookie},
-    profile::{sample_flags as sf, PyFrame, PyOffsets, PyProc, SampleHeader, DEFAULT_STACK_BYTES},
+    profile::{
+        sample_flags as sf, PyFrame, PyOffsets, PyProc, SampleHeader, StackTop,
+        DEFAULT_STACK_BYTES, MAX_STACK_BYTES,
+    },
 };
+use infertap_stacks::unwind::{UnwindConfig, Unwinder};
 use infertap_tests::prereq;
 
 #[path = "support/cuda_stub.rs"]
@@ -149,6 +154,15 @@ impl Collector {
                 stack: v.stack().to_vec(),
             });
         }
+    }
+
+    /// Drops what is collected and queued (after a moment, so samples the kernel is writing
+    /// under an old setting are gone too), then collects for `d`.
+    fn fresh(&mut self, d: Duration) {
+        std::thread::sleep(Duration::from_millis(20));
+        self.drain();
+        self.samples.clear();
+        self.collect_for(d);
     }
 
     fn collect_for(&mut self, d: Duration) {
@@ -418,10 +432,26 @@ fn ab_costs(
     each: Duration,
     mut switch: impl FnMut(&mut Probes, bool),
 ) -> [(f64, Vec<Sample>); 2] {
-    let mut out: [(Vec<f64>, Vec<Sample>); 2] = Default::default();
+    let [a, b] = phase_costs::<2>(probes, col, filter_ns, rounds, each, |p, side| {
+        switch(p, side == 0)
+    });
+    [a, b]
+}
+
+/// [`ab_costs`] for `N` settings: `switch(probes, side)` before each phase of side `side`, the
+/// sides taking turns.
+fn phase_costs<const N: usize>(
+    probes: &mut Probes,
+    col: &mut Collector,
+    filter_ns: f64,
+    rounds: usize,
+    each: Duration,
+    mut switch: impl FnMut(&mut Probes, usize),
+) -> [(f64, Vec<Sample>); N] {
+    let mut out: [(Vec<f64>, Vec<Sample>); N] = std::array::from_fn(|_| Default::default());
     for _ in 0..rounds {
-        for (side, a) in [(0, true), (1, false)] {
-            switch(probes, a);
+        for (side, acc) in out.iter_mut().enumerate() {
+            switch(probes, side);
             std::thread::sleep(Duration::from_millis(50));
             col.drain();
             let n = col.samples.len();
@@ -430,10 +460,9 @@ fn ab_costs(
             let after = prog_stats(probes, "profile_cpu");
             let phase = &col.samples[n..];
             if !phase.is_empty() {
-                out[side]
-                    .0
+                acc.0
                     .push(per_sample_ns(before, after, phase.len(), filter_ns));
-                out[side].1.extend_from_slice(phase);
+                acc.1.extend_from_slice(phase);
             }
         }
     }
@@ -453,6 +482,8 @@ struct Burner {
     /// tid → (deep?, the thread function's frame address)
     threads: HashMap<u32, (bool, u64)>,
     child: Option<u32>,
+    /// `above` mode: [low, top) of the deep thread's own stack.
+    stack: Option<(u64, u64)>,
 }
 
 /// Starts `burner <mode>`, checks the function addresses it prints against its symbol table and
@@ -483,6 +514,7 @@ fn start_burner(exe: &Path, mode: &str) -> Burner {
         target,
         threads: HashMap::new(),
         child: None,
+        stack: None,
     }
 }
 
@@ -495,6 +527,7 @@ impl Burner {
             let f: Vec<&str> = line.split_whitespace().collect();
             match f[0] {
                 "child" => self.child = Some(f[1].parse().unwrap()),
+                "stack" => self.stack = Some((hex(f[1]), hex(f[2]))),
                 "thread" if f[2] == "deep" || f[2] == "shallow" => {
                     self.threads
                         .insert(f[1].parse().unwrap(), (f[2] == "deep", hex(f[3])));
@@ -763,6 +796,255 @@ fn cpu_sample_cost_with_a_full_stack_copy() {
             .program_info("on_sched_switch")
             .unwrap()
             .verified_instruction_count()
+    );
+}
+
+/// The deep burner thread's user-mode samples (burn's ip), for checks on its stack copies.
+fn deep_samples<'a>(b: &Burner, samples: &'a [Sample]) -> Vec<&'a Sample> {
+    samples
+        .iter()
+        .filter(|s| b.threads.get(&s.tid()).is_some_and(|t| t.0))
+        .filter(|s| !s.flag(sf::IN_KERNEL) && within(b.burn, s.h.ip))
+        .collect()
+}
+
+#[test]
+fn stack_copies_stop_at_the_registered_stack_top() {
+    if !gate("stack_copies_stop_at_the_registered_stack_top") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut b = start_burner(&exe, "above");
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        ..ProfileConfig::default()
+    });
+    assert_eq!(
+        ProfileConfig::default().stack_bytes as usize,
+        MAX_STACK_BYTES,
+        "the whole 64 KiB window by default"
+    );
+    let mut col = Collector::new(&mut probes);
+    probes.add_target(b.pid()).unwrap();
+    b.go(2);
+    let pid = b.pid();
+    let (low, top) = b.stack.expect("the burner's own stack");
+    let tid = *b.threads.keys().next().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The unwinder's view of the top agrees with the burner's and with the maps: the end of
+    // the writable mapping holding sp, with readable memory right above it.
+    col.collect_for(Duration::from_millis(300));
+    let first = deep_samples(&b, &col.samples)[0].h;
+    let mut unwinder = Unwinder::new(UnwindConfig::default());
+    let range = StackTop { top, low };
+    assert_eq!(unwinder.stack_top(pid, first.sp), Some(range));
+    let m = maps(pid);
+    let stack_map = mapping_of(&m, first.sp).unwrap();
+    assert_eq!(
+        (stack_map.start, stack_map.end),
+        (low, top),
+        "{stack_map:?}"
+    );
+    assert!(mapping_of(&m, top).unwrap().perms.starts_with("r--"));
+
+    // Without a top, a 64 KiB copy runs past the stack into the mapping above.
+    col.fresh(Duration::from_secs(1));
+    let unbounded = deep_samples(&b, &col.samples);
+    assert!(unbounded.len() > 50, "{} samples", unbounded.len());
+    for s in &unbounded {
+        assert_eq!(s.stack.len(), MAX_STACK_BYTES);
+        assert!(
+            !s.flag(sf::STACK_TO_TOP | sf::STACK_SHORT),
+            "{:#x}",
+            s.h.flags
+        );
+        let past = (top - s.h.sp) as usize;
+        assert!(past < MAX_STACK_BYTES, "sp {:#x} top {top:#x}", s.h.sp);
+        assert!(
+            s.stack[past..].iter().all(|&b| b == 0x5a),
+            "the bytes past the top are the mapping above's"
+        );
+    }
+
+    // With the top registered the copy is exactly the stack: sp to top.
+    probes.profile.set_stack_top(pid, tid, range).unwrap();
+    assert_eq!(probes.profile.stack_top(pid, tid), Some(range));
+    col.fresh(Duration::from_secs(1));
+    let bounded = deep_samples(&b, &col.samples);
+    assert!(bounded.len() > 50, "{} samples", bounded.len());
+    for s in &bounded {
+        let h = &s.h;
+        assert!(
+            s.flag(sf::STACK_TO_TOP) && !s.flag(sf::STACK_SHORT),
+            "{:#x}",
+            h.flags
+        );
+        assert_eq!(s.stack.len() as u64, top - h.sp);
+        // Everything from burn's frame to the top is the target's memory as it is now (the
+        // frames above burn's do not change while it burns; TLS at the top may, so compare up
+        // to the thread function's frame).
+        let frame = b.threads[&tid].1;
+        let from = (h.bp - h.sp) as usize;
+        let to = (frame + 16 - h.sp) as usize;
+        assert!(s.stack[from..to] == read_mem(pid, h.bp, to - from).unwrap()[..]);
+    }
+    // The copy is min(top - sp, STACK_BYTES): a top nearer than the copy size wins; a range
+    // that does not hold sp (another stack, a stale entry) is ignored, and so is a top beyond
+    // the copy size.
+    let near = first.sp + 4096;
+    probes
+        .profile
+        .set_stack_top(pid, tid, StackTop { top: near, low })
+        .unwrap();
+    col.fresh(Duration::from_millis(500));
+    for s in deep_samples(&b, &col.samples) {
+        if s.h.sp < near {
+            assert!(s.flag(sf::STACK_TO_TOP));
+            assert_eq!(s.stack.len() as u64, near - s.h.sp);
+        } else {
+            assert!(!s.flag(sf::STACK_TO_TOP));
+            assert_eq!(s.stack.len(), MAX_STACK_BYTES);
+        }
+    }
+    probes
+        .profile
+        .set_stack_top(
+            pid,
+            tid,
+            StackTop {
+                top,
+                low: first.sp + 8,
+            },
+        )
+        .unwrap();
+    probes.profile.set_stack_bytes(16384).unwrap();
+    col.fresh(Duration::from_millis(500));
+    let stale = deep_samples(&b, &col.samples);
+    assert!(!stale.is_empty());
+    for s in stale {
+        assert!(
+            !s.flag(sf::STACK_TO_TOP | sf::STACK_SHORT),
+            "{:#x}",
+            s.h.flags
+        );
+        assert_eq!(s.stack.len(), 16384);
+    }
+    probes.profile.set_stack_top(pid, tid, range).unwrap();
+    col.fresh(Duration::from_millis(500));
+    for s in deep_samples(&b, &col.samples) {
+        // top - sp is ≈ 24 KiB, more than the 16 KiB asked for.
+        assert!(!s.flag(sf::STACK_TO_TOP));
+        assert_eq!(s.stack.len(), 16384);
+    }
+    probes
+        .profile
+        .set_stack_bytes(MAX_STACK_BYTES as u32)
+        .unwrap();
+    probes.profile.remove_stack_top(pid, tid);
+    assert_eq!(probes.profile.stack_top(pid, tid), None);
+    col.fresh(Duration::from_millis(500));
+    assert!(deep_samples(&b, &col.samples)
+        .iter()
+        .all(|s| s.stack.len() == MAX_STACK_BYTES && !s.flag(sf::STACK_TO_TOP)));
+
+    // forget_process drops a process's tops; the kernel drops a thread's when it exits.
+    let other = StackTop {
+        top: 0x2000,
+        low: 0x1000,
+    };
+    probes.profile.set_stack_top(pid, 1, other).unwrap();
+    probes.profile.set_stack_top(pid + 1, 1, other).unwrap();
+    probes.profile.forget_process(pid);
+    assert_eq!(probes.profile.stack_top(pid, 1), None);
+    assert_eq!(probes.profile.stack_top(pid + 1, 1), Some(other));
+    probes.profile.forget_process(pid + 1);
+    probes.profile.set_stack_top(pid, tid, range).unwrap();
+    let empty = StackTop { top: low, low: top };
+    assert!(probes.profile.set_stack_top(pid, tid, empty).is_err());
+    b.target.finish();
+    assert_eq!(
+        probes.profile.stack_top(pid, tid),
+        None,
+        "the thread's exit removed its entry"
+    );
+    let c = probes.counters();
+    assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
+    assert_eq!(c.get(counter::SAMPLE_RING_FULL), 0);
+}
+
+/// What a sample costs the kernel by stack copy: 16 KiB, the whole 64 KiB window, and the
+/// window bounded by the thread's registered top (the deep burner thread holds ≈ 24 KiB of
+/// stack, with readable memory above it).
+#[test]
+fn cpu_sample_cost_by_stack_copy_size() {
+    if !gate("cpu_sample_cost_by_stack_copy_size") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let mut b = start_burner(&exe, "above");
+    let mut probes = load(ProfileConfig {
+        hz: HZ,
+        offcpu_sample_every: 0,
+        ..ProfileConfig::default()
+    });
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let mut col = Collector::new(&mut probes);
+    let filter_ns = filter_cost(&probes, Duration::from_secs(1));
+    probes.add_target(b.pid()).unwrap();
+    b.go(2);
+    let (low, top) = b.stack.unwrap();
+    let pid = b.pid();
+    let tid = *b.threads.keys().next().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    const SIDES: [(&str, u32, bool); 3] = [
+        ("16 KiB", 16384, false),
+        ("64 KiB", MAX_STACK_BYTES as u32, false),
+        ("64 KiB bounded by the top", MAX_STACK_BYTES as u32, true),
+    ];
+    let results = phase_costs::<3>(
+        &mut probes,
+        &mut col,
+        filter_ns,
+        6,
+        Duration::from_millis(500),
+        |p, side| {
+            let (_, bytes, bounded) = SIDES[side];
+            p.profile.set_stack_bytes(bytes).unwrap();
+            if bounded {
+                p.profile
+                    .set_stack_top(pid, tid, StackTop { top, low })
+                    .unwrap();
+            } else {
+                p.profile.remove_stack_top(pid, tid);
+            }
+        },
+    );
+    b.target.finish();
+    let mut line = String::from("MEASURED profile_cpu per sample by stack copy:");
+    for ((what, bytes, bounded), (ns, samples)) in SIDES.iter().zip(&results) {
+        let deep = deep_samples(&b, samples);
+        assert!(deep.len() > 100, "{what}: {} samples", deep.len());
+        let mean = deep.iter().map(|s| s.stack.len()).sum::<usize>() as f64 / deep.len() as f64;
+        for s in &deep {
+            if *bounded {
+                assert_eq!(s.stack.len() as u64, top - s.h.sp, "{what}");
+            } else {
+                assert_eq!(s.stack.len(), *bytes as usize, "{what}");
+            }
+        }
+        line += &format!(
+            " {what}: {ns:.0} ns ({} samples, {mean:.0} B copied);",
+            deep.len()
+        );
+    }
+    eprintln!(
+        "{line} medians of 6 alternating phases; {filter_ns:.0} ns per tick of an untraced thread"
     );
 }
 
@@ -1133,7 +1415,8 @@ fn py311_proc(pid: u32, off: &BTreeMap<String, u64>) -> PyProc {
             frame_owner: o("frame_owner"),
             frame_is_entry: o("frame_is_entry"),
             object_type: o("object_type"),
-            _pad: [0; 5],
+            pthread_tid: infertap_common::profile::PY_OFFSET_NONE,
+            _pad: [0; 4],
         },
         version: 0x030b,
         owner_cstack: 0xff,
@@ -1557,7 +1840,8 @@ fn a_bad_python_layout_is_flagged_not_walked() {
         frame_owner: 69,
         frame_is_entry: 68,
         object_type: 8,
-        _pad: [0; 5],
+        pthread_tid: infertap_common::profile::PY_OFFSET_NONE,
+        _pad: [0; 4],
     };
     let fake = PyProc {
         // burn's machine code read as an interpreter: its "thread list head" is code bytes.

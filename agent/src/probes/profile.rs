@@ -3,6 +3,10 @@
 //! per-process Python layouts the kernel walks with, the off-CPU totals, and a decoder for the
 //! sample records ([`decode_sample`]).
 //!
+//! Stack copies are bounded per thread by its stack top ([`ProfileProbes::set_stack_top`]): a
+//! thread whose top is registered costs the bytes its stack holds, others the full
+//! `stack_bytes` (64 KiB by default).
+//!
 //! CPU profiling is optional: when perf events cannot be opened (no perf support in the kernel,
 //! `kernel.perf_event_paranoid`, a container without CAP_PERFMON) the agent goes on without it
 //! and says why once ([`ProfileProbes::cpu_profiling`]). Off-CPU profiling likewise.
@@ -20,8 +24,8 @@ use aya::{
 };
 use infertap_common::profile::{
     profile_control as ctl, py_flags, sample_flags, sample_kind, OffCpuStart, OffCpuTotals,
-    PyFrame, PyProc, SampleHeader, MAX_KERNEL_FRAMES, MAX_PY_FRAMES, MAX_STACK_BYTES,
-    PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
+    PyFrame, PyProc, SampleHeader, SampleRecord, StackTop, MAX_KERNEL_FRAMES, MAX_PY_FRAMES,
+    MAX_STACK_BYTES, PY_OFFSET_NONE, SAMPLE_FIXED_LEN, SAMPLE_HEADER_LEN,
 };
 use tracing::{debug, info, warn};
 
@@ -37,7 +41,8 @@ pub struct ProfileConfig {
     pub offcpu_sample_every: u32,
     /// Capture the stack of 1 in N CUDA launches; 0: off.
     pub launch_sample_every: u32,
-    /// User stack bytes copied per sample (≤ `MAX_STACK_BYTES`, rounded down to 8).
+    /// User stack bytes copied per sample (≤ `MAX_STACK_BYTES`, rounded down to 8); less for a
+    /// thread whose stack top is registered and nearer.
     pub stack_bytes: u32,
     /// Size of the `SAMPLES` ring buffer in bytes (a power of two, a multiple of the page size).
     pub samples_ring_bytes: u32,
@@ -47,13 +52,15 @@ impl Default for ProfileConfig {
     fn default() -> Self {
         Self {
             hz: 49,
-            // A capture costs a 16 KiB copy and ring traffic; servers switch thousands of times
-            // a second. The totals still see every switch.
+            // A capture costs a stack copy (up to 64 KiB) and ring traffic; servers switch
+            // thousands of times a second. The totals still see every switch.
             offcpu_sample_every: 16,
             launch_sample_every: 0,
             stack_bytes: infertap_common::profile::DEFAULT_STACK_BYTES,
-            // ≈1700 full samples: a second of 49 Hz on 32 busy threads, a consumer that polls
-            // every 100 ms has ten times the headroom.
+            // ≈490 samples with a whole 64 KiB stack, ≈1200 at the 27 KiB mean copy measured
+            // on the llama.cpp server with stack tops registered (tests/profile_stacks.rs):
+            // 100 ms of 49 Hz on 32 busy threads is ≈160 samples, so a consumer that polls
+            // every 100 ms has 3× headroom even if no top is known.
             samples_ring_bytes: 32 << 20,
         }
     }
@@ -101,11 +108,30 @@ impl SwitchOffsets {
     }
 }
 
-/// What the loader must know before the object is loaded (globals and the ring size).
+/// The kernel's sample scratch arrays: one entry per possible CPU each.
+const SCRATCH_MAPS: [&str; 3] = ["SCRATCH_CPU", "SCRATCH_SWITCH", "SCRATCH_LAUNCH"];
+
+/// Kernel memory the sample scratch arrays take on a machine with `cpus` possible CPUs (≈ 213
+/// KiB per CPU).
+pub fn scratch_bytes(cpus: u32) -> u64 {
+    // agent-ebpf's `Scratch`: the record, a page of slack after its stack, the frame window
+    // (twice PY_FRAME_WINDOW_BYTES) and the walker's state (a PyProc and three u64).
+    let per = std::mem::size_of::<SampleRecord>()
+        + 4096
+        + 2 * infertap_common::profile::PY_FRAME_WINDOW_BYTES
+        + std::mem::size_of::<PyProc>()
+        + 24;
+    SCRATCH_MAPS.len() as u64 * cpus as u64 * per as u64
+}
+
+/// What the loader must know before the object is loaded (globals, the ring size, the CPU
+/// count).
 pub(super) struct LoadPlan {
     switch: Result<SwitchOffsets>,
     ring_bytes: u32,
     wakeup_bytes: u64,
+    /// Possible CPUs (`bpf_get_smp_processor_id` is below this): the scratch arrays' size.
+    cpus: Result<u32>,
 }
 
 impl LoadPlan {
@@ -115,14 +141,23 @@ impl LoadPlan {
             ring_bytes: cfg.samples_ring_bytes,
             // Wake the consumer only when a quarter of the ring is waiting.
             wakeup_bytes: cfg.samples_ring_bytes as u64 / 4,
+            cpus: aya::util::nr_cpus()
+                .map(|n| n as u32)
+                .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}")),
         }
     }
 
-    /// Applies the globals and the ring size to the loader.
+    /// Applies the globals, the ring size and the scratch arrays' size to the loader.
     pub(super) fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
         loader
             .override_global("SAMPLE_WAKEUP_BYTES", &self.wakeup_bytes, true)
             .map_max_entries("SAMPLES", self.ring_bytes);
+        // Unknown CPU count: one entry, so only CPU 0 samples (counted as SAMPLE_FAILED on the
+        // others) rather than no agent at all; `ProfileProbes::new` says so.
+        let cpus = *self.cpus.as_ref().unwrap_or(&1);
+        for name in SCRATCH_MAPS {
+            loader.map_max_entries(name, cpus.max(1));
+        }
         if let Ok(o) = &self.switch {
             loader
                 .override_global("SWITCH_PREV_PID_OFFSET", &o.prev_pid, true)
@@ -185,6 +220,7 @@ pub struct ProfileProbes {
     control: Array<MapData, u32>,
     py_procs: HashMap<MapData, u32, PyProc>,
     py_threads: HashMap<MapData, u64, u64>,
+    stack_tops: HashMap<MapData, u64, StackTop>,
     offcpu_start: HashMap<MapData, u32, OffCpuStart>,
     offcpu_totals: PerCpuHashMap<MapData, u32, OffCpuTotals>,
     samples: Option<RingBuf<MapData>>,
@@ -203,6 +239,10 @@ impl ProfileProbes {
         )?;
         let py_procs = HashMap::try_from(ebpf.take_map("PY_PROCS").context("PY_PROCS map")?)?;
         let py_threads = HashMap::try_from(ebpf.take_map("PY_THREADS").context("PY_THREADS map")?)?;
+        let stack_tops = HashMap::try_from(ebpf.take_map("STACK_TOPS").context("STACK_TOPS map")?)?;
+        if let Err(e) = &plan.cpus {
+            warn!("possible CPU count unknown ({e:#}): only CPU 0 takes stack samples");
+        }
         let offcpu_start =
             HashMap::try_from(ebpf.take_map("OFFCPU_START").context("OFFCPU_START map")?)?;
         let offcpu_totals = PerCpuHashMap::try_from(
@@ -245,6 +285,7 @@ impl ProfileProbes {
             control,
             py_procs,
             py_threads,
+            stack_tops,
             offcpu_start,
             offcpu_totals,
             samples: Some(samples),
@@ -322,6 +363,44 @@ impl ProfileProbes {
             .with_context(|| format!("PY_PROCS entry of pid {pid} (map full?)"))
     }
 
+    /// Bounds the stack copies of thread `tid` of process `pid` by its stack's top: `stack` is
+    /// the mapping that holds it (`Unwinder::stack_top` of a sample's `sp`). A sample whose `sp`
+    /// is inside `stack` then copies `min(top - sp, stack_bytes)` bytes and carries
+    /// `STACK_TO_TOP`; one on another stack is copied as if there were no entry. Call once per
+    /// thread, on its first sample; the kernel drops the entry when the thread exits.
+    ///
+    /// When to look again (both cheap: `Unwinder::stack_top` answers from the maps it keeps):
+    /// a sample of a registered thread without `STACK_TO_TOP` whose `sp` is outside the
+    /// registered range and less than `stack_bytes` below its own mapping's top (the thread
+    /// moved to another stack), and a sample with `STACK_TO_TOP | STACK_SHORT` (a page below
+    /// the top was not present, or the mapping changed); re-register only if the range
+    /// differs.
+    pub fn set_stack_top(&mut self, pid: u32, tid: u32, stack: StackTop) -> Result<()> {
+        if stack.top <= stack.low {
+            bail!(
+                "empty stack range {:#x}..{:#x} for tid {tid} of pid {pid}",
+                stack.low,
+                stack.top
+            );
+        }
+        let key = (pid as u64) << 32 | tid as u64;
+        self.stack_tops
+            .insert(key, stack, 0)
+            .with_context(|| format!("STACK_TOPS entry of tid {tid} of pid {pid}"))
+    }
+
+    /// Forgets thread `tid`'s stack range (its samples copy `stack_bytes` again).
+    pub fn remove_stack_top(&mut self, pid: u32, tid: u32) {
+        let _ = self.stack_tops.remove(&((pid as u64) << 32 | tid as u64));
+    }
+
+    /// The stack range registered for thread `tid` of `pid`, if the kernel still has it.
+    pub fn stack_top(&self, pid: u32, tid: u32) -> Option<StackTop> {
+        self.stack_tops
+            .get(&((pid as u64) << 32 | tid as u64), 0)
+            .ok()
+    }
+
     /// Stops walking process `pid`'s Python frames.
     pub fn remove_python_process(&mut self, pid: u32) {
         let _ = self.py_procs.remove(&pid);
@@ -340,6 +419,15 @@ impl ProfileProbes {
     /// stopped being traced).
     pub fn forget_process(&mut self, pid: u32) {
         self.remove_python_process(pid);
+        let tops: Vec<u64> = self
+            .stack_tops
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| (k >> 32) as u32 == pid)
+            .collect();
+        for k in tops {
+            let _ = self.stack_tops.remove(&k);
+        }
         let _ = self.offcpu_totals.remove(&pid);
         self.taken.remove(&pid);
         let starts: Vec<u32> = self
@@ -479,6 +567,18 @@ fn check_py_proc(p: &PyProc) -> Result<()> {
     }
     if p.code_type != 0 && o.object_type == PY_OFFSET_NONE {
         bail!("PyProc checks code_type but PyOffsets.object_type is missing");
+    }
+    if p.flags & py_flags::THREAD_ID_IS_PTHREAD != 0 {
+        // 3.10: thread_id is a pthread_t; the tid is read from its struct pthread.
+        if o.pthread_tid == PY_OFFSET_NONE {
+            bail!("PyProc matches threads by pthread_t but PyOffsets.pthread_tid is missing");
+        }
+        if !o.pthread_tid.is_multiple_of(4) {
+            bail!(
+                "PyOffsets.pthread_tid = {} is not aligned to its 4-byte field",
+                o.pthread_tid
+            );
+        }
     }
     let lasti_int = p.flags & py_flags::LASTI_IS_INT != 0;
     let mut end = 0u32;
@@ -882,7 +982,8 @@ mod tests {
                 frame_owner: 69,
                 frame_is_entry: 68,
                 object_type: 8,
-                _pad: [0; 5],
+                pthread_tid: PY_OFFSET_NONE,
+                _pad: [0; 4],
             },
             version: 0x030b,
             owner_cstack: 0xff,
@@ -922,5 +1023,25 @@ mod tests {
         p.offsets.frame_owner = PY_OFFSET_NONE;
         p.offsets.frame_is_entry = PY_OFFSET_NONE;
         check_py_proc(&p).unwrap();
+        // 3.10 threads are told apart through struct pthread: its tid offset is required.
+        p.flags |= py_flags::THREAD_ID_IS_PTHREAD;
+        assert!(check_py_proc(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("pthread_tid"));
+        p.offsets.pthread_tid = 722;
+        assert!(check_py_proc(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("aligned"));
+        p.offsets.pthread_tid = 720;
+        check_py_proc(&p).unwrap();
+    }
+
+    #[test]
+    fn scratch_memory_per_cpu() {
+        // Three arrays of one 72600-byte Scratch per CPU.
+        assert_eq!(scratch_bytes(1), 3 * 72600);
+        assert_eq!(scratch_bytes(64), 64 * 3 * 72600);
     }
 }

@@ -11,6 +11,18 @@
 //! `interp` back-pointer and, for 3.13, every field of the interpreter's own `_Py_DebugOffsets`.
 //! Anything unexpected is a [`DiscoverError`] with a short [`DiscoverError::reason`] for the
 //! caller's counters, never a guessed table.
+//!
+//! # 3.10 threads
+//! CPython 3.10 records no kernel thread id, only `PyThreadState.thread_id`, the thread's
+//! `pthread_t`. With glibc that is the address of the thread's `struct pthread`, whose `tid`
+//! field holds the kernel tid; glibc exports where that field is for debuggers, in the
+//! `GLIBC_PRIVATE` symbol `_thread_db_pthread_tid` (three `u32`: size in bits, element count,
+//! byte offset; what gdb's libthread_db reads). Discovery reads that descriptor from the libc
+//! the process maps (its `.dynsym`; the executable's own symbols for a static build), checks it
+//! against the live process (a thread state's `pthread_t` must lead to a tid of one of the
+//! process's threads) and puts the offset in `PyOffsets::pthread_tid`. A 3.10 process whose
+//! libc has no such descriptor (musl, a stripped static build) is refused
+//! ([`DiscoverError::NoThreadIds`]): its threads could not be told apart.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -69,6 +81,10 @@ pub enum DiscoverError {
     /// A consistency check on the live process failed (wrong table or a non-standard build).
     #[error("CPython {version}: {what}")]
     Invalid { version: PyVersion, what: String },
+    /// CPython 3.10 (no `native_thread_id`) with a libc that does not say where a thread's tid
+    /// is in its `struct pthread` (musl, a static build without glibc's debugger symbols).
+    #[error("CPython {version} records no kernel thread ids and {why}: its threads cannot be told apart")]
+    NoThreadIds { version: PyVersion, why: String },
     /// An ELF file that defines `_PyRuntime` lacks another symbol discovery needs.
     #[error("{path}: no symbol {symbol}")]
     MissingSymbol { path: PathBuf, symbol: &'static str },
@@ -91,6 +107,7 @@ impl DiscoverError {
             DiscoverError::NotInitialized => "not_initialized",
             DiscoverError::LayoutMismatch { .. } => "layout_mismatch",
             DiscoverError::Invalid { .. } => "invalid",
+            DiscoverError::NoThreadIds { .. } => "no_thread_ids",
             DiscoverError::MissingSymbol { .. } => "missing_symbol",
             DiscoverError::Io { .. } => "io",
             DiscoverError::Read(_) => "read",
@@ -124,6 +141,10 @@ pub struct PythonProcess {
     pub bytes_type: u64,
     /// The offset table for `version`.
     pub layout: &'static Layout,
+    /// 3.10: byte offset of `tid` in the process's glibc `struct pthread` (from its
+    /// `_thread_db_pthread_tid` descriptor), how a `thread_id` leads to the kernel tid. `None`
+    /// for 3.11+, which record `native_thread_id`.
+    pub pthread_tid: Option<u16>,
     py_proc: PyProc,
 }
 
@@ -227,8 +248,25 @@ fn is_libpython(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("libpython") && n.contains(".so"))
 }
 
-/// The mapped files that may hold the interpreter: libpython(s) first, then the executable.
-fn candidates(pid: u32) -> Result<Vec<Candidate>, DiscoverError> {
+/// Whether a mapped file's name looks like glibc's C library (`libc.so.6`; `libc-2.31.so`
+/// before glibc 2.34).
+fn is_glibc_name(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "libc.so.6" || (n.starts_with("libc-") && n.ends_with(".so")))
+}
+
+/// The ELF files a process maps that discovery reads.
+struct Mapped {
+    /// Files that may hold the interpreter: libpython(s) first, then the executable.
+    python: Vec<Candidate>,
+    /// Files that may hold glibc's `_thread_db_pthread_tid`: the C library, then the executable
+    /// (a static build).
+    libc: Vec<Candidate>,
+}
+
+/// The mapped files discovery looks at, from one read of `/proc/<pid>/maps`.
+fn candidates(pid: u32) -> Result<Mapped, DiscoverError> {
     let process = procfs::process::Process::new(pid as i32).map_err(|e| proc_err(pid, e))?;
     let exe = process.exe().ok();
     let maps = process.maps().map_err(|e| proc_err(pid, e))?;
@@ -237,7 +275,8 @@ fn candidates(pid: u32) -> Result<Vec<Candidate>, DiscoverError> {
         let procfs::process::MMapPath::Path(path) = m.pathname else {
             continue;
         };
-        let wanted = is_libpython(&path) || exe.as_deref() == Some(path.as_path());
+        let wanted =
+            is_libpython(&path) || is_glibc_name(&path) || exe.as_deref() == Some(path.as_path());
         if !wanted {
             continue;
         }
@@ -256,9 +295,21 @@ fn candidates(pid: u32) -> Result<Vec<Candidate>, DiscoverError> {
             })
             .or_insert(c);
     }
-    let mut out: Vec<Candidate> = files.into_values().collect();
-    out.sort_by_key(|c| !is_libpython(&c.path));
-    Ok(out)
+    let all: Vec<Candidate> = files.into_values().collect();
+    let is_exe = |c: &Candidate| exe.as_deref() == Some(c.path.as_path());
+    let mut python: Vec<Candidate> = all
+        .iter()
+        .filter(|c| is_libpython(&c.path) || is_exe(c))
+        .cloned()
+        .collect();
+    python.sort_by_key(|c| !is_libpython(&c.path));
+    let mut libc: Vec<Candidate> = all
+        .iter()
+        .filter(|c| is_glibc_name(&c.path) || is_exe(c))
+        .cloned()
+        .collect();
+    libc.sort_by_key(|c| !is_glibc_name(&c.path));
+    Ok(Mapped { python, libc })
 }
 
 /// Opens a mapped file as the process sees it: through `map_files` (any namespace, deleted
@@ -271,6 +322,122 @@ fn open_mapped(pid: u32, c: &Candidate) -> Result<File, DiscoverError> {
     let rel = c.path.strip_prefix("/").unwrap_or(&c.path);
     let by_root = Path::new(&format!("/proc/{pid}/root")).join(rel);
     File::open(&by_root).map_err(|e| io_err(format!("opening {}", by_root.display()), e))
+}
+
+/// glibc's `_thread_db_pthread_tid` descriptor in one mapped file: `Ok(None)` when the file
+/// does not define it.
+fn read_pthread_tid_descriptor(pid: u32, c: &Candidate) -> Result<Option<[u32; 3]>, DiscoverError> {
+    const NAME: &[u8] = b"_thread_db_pthread_tid";
+    let file = open_mapped(pid, c)?;
+    let cache = ReadCache::new(file);
+    let bad = |what: String| DiscoverError::Io {
+        what: format!("{}: {what}", c.path.display()),
+        error: std::io::Error::from(std::io::ErrorKind::InvalidData),
+    };
+    let obj = object::File::parse(&cache).map_err(|e| bad(format!("parsing: {e}")))?;
+    let found = obj
+        .dynamic_symbols()
+        .chain(obj.symbols())
+        .find(|s| !s.is_undefined() && s.name_bytes() == Ok(NAME));
+    let Some(sym) = found else {
+        return Ok(None);
+    };
+    let addr = sym.address();
+    let bytes = obj
+        .segments()
+        .find_map(|seg| seg.data_range(addr, 12).ok().flatten())
+        .ok_or_else(|| {
+            bad(format!(
+                "_thread_db_pthread_tid at {addr:#x} has no file data"
+            ))
+        })?;
+    let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    Ok(Some([word(0), word(1), word(2)]))
+}
+
+/// Where a 4-byte `tid` sits in a `struct pthread`, from a `_thread_db_pthread_tid` descriptor
+/// (`{ bits, count, offset }`), or why the descriptor is unusable.
+fn pthread_tid_from_descriptor(d: [u32; 3]) -> Result<u16, String> {
+    let [bits, count, offset] = d;
+    if bits != 32 || count != 1 {
+        return Err(format!(
+            "its _thread_db_pthread_tid describes a {bits}-bit field × {count}, not one 32-bit tid"
+        ));
+    }
+    // struct pthread is a few KiB (glibc 2.36: 2304 bytes); the kernel ABI wants a u16.
+    if offset % 4 != 0 || offset >= 0x4000 {
+        return Err(format!(
+            "its _thread_db_pthread_tid gives an implausible offset {offset}"
+        ));
+    }
+    Ok(offset as u16)
+}
+
+/// 3.10: the offset of `tid` in the process's `struct pthread`, from the first of `libc` that
+/// defines `_thread_db_pthread_tid`.
+fn pthread_tid_offset(
+    pid: u32,
+    version: PyVersion,
+    libc: &[Candidate],
+) -> Result<u16, DiscoverError> {
+    let refuse = |why: String| DiscoverError::NoThreadIds { version, why };
+    let mut looked = Vec::new();
+    for c in libc {
+        match read_pthread_tid_descriptor(pid, c) {
+            Ok(Some(d)) => {
+                return pthread_tid_from_descriptor(d)
+                    .map_err(|why| refuse(format!("{}: {why}", c.path.display())));
+            }
+            Ok(None) => looked.push(c.path.display().to_string()),
+            Err(DiscoverError::Gone) => return Err(DiscoverError::Gone),
+            Err(e) => looked.push(format!("{} ({e})", c.path.display())),
+        }
+    }
+    Err(refuse(if looked.is_empty() {
+        "maps no glibc libc.so".to_string()
+    } else {
+        format!(
+            "no glibc _thread_db_pthread_tid in {} (musl or a static build?)",
+            looked.join(", ")
+        )
+    }))
+}
+
+/// Checks a 3.10 `pthread_tid` against the live process: some thread state's `pthread_t`,
+/// followed to its `tid`, must name one of `pid`'s threads. Returns how many did.
+fn check_pthread_tids(
+    pid: u32,
+    mem: &impl Memory,
+    interp: u64,
+    layout: &Layout,
+    pthread_tid: u16,
+) -> Result<usize, String> {
+    let mut ts = mem
+        .read_u64(interp.wrapping_add(layout.interp_threads_head))
+        .map_err(|e| e.to_string())?;
+    let (mut states, mut live) = (0, 0);
+    let mut seen = Vec::new();
+    while ts != 0 && states < infertap_common::profile::MAX_PY_THREADS {
+        states += 1;
+        let pthread = mem
+            .read_u64(ts.wrapping_add(layout.tstate_thread_id))
+            .map_err(|e| e.to_string())?;
+        if let Ok(tid) = mem.read_u32(pthread.wrapping_add(pthread_tid as u64)) {
+            if tid != 0 && Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+                live += 1;
+            }
+            seen.push(tid);
+        }
+        ts = mem
+            .read_u64(ts.wrapping_add(layout.tstate_next))
+            .map_err(|e| e.to_string())?;
+    }
+    if states > 0 && live == 0 {
+        return Err(format!(
+            "no thread state's pthread_t leads to a thread of the process through tid offset              {pthread_tid} (read {seen:?})"
+        ));
+    }
+    Ok(live)
 }
 
 /// Reads the symbols of one ELF file and its load bias for mapping `c`.
@@ -352,8 +519,9 @@ pub fn discover(pid: u32) -> Result<PythonProcess, DiscoverError> {
     let mut first_error = None;
     let mut saw_runtime = false;
     let mut old_python = None;
-    for c in candidates(pid)? {
-        let (syms, bias) = match read_symbols(pid, &c) {
+    let mapped = candidates(pid)?;
+    for c in &mapped.python {
+        let (syms, bias) = match read_symbols(pid, c) {
             Ok(x) => x,
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -367,7 +535,7 @@ pub fn discover(pid: u32) -> Result<PythonProcess, DiscoverError> {
             continue;
         }
         saw_runtime = true;
-        match from_symbols(pid, &mem, &c.path, &syms, bias) {
+        match from_symbols(pid, &mem, &c.path, &syms, bias, &mapped.libc) {
             Err(DiscoverError::NotInitialized) => continue,
             other => return other,
         }
@@ -391,6 +559,7 @@ fn from_symbols(
     path: &Path,
     syms: &Symbols,
     bias: u64,
+    libc: &[Candidate],
 ) -> Result<PythonProcess, DiscoverError> {
     let at = |a: u64| a.wrapping_add(bias);
     let need = |v: Option<u64>, symbol: &'static str| {
@@ -465,9 +634,17 @@ fn from_symbols(
         }
     }
     let kernel_code_type = if version.minor >= 13 { code_type } else { 0 };
-    let py_proc = layout
+    let mut py_proc = layout
         .py_proc(interp, kernel_code_type)
         .ok_or_else(|| invalid("an offset does not fit the kernel ABI".into()))?;
+    let pthread_tid = if layout.tstate_native_thread_id.is_none() {
+        let off = pthread_tid_offset(pid, version, libc)?;
+        check_pthread_tids(pid, mem, interp, layout, off).map_err(invalid)?;
+        py_proc.offsets.pthread_tid = off;
+        Some(off)
+    } else {
+        None
+    };
     Ok(PythonProcess {
         pid,
         version,
@@ -479,6 +656,7 @@ fn from_symbols(
         unicode_type,
         bytes_type,
         layout,
+        pthread_tid,
         py_proc,
     })
 }
@@ -674,6 +852,7 @@ mod tests {
         let pid = std::process::id();
         let mut exe = candidates(pid)
             .unwrap()
+            .python
             .into_iter()
             .find(|c| !is_libpython(&c.path))
             .expect("the test binary is mapped");
@@ -687,6 +866,60 @@ mod tests {
             open_mapped(pid, &exe),
             Err(DiscoverError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn glibc_describes_where_a_thread_keeps_its_tid() {
+        // This test binary maps glibc: its descriptor, read like a target's, leads from our own
+        // pthread_self() to our own tid.
+        let pid = std::process::id();
+        let mapped = candidates(pid).unwrap();
+        assert!(
+            mapped.libc.iter().any(|c| is_glibc_name(&c.path)),
+            "{:?}",
+            mapped.libc
+        );
+        let v = PyVersion {
+            major: 3,
+            minor: 10,
+            patch: None,
+        };
+        let off = pthread_tid_offset(pid, v, &mapped.libc).unwrap();
+        // SAFETY: pthread_self has no preconditions; gettid neither.
+        let (me, tid) = unsafe { (libc::pthread_self() as u64, libc::gettid() as u32) };
+        let mem = ProcMem::open(pid).unwrap();
+        assert_eq!(mem.read_u32(me + off as u64).unwrap(), tid);
+        // Only libc and the executable are looked at; a file without the symbol says so.
+        let exe_only: Vec<Candidate> = mapped
+            .libc
+            .iter()
+            .filter(|c| !is_glibc_name(&c.path))
+            .cloned()
+            .collect();
+        match pthread_tid_offset(pid, v, &exe_only) {
+            Err(e @ DiscoverError::NoThreadIds { .. }) => {
+                assert_eq!(e.reason(), "no_thread_ids");
+                assert!(e.to_string().contains("_thread_db_pthread_tid"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            pthread_tid_offset(pid, v, &[]),
+            Err(DiscoverError::NoThreadIds { .. })
+        ));
+    }
+
+    #[test]
+    fn pthread_tid_descriptors_are_checked() {
+        assert_eq!(pthread_tid_from_descriptor([32, 1, 720]), Ok(720));
+        assert!(pthread_tid_from_descriptor([64, 1, 720]).is_err());
+        assert!(pthread_tid_from_descriptor([32, 2, 720]).is_err());
+        assert!(pthread_tid_from_descriptor([32, 1, 722]).is_err());
+        assert!(pthread_tid_from_descriptor([32, 1, 1 << 20]).is_err());
+        assert!(is_glibc_name(Path::new("/lib/x86_64-linux-gnu/libc.so.6")));
+        assert!(is_glibc_name(Path::new("/lib/libc-2.31.so")));
+        assert!(!is_glibc_name(Path::new("/lib/ld-musl-x86_64.so.1")));
+        assert!(!is_glibc_name(Path::new("/usr/lib/libcrypto.so.3")));
     }
 
     #[test]

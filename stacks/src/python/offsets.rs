@@ -354,7 +354,8 @@ impl Layout {
     }
 
     /// The offsets the kernel walker reads. `None` only if an offset does not fit the ABI's
-    /// `u16` (no supported version; checked by a unit test).
+    /// `u16` (no supported version; checked by a unit test). `pthread_tid` is left
+    /// `PY_OFFSET_NONE`: it depends on the process's libc (see `discover`).
     pub fn kernel_offsets(&self) -> Option<PyOffsets> {
         let f = |v: u64| u16::try_from(v).ok().filter(|&x| x != PY_OFFSET_NONE);
         let opt = |v: Option<u64>| match v {
@@ -364,8 +365,8 @@ impl Layout {
         Some(PyOffsets {
             interp_threads_head: f(self.interp_threads_head)?,
             tstate_next: f(self.tstate_next)?,
-            // 3.10 has no native_thread_id: the kernel matches thread_id (a pthread_t) against
-            // the task's fs base instead (py_flags::THREAD_ID_IS_PTHREAD).
+            // 3.10 has no native_thread_id: the kernel reads the tid through thread_id (a
+            // pthread_t) instead (py_flags::THREAD_ID_IS_PTHREAD, PyOffsets::pthread_tid).
             tstate_native_thread_id: f(self
                 .tstate_native_thread_id
                 .unwrap_or(self.tstate_thread_id))?,
@@ -377,12 +378,15 @@ impl Layout {
             frame_owner: opt(self.frame_owner)?,
             frame_is_entry: opt(self.frame_is_entry)?,
             object_type: f(self.object_type)?,
-            _pad: [0; 5],
+            // A property of the process's libc, not of the interpreter: discovery fills it.
+            pthread_tid: PY_OFFSET_NONE,
+            _pad: [0; 4],
         })
     }
 
     /// The kernel's per-process record for an interpreter at `interp` whose `PyCode_Type` is at
-    /// `code_type` (0: no type check).
+    /// `code_type` (0: no type check). For 3.10 (`THREAD_ID_IS_PTHREAD`) the caller must still
+    /// set `offsets.pthread_tid`.
     pub fn py_proc(&self, interp: u64, code_type: u64) -> Option<PyProc> {
         Some(PyProc {
             interp,

@@ -1,6 +1,6 @@
 //! Stopping every thread of a process with ptrace, for a consistent snapshot and for each
-//! thread's registers (fs base included: what the kernel matches 3.10 threads by). A debugging
-//! and test aid for [`super::walk`]; the profiler itself never stops its targets.
+//! thread's registers. A debugging and test aid for [`super::walk`] (which walks a stopped
+//! thread by its tid); the profiler itself never stops its targets.
 
 use std::io;
 
@@ -11,18 +11,9 @@ pub struct StoppedThread {
     pub ip: u64,
     pub sp: u64,
     pub bp: u64,
-    /// `fs` base: the thread's `pthread_t` (TCB address) with glibc and musl on x86-64.
+    /// `fs` base: the thread's `pthread_t` (TCB address) with glibc and musl on x86-64; an
+    /// independent check of what CPython 3.10 records as `thread_id`.
     pub fsbase: u64,
-}
-
-impl StoppedThread {
-    /// The key the kernel walker would identify this thread by.
-    pub fn key(&self) -> super::walk::ThreadKey {
-        super::walk::ThreadKey {
-            tid: self.tid,
-            fsbase: self.fsbase,
-        }
-    }
 }
 
 /// A process whose threads are all in ptrace stop; they resume when this is dropped.

@@ -5,17 +5,26 @@
 //!
 //! # The walk, step by step (what the eBPF walker must do)
 //!
-//! Input: the sampled task's tid and fs base (`task->thread.fsbase`), and the process's
-//! [`PyProc`] `p` (`o` = `p.offsets`). All reads are 8-byte little-endian pointers unless said,
-//! at `base + offset` in wrapping `u64` arithmetic; any failed read stops the walk with
-//! `PY_ERROR`, keeping the frames already emitted.
+//! Input: the sampled task's tid, and the process's [`PyProc`] `p` (`o` = `p.offsets`). All
+//! reads are 8-byte little-endian pointers unless said, at `base + offset` in wrapping `u64`
+//! arithmetic; any failed read stops the walk with `PY_ERROR`, keeping the frames already
+//! emitted.
 //!
-//! 1. **Thread.** `key` = fs base if `p.flags & THREAD_ID_IS_PTHREAD` (3.10), else the tid.
-//!    `ts = *(p.interp + o.interp_threads_head)`; up to `MAX_PY_THREADS` times: if `ts == 0`
-//!    stop with `PY_NO_THREAD`; if `*(ts + o.tstate_native_thread_id) == key` (8 bytes, zero-
-//!    extended tid) the thread is found; else `ts = *(ts + o.tstate_next)`. Not found after
-//!    `MAX_PY_THREADS` states: `PY_NO_THREAD`. (A cache tid → ts is fine as long as a hit is
-//!    re-validated by the same id comparison.)
+//! 1. **Thread.** The thread id of a thread state `ts`: `id = *(ts +
+//!    o.tstate_native_thread_id)`; with `p.flags & THREAD_ID_IS_PTHREAD` (3.10, where that is
+//!    `thread_id`, a `pthread_t`) instead the 4 bytes at `id + o.pthread_tid`, zero-extended
+//!    (the `tid` of glibc's `struct pthread`); if *that* read fails the state matches no thread
+//!    (its thread exited) and the search goes on. `ts = *(p.interp + o.interp_threads_head)`;
+//!    up to `MAX_PY_THREADS` times: if `ts == 0` stop with `PY_NO_THREAD`; if its thread id ==
+//!    the tid (zero-extended) the thread is found; else `ts = *(ts + o.tstate_next)`. Not found
+//!    after `MAX_PY_THREADS` states: `PY_NO_THREAD`; a failed read of the list itself:
+//!    `PY_NO_THREAD | PY_ERROR`. (A cache tid → ts is fine as long as a hit is re-validated by
+//!    the same comparison.) A `PyProc` with `THREAD_ID_IS_PTHREAD` but no `o.pthread_tid`
+//!    matches nothing: `PY_NO_THREAD | PY_ERROR`.
+//!
+//!    3.10 allocates a new thread's state in the creating thread, which briefly carries the
+//!    creator's `pthread_t` until the new thread starts: a sample then may find that (newer,
+//!    frameless) state first and show no frames.
 //! 2. **Leaf frame.** `f = *(ts + o.tstate_frame)`; if `o.cframe_current_frame != NONE` and
 //!    `f != 0`: `f = *(f + o.cframe_current_frame)` (3.11/3.12 `cframe->current_frame`).
 //! 3. **Frames**, at most `2 * MAX_PY_FRAMES` visits, innermost first, while `f != 0`:
@@ -46,16 +55,6 @@ use infertap_common::profile::{
 
 use super::mem::{Memory, ReadError};
 
-/// How the kernel identifies the sampled thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ThreadKey {
-    /// Kernel thread id (matched against `native_thread_id`, 3.11+).
-    pub tid: u32,
-    /// The thread's fs base (matched against `thread_id`, a `pthread_t`, on 3.10). 0 when
-    /// unknown: 3.10 threads then never match.
-    pub fsbase: u64,
-}
-
 /// What one walk produced, as the kernel would put it in a sample.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WalkOutcome {
@@ -73,18 +72,32 @@ pub struct WalkOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThreadState {
     pub tstate: u64,
-    /// `thread_id`: the creating thread's `pthread_t` (its fs base on x86-64).
+    /// `thread_id`: the thread's `pthread_t` (with glibc, the address of its `struct pthread`,
+    /// which is also its fs base on x86-64).
     pub thread_id: u64,
-    /// `native_thread_id` (3.11+): the kernel tid.
+    /// The kernel tid the walker matches: `native_thread_id` (3.11+), or (3.10) the `tid` read
+    /// through `thread_id` and `PyOffsets::pthread_tid`; `None` when that `struct pthread` is
+    /// unreadable (the thread exited).
     pub native_thread_id: Option<u64>,
 }
 
-fn thread_matches(p: &PyProc, id: u64, key: ThreadKey) -> bool {
-    if p.flags & py_flags::THREAD_ID_IS_PTHREAD != 0 {
-        key.fsbase != 0 && id == key.fsbase
-    } else {
-        id == key.tid as u64
+/// Whether `p` matches 3.10 threads through `struct pthread` without saying where its `tid` is.
+fn pthread_tid_missing(p: &PyProc) -> bool {
+    p.flags & py_flags::THREAD_ID_IS_PTHREAD != 0 && p.offsets.pthread_tid == PY_OFFSET_NONE
+}
+
+/// Step 1's thread id of thread state `ts`: `Err` when `ts` is unreadable, `Ok(None)` when its
+/// `struct pthread` is (3.10).
+fn tstate_tid(mem: &impl Memory, p: &PyProc, ts: u64) -> Result<Option<u64>, ReadError> {
+    let o = &p.offsets;
+    let id = mem.read_u64(ts.wrapping_add(o.tstate_native_thread_id as u64))?;
+    if p.flags & py_flags::THREAD_ID_IS_PTHREAD == 0 {
+        return Ok(Some(id));
     }
+    Ok(mem
+        .read_u32(id.wrapping_add(o.pthread_tid as u64))
+        .ok()
+        .map(u64::from))
 }
 
 /// Lists the interpreter's thread states (at most `MAX_PY_THREADS`, like the kernel), reading
@@ -95,15 +108,14 @@ pub fn thread_states(
     thread_id_offset: u64,
 ) -> Result<Vec<ThreadState>, ReadError> {
     let o = &p.offsets;
-    let pthread_only = p.flags & py_flags::THREAD_ID_IS_PTHREAD != 0;
     let mut out = Vec::new();
     let mut ts = mem.read_u64(p.interp.wrapping_add(o.interp_threads_head as u64))?;
     while ts != 0 && out.len() < MAX_PY_THREADS {
         let thread_id = mem.read_u64(ts.wrapping_add(thread_id_offset))?;
-        let native_thread_id = if pthread_only {
+        let native_thread_id = if pthread_tid_missing(p) {
             None
         } else {
-            Some(mem.read_u64(ts.wrapping_add(o.tstate_native_thread_id as u64))?)
+            tstate_tid(mem, p, ts)?
         };
         out.push(ThreadState {
             tstate: ts,
@@ -115,38 +127,54 @@ pub fn thread_states(
     Ok(out)
 }
 
-/// Step 1: the thread state of `key`, `None` if no state matches within `MAX_PY_THREADS`.
-pub fn find_tstate(
-    mem: &impl Memory,
-    p: &PyProc,
-    key: ThreadKey,
-) -> Result<Option<u64>, ReadError> {
+/// Why step 1 found no thread state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FindError {
+    /// Reading the thread list failed.
+    Read(ReadError),
+    /// The `PyProc` cannot tell threads apart (`THREAD_ID_IS_PTHREAD` without `pthread_tid`).
+    NoThreadIds,
+}
+
+/// Step 1: the thread state of kernel thread `tid`, `None` if no state matches within
+/// `MAX_PY_THREADS`.
+pub fn find_tstate(mem: &impl Memory, p: &PyProc, tid: u32) -> Result<Option<u64>, FindError> {
+    if pthread_tid_missing(p) {
+        return Err(FindError::NoThreadIds);
+    }
     let o = &p.offsets;
-    let mut ts = mem.read_u64(p.interp.wrapping_add(o.interp_threads_head as u64))?;
+    let mut ts = mem
+        .read_u64(p.interp.wrapping_add(o.interp_threads_head as u64))
+        .map_err(FindError::Read)?;
     for _ in 0..MAX_PY_THREADS {
         if ts == 0 {
             return Ok(None);
         }
-        let id = mem.read_u64(ts.wrapping_add(o.tstate_native_thread_id as u64))?;
-        if thread_matches(p, id, key) {
+        if tstate_tid(mem, p, ts).map_err(FindError::Read)? == Some(tid as u64) {
             return Ok(Some(ts));
         }
-        ts = mem.read_u64(ts.wrapping_add(o.tstate_next as u64))?;
+        ts = mem
+            .read_u64(ts.wrapping_add(o.tstate_next as u64))
+            .map_err(FindError::Read)?;
     }
     Ok(None)
 }
 
-/// Walks the thread `key` of a process: steps 1–3.
-pub fn walk(mem: &impl Memory, p: &PyProc, key: ThreadKey) -> WalkOutcome {
-    match find_tstate(mem, p, key) {
+/// Walks kernel thread `tid` of a process: steps 1–3.
+pub fn walk(mem: &impl Memory, p: &PyProc, tid: u32) -> WalkOutcome {
+    match find_tstate(mem, p, tid) {
         Ok(Some(ts)) => walk_tstate(mem, p, ts),
         Ok(None) => WalkOutcome {
             flags: sample_flags::PY_NO_THREAD,
             ..Default::default()
         },
-        Err(e) => WalkOutcome {
-            flags: sample_flags::PY_ERROR,
+        Err(FindError::Read(e)) => WalkOutcome {
+            flags: sample_flags::PY_NO_THREAD | sample_flags::PY_ERROR,
             error: Some(e),
+            ..Default::default()
+        },
+        Err(FindError::NoThreadIds) => WalkOutcome {
+            flags: sample_flags::PY_NO_THREAD | sample_flags::PY_ERROR,
             ..Default::default()
         },
     }
@@ -265,7 +293,9 @@ mod tests {
     const CODE_TYPE: u64 = 0x30_0000;
     const OTHER_TYPE: u64 = 0x31_0000;
     const TID: u32 = 4242;
-    const FSBASE: u64 = 0x7f00_0000_1000;
+    /// The thread's `pthread_t`: its `struct pthread`, with the tid at `PTHREAD_TID`.
+    const PTHREAD: u64 = 0x7f00_0000_1000;
+    const PTHREAD_TID: u16 = 720;
 
     fn frame_addr(i: usize) -> u64 {
         0x40_0000 + 0x100 * i as u64
@@ -285,10 +315,14 @@ mod tests {
     /// One thread whose frames (innermost first) are `frames`, the last pointing at `last_prev`.
     fn build(l: &Layout, frames: &[F], last_prev: u64) -> (Space, PyProc) {
         let mut s = Space::default();
-        let p = l.py_proc(INTERP, CODE_TYPE).unwrap();
+        let mut p = l.py_proc(INTERP, CODE_TYPE).unwrap();
+        if p.flags & py_flags::THREAD_ID_IS_PTHREAD != 0 {
+            p.offsets.pthread_tid = PTHREAD_TID;
+        }
         s.ptr(INTERP + l.interp_threads_head, TSTATE);
         s.ptr(TSTATE + l.tstate_next, 0);
-        s.ptr(TSTATE + l.tstate_thread_id, FSBASE);
+        s.ptr(TSTATE + l.tstate_thread_id, PTHREAD);
+        s.put(PTHREAD + PTHREAD_TID as u64, &TID.to_le_bytes());
         if let Some(o) = l.tstate_native_thread_id {
             s.ptr(TSTATE + o, TID as u64);
         }
@@ -331,11 +365,8 @@ mod tests {
         (s, p)
     }
 
-    fn key() -> ThreadKey {
-        ThreadKey {
-            tid: TID,
-            fsbase: FSBASE,
-        }
+    fn key() -> u32 {
+        TID
     }
 
     fn summary(w: &WalkOutcome) -> Vec<(usize, bool)> {
@@ -378,18 +409,50 @@ mod tests {
         // f_lasti is 4 bytes, zero-extended: -1 reads as 0xffff_ffff.
         assert_eq!(w.frames[0].instr, 0xffff_ffff);
         assert_eq!(w.frames[2].instr, 1);
-        // 3.10 threads are matched by fs base, not tid.
-        let by_tid = ThreadKey {
-            tid: TID,
-            fsbase: 0,
-        };
-        assert_eq!(walk(&s, &p, by_tid).flags, sample_flags::PY_NO_THREAD);
+        // 3.10 threads are matched through struct pthread: the pthread_t itself, or another
+        // tid, is no match.
+        assert_eq!(
+            walk(&s, &p, PTHREAD as u32).flags,
+            sample_flags::PY_NO_THREAD
+        );
+        assert_eq!(walk(&s, &p, TID + 1).flags, sample_flags::PY_NO_THREAD);
+        let all = thread_states(&s, &p, offsets::PY310.tstate_thread_id).unwrap();
+        assert_eq!(
+            all,
+            [ThreadState {
+                tstate: TSTATE,
+                thread_id: PTHREAD,
+                native_thread_id: Some(TID as u64)
+            }]
+        );
+        // Without the pthread tid offset no thread can be told apart: flagged, never guessed.
+        let mut blind = p;
+        blind.offsets.pthread_tid = PY_OFFSET_NONE;
+        assert_eq!(
+            walk(&s, &p, TID).flags,
+            0,
+            "the same process with the offset walks"
+        );
+        assert_eq!(
+            walk(&s, &blind, TID).flags,
+            sample_flags::PY_NO_THREAD | sample_flags::PY_ERROR
+        );
+        // A struct pthread that cannot be read (its thread exited) matches nobody, and the
+        // search goes on to the next thread state.
+        let (mut s, p) = build(&offsets::PY310, &[Py], 0);
+        const DEAD: u64 = 0x60_0000;
+        s.ptr(INTERP + offsets::PY310.interp_threads_head, DEAD);
+        s.ptr(DEAD + offsets::PY310.tstate_thread_id, 0xdead_0000);
+        s.ptr(DEAD + offsets::PY310.tstate_next, TSTATE);
+        let w = walk(&s, &p, TID);
+        assert_eq!((w.flags, w.tstate, w.frames.len()), (0, TSTATE, 1));
+        // 3.11+ match native_thread_id, whatever thread_id holds.
         let (s, p) = build(&offsets::PY311, &[Py], 0);
-        let by_fs = ThreadKey {
-            tid: 1,
-            fsbase: FSBASE,
-        };
-        assert_eq!(walk(&s, &p, by_fs).flags, sample_flags::PY_NO_THREAD);
+        assert_eq!(
+            walk(&s, &p, PTHREAD as u32).flags,
+            sample_flags::PY_NO_THREAD
+        );
+        assert_eq!(walk(&s, &p, TID).flags, 0);
     }
 
     #[test]
@@ -435,7 +498,10 @@ mod tests {
         let mut p2 = p;
         p2.interp = 0xbad0_0000;
         let w = walk(&s, &p2, key());
-        assert_eq!((w.frames.len(), w.flags), (0, sample_flags::PY_ERROR));
+        assert_eq!(
+            (w.frames.len(), w.flags),
+            (0, sample_flags::PY_NO_THREAD | sample_flags::PY_ERROR)
+        );
     }
 
     #[test]
@@ -444,8 +510,7 @@ mod tests {
         let (mut s, p) = build(&offsets::PY312, &[Py], 0);
         // The only thread state points at itself and matches nobody.
         s.ptr(TSTATE + offsets::PY312.tstate_next, TSTATE);
-        let stranger = ThreadKey { tid: 7, fsbase: 7 };
-        assert_eq!(walk(&s, &p, stranger).flags, sample_flags::PY_NO_THREAD);
+        assert_eq!(walk(&s, &p, 7).flags, sample_flags::PY_NO_THREAD);
         let all = thread_states(&s, &p, offsets::PY312.tstate_thread_id).unwrap();
         assert_eq!(all.len(), MAX_PY_THREADS);
         // No thread state at all.

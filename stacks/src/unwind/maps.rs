@@ -1,7 +1,8 @@
 //! One process's executable mappings (from `/proc/<pid>/maps`), each resolved lazily to its
 //! module: opened through `/proc/<pid>/map_files/<range>` (works for files deleted on disk and
 //! for other mount namespaces) or `/proc/<pid>/root/<path>`, parsed through the shared
-//! [`ModuleCache`](super::modules::ModuleCache).
+//! [`ModuleCache`](super::modules::ModuleCache). The same read keeps the ranges of the
+//! writable, non-executable mappings, where threads' stacks are (see `Unwinder::stack_top`).
 
 use std::fs::File;
 use std::io;
@@ -57,17 +58,46 @@ pub(crate) struct ProcessMap {
     pub pid: u32,
     /// Executable mappings, sorted by start.
     pub entries: Vec<MapEntry>,
+    /// The readable, writable, non-executable mappings (thread stacks, heap, data), sorted by
+    /// start.
+    pub writable: Vec<DataMapping>,
     pub last_read: Instant,
 }
 
-/// Reads the executable mappings of `pid`.
-pub(crate) fn read_maps(pid: u32) -> io::Result<Vec<MapEntry>> {
+/// A readable, writable, non-executable mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DataMapping {
+    pub start: u64,
+    pub end: u64,
+    /// The main thread's `[stack]`, which the kernel grows down on demand.
+    pub grows_down: bool,
+}
+
+/// The mappings of `pid` the unwinder keeps, from one read of its maps.
+pub(crate) struct Maps {
+    /// Executable mappings, sorted by start.
+    pub exec: Vec<MapEntry>,
+    /// Readable, writable, non-executable mappings, sorted by start.
+    pub writable: Vec<DataMapping>,
+}
+
+/// Reads the mappings of `pid`.
+pub(crate) fn read_maps(pid: u32) -> io::Result<Maps> {
     let maps = Process::new(pid as i32)
         .and_then(|p| p.maps())
         .map_err(proc_err)?;
     let mut out = Vec::new();
+    let mut writable = Vec::new();
+    let rw = MMPermissions::READ | MMPermissions::WRITE;
     for m in maps {
         if !m.perms.contains(MMPermissions::EXECUTE) {
+            if m.perms.contains(rw) {
+                writable.push(DataMapping {
+                    start: m.address.0,
+                    end: m.address.1,
+                    grows_down: matches!(m.pathname, MMapPath::Stack),
+                });
+            }
             continue;
         }
         let backing = match &m.pathname {
@@ -91,7 +121,11 @@ pub(crate) fn read_maps(pid: u32) -> io::Result<Vec<MapEntry>> {
         });
     }
     out.sort_by_key(|e| e.start);
-    Ok(out)
+    writable.sort_unstable_by_key(|m| m.start);
+    Ok(Maps {
+        exec: out,
+        writable,
+    })
 }
 
 fn proc_err(e: procfs::ProcError) -> io::Error {
@@ -105,16 +139,22 @@ fn proc_err(e: procfs::ProcError) -> io::Error {
 
 impl ProcessMap {
     pub fn read(pid: u32) -> io::Result<Self> {
+        let maps = read_maps(pid)?;
         Ok(ProcessMap {
             pid,
-            entries: read_maps(pid)?,
+            entries: maps.exec,
+            writable: maps.writable,
             last_read: Instant::now(),
         })
     }
 
     /// Re-reads the maps, keeping resolved modules of mappings that did not change.
     pub fn refresh(&mut self) -> io::Result<()> {
-        let mut fresh = read_maps(self.pid)?;
+        let Maps {
+            exec: mut fresh,
+            writable,
+        } = read_maps(self.pid)?;
+        self.writable = writable;
         for e in &mut fresh {
             if let Ok(i) = self.entries.binary_search_by_key(&e.start, |o| o.start) {
                 if self.entries[i].same_mapping(e) {
@@ -125,6 +165,13 @@ impl ProcessMap {
         self.entries = fresh;
         self.last_read = Instant::now();
         Ok(())
+    }
+
+    /// The readable, writable, non-executable mapping holding `addr`.
+    pub fn writable_at(&self, addr: u64) -> Option<DataMapping> {
+        let i = self.writable.partition_point(|m| m.start <= addr);
+        let m = *self.writable.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
     }
 
     /// Index of the executable mapping holding `addr`.

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: building test programs with gcc, stopping them,
-//! capturing a sample exactly as the kernel sampler does (user regs via ptrace, up to 16 KiB of
-//! stack from `sp` via /proc/<pid>/mem), and gdb's view of the same stopped process as the
+//! capturing a sample exactly as the kernel sampler does (user regs via ptrace, up to
+//! `STACK_BYTES` of stack from `sp` via /proc/<pid>/mem), and gdb's view of the same stopped process as the
 //! independent reference.
 
 #![allow(dead_code)]
