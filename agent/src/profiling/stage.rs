@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use infertap_common::profile::sample_flags;
+use infertap_common::profile::{sample_flags, StackTop};
 use infertap_proto::pb::ProfileData;
 use infertap_stacks::python::code::Resolver;
 use infertap_stacks::python::discover::{discover, DiscoverError, PythonProcess};
@@ -408,6 +408,9 @@ struct State {
     launches: VecDeque<PendingLaunch>,
     /// Whether any launch was timed in the current interval (the GPU profile's note).
     timed_this_interval: bool,
+    /// Stack ranges registered with the kernel, per (pid, tid), so stack copies stop at the
+    /// thread's stack top instead of copying the whole window.
+    stack_tops: HashMap<(u32, u32), StackTop>,
 }
 
 impl State {
@@ -521,6 +524,7 @@ impl State {
             regs_scratch: Vec::new(),
             launches: VecDeque::new(),
             timed_this_interval: false,
+            stack_tops: HashMap::new(),
         })
     }
 
@@ -611,6 +615,7 @@ impl State {
         self.labeller.forget_process(pid);
         self.python.remove(&pid);
         self.seen.remove(&pid);
+        self.stack_tops.retain(|k, _| k.0 != pid);
         self.labels.retain(|k, _| k.0 != pid);
     }
 
@@ -707,9 +712,43 @@ impl State {
         l
     }
 
+    /// Registers the sampled thread's stack range with the kernel on its first sample, and again
+    /// when a sample shows the range moved (a copy cut short at the registered top, or `sp`
+    /// outside it), so later copies stop at the top of the thread's stack.
+    fn track_stack_top(&mut self, v: &SampleView<'_>) {
+        let (pid, tid, sp) = (v.pid(), v.tid(), v.header.sp);
+        if sp == 0 {
+            return;
+        }
+        let known = self.stack_tops.get(&(pid, tid)).copied();
+        let recheck = match known {
+            None => true,
+            Some(st) => {
+                let cut = sample_flags::STACK_TO_TOP | sample_flags::STACK_SHORT;
+                !(st.low <= sp && sp < st.top) || v.header.flags & cut == cut
+            }
+        };
+        if !recheck {
+            return;
+        }
+        let Some(st) = self.unwinder.stack_top(pid, sp) else {
+            return;
+        };
+        if known == Some(st) {
+            return;
+        }
+        if self.stack_tops.len() >= 65_536 {
+            self.stack_tops.clear();
+        }
+        if self.probes.set_stack_top(pid, tid, st).is_ok() {
+            self.stack_tops.insert((pid, tid), st);
+        }
+    }
+
     fn stack_of(&mut self, v: &SampleView<'_>) -> Arc<RawStack> {
         let pid = v.pid();
         self.see(pid);
+        self.track_stack_top(v);
         let h = &v.header;
         let regs = UserRegs {
             ip: h.ip,
