@@ -40,10 +40,10 @@ fn one_launch(ring: &LaunchRing, corr: u32) {
     d.functionReturnValue = (&mut ret as *mut i32).cast();
     let p = (&d as *const sys::CUpti_CallbackData).cast();
     // SAFETY: valid callback data for both calls.
-    unsafe { record_api(ring, DRIVER, CU_LAUNCH_KERNEL, black_box(p)) };
+    unsafe { record_api(ring, monotonic_ns(), DRIVER, CU_LAUNCH_KERNEL, black_box(p)) };
     d.callbackSite = sys::CUpti_ApiCallbackSite::CUPTI_API_EXIT;
     let p = (&d as *const sys::CUpti_CallbackData).cast();
-    unsafe { record_api(ring, DRIVER, CU_LAUNCH_KERNEL, black_box(p)) };
+    unsafe { record_api(ring, monotonic_ns(), DRIVER, CU_LAUNCH_KERNEL, black_box(p)) };
 }
 
 /// Best ns per launch over a few rounds of `per_thread` launches on each of `threads` threads,

@@ -332,10 +332,12 @@ unsafe extern "C" fn api_callback(
     cbid: u32,
     data: *const c_void,
 ) {
+    // First: the call's time as close to its entry (or exit) as we get.
+    let now = monotonic_ns();
     let r = catch_unwind(AssertUnwindSafe(|| {
         if let Some(rt) = RT.get() {
             // SAFETY: CUPTI passes callback data valid for this call.
-            unsafe { launches::record_api(&rt.launches, domain, cbid, data) };
+            unsafe { launches::record_api(&rt.launches, now, domain, cbid, data) };
         }
     }));
     if r.is_err() {
@@ -394,6 +396,9 @@ fn apply_launch_callbacks(kernels: bool, graphs: bool) {
                 on += 1;
             }
         }
+    }
+    if on > 0 && !rt.launch_tracing.load(Relaxed) {
+        rt.launches.set_tracing_since(monotonic_ns());
     }
     rt.launch_tracing.store(on > 0, Relaxed);
 }
@@ -804,6 +809,9 @@ fn sender_loop(rx: Receiver<Vec<Activity>>) {
         } else {
             rx.recv_timeout(TICK)
         };
+        // Launch records before the batch: a kernel's launch was recorded before CUPTI could
+        // complete a buffer holding the kernel, so the agent sees launches first.
+        send_launches(rt, &mut conn, &mut scratch, &mut out);
         match next {
             Ok(batch) => match conn.as_mut() {
                 Some(c) => match send_batch(rt, c, &batch, &mut out) {
@@ -816,7 +824,6 @@ fn sender_loop(rx: Receiver<Vec<Activity>>) {
                 None => inc(&COUNTERS.no_agent),
             },
             Err(RecvTimeoutError::Timeout) if stopping => {
-                send_launches(rt, &mut conn, &mut scratch, &mut out);
                 if let Some(c) = &conn {
                     let _ = send_stats(c, &mut out);
                 }
@@ -825,7 +832,6 @@ fn sender_loop(rx: Receiver<Vec<Activity>>) {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        send_launches(rt, &mut conn, &mut scratch, &mut out);
         if last_tick.elapsed() >= STATS_EVERY {
             last_tick = Instant::now();
             if flush_manually {

@@ -1,11 +1,17 @@
 //! Launch API calls: which thread launched each kernel or graph, and when.
 //!
-//! CUPTI's callback API calls [`api_callback`] at the entry and exit of the launch functions
-//! only ([`KERNEL_LAUNCHES`], [`GRAPH_LAUNCHES`]), on the launching thread. At entry it stores
-//! CLOCK_MONOTONIC in CUPTI's per-invocation `correlationData` slot; at exit it pushes one
-//! [`Launch`] (correlation id, `gettid()`, entry and exit times) into a bounded lock-free ring
-//! ([`LaunchRing`]) that the sender thread drains. Nothing here blocks, allocates or takes a lock
-//! on the CUDA thread: a full ring drops the record and counts it.
+//! CUPTI's callback API calls our callback ([`record_api`]) at the entry and exit of the launch
+//! functions only ([`KERNEL_LAUNCHES`], [`GRAPH_LAUNCHES`]), on the launching thread. At entry
+//! it stores CLOCK_MONOTONIC in CUPTI's per-invocation `correlationData` slot; at exit it pushes
+//! one [`Launch`] (correlation id, `gettid()`, entry and exit times, and when the thread's
+//! previous launch call returned) into a bounded lock-free ring ([`LaunchRing`]) that the sender
+//! thread drains. Nothing here blocks, allocates or takes a lock on the CUDA thread: a full ring
+//! drops the record and counts it.
+//!
+//! The previous call's exit bounds the window in which the eBPF stack sample of this call was
+//! taken: CUPTI calls back some microseconds after the call's entry (tens, on a thread's first
+//! call or a preempted one), so "the sample just before CUPTI's entry time" alone misses calls,
+//! while "the thread's latest launch sample after its previous launch returned" is exact.
 //!
 //! Why callbacks rather than CUPTI's `DRIVER`/`RUNTIME` activity records: the agent joins these
 //! records with eBPF stack samples taken in the same call, by thread id and a time window a few
@@ -102,7 +108,7 @@ pub const GRAPH_LAUNCHES: [(ApiDomain, u32); 4] = [
     ),
 ];
 
-/// Launch records waiting for the sender: 64 Ki × 32 bytes (plus the queue's per-slot stamp),
+/// Launch records waiting for the sender: 64 Ki × 40 bytes (plus the queue's per-slot stamp),
 /// about 0.6 s of launches at 100 000 launches/s; the sender drains it every 100 ms.
 pub const RING_CAPACITY: usize = 64 * 1024;
 
@@ -119,13 +125,17 @@ pub struct LaunchCounters {
     pub ring_full: AtomicU64,
     /// Launch calls that returned an error (they enqueued nothing; not recorded).
     pub failed_calls: AtomicU64,
-    /// Callbacks for a domain/cbid that is not a launch, or without callback data.
+    /// Callbacks for a domain/cbid that is not a launch, without callback data, or exits
+    /// without a usable entry time.
     pub ignored: AtomicU64,
 }
 
 /// The bounded multi-producer ring between CUDA threads and the sender thread.
 pub struct LaunchRing {
     queue: ArrayQueue<Launch>,
+    /// When the launch callbacks were last switched on (CLOCK_MONOTONIC ns): a thread's launch
+    /// calls before it went unseen, so no record's window reaches back past it.
+    tracing_since: AtomicU64,
     pub counters: LaunchCounters,
 }
 
@@ -134,8 +144,14 @@ impl LaunchRing {
     pub fn new(capacity: usize) -> LaunchRing {
         LaunchRing {
             queue: ArrayQueue::new(capacity.max(1)),
+            tracing_since: AtomicU64::new(0),
             counters: LaunchCounters::default(),
         }
+    }
+
+    /// The launch callbacks were switched on at `ns`.
+    pub fn set_tracing_since(&self, ns: u64) {
+        self.tracing_since.store(ns, Relaxed);
     }
 
     /// Adds a record; a full ring drops it (counted). Lock-free, never blocks.
@@ -183,6 +199,8 @@ thread_local! {
     static TID: Cell<(u32, u32)> = const { Cell::new((0, 0)) };
     /// Runtime launch calls in progress on this thread (a driver launch inside one is nested).
     static RUNTIME_DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// When this thread's last launch call (not nested) returned; 0: none yet.
+    static LAST_EXIT: Cell<u64> = const { Cell::new(0) };
 }
 
 /// `gettid()`, read once per thread (one syscall) and cached.
@@ -220,13 +238,21 @@ fn is_launch(domain: ApiDomain, cbid: u32) -> bool {
 }
 
 /// The work of one callback: at entry, note the time in CUPTI's per-invocation slot; at exit,
-/// push the record. `domain` and the callback site are read as integers: CUPTI's enums are
-/// never trusted to hold a known value.
+/// push the record. `now_ns` is CLOCK_MONOTONIC read first thing in the callback (before any
+/// thread-local access, whose first use on a thread allocates), so that the call's interval
+/// starts as close to the call's real entry as CUPTI lets us see it. `domain` and the callback
+/// site are read as integers: CUPTI's enums are never trusted to hold a known value.
 ///
 /// # Safety
 /// `data` is null or points to a `CUpti_CallbackData` valid for the call (CUPTI's guarantee for
 /// the driver and runtime domains), whose `correlationData` is null or valid from entry to exit.
-pub unsafe fn record_api(ring: &LaunchRing, domain: u32, cbid: u32, data: *const c_void) {
+pub unsafe fn record_api(
+    ring: &LaunchRing,
+    now_ns: u64,
+    domain: u32,
+    cbid: u32,
+    data: *const c_void,
+) {
     let domain = match domain {
         d if d == Domain::CUPTI_CB_DOMAIN_DRIVER_API as u32 => ApiDomain::Driver,
         d if d == Domain::CUPTI_CB_DOMAIN_RUNTIME_API as u32 => ApiDomain::Runtime,
@@ -254,7 +280,7 @@ pub unsafe fn record_api(ring: &LaunchRing, domain: u32, cbid: u32, data: *const
         }
         if !slot.is_null() {
             // SAFETY: CUPTI's per-invocation slot, valid until the exit callback.
-            unsafe { *slot = monotonic_ns() };
+            unsafe { *slot = now_ns };
         }
         return;
     }
@@ -262,22 +288,35 @@ pub unsafe fn record_api(ring: &LaunchRing, domain: u32, cbid: u32, data: *const
         ring.counters.ignored.fetch_add(1, Relaxed);
         return;
     }
-    let end_ns = monotonic_ns();
+    let end_ns = now_ns;
     let nested = if runtime {
         RUNTIME_DEPTH.with(|c| c.set(c.get().saturating_sub(1)));
         false
     } else {
         RUNTIME_DEPTH.with(|c| c.get()) > 0
     };
+    // Failed calls too: their samples belong to them, not to the next call.
+    let last = if nested {
+        LAST_EXIT.with(|c| c.get())
+    } else {
+        LAST_EXIT.with(|c| c.replace(end_ns))
+    };
+    let after_ns = last.max(ring.tracing_since.load(Relaxed));
     // SAFETY: as above; the return value is a CUresult / cudaError_t (an int).
     let (start_ns, ret, correlation_id) = unsafe {
-        let start = if slot.is_null() { end_ns } else { *slot };
+        let start = if slot.is_null() { 0 } else { *slot };
         let rv = (*d).functionReturnValue as *const i32;
         let ret = if rv.is_null() { 0 } else { *rv };
         (start, ret, (*d).correlationId)
     };
     if ret != 0 {
         ring.counters.failed_calls.fetch_add(1, Relaxed);
+        return;
+    }
+    // No entry time (no slot, or the callbacks were switched on inside this call): the call's
+    // window is unknown, and a guess could take another call's sample.
+    if start_ns == 0 || start_ns > end_ns || start_ns < after_ns {
+        ring.counters.ignored.fetch_add(1, Relaxed);
         return;
     }
     let mut flags = 0;
@@ -291,8 +330,9 @@ pub unsafe fn record_api(ring: &LaunchRing, domain: u32, cbid: u32, data: *const
         correlation_id,
         tid: current_tid(),
         // An entry slot CUPTI did not preserve must not make a call that ends before it starts.
-        start_ns: start_ns.min(end_ns),
+        start_ns,
         end_ns,
+        after_ns,
         cbid,
         domain,
         flags,
@@ -328,6 +368,7 @@ mod tests {
         unsafe {
             record_api(
                 ring,
+                monotonic_ns(),
                 domain,
                 cbid,
                 (&enter as *const sys::CUpti_CallbackData).cast(),
@@ -338,6 +379,7 @@ mod tests {
         unsafe {
             record_api(
                 ring,
+                monotonic_ns(),
                 domain,
                 cbid,
                 (&exit as *const sys::CUpti_CallbackData).cast(),
@@ -377,6 +419,13 @@ mod tests {
 
     #[test]
     fn graphs_nesting_failures_and_foreign_callbacks() {
+        // A fresh thread: its first launch has no previous one.
+        std::thread::spawn(graphs_nesting_failures_and_foreign_callbacks_on_this_thread)
+            .join()
+            .unwrap();
+    }
+
+    fn graphs_nesting_failures_and_foreign_callbacks_on_this_thread() {
         let ring = LaunchRing::new(16);
         call(&ring, RT, CUDA_GRAPH, 1, 0, || {});
         // The runtime calling the driver inside its own launch.
@@ -389,7 +438,7 @@ mod tests {
         // Not a launch, an unknown domain, no data.
         call(&ring, DRV, 1, 6, 0, || {});
         call(&ring, 99, CU_LAUNCH, 7, 0, || {});
-        unsafe { record_api(&ring, DRV, CU_LAUNCH, std::ptr::null()) };
+        unsafe { record_api(&ring, monotonic_ns(), DRV, CU_LAUNCH, std::ptr::null()) };
         let got = drain(&ring);
         let by: Vec<(u32, u8)> = got.iter().map(|l| (l.correlation_id, l.flags)).collect();
         assert_eq!(
@@ -401,8 +450,34 @@ mod tests {
                 (4, 0)
             ]
         );
+        // Each call's window starts where the thread's previous (outer) launch call ended.
+        let after: Vec<u64> = got.iter().map(|l| l.after_ns).collect();
+        assert_eq!(after, vec![0, got[0].end_ns, got[0].end_ns, got[2].end_ns]);
+        // The failed call moved the bound too: its sample is its own.
+        call(&ring, DRV, CU_LAUNCH, 8, 0, || {});
+        let next = drain(&ring)[0];
+        assert!(next.after_ns > got[3].end_ns && next.after_ns <= next.start_ns);
+        // Callbacks switched on later: nothing before then is this thread's previous call.
+        let since = monotonic_ns();
+        ring.set_tracing_since(since);
+        call(&ring, DRV, CU_LAUNCH, 9, 0, || {});
+        assert_eq!(drain(&ring)[0].after_ns, since);
+        // An exit whose entry was not seen (switched on inside the call) is not recorded.
+        let mut rv = 0;
+        let mut slot = 0u64;
+        let exit = data(SITE_EXIT, 10, &mut slot, &mut rv);
+        unsafe {
+            record_api(
+                &ring,
+                monotonic_ns(),
+                DRV,
+                CU_LAUNCH,
+                (&exit as *const sys::CUpti_CallbackData).cast(),
+            )
+        };
+        assert!(ring.is_empty());
         assert_eq!(ring.counters.failed_calls.load(Relaxed), 1);
-        assert_eq!(ring.counters.ignored.load(Relaxed), 2 * 2 + 1);
+        assert_eq!(ring.counters.ignored.load(Relaxed), 2 * 2 + 1 + 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! Names:      count u32, then count × (id u32 | length u16 | UTF-8 bytes)
 //! Activities: count u32, then count × 80-byte records (see [`Activity`])
 //! Stats:      count u32, then count × u64 counters in [`Stats`] field order
-//! Launches:   count u32, then count × 32-byte records (see [`Launch`])        (version 2)
+//! Launches:   count u32, then count × 40-byte records (see [`Launch`])        (version 2)
 //! ```
 //!
 //! Kernel names are sent once per connection, as a `Names` frame defining every id an
@@ -37,7 +37,7 @@ pub const HEADER_LEN: usize = 12;
 /// Encoded size of one [`Activity`].
 pub const ACTIVITY_LEN: usize = 80;
 /// Encoded size of one [`Launch`].
-pub const LAUNCH_LEN: usize = 32;
+pub const LAUNCH_LEN: usize = 40;
 /// Frames larger than this are malformed (the library never builds them: it splits batches).
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// Kernel names are cut to this many bytes (templated C++ names can run to kilobytes).
@@ -203,11 +203,11 @@ pub mod launch_flags {
 /// One CUDA launch API call as the injection library saw it on the launching thread (CUPTI's
 /// callback API at the call's entry and exit). Joined to the kernel (or graph) records of the
 /// same `correlation_id` it gives "this thread's launch, at this time, cost this much GPU time".
-/// Encoded as 32 bytes:
+/// Encoded as 40 bytes:
 ///
 /// ```text
-///  0 correlation u32 | 4 tid u32 | 8 start u64 | 16 end u64 | 24 cbid u32 | 28 domain u8
-/// 29 flags u8 | 30 2 bytes zero
+///  0 correlation u32 | 4 tid u32 | 8 start u64 | 16 end u64 | 24 after u64 | 32 cbid u32
+/// 36 domain u8 | 37 flags u8 | 38 2 bytes zero
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {
@@ -218,6 +218,12 @@ pub struct Launch {
     /// The call's entry and exit, CLOCK_MONOTONIC ns (read on the launching thread).
     pub start_ns: u64,
     pub end_ns: u64,
+    /// When the previous launch call of this thread (recorded or not, failed ones included;
+    /// calls nested in a runtime launch excepted) returned, CLOCK_MONOTONIC ns; 0 for the
+    /// thread's first. The call's real entry lies in `(after_ns, start_ns]`: a stack sample
+    /// taken at its entry is the thread's latest launch sample after `after_ns`, however late
+    /// CUPTI called back.
+    pub after_ns: u64,
     /// CUPTI callback id of the function (`CUpti_driver_api_trace_cbid` or
     /// `CUpti_runtime_api_trace_cbid`, by `domain`).
     pub cbid: u32,
@@ -435,14 +441,15 @@ fn encode_launch(l: &Launch, out: &mut Vec<u8>) {
     out.extend_from_slice(&l.tid.to_le_bytes());
     out.extend_from_slice(&l.start_ns.to_le_bytes());
     out.extend_from_slice(&l.end_ns.to_le_bytes());
+    out.extend_from_slice(&l.after_ns.to_le_bytes());
     out.extend_from_slice(&l.cbid.to_le_bytes());
     out.extend_from_slice(&[l.domain as u8, l.flags, 0, 0]);
 }
 
 fn decode_launch(b: &[u8]) -> Result<Launch, WireError> {
     debug_assert_eq!(b.len(), LAUNCH_LEN);
-    let domain = ApiDomain::from_u8(b[28]).ok_or(WireError::BadPayload("launch domain"))?;
-    let flags = b[29];
+    let domain = ApiDomain::from_u8(b[36]).ok_or(WireError::BadPayload("launch domain"))?;
+    let flags = b[37];
     if flags & !launch_flags::KNOWN != 0 {
         return Err(WireError::BadPayload("launch flags"));
     }
@@ -450,12 +457,19 @@ fn decode_launch(b: &[u8]) -> Result<Launch, WireError> {
     if end_ns < start_ns {
         return Err(WireError::BadPayload("launch ends before it starts"));
     }
+    let after_ns = u64_at(b, 24);
+    if after_ns > start_ns {
+        return Err(WireError::BadPayload(
+            "launch starts before the previous one ended",
+        ));
+    }
     Ok(Launch {
         correlation_id: u32_at(b, 0),
         tid: u32_at(b, 4),
         start_ns,
         end_ns,
-        cbid: u32_at(b, 24),
+        after_ns,
+        cbid: u32_at(b, 32),
         domain,
         flags,
     })
@@ -664,6 +678,7 @@ mod tests {
             tid: 4243,
             start_ns: 1_000_000_000,
             end_ns: 1_000_004_500,
+            after_ns: 999_990_000,
             cbid: 211,
             domain: ApiDomain::Runtime,
             flags: 0,
@@ -762,7 +777,7 @@ mod tests {
     }
 
     #[test]
-    fn launch_records_are_32_bytes_in_the_documented_layout() {
+    fn launch_records_are_40_bytes_in_the_documented_layout() {
         let buf = launches_frame(vec![sample_launch()]);
         assert_eq!(buf.len(), HEADER_LEN + 4 + LAUNCH_LEN);
         let r = &buf[HEADER_LEN + 4..];
@@ -770,8 +785,9 @@ mod tests {
         assert_eq!(u32_at(r, 4), 4243);
         assert_eq!(u64_at(r, 8), 1_000_000_000);
         assert_eq!(u64_at(r, 16), 1_000_004_500);
-        assert_eq!(u32_at(r, 24), 211);
-        assert_eq!(&r[28..32], &[ApiDomain::Runtime as u8, 0, 0, 0]);
+        assert_eq!(u64_at(r, 24), 999_990_000);
+        assert_eq!(u32_at(r, 32), 211);
+        assert_eq!(&r[36..40], &[ApiDomain::Runtime as u8, 0, 0, 0]);
     }
 
     #[test]
@@ -801,13 +817,13 @@ mod tests {
             Err(WireError::BadPayload("launches length"))
         );
         let mut bad = good.clone();
-        bad[rec + 28] = 9;
+        bad[rec + 36] = 9;
         assert_eq!(
             decode_frame(&bad),
             Err(WireError::BadPayload("launch domain"))
         );
         let mut bad = good.clone();
-        bad[rec + LAUNCH_LEN + 29] = 0x80;
+        bad[rec + LAUNCH_LEN + 37] = 0x80;
         assert_eq!(
             decode_frame(&bad),
             Err(WireError::BadPayload("launch flags"))
@@ -817,6 +833,14 @@ mod tests {
         assert_eq!(
             decode_frame(&bad),
             Err(WireError::BadPayload("launch ends before it starts"))
+        );
+        let mut bad = good.clone();
+        bad[rec + 24..rec + 32].copy_from_slice(&2_000_000_000u64.to_le_bytes());
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload(
+                "launch starts before the previous one ended"
+            ))
         );
         // Missing count.
         let mut bad = Vec::new();
