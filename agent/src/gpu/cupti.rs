@@ -439,7 +439,13 @@ async fn serve_conn(
 ) -> Result<(), ProtocolError> {
     let (tx, stats, inject_stats) = (&o.activities, &*o.stats, &*o.inject_stats);
     let mut dec = ConnDecoder::default();
-    if let Some(pid) = stream.peer_cred().ok().and_then(|c| c.pid()) {
+    // 0: the peer lives in a pid namespace the agent cannot see; keep the pid it reports.
+    if let Some(pid) = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .filter(|&p| p > 0)
+    {
         dec.set_peer_pid(pid as u32);
     }
     let (mut rd, mut wr) = stream.into_split();
@@ -499,6 +505,7 @@ async fn serve_conn(
                                     correlation_id: l.correlation_id,
                                     start_ns: l.start_ns,
                                     end_ns: l.end_ns,
+                                    after_ns: l.after_ns,
                                     graph: l.is_graph(),
                                     nested: l.is_nested(),
                                 };

@@ -37,6 +37,8 @@ pub struct LaunchApiCall {
     /// The call's entry and exit on the launching thread, CLOCK_MONOTONIC ns.
     pub start_ns: u64,
     pub end_ns: u64,
+    /// When the thread's previous launch call returned (or launch tracing began); 0: unknown.
+    pub after_ns: u64,
     /// `cuGraphLaunch` / `cudaGraphLaunch`.
     pub graph: bool,
     /// A driver launch inside a runtime launch on the same thread (the runtime's own call).
@@ -255,6 +257,7 @@ impl LaunchJoiner {
             tid: call.tid,
             api_start_ns: call.start_ns,
             api_end_ns: call.end_ns,
+            after_ns: call.after_ns,
             gpu_ns: p.gpu_ns,
             kernel: if call.graph { None } else { p.name },
         });
@@ -396,6 +399,7 @@ mod tests {
             correlation_id: corr,
             start_ns: start,
             end_ns: start + 4_000,
+            after_ns: start.saturating_sub(1_000),
             graph: false,
             nested: false,
         }
@@ -428,6 +432,7 @@ mod tests {
                 tid: 11,
                 api_start_ns: 100 * MS,
                 api_end_ns: 100 * MS + 4_000,
+                after_ns: 100 * MS - 1_000,
                 gpu_ns: 30_000,
                 kernel: name("gemm"),
             }

@@ -204,34 +204,41 @@ impl GpuStage {
     /// launch records and kernels into the launch join.
     pub fn drain_sources(&mut self) {
         let now = super::timeline::monotonic_now_ns();
+        // Activities first, then launches: the receiver queues a connection's launch records
+        // before the activities that follow them on the wire, so every launch sent before an
+        // activity taken here is taken too, and the join sees launches first.
+        let mut acts = Vec::new();
+        if let Some(rx) = self.activities.as_mut() {
+            while let Ok(a) = rx.try_recv() {
+                acts.push(a);
+            }
+        }
         if let Some(rx) = self.launches.as_mut() {
             while let Ok(l) = rx.try_recv() {
                 self.joiner.add_launch(l, now);
             }
         }
-        if let Some(rx) = self.activities.as_mut() {
-            while let Ok(a) = rx.try_recv() {
-                self.activity_seen = true;
-                if let Some(t) = self.trace.as_mut() {
-                    t.add_activity(&a);
-                }
-                let graph = match a.kind {
-                    GpuActivityKind::Kernel { .. } => Some(false),
-                    GpuActivityKind::Graph { .. } => Some(true),
-                    _ => None,
-                };
-                if let Some(graph) = graph {
-                    self.joiner.add_work(
-                        a.pid,
-                        a.correlation_id,
-                        a.duration_ns(),
-                        a.name.clone(),
-                        graph,
-                        now,
-                    );
-                }
-                self.correlator.add_activity(a);
+        for a in acts {
+            self.activity_seen = true;
+            if let Some(t) = self.trace.as_mut() {
+                t.add_activity(&a);
             }
+            let graph = match a.kind {
+                GpuActivityKind::Kernel { .. } => Some(false),
+                GpuActivityKind::Graph { .. } => Some(true),
+                _ => None,
+            };
+            if let Some(graph) = graph {
+                self.joiner.add_work(
+                    a.pid,
+                    a.correlation_id,
+                    a.duration_ns(),
+                    a.name.clone(),
+                    graph,
+                    now,
+                );
+            }
+            self.correlator.add_activity(a);
         }
         if let Some(rx) = self.power.as_mut() {
             while let Ok(p) = rx.try_recv() {
