@@ -227,11 +227,12 @@ struct ProfileRun {
 }
 
 /// Runs the app under `infertap profile --type gpu`, with the injection library and the fake
-/// libcupti when `inject` is set.
+/// libcupti when `inject` is set, and `env` in the app's environment.
 fn profile_launch_paths(
     dir: &Path,
     app: &Path,
     inject: Option<(&Path, &Path)>,
+    env: &[(&str, &str)],
     tag: &str,
 ) -> ProfileRun {
     let sock = dir.join(format!("cupti-{tag}.sock"));
@@ -246,7 +247,8 @@ fn profile_launch_paths(
     .env("INFERTAP_CUPTI_SOCKET", &sock)
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
-    .stderr(std::fs::File::create(&app_log).unwrap());
+    .stderr(std::fs::File::create(&app_log).unwrap())
+    .envs(env.iter().copied());
     if let Some((lib, cupti)) = inject {
         cmd.env("CUDA_INJECTION64_PATH", lib)
             .env("INFERTAP_CUPTI_LIB", cupti);
@@ -341,7 +343,7 @@ fn gpu_profile_weighs_call_paths_by_cupti_gpu_time() {
     let artifacts = artifacts_dir(test).unwrap();
 
     // With CUPTI: every launch sampled and timed, so each path weighs exactly its kernels.
-    let run = profile_launch_paths(dir.path(), &app, Some((&inject, &cupti)), "cupti");
+    let run = profile_launch_paths(dir.path(), &app, Some((&inject, &cupti)), &[], "cupti");
     let file = artifacts.join("gpu-cupti.pb.gz");
     std::fs::copy(&run.profile, &file).unwrap();
     let ctx = format!("agent log:\n{}\napp log:\n{}", run.agent_log, run.app_log);
@@ -414,7 +416,7 @@ fn gpu_profile_weighs_call_paths_by_cupti_gpu_time() {
     );
 
     // Without the injection library: launch counts only, and the profile says so.
-    let run = profile_launch_paths(dir.path(), &app, None, "plain");
+    let run = profile_launch_paths(dir.path(), &app, None, &[], "plain");
     let file = artifacts.join("gpu-plain.pb.gz");
     std::fs::copy(&run.profile, &file).unwrap();
     let counts = go_pprof(
@@ -448,5 +450,37 @@ fn gpu_profile_weighs_call_paths_by_cupti_gpu_time() {
     assert!(
         gpu.contains("of 0 total") || gpu.contains("0 of 0"),
         "{gpu}"
+    );
+
+    // Another tool holds CUPTI's one callback subscriber: kernels are still traced, launches are
+    // not timed, the library says why and the profile falls back the same way.
+    let run = profile_launch_paths(
+        dir.path(),
+        &app,
+        Some((&inject, &cupti)),
+        &[("FAKE_CUPTI_REFUSE_SUBSCRIBE", "1")],
+        "refused",
+    );
+    assert!(
+        run.app_log.contains("cuptiSubscribe failed"),
+        "the library explains: {}",
+        run.app_log
+    );
+    let file = artifacts.join("gpu-refused.pb.gz");
+    std::fs::copy(&run.profile, &file).unwrap();
+    let counts = go_pprof(
+        &["-top", "-cum", "-sample_index=samples", "-nodecount=200"],
+        &file,
+    )
+    .unwrap();
+    assert_eq!(
+        cum_of(&counts, "heavy_path"),
+        LAUNCHES.to_string(),
+        "{counts}"
+    );
+    let comments = go_pprof(&["-comments"], &file).unwrap();
+    assert!(
+        comments.contains("weighted by CUDA launch counts only"),
+        "{comments}"
     );
 }
