@@ -390,6 +390,11 @@ impl Pipeline {
         for c in self.gpu.poll(now) {
             self.emit(c.record, Some(c.gpu));
         }
+        // GPU time per sampled launch (CUPTI launch ↔ kernel join), for the GPU profile.
+        let timings = self.gpu.take_launch_timings();
+        if let Some(p) = &self.profiler {
+            p.gpu_launch_timings(timings);
+        }
         let f = self.recon.in_flight();
         self.aggregator.set_in_flight(f.running, f.waiting);
         self.update_drops();

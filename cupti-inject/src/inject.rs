@@ -2,16 +2,20 @@
 //!
 //! Threads: CUPTI calls `buffer_requested` on CUDA API threads of the host and `buffer_completed`
 //! on its own worker thread (or the thread flushing). Both only touch short mutexes and a
-//! non-blocking `try_send`. All socket I/O happens on our own `infertap-cupti` thread.
+//! non-blocking `try_send`. The launch callbacks ([`crate::launches`]) run on the launching
+//! threads and only push into a lock-free ring. All socket I/O happens on our own
+//! `infertap-cupti` thread.
 
 use std::collections::HashMap;
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,9 +23,13 @@ use std::time::{Duration, Instant};
 use cudarc::cupti::sys::{self, CUptiResult, CUpti_ActivityKind as K};
 use cudarc::driver::sys::CUcontext;
 
+use crate::launches::{
+    self, monotonic_ns, LaunchRing, GRAPH_LAUNCHES, KERNEL_LAUNCHES, RING_CAPACITY,
+};
 use crate::records::{decode_record, map_time, RecordError};
 use crate::wire::{
-    self, encode_frame, Activity, ActivityKind, DetailLevel, Frame, Hello, Stats, DEVICE_UNKNOWN,
+    self, encode_frame, Activity, ActivityKind, ApiDomain, DetailLevel, Frame, Hello, Launch,
+    Stats, DEVICE_UNKNOWN,
 };
 
 /// Fixed pool of CUPTI buffers: memory is bounded at `POOL_BUFFERS * BUFFER_SIZE` for the life
@@ -32,6 +40,8 @@ const BUFFER_SIZE: usize = 2 << 20;
 const QUEUE_BATCHES: usize = 16;
 /// Activities per wire frame (keeps frames far below `wire::MAX_PAYLOAD`).
 const FRAME_ACTIVITIES: usize = 16 * 1024;
+/// Launch records per wire frame (512 KiB).
+const FRAME_LAUNCHES: usize = 16 * 1024;
 /// Distinct kernel names interned (≤ 16 MiB at the 1 KiB name cap); beyond it kernels are sent
 /// without a name (counted).
 const MAX_NAMES: usize = 16 * 1024;
@@ -74,6 +84,7 @@ struct Counters {
     names_overflow: AtomicU64,
     cupti_errors: AtomicU64,
     panics: AtomicU64,
+    launches_unsent: AtomicU64,
 }
 
 static COUNTERS: Counters = Counters {
@@ -88,6 +99,7 @@ static COUNTERS: Counters = Counters {
     names_overflow: AtomicU64::new(0),
     cupti_errors: AtomicU64::new(0),
     panics: AtomicU64::new(0),
+    launches_unsent: AtomicU64::new(0),
 };
 
 impl Counters {
@@ -105,6 +117,16 @@ impl Counters {
             cupti_errors: self.cupti_errors.load(Relaxed),
             panics: self.panics.load(Relaxed),
             detail: RT.get().map_or(0, |rt| rt.applied.load(Relaxed) as u64),
+            launches: RT
+                .get()
+                .map_or(0, |rt| rt.launches.counters.recorded.load(Relaxed)),
+            launches_ring_full: RT
+                .get()
+                .map_or(0, |rt| rt.launches.counters.ring_full.load(Relaxed)),
+            launches_unsent: self.launches_unsent.load(Relaxed),
+            launch_tracing: RT
+                .get()
+                .map_or(0, |rt| rt.launch_tracing.load(Relaxed) as u64),
         }
     }
 }
@@ -154,6 +176,12 @@ struct Runtime {
     socket: PathBuf,
     stop: AtomicBool,
     done: Mutex<Option<Receiver<()>>>,
+    /// Launch API calls from the launch callbacks, drained by the sender.
+    launches: LaunchRing,
+    /// CUPTI subscriber of the launch callbacks (`CUpti_SubscriberHandle`); 0: none.
+    subscriber: AtomicUsize,
+    /// Whether any launch callback is enabled now.
+    launch_tracing: AtomicBool,
 }
 
 /// Entry point called by libcuda (`CUDA_INJECTION64_PATH`) during `cuInit`. Always returns 1
@@ -259,6 +287,9 @@ fn init() -> State {
             .unwrap_or_else(|| PathBuf::from(wire::DEFAULT_SOCKET)),
         stop: AtomicBool::new(false),
         done: Mutex::new(Some(done_rx)),
+        launches: LaunchRing::new(RING_CAPACITY),
+        subscriber: AtomicUsize::new(0),
+        launch_tracing: AtomicBool::new(false),
     };
     if RT.set(rt).is_err() {
         return State::Failed;
@@ -274,6 +305,7 @@ fn init() -> State {
         // SAFETY: plain CUPTI call.
         ok(unsafe { sys::cuptiActivityFlushPeriod(FLUSH_PERIOD_MS) });
     }
+    subscribe_launches();
     apply_detail(wanted);
     let spawned = std::thread::Builder::new()
         .name("infertap-cupti".into())
@@ -290,6 +322,85 @@ fn init() -> State {
     // SAFETY: registering a plain extern "C" fn.
     unsafe { libc::atexit(at_exit) };
     State::Active
+}
+
+/// Our callback with CUPTI's enums taken as the integers they are on the ABI (an unexpected
+/// value must not be undefined behaviour).
+unsafe extern "C" fn api_callback(
+    _userdata: *mut c_void,
+    domain: u32,
+    cbid: u32,
+    data: *const c_void,
+) {
+    // First: the call's time as close to its entry (or exit) as we get.
+    let now = monotonic_ns();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        if let Some(rt) = RT.get() {
+            // SAFETY: CUPTI passes callback data valid for this call.
+            unsafe { launches::record_api(&rt.launches, now, domain, cbid, data) };
+        }
+    }));
+    if r.is_err() {
+        inc(&COUNTERS.panics);
+    }
+}
+
+/// Subscribes to CUPTI's callback API for the launch callbacks (enabled per detail level by
+/// [`apply_launch_callbacks`]). CUPTI admits one subscriber per process: when a profiler already
+/// holds it, kernels are still traced but their GPU time cannot be attributed to call paths.
+fn subscribe_launches() {
+    let Some(rt) = RT.get() else { return };
+    if !has_symbol("cuptiSubscribe") || !has_symbol("cuptiEnableCallback") {
+        say("libcupti lacks the callback API; GPU time by call path disabled");
+        return;
+    }
+    type Ours = unsafe extern "C" fn(*mut c_void, u32, u32, *const c_void);
+    type Theirs = unsafe extern "C" fn(*mut c_void, sys::CUpti_CallbackDomain, u32, *const c_void);
+    // SAFETY: the same C ABI: CUpti_CallbackDomain is a repr(u32) enum.
+    let cb = unsafe { std::mem::transmute::<Ours, Theirs>(api_callback) };
+    let mut handle: sys::CUpti_SubscriberHandle = std::ptr::null_mut();
+    // SAFETY: valid out pointer and callback.
+    let r = unsafe { sys::cuptiSubscribe(&mut handle, Some(cb), std::ptr::null_mut()) };
+    if r != CUptiResult::CUPTI_SUCCESS || handle.is_null() {
+        inc(&COUNTERS.cupti_errors);
+        say(&format!(
+            "cuptiSubscribe failed ({r:?}; another CUPTI subscriber?): kernels are traced, GPU time by call path is not"
+        ));
+        return;
+    }
+    launches::install_fork_handler();
+    rt.subscriber.store(handle as usize, Relaxed);
+}
+
+/// Turns the launch callbacks on or off: kernel launches when kernels are traced, graph launches
+/// whenever anything is. Callback ids an older CUPTI does not know are refused and skipped.
+fn apply_launch_callbacks(kernels: bool, graphs: bool) {
+    let Some(rt) = RT.get() else { return };
+    let handle = rt.subscriber.load(Relaxed) as sys::CUpti_SubscriberHandle;
+    if handle.is_null() {
+        return;
+    }
+    let mut on = 0;
+    for (list, want) in [
+        (&KERNEL_LAUNCHES[..], kernels),
+        (&GRAPH_LAUNCHES[..], graphs),
+    ] {
+        for &(domain, cbid) in list {
+            let d = match domain {
+                ApiDomain::Driver => sys::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API,
+                ApiDomain::Runtime => sys::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_RUNTIME_API,
+            };
+            // SAFETY: plain CUPTI call with our live subscriber.
+            let r = unsafe { sys::cuptiEnableCallback(want as u32, handle, d, cbid) };
+            if want && r == CUptiResult::CUPTI_SUCCESS {
+                on += 1;
+            }
+        }
+    }
+    if on > 0 && !rt.launch_tracing.load(Relaxed) {
+        rt.launches.set_tracing_since(monotonic_ns());
+    }
+    rt.launch_tracing.store(on > 0, Relaxed);
 }
 
 /// Enables the CUPTI activity kinds of `level`; returns the level in effect.
@@ -309,12 +420,12 @@ fn apply_detail(level: DetailLevel) -> DetailLevel {
     let graph = K::CUPTI_ACTIVITY_KIND_GRAPH_TRACE;
     // SAFETY (all calls below): plain CUPTI calls taking an enum.
     let enable = |k| ok(unsafe { sys::cuptiActivityEnable(k) });
-    let try_enable = |k| {
-        unsafe { sys::cuptiActivityEnable(k) };
-    };
+    let try_enable = |k| unsafe { sys::cuptiActivityEnable(k) } == CUptiResult::CUPTI_SUCCESS;
     let disable = |k| {
         unsafe { sys::cuptiActivityDisable(k) };
     };
+    // Whether kernel records are on (then kernel launches are worth timing).
+    let mut kernels = false;
     let applied = match level {
         DetailLevel::Off => {
             node.into_iter().chain([sync, graph]).for_each(disable);
@@ -323,7 +434,7 @@ fn apply_detail(level: DetailLevel) -> DetailLevel {
         DetailLevel::Full => {
             disable(graph);
             node.into_iter().chain([sync]).for_each(|k| {
-                enable(k);
+                kernels |= enable(k) && k == node[0];
             });
             DetailLevel::Full
         }
@@ -334,11 +445,8 @@ fn apply_detail(level: DetailLevel) -> DetailLevel {
             // Graph mode: node kinds only for work outside graphs, if CUPTI allows the mix.
             // Refused graph tracing: node kinds as in Full.
             node.into_iter().for_each(|k| {
-                if graphs {
-                    try_enable(k)
-                } else {
-                    enable(k);
-                }
+                let on = if graphs { try_enable(k) } else { enable(k) };
+                kernels |= on && k == node[0];
             });
             if graphs {
                 DetailLevel::Graphs
@@ -347,6 +455,7 @@ fn apply_detail(level: DetailLevel) -> DetailLevel {
             }
         }
     };
+    apply_launch_callbacks(kernels, applied != DetailLevel::Off);
     if let Some(rt) = RT.get() {
         rt.applied.store(applied as u8, Relaxed);
     }
@@ -372,16 +481,6 @@ fn clock_offset() -> Option<i64> {
         }
     }
     best.map(|b| b.1)
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// CUPTI wants a buffer. Hands out a pooled one, or none (CUPTI then drops and counts records).
@@ -652,6 +751,39 @@ fn send_batch(
     Ok(())
 }
 
+/// Sends what the launch ring holds (or drops it, counted, without an agent).
+fn send_launches(
+    rt: &Runtime,
+    conn: &mut Option<Conn>,
+    scratch: &mut Vec<Launch>,
+    out: &mut Vec<u8>,
+) {
+    // Bounded: the ring's content at most, plus what producers add meanwhile.
+    for _ in 0..=RING_CAPACITY / FRAME_LAUNCHES {
+        scratch.clear();
+        rt.launches.drain_into(scratch, FRAME_LAUNCHES);
+        if scratch.is_empty() {
+            return;
+        }
+        let n = scratch.len() as u64;
+        let Some(c) = conn.as_ref() else {
+            COUNTERS.launches_unsent.fetch_add(n, Relaxed);
+            continue;
+        };
+        out.clear();
+        let frame = Frame::Launches(std::mem::take(scratch));
+        encode_frame(&frame, out);
+        if let Frame::Launches(v) = frame {
+            *scratch = v;
+        }
+        if write_all(&c.stream, out).is_err() {
+            COUNTERS.launches_unsent.fetch_add(n, Relaxed);
+            inc(&COUNTERS.no_agent);
+            *conn = None;
+        }
+    }
+}
+
 fn send_stats(conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
     out.clear();
     encode_frame(&Frame::Stats(COUNTERS.snapshot()), out);
@@ -662,6 +794,7 @@ fn sender_loop(rx: Receiver<Vec<Activity>>) {
     let Some(rt) = RT.get() else { return };
     let mut conn: Option<Conn> = None;
     let mut out = Vec::new();
+    let mut scratch = Vec::new();
     let mut last_connect: Option<Instant> = None;
     let mut last_tick = Instant::now();
     let flush_manually = !has_symbol("cuptiActivityFlushPeriod");
@@ -676,6 +809,9 @@ fn sender_loop(rx: Receiver<Vec<Activity>>) {
         } else {
             rx.recv_timeout(TICK)
         };
+        // Launch records before the batch: a kernel's launch was recorded before CUPTI could
+        // complete a buffer holding the kernel, so the agent sees launches first.
+        send_launches(rt, &mut conn, &mut scratch, &mut out);
         match next {
             Ok(batch) => match conn.as_mut() {
                 Some(c) => match send_batch(rt, c, &batch, &mut out) {

@@ -4,7 +4,9 @@
 //! libcuda dlopens it during `cuInit` and calls [`InitializeInjection`]. It enables CUPTI activity
 //! tracing (kernels, memcpy, memset, synchronization; or one record per CUDA graph launch),
 //! decodes completed activity buffers into a compact [`wire`] format and streams them to the
-//! infertap agent over a unix socket.
+//! infertap agent over a unix socket. CUPTI callbacks on the kernel and graph launch functions
+//! record which thread made each launch and when (`launches`), so that the agent can weigh its
+//! sampled launch stacks by the GPU time each launch produced.
 //!
 //! It must never hurt the host process: memory is bounded (a fixed pool of CUPTI buffers, a bounded
 //! send queue), nothing on a CUDA thread ever blocks on the agent (full queue or absent agent →
@@ -20,6 +22,9 @@
 //! Without the default `inject` feature the crate is only the wire format (used by the agent).
 
 pub mod wire;
+
+#[cfg(feature = "inject")]
+pub mod launches;
 
 #[cfg(feature = "inject")]
 pub mod records;

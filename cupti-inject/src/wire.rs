@@ -9,11 +9,18 @@
 //! Names:      count u32, then count × (id u32 | length u16 | UTF-8 bytes)
 //! Activities: count u32, then count × 80-byte records (see [`Activity`])
 //! Stats:      count u32, then count × u64 counters in [`Stats`] field order
+//! Launches:   count u32, then count × 40-byte records (see [`Launch`])        (version 2)
 //! ```
 //!
 //! Kernel names are sent once per connection, as a `Names` frame defining every id an
 //! `Activities` frame refers to before that frame; records carry the id only. Timestamps are
 //! already on the agent's clock (CLOCK_MONOTONIC ns).
+//!
+//! Versions: 1 had no `Launches` frame; 2 adds it and changes nothing else, so a version-2
+//! decoder reads both ([`MIN_VERSION`]..=[`VERSION`]). A frame of a newer version is refused with
+//! [`WireError::UnsupportedVersion`] (the agent closes that connection and says why); a frame type
+//! this decoder does not know, in a version it accepts, is skipped whole ([`Frame::Unknown`]),
+//! since its length is in the header.
 //!
 //! Decoding is incremental and pure ([`decode_frame`]): give it the bytes received so far, it
 //! returns a frame and how many bytes it used, or `None` when the frame is still incomplete.
@@ -22,10 +29,15 @@ use std::fmt;
 
 /// `b"ITCU"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"ITCU");
-pub const VERSION: u16 = 1;
+/// Wire version this build writes (and the newest it reads).
+pub const VERSION: u16 = 2;
+/// Oldest wire version this build reads.
+pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 12;
 /// Encoded size of one [`Activity`].
 pub const ACTIVITY_LEN: usize = 80;
+/// Encoded size of one [`Launch`].
+pub const LAUNCH_LEN: usize = 40;
 /// Frames larger than this are malformed (the library never builds them: it splits batches).
 pub const MAX_PAYLOAD: usize = 8 << 20;
 /// Kernel names are cut to this many bytes (templated C++ names can run to kilobytes).
@@ -42,6 +54,7 @@ const FRAME_HELLO: u16 = 1;
 const FRAME_NAMES: u16 = 2;
 const FRAME_ACTIVITIES: u16 = 3;
 const FRAME_STATS: u16 = 4;
+const FRAME_LAUNCHES: u16 = 5;
 
 /// How much the library records; switched at run time by the agent (one byte on the socket).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -155,6 +168,79 @@ pub struct Activity {
     pub block: [i32; 3],
 }
 
+/// CUDA API domain of a [`Launch`] (CUPTI's `CUpti_CallbackDomain` values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ApiDomain {
+    /// Driver API (`cuLaunchKernel`, `cuGraphLaunch`, ...).
+    Driver = 1,
+    /// Runtime API (`cudaLaunchKernel`, `cudaGraphLaunch`, ...).
+    Runtime = 2,
+}
+
+impl ApiDomain {
+    pub fn from_u8(v: u8) -> Option<ApiDomain> {
+        match v {
+            1 => Some(ApiDomain::Driver),
+            2 => Some(ApiDomain::Runtime),
+            _ => None,
+        }
+    }
+}
+
+/// [`Launch::flags`] bits.
+pub mod launch_flags {
+    /// A graph launch (`cuGraphLaunch`, `cudaGraphLaunch`): its GPU work is a graph-trace record
+    /// or, at full detail, one kernel record per kernel node, all with the launch's correlation id.
+    pub const GRAPH: u8 = 1;
+    /// A driver launch made inside a runtime launch on the same thread (the runtime's own call
+    /// into the driver): the outer runtime call is the one the application made.
+    pub const NESTED: u8 = 2;
+    /// Bits a version-2 sender may set.
+    pub const KNOWN: u8 = GRAPH | NESTED;
+}
+
+/// One CUDA launch API call as the injection library saw it on the launching thread (CUPTI's
+/// callback API at the call's entry and exit). Joined to the kernel (or graph) records of the
+/// same `correlation_id` it gives "this thread's launch, at this time, cost this much GPU time".
+/// Encoded as 40 bytes:
+///
+/// ```text
+///  0 correlation u32 | 4 tid u32 | 8 start u64 | 16 end u64 | 24 after u64 | 32 cbid u32
+/// 36 domain u8 | 37 flags u8 | 38 2 bytes zero
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// CUPTI's correlation id of the call (the same id as its kernel/graph activity records).
+    pub correlation_id: u32,
+    /// `gettid()` of the launching thread, in the traced process's pid namespace.
+    pub tid: u32,
+    /// The call's entry and exit, CLOCK_MONOTONIC ns (read on the launching thread).
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// When the previous launch call of this thread (recorded or not, failed ones included;
+    /// calls nested in a runtime launch excepted) returned, CLOCK_MONOTONIC ns; 0 for the
+    /// thread's first. The call's real entry lies in `(after_ns, start_ns]`: a stack sample
+    /// taken at its entry is the thread's latest launch sample after `after_ns`, however late
+    /// CUPTI called back.
+    pub after_ns: u64,
+    /// CUPTI callback id of the function (`CUpti_driver_api_trace_cbid` or
+    /// `CUpti_runtime_api_trace_cbid`, by `domain`).
+    pub cbid: u32,
+    pub domain: ApiDomain,
+    /// [`launch_flags`] bits.
+    pub flags: u8,
+}
+
+impl Launch {
+    pub fn is_graph(&self) -> bool {
+        self.flags & launch_flags::GRAPH != 0
+    }
+    pub fn is_nested(&self) -> bool {
+        self.flags & launch_flags::NESTED != 0
+    }
+}
+
 /// The library's counters, cumulative since it started. Sent about once a second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Stats {
@@ -182,10 +268,19 @@ pub struct Stats {
     pub panics: u64,
     /// [`DetailLevel`] in effect (as u8): the agent's request may have been refused.
     pub detail: u64,
+    /// Launch API calls recorded by the launch callbacks (version 2).
+    pub launches: u64,
+    /// Launch records dropped because the launch ring was full (the sender fell behind).
+    pub launches_ring_full: u64,
+    /// Launch records dropped because no agent was connected or the write failed.
+    pub launches_unsent: u64,
+    /// Launch callbacks in effect: 1 when CUPTI accepted the subscription and at least one
+    /// launch callback, else 0 (another CUPTI subscriber, or detail `off`).
+    pub launch_tracing: u64,
 }
 
 impl Stats {
-    const FIELDS: usize = 12;
+    const FIELDS: usize = 16;
 
     fn to_array(self) -> [u64; Self::FIELDS] {
         [
@@ -201,6 +296,10 @@ impl Stats {
             self.cupti_errors,
             self.panics,
             self.detail,
+            self.launches,
+            self.launches_ring_full,
+            self.launches_unsent,
+            self.launch_tracing,
         ]
     }
 
@@ -220,6 +319,10 @@ impl Stats {
             cupti_errors: g(9),
             panics: g(10),
             detail: g(11),
+            launches: g(12),
+            launches_ring_full: g(13),
+            launches_unsent: g(14),
+            launch_tracing: g(15),
         }
     }
 }
@@ -239,13 +342,22 @@ pub enum Frame {
     Names(Vec<(u32, String)>),
     Activities(Vec<Activity>),
     Stats(Stats),
+    /// Launch API calls (version 2).
+    Launches(Vec<Launch>),
+    /// A frame type this decoder does not know, skipped whole (`ty`: its type, `len`: payload
+    /// bytes). Never encoded.
+    Unknown {
+        ty: u16,
+        len: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WireError {
     BadMagic(u32),
+    /// A frame of a wire version outside [`MIN_VERSION`]..=[`VERSION`] (a newer library: update
+    /// the agent).
     UnsupportedVersion(u16),
-    UnknownFrameType(u16),
     TooLarge(usize),
     /// The payload does not match its frame type's layout.
     BadPayload(&'static str),
@@ -255,8 +367,10 @@ impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WireError::BadMagic(m) => write!(f, "bad frame magic {m:#010x}"),
-            WireError::UnsupportedVersion(v) => write!(f, "unsupported wire version {v}"),
-            WireError::UnknownFrameType(t) => write!(f, "unknown frame type {t}"),
+            WireError::UnsupportedVersion(v) => write!(
+                f,
+                "unsupported wire version {v} (this agent reads {MIN_VERSION}..={VERSION}; a newer injection library needs a newer agent)"
+            ),
             WireError::TooLarge(n) => write!(f, "frame payload of {n} bytes exceeds the limit"),
             WireError::BadPayload(what) => write!(f, "malformed payload: {what}"),
         }
@@ -310,7 +424,55 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
+        Frame::Launches(ls) => {
+            put_header(out, FRAME_LAUNCHES, 4 + ls.len() * LAUNCH_LEN);
+            out.extend_from_slice(&(ls.len() as u32).to_le_bytes());
+            for l in ls {
+                encode_launch(l, out);
+            }
+        }
+        // Only ever produced by the decoder.
+        Frame::Unknown { .. } => {}
     }
+}
+
+fn encode_launch(l: &Launch, out: &mut Vec<u8>) {
+    out.extend_from_slice(&l.correlation_id.to_le_bytes());
+    out.extend_from_slice(&l.tid.to_le_bytes());
+    out.extend_from_slice(&l.start_ns.to_le_bytes());
+    out.extend_from_slice(&l.end_ns.to_le_bytes());
+    out.extend_from_slice(&l.after_ns.to_le_bytes());
+    out.extend_from_slice(&l.cbid.to_le_bytes());
+    out.extend_from_slice(&[l.domain as u8, l.flags, 0, 0]);
+}
+
+fn decode_launch(b: &[u8]) -> Result<Launch, WireError> {
+    debug_assert_eq!(b.len(), LAUNCH_LEN);
+    let domain = ApiDomain::from_u8(b[36]).ok_or(WireError::BadPayload("launch domain"))?;
+    let flags = b[37];
+    if flags & !launch_flags::KNOWN != 0 {
+        return Err(WireError::BadPayload("launch flags"));
+    }
+    let (start_ns, end_ns) = (u64_at(b, 8), u64_at(b, 16));
+    if end_ns < start_ns {
+        return Err(WireError::BadPayload("launch ends before it starts"));
+    }
+    let after_ns = u64_at(b, 24);
+    if after_ns > start_ns {
+        return Err(WireError::BadPayload(
+            "launch starts before the previous one ended",
+        ));
+    }
+    Ok(Launch {
+        correlation_id: u32_at(b, 0),
+        tid: u32_at(b, 4),
+        start_ns,
+        end_ns,
+        after_ns,
+        cbid: u32_at(b, 32),
+        domain,
+        flags,
+    })
 }
 
 /// Longest prefix of `s` of at most `max` bytes ending on a char boundary.
@@ -397,7 +559,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         return Err(WireError::BadMagic(magic));
     }
     let version = u16_at(buf, 4);
-    if version != VERSION {
+    if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(WireError::UnsupportedVersion(version));
     }
     let ty = u16_at(buf, 6);
@@ -463,7 +625,18 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
             let vals: Vec<u64> = p[4..].chunks_exact(8).map(|c| u64_at(c, 0)).collect();
             Frame::Stats(Stats::from_slice(&vals))
         }
-        other => return Err(WireError::UnknownFrameType(other)),
+        FRAME_LAUNCHES if version >= 2 => {
+            let count = counted(p)?;
+            if Some(p.len()) != count.checked_mul(LAUNCH_LEN).map(|n| n + 4) {
+                return Err(WireError::BadPayload("launches length"));
+            }
+            let ls = p[4..]
+                .chunks_exact(LAUNCH_LEN)
+                .map(decode_launch)
+                .collect::<Result<Vec<_>, _>>()?;
+            Frame::Launches(ls)
+        }
+        other => Frame::Unknown { ty: other, len },
     };
     Ok(Some((frame, HEADER_LEN + len)))
 }
@@ -499,6 +672,25 @@ mod tests {
         }
     }
 
+    fn sample_launch() -> Launch {
+        Launch {
+            correlation_id: 99,
+            tid: 4243,
+            start_ns: 1_000_000_000,
+            end_ns: 1_000_004_500,
+            after_ns: 999_990_000,
+            cbid: 211,
+            domain: ApiDomain::Runtime,
+            flags: 0,
+        }
+    }
+
+    fn launches_frame(ls: Vec<Launch>) -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode_frame(&Frame::Launches(ls), &mut buf);
+        buf
+    }
+
     #[test]
     fn roundtrip_all_frames_split_at_every_byte() {
         let frames = vec![
@@ -524,8 +716,19 @@ mod tests {
                 records: 10,
                 queue_full: 2,
                 panics: 1,
+                launches: 7,
+                launch_tracing: 1,
                 ..Stats::default()
             }),
+            Frame::Launches(vec![
+                sample_launch(),
+                Launch {
+                    correlation_id: 100,
+                    domain: ApiDomain::Driver,
+                    flags: launch_flags::GRAPH | launch_flags::NESTED,
+                    ..sample_launch()
+                },
+            ]),
         ];
         let mut buf = Vec::new();
         for f in &frames {
@@ -571,6 +774,158 @@ mod tests {
         encode_frame(&Frame::Names(vec![(1, "abc".into())]), &mut names);
         names[HEADER_LEN + 8] = 200;
         assert!(decode_frame(&names).is_err());
+    }
+
+    #[test]
+    fn launch_records_are_40_bytes_in_the_documented_layout() {
+        let buf = launches_frame(vec![sample_launch()]);
+        assert_eq!(buf.len(), HEADER_LEN + 4 + LAUNCH_LEN);
+        let r = &buf[HEADER_LEN + 4..];
+        assert_eq!(u32_at(r, 0), 99);
+        assert_eq!(u32_at(r, 4), 4243);
+        assert_eq!(u64_at(r, 8), 1_000_000_000);
+        assert_eq!(u64_at(r, 16), 1_000_004_500);
+        assert_eq!(u64_at(r, 24), 999_990_000);
+        assert_eq!(u32_at(r, 32), 211);
+        assert_eq!(&r[36..40], &[ApiDomain::Runtime as u8, 0, 0, 0]);
+    }
+
+    #[test]
+    fn bad_launch_frames_are_errors() {
+        let good = launches_frame(vec![sample_launch(), sample_launch()]);
+        let rec = HEADER_LEN + 4;
+        // Truncated payload: the header promises more bytes, so the decoder waits for them.
+        for cut in HEADER_LEN..good.len() {
+            assert_eq!(decode_frame(&good[..cut]), Ok(None), "cut at {cut}");
+        }
+        // The count disagrees with the payload.
+        let mut bad = good.clone();
+        bad[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload("launches length"))
+        );
+        // A count whose byte size overflows.
+        let mut bad = good.clone();
+        bad[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_frame(&bad).is_err());
+        // A payload length that is no whole number of records (the header length is consistent).
+        let mut bad = good[..good.len() - 1].to_vec();
+        bad[8..12].copy_from_slice(&((good.len() - 1 - HEADER_LEN) as u32).to_le_bytes());
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload("launches length"))
+        );
+        let mut bad = good.clone();
+        bad[rec + 36] = 9;
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload("launch domain"))
+        );
+        let mut bad = good.clone();
+        bad[rec + LAUNCH_LEN + 37] = 0x80;
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload("launch flags"))
+        );
+        let mut bad = good.clone();
+        bad[rec + 16..rec + 24].copy_from_slice(&1u64.to_le_bytes());
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload("launch ends before it starts"))
+        );
+        let mut bad = good.clone();
+        bad[rec + 24..rec + 32].copy_from_slice(&2_000_000_000u64.to_le_bytes());
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload(
+                "launch starts before the previous one ended"
+            ))
+        );
+        // Missing count.
+        let mut bad = Vec::new();
+        put_header(&mut bad, FRAME_LAUNCHES, 2);
+        bad.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            decode_frame(&bad),
+            Err(WireError::BadPayload("missing count"))
+        );
+    }
+
+    #[test]
+    fn versions_old_streams_read_newer_refused_unknown_frames_skipped() {
+        // A version-1 library's stream (no Launches frame) still decodes.
+        let mut v1 = Vec::new();
+        encode_frame(&Frame::Activities(vec![sample_activity()]), &mut v1);
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let (f, n) = decode_frame(&v1).unwrap().unwrap();
+        assert_eq!(n, v1.len());
+        assert_eq!(f, Frame::Activities(vec![sample_activity()]));
+        // Launches did not exist in version 1: such a frame is skipped, not misread.
+        let mut v1l = launches_frame(vec![sample_launch()]);
+        v1l[4..6].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            decode_frame(&v1l).unwrap().unwrap(),
+            (
+                Frame::Unknown {
+                    ty: FRAME_LAUNCHES,
+                    len: 4 + LAUNCH_LEN
+                },
+                v1l.len()
+            )
+        );
+        // A newer version is refused with a clear error.
+        let mut v3 = launches_frame(vec![sample_launch()]);
+        v3[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        assert_eq!(
+            decode_frame(&v3),
+            Err(WireError::UnsupportedVersion(VERSION + 1))
+        );
+        assert!(WireError::UnsupportedVersion(3)
+            .to_string()
+            .contains("newer agent"));
+        let mut v0 = v1.clone();
+        v0[4..6].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(decode_frame(&v0), Err(WireError::UnsupportedVersion(0)));
+        // An unknown frame type of a known version is skipped whole; the next frame follows.
+        let mut buf = Vec::new();
+        put_header(&mut buf, 77, 5);
+        buf.extend_from_slice(b"hello");
+        encode_frame(&Frame::Launches(vec![sample_launch()]), &mut buf);
+        let (f, n) = decode_frame(&buf).unwrap().unwrap();
+        assert_eq!((f, n), (Frame::Unknown { ty: 77, len: 5 }, HEADER_LEN + 5));
+        let (f, _) = decode_frame(&buf[n..]).unwrap().unwrap();
+        assert_eq!(f, Frame::Launches(vec![sample_launch()]));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // Deterministic xorshift garbage, raw and behind a valid header of each frame type.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20_000 {
+            let len = (next() % 200) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && buf.len() >= HEADER_LEN {
+                let ty = 1 + (next() % 6) as u16;
+                let plen = (buf.len() - HEADER_LEN) as u32;
+                buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+                buf[4..6].copy_from_slice(&VERSION.to_le_bytes());
+                buf[6..8].copy_from_slice(&ty.to_le_bytes());
+                buf[8..12].copy_from_slice(&plen.to_le_bytes());
+            }
+            // Walk the buffer as a stream: errors stop it, nothing panics or loops forever.
+            let mut pos = 0;
+            while let Ok(Some((_, n))) = decode_frame(&buf[pos..]) {
+                assert!(n >= HEADER_LEN);
+                pos += n;
+            }
+        }
     }
 
     #[test]

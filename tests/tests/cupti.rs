@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::cupti::sys;
-use infertap::gpu::cupti::{ConnDecoder, CuptiReceiver, DetailLevel, ReceiverConfig};
+use infertap::gpu::cupti::{ConnDecoder, CuptiReceiver, DetailLevel, FrameEvent, ReceiverConfig};
 use infertap::gpu::timeline::{GpuActivityKind, MemcpyKind, SyncKind};
 use infertap_cupti::records::{decode_record, map_time, RecordError};
 use infertap_cupti::wire::{
-    self, encode_frame, memcpy_kind, sync_kind, Activity, ActivityKind, Frame, Hello,
+    self, encode_frame, launch_flags, memcpy_kind, sync_kind, Activity, ActivityKind, ApiDomain,
+    Frame, Hello, Launch,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -282,6 +283,53 @@ fn conn_decoder_turns_frames_into_timeline_activities() {
     // Names are shared, not copied per activity.
     let again = out[0].name.clone().unwrap();
     assert!(Arc::strong_count(&again) >= 2);
+
+    // Launch records are held for the receiver to map and forward.
+    let launch = Launch {
+        correlation_id: 5,
+        tid: 100,
+        start_ns: 9_000,
+        end_ns: 9_500,
+        after_ns: 8_000,
+        cbid: 211,
+        domain: ApiDomain::Runtime,
+        flags: launch_flags::GRAPH,
+    };
+    assert_eq!(
+        dec.apply(
+            Frame::Launches(vec![launch, launch]),
+            &mut out,
+            &mut unknown
+        )
+        .unwrap(),
+        FrameEvent::Launches(2)
+    );
+    assert_eq!(dec.take_launches(), vec![launch, launch]);
+    assert!(dec.take_launches().is_empty());
+    // Unknown frame types are skipped, not fatal.
+    assert_eq!(
+        dec.apply(Frame::Unknown { ty: 42, len: 3 }, &mut out, &mut unknown)
+            .unwrap(),
+        FrameEvent::Skipped(42)
+    );
+    // The agent's view of the pid (socket credentials) wins over the one the process reports.
+    assert!(!dec.foreign_pid_namespace());
+    dec.set_peer_pid(4099);
+    assert_eq!((dec.pid(), dec.reported_pid()), (Some(4099), Some(99)));
+    assert!(dec.foreign_pid_namespace());
+    out.clear();
+    dec.apply(
+        Frame::Activities(vec![wire_kernel(1)]),
+        &mut out,
+        &mut unknown,
+    )
+    .unwrap();
+    assert_eq!(out[0].pid, 4099);
+
+    let mut fresh = ConnDecoder::default();
+    assert!(fresh
+        .apply(Frame::Launches(vec![launch]), &mut out, &mut unknown)
+        .is_err());
 }
 
 #[tokio::test]
@@ -291,9 +339,12 @@ async fn receiver_serves_a_library_over_a_unix_socket() {
     let cfg = ReceiverConfig {
         socket_path: path.clone(),
         channel_capacity: 3,
+        launch_capacity: 2,
         max_connections: 4,
     };
-    let (rx_handle, mut rx) = CuptiReceiver::bind(cfg.clone()).unwrap();
+    let (mut rx_handle, mut rx) = CuptiReceiver::bind(cfg.clone()).unwrap();
+    let mut launches = rx_handle.take_launches().expect("launch channel");
+    assert!(rx_handle.take_launches().is_none(), "taken once");
     // A second agent on the same socket is refused.
     assert_eq!(
         CuptiReceiver::bind(cfg).err().map(|e| e.kind()),
@@ -333,6 +384,25 @@ async fn receiver_serves_a_library_over_a_unix_socket() {
         }),
         &mut buf,
     );
+    // SAFETY: gettid has no preconditions.
+    let my_tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+    encode_frame(
+        &Frame::Launches(
+            (0..3)
+                .map(|i| Launch {
+                    correlation_id: 10 + i,
+                    tid: my_tid,
+                    start_ns: 100,
+                    end_ns: 200,
+                    after_ns: 50,
+                    cbid: 307,
+                    domain: ApiDomain::Driver,
+                    flags: 0,
+                })
+                .collect(),
+        ),
+        &mut buf,
+    );
     // Byte by byte: frames split across reads must reassemble.
     for b in &buf {
         lib.write_all(std::slice::from_ref(b)).await.unwrap();
@@ -354,21 +424,50 @@ async fn receiver_serves_a_library_over_a_unix_socket() {
                 .unwrap(),
         );
     }
+    // The process said it is pid 1234 (its own namespace's view); the socket's credentials say
+    // which process it is for the agent (here: this test process).
+    let me = std::process::id();
     assert!(got
         .iter()
-        .all(|a| a.pid == 1234 && a.name.as_deref() == Some("rms_norm")));
+        .all(|a| a.pid == me && a.name.as_deref() == Some("rms_norm")));
     assert_eq!(
         got.iter().map(|a| a.start_ns).collect::<Vec<_>>(),
         vec![0, 1, 2]
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !rx_handle.inject_stats().contains_key(&1234) && tokio::time::Instant::now() < deadline {
+    use std::sync::atomic::Ordering::Relaxed;
+    while rx_handle.stats().launches.load(Relaxed)
+        + rx_handle
+            .stats()
+            .launches_dropped_channel_full
+            .load(Relaxed)
+        < 3
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(rx_handle.stats().activities.load(Relaxed), 3);
     assert_eq!(rx_handle.stats().dropped_channel_full.load(Relaxed), 2);
-    assert_eq!(rx_handle.inject_stats()[&1234].records, 5);
+    assert_eq!(rx_handle.inject_stats()[&me].records, 5);
+    // Launches: pid from the credentials; "pid 1234" marks another pid namespace, so the tid
+    // went through /proc/<pid>/task/*/status NSpid (here the identity: same namespace).
+    // Capacity 2: one dropped, counted.
+    let l = launches.recv().await.unwrap();
+    assert_eq!((l.pid, l.tid, l.correlation_id), (me, my_tid, 10));
+    assert_eq!(
+        (l.start_ns, l.end_ns, l.after_ns, l.graph, l.nested),
+        (100, 200, 50, false, false)
+    );
+    assert_eq!(launches.recv().await.unwrap().correlation_id, 11);
+    assert_eq!(rx_handle.stats().launches.load(Relaxed), 2);
+    assert_eq!(
+        rx_handle
+            .stats()
+            .launches_dropped_channel_full
+            .load(Relaxed),
+        1
+    );
+    assert_eq!(rx_handle.stats().launch_tids_unmapped.load(Relaxed), 0);
 
     // A level change reaches connected libraries.
     rx_handle.set_detail(DetailLevel::Off);
@@ -387,6 +486,44 @@ async fn receiver_serves_a_library_over_a_unix_socket() {
         .unwrap()
         .unwrap();
     assert_eq!(n, 0, "corrupt stream must be closed");
+    assert_eq!(rx_handle.stats().malformed_streams.load(Relaxed), 1);
+
+    // A library of a newer wire version: refused cleanly, counted apart from corruption. An
+    // unknown frame type of a known version is skipped and the connection goes on.
+    let mut newer = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut frame = Vec::new();
+    encode_frame(
+        &Frame::Hello(Hello {
+            pid: 1,
+            cupti_version: 0,
+            detail: DetailLevel::Full,
+        }),
+        &mut frame,
+    );
+    let mut skipped = frame.clone();
+    frame[4..6].copy_from_slice(&(wire::VERSION + 1).to_le_bytes());
+    newer.write_all(&frame).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), newer.read(&mut sink))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "a newer wire version is refused");
+    assert_eq!(rx_handle.stats().unsupported_version.load(Relaxed), 1);
+    assert_eq!(rx_handle.stats().malformed_streams.load(Relaxed), 1);
+    skipped.extend_from_slice(b"ITCU");
+    skipped.extend_from_slice(&wire::VERSION.to_le_bytes());
+    skipped.extend_from_slice(&99u16.to_le_bytes());
+    skipped.extend_from_slice(&2u32.to_le_bytes());
+    skipped.extend_from_slice(b"??");
+    let mut future = tokio::net::UnixStream::connect(&path).await.unwrap();
+    future.write_all(&skipped).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while rx_handle.stats().frames_skipped.load(Relaxed) == 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rx_handle.stats().frames_skipped.load(Relaxed), 1);
     assert_eq!(rx_handle.stats().malformed_streams.load(Relaxed), 1);
 
     drop(rx_handle);

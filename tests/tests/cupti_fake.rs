@@ -1,20 +1,26 @@
 //! The injection library end to end against a fake libcupti (tests/fixtures/fake_cupti.c): real
 //! InitializeInjection, CUPTI-style buffer callbacks, record decoding, clock mapping, the
-//! non-blocking sender, the agent's receiver, detail switching, bounded buffers, agent restarts.
+//! non-blocking sender, the agent's receiver, detail switching, bounded buffers, agent restarts;
+//! then the launch callbacks: the records of launches made on a thread of this process (its tid,
+//! its call's time), joined by the agent's launch join with the kernels CUPTI reported for them.
 //! One test per binary: the library's state is per process.
 
 #[path = "support/cupti_lib.rs"]
 mod cupti_lib;
+#[path = "support/fake_cupti.rs"]
+mod fake_cupti;
 
-use std::ffi::CString;
+use std::ffi::{c_char, CString};
 use std::mem::size_of;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use cudarc::cupti::sys;
+use cudarc::cupti::sys::{
+    self, CUpti_driver_api_trace_cbid as D, CUpti_runtime_api_trace_cbid as R,
+};
 use infertap::gpu::cupti::{CuptiReceiver, DetailLevel, ReceiverConfig};
+use infertap::gpu::launches::{LaunchApiCall, LaunchJoinConfig, LaunchJoiner};
 use infertap::gpu::timeline::{monotonic_now_ns, GpuActivity, GpuActivityKind, SyncKind};
 use libloading::{Library, Symbol};
 
@@ -24,20 +30,18 @@ const MEMSET: i32 = 2;
 const SYNC: i32 = 38;
 const GRAPH: i32 = 51;
 
+const DRIVER: i32 = 1;
+const RUNTIME: i32 = 2;
+
 fn build_fake_cupti() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("infertap-fake-cupti-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("libcupti.so");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fake_cupti.c");
-    let status = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-Wl,-soname,libcupti.so", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .arg("-lpthread")
-        .status()
-        .expect("cc runs");
-    assert!(status.success());
-    out
+    fake_cupti::build(
+        &std::env::temp_dir().join(format!("infertap-fake-cupti-{}", std::process::id())),
+    )
+}
+
+fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
 }
 
 fn bytes_of<T>(v: &T) -> Vec<u8> {
@@ -63,6 +67,38 @@ impl Fake {
     }
     fn deliver(&self) -> i32 {
         self.f::<extern "C" fn() -> i32>("fake_cupti_deliver")()
+    }
+    fn callback_enabled(&self, domain: i32, cbid: u32) -> bool {
+        self.f::<extern "C" fn(i32, u32) -> i32>("fake_cupti_callback_enabled")(domain, cbid) == 1
+    }
+    /// One launch call made by this thread (sleeping `call_us` inside it) that runs a kernel of
+    /// `ns`; returns its correlation id.
+    fn launch(
+        &self,
+        domain: i32,
+        cbid: u32,
+        ns: u64,
+        name: &CString,
+        call_us: i64,
+        result: i32,
+    ) -> u32 {
+        self.f::<extern "C" fn(i32, u32, u64, *const c_char, i64, i32) -> u32>("fake_cupti_launch")(
+            domain,
+            cbid,
+            ns,
+            name.as_ptr(),
+            call_us,
+            result,
+        )
+    }
+    fn graph_launch(&self, cbid: u32, graph_id: u32, nodes: &[u64]) -> u32 {
+        self.f::<extern "C" fn(i32, u32, u32, i32, *const u64) -> u32>("fake_cupti_graph_launch")(
+            RUNTIME,
+            cbid,
+            graph_id,
+            nodes.len() as i32,
+            nodes.as_ptr(),
+        )
     }
 }
 
@@ -288,7 +324,8 @@ async fn injection_library_streams_activity_to_the_agent() {
     assert_eq!(state(), 1);
 
     // A restarted agent gets the library back, with names defined again on the new connection.
-    let (receiver, mut rx) = CuptiReceiver::bind(cfg).unwrap();
+    let (mut receiver, mut rx) = CuptiReceiver::bind(cfg).unwrap();
+    let mut launches = receiver.take_launches().unwrap();
     wait_for("reconnect", Duration::from_secs(5), || {
         receiver.stats().connections_active.load(Relaxed) == 1
     })
@@ -299,4 +336,196 @@ async fn injection_library_streams_activity_to_the_agent() {
     assert_eq!(got[0].name.as_deref(), Some("attn_fwd_kernel"));
     assert_eq!(got[0].correlation_id, 6);
     assert_eq!(receiver.stats().unknown_names.load(Relaxed), 0);
+
+    // ---- Launch callbacks ----
+    // Full detail: every kernel and graph launch function has its callback on, nothing else.
+    let cbids = [
+        (DRIVER, D::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32),
+        (
+            DRIVER,
+            D::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel_ptsz as u32,
+        ),
+        (DRIVER, D::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernelEx as u32),
+        (
+            DRIVER,
+            D::CUPTI_DRIVER_TRACE_CBID_cuLaunchCooperativeKernel_ptsz as u32,
+        ),
+        (
+            RUNTIME,
+            R::CUPTI_RUNTIME_TRACE_CBID_cudaLaunchKernel_v7000 as u32,
+        ),
+        (
+            RUNTIME,
+            R::CUPTI_RUNTIME_TRACE_CBID_cudaLaunchKernelExC_v11060 as u32,
+        ),
+        (
+            RUNTIME,
+            R::CUPTI_RUNTIME_TRACE_CBID_cudaLaunchCooperativeKernel_v9000 as u32,
+        ),
+    ];
+    let graph_cbids = [
+        (DRIVER, D::CUPTI_DRIVER_TRACE_CBID_cuGraphLaunch as u32),
+        (DRIVER, D::CUPTI_DRIVER_TRACE_CBID_cuGraphLaunch_ptsz as u32),
+        (
+            RUNTIME,
+            R::CUPTI_RUNTIME_TRACE_CBID_cudaGraphLaunch_v10000 as u32,
+        ),
+        (
+            RUNTIME,
+            R::CUPTI_RUNTIME_TRACE_CBID_cudaGraphLaunch_ptsz_v10000 as u32,
+        ),
+    ];
+    for &(d, c) in cbids.iter().chain(&graph_cbids) {
+        assert!(fake.callback_enabled(d, c), "callback {d}/{c} on");
+    }
+    let cu_memcpy = D::CUPTI_DRIVER_TRACE_CBID_cuMemcpyHtoD_v2 as u32;
+    assert!(!fake.callback_enabled(DRIVER, cu_memcpy), "not a launch");
+
+    // Launches made on a thread of this process: its tid, its call's time. From here on the
+    // fake's emulated GPU runs, and its worker delivers the kernel records.
+    let cuda_launch = R::CUPTI_RUNTIME_TRACE_CBID_cudaLaunchKernel_v7000 as u32;
+    let cu_launch = D::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32;
+    let cuda_graph = R::CUPTI_RUNTIME_TRACE_CBID_cudaGraphLaunch_v10000 as u32;
+    let gemm = CString::new("gemm_kernel").unwrap();
+    let (tid, before, after, ids) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let before = monotonic_now_ns();
+            let a = fake.launch(RUNTIME, cuda_launch, 25_000, &gemm, 2_000, 0);
+            let b = fake.launch(DRIVER, cu_launch, 4_321, &gemm, 0, 0);
+            let failed = fake.launch(DRIVER, cu_launch, 0, &gemm, 0, 1);
+            let g = fake.graph_launch(cuda_graph, 3, &[5_000, 7_000]);
+            (gettid(), before, monotonic_now_ns(), [a, b, failed, g])
+        })
+        .join()
+        .unwrap()
+    });
+    assert_ne!(tid, gettid());
+    let mut calls: Vec<LaunchApiCall> = Vec::new();
+    while calls.len() < 3 {
+        calls.push(
+            tokio::time::timeout(Duration::from_secs(5), launches.recv())
+                .await
+                .expect("launch records arrive")
+                .unwrap(),
+        );
+    }
+    let pid = std::process::id();
+    assert_eq!(
+        calls.iter().map(|c| c.correlation_id).collect::<Vec<_>>(),
+        vec![ids[0], ids[1], ids[3]],
+        "the failed launch enqueued nothing and is not recorded"
+    );
+    for c in &calls {
+        assert_eq!((c.pid, c.tid), (pid, tid), "{c:?}");
+        assert!(
+            before <= c.start_ns && c.start_ns <= c.end_ns && c.end_ns <= after,
+            "{c:?}"
+        );
+        assert!(!c.nested);
+    }
+    assert!(
+        calls[0].end_ns - calls[0].start_ns >= 2_000_000,
+        "the 2 ms call"
+    );
+    // Each call's window reaches back to where the thread's previous launch call returned (the
+    // failed one included), the first to when launch tracing began.
+    assert!(
+        calls[0].after_ns > 0 && calls[0].after_ns < before,
+        "{:?}",
+        calls[0]
+    );
+    assert_eq!(calls[1].after_ns, calls[0].end_ns);
+    assert!(calls[2].after_ns > calls[1].end_ns && calls[2].after_ns <= calls[2].start_ns);
+    assert_eq!(
+        calls.iter().map(|c| c.graph).collect::<Vec<_>>(),
+        vec![false, false, true]
+    );
+    // Their kernels: one each, two nodes for the graph, all under the launches' ids.
+    let work = recv_n(&mut rx, 4).await;
+    let mut joiner = LaunchJoiner::new(LaunchJoinConfig::default());
+    let now = monotonic_now_ns();
+    for c in &calls {
+        joiner.add_launch(*c, now);
+    }
+    for a in &work {
+        assert!(matches!(a.kind, GpuActivityKind::Kernel { .. }));
+        joiner.add_work(
+            a.pid,
+            a.correlation_id,
+            a.duration_ns(),
+            a.name.clone(),
+            false,
+            now,
+        );
+    }
+    joiner.poll(now + LaunchJoinConfig::default().graph_settle_ns);
+    let timings = joiner.take();
+    let by_start: Vec<(u64, u64, Option<&str>)> = timings
+        .iter()
+        .map(|t| (t.api_start_ns, t.gpu_ns, t.kernel.as_deref()))
+        .collect();
+    assert_eq!(
+        by_start,
+        vec![
+            (calls[0].start_ns, 25_000, Some("gemm_kernel")),
+            (calls[1].start_ns, 4_321, Some("gemm_kernel")),
+            (calls[2].start_ns, 12_000, None),
+        ],
+        "GPU time per launch"
+    );
+    assert!(timings.iter().all(|t| t.tid == tid && t.pid == pid));
+    wait_for("launch stats", Duration::from_secs(5), || {
+        receiver
+            .inject_stats()
+            .get(&pid)
+            .is_some_and(|s| s.launches == 3 && s.launch_tracing == 1)
+    })
+    .await;
+    let st = receiver.inject_stats()[&pid];
+    assert_eq!((st.launches_ring_full, st.panics), (0, 0));
+
+    // Off: no callbacks, no records; graphs: graph launches (and kernel launches, since this
+    // CUPTI accepts kernel records alongside graph tracing).
+    receiver.set_detail(DetailLevel::Off);
+    wait_for("callbacks off", Duration::from_secs(5), || {
+        !fake.callback_enabled(RUNTIME, cuda_launch) && !fake.callback_enabled(RUNTIME, cuda_graph)
+    })
+    .await;
+    wait_for("off reported", Duration::from_secs(5), || {
+        receiver
+            .inject_stats()
+            .get(&pid)
+            .is_some_and(|s| s.launch_tracing == 0 && s.detail == 0)
+    })
+    .await;
+    fake.launch(RUNTIME, cuda_launch, 1_000, &gemm, 0, 0);
+    receiver.set_detail(DetailLevel::Graphs);
+    wait_for("graph mode", Duration::from_secs(5), || {
+        fake.callback_enabled(RUNTIME, cuda_graph) && fake.callback_enabled(RUNTIME, cuda_launch)
+    })
+    .await;
+    fake.f::<extern "C" fn(i32)>("fake_cupti_refuse_graph")(0);
+    receiver.set_detail(DetailLevel::Full);
+    receiver.set_detail(DetailLevel::Graphs);
+    wait_for("graph tracing on", Duration::from_secs(5), || {
+        fake.enabled(GRAPH)
+    })
+    .await;
+    let g = fake.graph_launch(cuda_graph, 4, &[1_000, 2_000, 3_000]);
+    let l = tokio::time::timeout(Duration::from_secs(5), launches.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (l.correlation_id, l.graph),
+        (g, true),
+        "nothing recorded while off"
+    );
+    // One graph-trace record for the whole graph.
+    let a = recv_n(&mut rx, 1).await.remove(0);
+    assert_eq!(a.kind, GpuActivityKind::Graph { graph_id: 4 });
+    assert_eq!((a.correlation_id, a.duration_ns()), (g, 6_000));
+    joiner.add_launch(l, now);
+    joiner.add_work(a.pid, a.correlation_id, a.duration_ns(), None, true, now);
+    assert_eq!(joiner.take()[0].gpu_ns, 6_000);
 }

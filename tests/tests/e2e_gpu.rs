@@ -2,8 +2,25 @@
 //! (two GPUs with scripted power and energy counters), the server is the scripted SSE server.
 //! Each request's JSON line must carry its GPU attribution (energy from the NVML samples over its
 //! lifetime, per output token too) and the agent's `/metrics` the NVML gauges and the request
-//! energy histogram. Needs root (skips locally, fails in CI when missing).
+//! energy histogram.
+//!
+//! GPU time by call path: a CUDA app (`fixtures/cuda/launch_paths.cpp`) on the stub libcuda /
+//! libcudart, with the real injection library and the fake libcupti, launches from three call
+//! paths on two threads; `infertap profile --type gpu --gpu-stack-every 1` must weigh each path
+//! by exactly the GPU time of its kernels (`go tool pprof` reads the profile), and without the
+//! injection library fall back to launch counts and say so in the profile's comment.
+//!
+//! Needs root (skips locally, fails in CI when missing).
 
+#[path = "support/cuda_stub.rs"]
+mod cuda_stub;
+#[path = "support/cupti_lib.rs"]
+mod cupti_lib;
+#[path = "support/fake_cupti.rs"]
+mod fake_cupti;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::{path::Path, process::Command, time::Duration};
 
 use infertap_tests::agent::{Agent, AgentOptions};
@@ -11,6 +28,7 @@ use infertap_tests::client::{Endpoint, RequestSpec};
 use infertap_tests::load::run_sequences_blocking;
 use infertap_tests::prereq;
 use infertap_tests::servers::{http_get, wait_for, ScriptedServer};
+use infertap_tests::tools::{artifacts_dir, go_pprof, missing_go};
 use serde_json::{json, Value};
 
 fn build_fake_nvml(dir: &Path) -> std::path::PathBuf {
@@ -173,4 +191,296 @@ fn trace_and_explain_subcommands() {
     let report = run_subcommand(&["explain", "--top", "5"], &server, &nvml, dir.path());
     assert!(report.contains("/v1/chat/completions"), "{report}");
     assert!(report.to_lowercase().contains("ttft"), "{report}");
+}
+
+/// Launches per kernel path and graph launches of `launch_paths`, and the GPU times its stubs
+/// give each kernel (see `fixtures/cuda/launch_paths.cpp`).
+const LAUNCHES: u64 = 120;
+const GRAPH_LAUNCHES: u64 = 40;
+const HEAVY_NS: u64 = 30_000;
+const LIGHT_NS: u64 = 10_000;
+const GRAPH_NS: u64 = 5_123 + 7_456;
+
+/// The `launch_paths` app, stopped at "ready".
+struct LaunchApp {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl LaunchApp {
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.stdout.read_line(&mut s).unwrap();
+        s.trim().to_owned()
+    }
+    fn go(&mut self) {
+        self.stdin.write_all(b"go\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+struct ProfileRun {
+    profile: std::path::PathBuf,
+    agent_log: String,
+    app_log: String,
+}
+
+/// Runs the app under `infertap profile --type gpu`, with the injection library and the fake
+/// libcupti when `inject` is set, and `env` in the app's environment.
+fn profile_launch_paths(
+    dir: &Path,
+    app: &Path,
+    inject: Option<(&Path, &Path)>,
+    env: &[(&str, &str)],
+    tag: &str,
+) -> ProfileRun {
+    let sock = dir.join(format!("cupti-{tag}.sock"));
+    let app_log = dir.join(format!("app-{tag}.log"));
+    let mut cmd = Command::new(app);
+    cmd.args([
+        LAUNCHES.to_string(),
+        GRAPH_LAUNCHES.to_string(),
+        "1000".into(),
+    ])
+    .env("LD_LIBRARY_PATH", dir)
+    .env("INFERTAP_CUPTI_SOCKET", &sock)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(&app_log).unwrap())
+    .envs(env.iter().copied());
+    if let Some((lib, cupti)) = inject {
+        cmd.env("CUDA_INJECTION64_PATH", lib)
+            .env("INFERTAP_CUPTI_LIB", cupti);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut app = LaunchApp {
+        stdin: child.stdin.take().unwrap(),
+        stdout: BufReader::new(child.stdout.take().unwrap()),
+        child,
+    };
+    assert_eq!(app.line(), "ready");
+    let pid = app.child.id();
+
+    let out = dir.join(format!("gpu-{tag}.pb.gz"));
+    let ready = dir.join(format!("ready-{tag}"));
+    let log = dir.join(format!("agent-{tag}.log"));
+    let bin = infertap_tests::paths::agent_binary().expect("agent binary");
+    let mut agent = Command::new(bin)
+        .args(["profile", "--type", "gpu", "--gpu-stack-every", "1"])
+        .args(["--profile-hz", "0", "--offcpu-every", "0", "--no-nvml"])
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg("--cuda-lib")
+        .arg(dir.join("libcuda.so.1"))
+        .arg("--cuda-lib")
+        .arg(dir.join("libcudart.so.12"))
+        .arg("--cupti-socket")
+        .arg(&sock)
+        .args(["--duration", "12s", "--out"])
+        .arg(&out)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(Duration::from_secs(60), "agent ready", || {
+        ready.exists().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", read_log()));
+    if inject.is_some() {
+        // The library retries its connection every second.
+        let hello = format!("CUPTI: pid {pid} connected");
+        wait_for(
+            Duration::from_secs(10),
+            "the injection library to connect",
+            || read_log().contains(&hello).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", read_log()));
+    }
+    app.go();
+    assert_eq!(app.line(), "done");
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "{}", read_log());
+    app.go();
+    assert!(app.child.wait().unwrap().success());
+    ProfileRun {
+        profile: out,
+        agent_log: read_log(),
+        app_log: std::fs::read_to_string(&app_log).unwrap_or_default(),
+    }
+}
+
+/// The `-top -cum` value of the row whose function contains `func`, as printed.
+fn cum_of(top: &str, func: &str) -> String {
+    top.lines()
+        .find(|l| {
+            l.split_whitespace()
+                .nth(5)
+                .is_some_and(|f| f.contains(func))
+        })
+        .unwrap_or_else(|| panic!("{func} missing\n{top}"))
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn gpu_profile_weighs_call_paths_by_cupti_gpu_time() {
+    let test = "gpu_profile_weighs_call_paths_by_cupti_gpu_time";
+    if !prereq::agent_test(test) || !prereq::check(test, missing_go()) {
+        return;
+    }
+    let _g = prereq::e2e_lock();
+    let dir = tempfile::tempdir().unwrap();
+    cuda_stub::build_stubs(dir.path());
+    let app = cuda_stub::build_app(dir.path(), "launch_paths.cpp", "launch_paths");
+    let cupti = fake_cupti::build(&dir.path().join("fake"));
+    let inject = cupti_lib::cdylib();
+    let artifacts = artifacts_dir(test).unwrap();
+
+    // With CUPTI: every launch sampled and timed, so each path weighs exactly its kernels.
+    let run = profile_launch_paths(dir.path(), &app, Some((&inject, &cupti)), &[], "cupti");
+    let file = artifacts.join("gpu-cupti.pb.gz");
+    std::fs::copy(&run.profile, &file).unwrap();
+    let ctx = format!("agent log:\n{}\napp log:\n{}", run.agent_log, run.app_log);
+    let top = go_pprof(
+        &[
+            "-top",
+            "-cum",
+            "-sample_index=gpu",
+            "-unit=ns",
+            "-nodecount=200",
+        ],
+        &file,
+    )
+    .unwrap();
+    println!("{top}");
+    let ns = |v: u64| format!("{v}ns");
+    assert_eq!(
+        cum_of(&top, "heavy_path"),
+        ns(LAUNCHES * HEAVY_NS),
+        "{top}\n{ctx}"
+    );
+    assert_eq!(
+        cum_of(&top, "light_path"),
+        ns(LAUNCHES * LIGHT_NS),
+        "{top}\n{ctx}"
+    );
+    assert_eq!(
+        cum_of(&top, "graph_path"),
+        ns(GRAPH_LAUNCHES * GRAPH_NS),
+        "{top}\n{ctx}"
+    );
+    // The launching threads: each path's time on its own thread.
+    let sampler = go_pprof(
+        &[
+            "-top",
+            "-cum",
+            "-sample_index=gpu",
+            "-unit=ns",
+            "-tagfocus=thread=sampler",
+        ],
+        &file,
+    )
+    .unwrap();
+    assert_eq!(
+        cum_of(&sampler, "light_path"),
+        ns(LAUNCHES * LIGHT_NS),
+        "{sampler}"
+    );
+    assert!(!sampler.contains("heavy_path"), "{sampler}");
+    let counts = go_pprof(
+        &["-top", "-cum", "-sample_index=samples", "-nodecount=200"],
+        &file,
+    )
+    .unwrap();
+    assert_eq!(
+        cum_of(&counts, "heavy_path"),
+        LAUNCHES.to_string(),
+        "{counts}"
+    );
+    assert_eq!(
+        cum_of(&counts, "graph_path"),
+        GRAPH_LAUNCHES.to_string(),
+        "{counts}"
+    );
+    let comments = go_pprof(&["-comments"], &file).unwrap();
+    assert!(
+        comments.contains("GPU time of sampled launches (CUPTI)")
+            && !comments.contains("launch counts only"),
+        "{comments}"
+    );
+
+    // Without the injection library: launch counts only, and the profile says so.
+    let run = profile_launch_paths(dir.path(), &app, None, &[], "plain");
+    let file = artifacts.join("gpu-plain.pb.gz");
+    std::fs::copy(&run.profile, &file).unwrap();
+    let counts = go_pprof(
+        &["-top", "-cum", "-sample_index=samples", "-nodecount=200"],
+        &file,
+    )
+    .unwrap();
+    println!("{counts}");
+    assert_eq!(
+        cum_of(&counts, "heavy_path"),
+        LAUNCHES.to_string(),
+        "{counts}\n{}",
+        run.agent_log
+    );
+    assert_eq!(
+        cum_of(&counts, "light_path"),
+        LAUNCHES.to_string(),
+        "{counts}"
+    );
+    assert_eq!(
+        cum_of(&counts, "graph_path"),
+        GRAPH_LAUNCHES.to_string(),
+        "{counts}"
+    );
+    let comments = go_pprof(&["-comments"], &file).unwrap();
+    assert!(
+        comments.contains("weighted by CUDA launch counts only"),
+        "{comments}"
+    );
+    let gpu = go_pprof(&["-top", "-sample_index=gpu"], &file).unwrap();
+    assert!(
+        gpu.contains("of 0 total") || gpu.contains("0 of 0"),
+        "{gpu}"
+    );
+
+    // Another tool holds CUPTI's one callback subscriber: kernels are still traced, launches are
+    // not timed, the library says why and the profile falls back the same way.
+    let run = profile_launch_paths(
+        dir.path(),
+        &app,
+        Some((&inject, &cupti)),
+        &[("FAKE_CUPTI_REFUSE_SUBSCRIBE", "1")],
+        "refused",
+    );
+    assert!(
+        run.app_log.contains("cuptiSubscribe failed"),
+        "the library explains: {}",
+        run.app_log
+    );
+    let file = artifacts.join("gpu-refused.pb.gz");
+    std::fs::copy(&run.profile, &file).unwrap();
+    let counts = go_pprof(
+        &["-top", "-cum", "-sample_index=samples", "-nodecount=200"],
+        &file,
+    )
+    .unwrap();
+    assert_eq!(
+        cum_of(&counts, "heavy_path"),
+        LAUNCHES.to_string(),
+        "{counts}"
+    );
+    let comments = go_pprof(&["-comments"], &file).unwrap();
+    assert!(
+        comments.contains("weighted by CUDA launch counts only"),
+        "{comments}"
+    );
 }

@@ -1,9 +1,15 @@
 //! Agent side of the CUPTI injection library (`cupti-inject`, loaded into the server with
 //! `CUDA_INJECTION64_PATH`): a unix-socket receiver that decodes the library's wire frames into
-//! [`GpuActivity`] values and can switch the library's detail level.
+//! [`GpuActivity`] values and launch API calls ([`LaunchApiCall`]), and can switch the library's
+//! detail level.
 //!
 //! Every traced process connects on its own; memory is bounded per connection (one frame) and in
-//! the output channel (a full channel drops and counts activities, never blocks the sockets).
+//! the output channels (a full channel drops and counts, never blocks the sockets).
+//!
+//! Pids and tids are given in the agent's (host) pid namespace, the one the eBPF probes report:
+//! the process's pid comes from the socket's peer credentials, and when it differs from the pid
+//! the library reported (a container), launch thread ids are mapped through `/proc` `NSpid`
+//! ([`TidMap`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -20,10 +26,12 @@ use tokio::task::JoinHandle;
 
 use infertap_cupti::wire::{decode_frame, memcpy_kind, sync_kind, Frame};
 pub use infertap_cupti::wire::{
-    Activity as WireActivity, ActivityKind as WireKind, DetailLevel, Stats as InjectStats,
-    WireError, DEFAULT_SOCKET, DEVICE_UNKNOWN, SOCKET_ENV,
+    Activity as WireActivity, ActivityKind as WireKind, DetailLevel, Launch as WireLaunch,
+    Stats as InjectStats, WireError, DEFAULT_SOCKET, DEVICE_UNKNOWN, SOCKET_ENV,
 };
+use tracing::{info, warn};
 
+use super::launches::{LaunchApiCall, TidMap};
 use super::timeline::{GpuActivity, GpuActivityKind, MemcpyKind, SyncKind};
 
 /// Receiver settings.
@@ -33,6 +41,8 @@ pub struct ReceiverConfig {
     pub socket_path: PathBuf,
     /// Activities buffered between the receiver and the pipeline.
     pub channel_capacity: usize,
+    /// Launch records buffered between the receiver and the pipeline.
+    pub launch_capacity: usize,
     /// Further connections are refused (closed at once) beyond this.
     pub max_connections: u64,
 }
@@ -44,6 +54,7 @@ impl Default for ReceiverConfig {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             channel_capacity: 64 * 1024,
+            launch_capacity: 64 * 1024,
             max_connections: 256,
         }
     }
@@ -63,14 +74,29 @@ pub struct ReceiverStats {
     pub malformed_streams: AtomicU64,
     /// Kernel records whose name id was never defined (delivered without a name).
     pub unknown_names: AtomicU64,
+    /// Launch records delivered to the launch channel.
+    pub launches: AtomicU64,
+    /// Launch records dropped because the launch channel was full.
+    pub launches_dropped_channel_full: AtomicU64,
+    /// Launch records whose thread could not be mapped into the host's pid namespace (the
+    /// thread had exited): delivered with tid 0 ("any thread of the process").
+    pub launch_tids_unmapped: AtomicU64,
+    /// Connections closed because the library speaks a newer wire version (update the agent).
+    pub unsupported_version: AtomicU64,
+    /// Frames of unknown types skipped.
+    pub frames_skipped: AtomicU64,
 }
 
 /// Decodes one connection's frames into [`GpuActivity`] values (pure; no I/O).
 #[derive(Debug, Default)]
 pub struct ConnDecoder {
     hello: Option<infertap_cupti::wire::Hello>,
+    /// The peer's pid in the agent's namespace (socket credentials).
+    peer_pid: Option<u32>,
     names: HashMap<u32, Arc<str>>,
     last_stats: Option<InjectStats>,
+    /// Launch records of the last frame(s), until [`ConnDecoder::take_launches`].
+    launches: Vec<WireLaunch>,
 }
 
 /// What a frame meant, beyond the activities it carried.
@@ -84,6 +110,10 @@ pub enum FrameEvent {
     Names(usize),
     Activities(usize),
     Stats(InjectStats),
+    /// Launch records, held for [`ConnDecoder::take_launches`].
+    Launches(usize),
+    /// A frame of an unknown type, skipped.
+    Skipped(u16),
 }
 
 /// The library broke the protocol.
@@ -101,9 +131,31 @@ pub enum ProtocolError {
 const MAX_NAMES_PER_CONN: usize = 65536;
 
 impl ConnDecoder {
-    /// Pid of the traced process, once it said Hello.
+    /// Pid of the traced process in the agent's pid namespace: the socket peer's when known,
+    /// else the one it said Hello with.
     pub fn pid(&self) -> Option<u32> {
+        self.peer_pid.or(self.hello.map(|h| h.pid))
+    }
+
+    /// Pid the process reported itself (in its own pid namespace).
+    pub fn reported_pid(&self) -> Option<u32> {
         self.hello.map(|h| h.pid)
+    }
+
+    /// Sets the peer's pid as the agent sees it (`SO_PEERCRED`).
+    pub fn set_peer_pid(&mut self, pid: u32) {
+        self.peer_pid = Some(pid);
+    }
+
+    /// Whether the process lives in another pid namespace than the agent (its thread ids must
+    /// be mapped).
+    pub fn foreign_pid_namespace(&self) -> bool {
+        matches!((self.peer_pid, self.hello), (Some(p), Some(h)) if p != h.pid)
+    }
+
+    /// Launch records received since the last call (in the process's own pid namespace).
+    pub fn take_launches(&mut self) -> Vec<WireLaunch> {
+        std::mem::take(&mut self.launches)
     }
 
     /// The library's latest counters.
@@ -142,7 +194,8 @@ impl ConnDecoder {
                 Ok(FrameEvent::Names(n))
             }
             Frame::Activities(acts) => {
-                let pid = self.hello.ok_or(ProtocolError::NoHello)?.pid;
+                self.hello.ok_or(ProtocolError::NoHello)?;
+                let pid = self.pid().unwrap_or_default();
                 let n = acts.len();
                 out.reserve(n);
                 for a in &acts {
@@ -164,6 +217,13 @@ impl ConnDecoder {
                 self.last_stats = Some(s);
                 Ok(FrameEvent::Stats(s))
             }
+            Frame::Launches(ls) => {
+                self.hello.ok_or(ProtocolError::NoHello)?;
+                let n = ls.len();
+                self.launches.extend(ls);
+                Ok(FrameEvent::Launches(n))
+            }
+            Frame::Unknown { ty, .. } => Ok(FrameEvent::Skipped(ty)),
         }
     }
 }
@@ -220,6 +280,7 @@ pub struct CuptiReceiver {
     stats: Arc<ReceiverStats>,
     inject_stats: Arc<Mutex<HashMap<u32, InjectStats>>>,
     detail: watch::Sender<Option<DetailLevel>>,
+    launches: Option<mpsc::Receiver<LaunchApiCall>>,
     path: PathBuf,
     task: JoinHandle<()>,
 }
@@ -254,14 +315,18 @@ impl CuptiReceiver {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
         let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
+        let (launch_tx, launch_rx) = mpsc::channel(config.launch_capacity.max(1));
         let stats = Arc::new(ReceiverStats::default());
         let inject_stats = Arc::new(Mutex::new(HashMap::new()));
         let (detail, _) = watch::channel(None);
         let task = tokio::spawn(accept_loop(
             listener,
-            tx,
-            stats.clone(),
-            inject_stats.clone(),
+            Outputs {
+                activities: tx,
+                launches: launch_tx,
+                stats: stats.clone(),
+                inject_stats: inject_stats.clone(),
+            },
             detail.subscribe(),
             config.max_connections,
         ));
@@ -270,11 +335,18 @@ impl CuptiReceiver {
                 stats,
                 inject_stats,
                 detail,
+                launches: Some(launch_rx),
                 path,
                 task,
             },
             rx,
         ))
+    }
+
+    /// The launch records of every connected library (once; `None` after the first call).
+    /// Until taken, and whenever the taker falls behind, they are dropped and counted.
+    pub fn take_launches(&mut self) -> Option<mpsc::Receiver<LaunchApiCall>> {
+        self.launches.take()
     }
 
     /// Asks every connected library (and those connecting later) to switch to `level`.
@@ -306,14 +378,22 @@ impl Drop for CuptiReceiver {
     }
 }
 
-async fn accept_loop(
-    listener: UnixListener,
-    tx: mpsc::Sender<GpuActivity>,
+/// Where a connection's output goes.
+#[derive(Clone)]
+struct Outputs {
+    activities: mpsc::Sender<GpuActivity>,
+    launches: mpsc::Sender<LaunchApiCall>,
     stats: Arc<ReceiverStats>,
     inject_stats: Arc<Mutex<HashMap<u32, InjectStats>>>,
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    out: Outputs,
     detail: watch::Receiver<Option<DetailLevel>>,
     max_connections: u64,
 ) {
+    let stats = out.stats.clone();
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -329,11 +409,19 @@ async fn accept_loop(
                     continue; // dropping the stream closes it
                 }
                 stats.connections_active.fetch_add(1, Relaxed);
-                let (tx, stats, inject_stats, detail) =
-                    (tx.clone(), stats.clone(), inject_stats.clone(), detail.clone());
+                let (out, detail) = (out.clone(), detail.clone());
                 conns.spawn(async move {
-                    if serve_conn(stream, &tx, &stats, &inject_stats, detail).await.is_err() {
-                        stats.malformed_streams.fetch_add(1, Relaxed);
+                    let stats = out.stats.clone();
+                    match serve_conn(stream, &out, detail).await {
+                        Ok(()) => {}
+                        Err(ProtocolError::Wire(e @ WireError::UnsupportedVersion(_))) => {
+                            stats.unsupported_version.fetch_add(1, Relaxed);
+                            warn!("CUPTI: closing a connection: {e}");
+                        }
+                        Err(e) => {
+                            stats.malformed_streams.fetch_add(1, Relaxed);
+                            warn!("CUPTI: closing a corrupt connection: {e}");
+                        }
                     }
                     stats.connections_active.fetch_sub(1, Relaxed);
                 });
@@ -346,17 +434,27 @@ async fn accept_loop(
 /// Serves one library until it disconnects. `Err` only for protocol violations.
 async fn serve_conn(
     stream: UnixStream,
-    tx: &mpsc::Sender<GpuActivity>,
-    stats: &ReceiverStats,
-    inject_stats: &Mutex<HashMap<u32, InjectStats>>,
+    o: &Outputs,
     mut detail: watch::Receiver<Option<DetailLevel>>,
 ) -> Result<(), ProtocolError> {
+    let (tx, stats, inject_stats) = (&o.activities, &*o.stats, &*o.inject_stats);
+    let mut dec = ConnDecoder::default();
+    // 0: the peer lives in a pid namespace the agent cannot see; keep the pid it reports.
+    if let Some(pid) = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .filter(|&p| p > 0)
+    {
+        dec.set_peer_pid(pid as u32);
+    }
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut dec = ConnDecoder::default();
     let mut out = Vec::new();
     let mut unknown = 0u64;
     let mut said_hello = false;
+    // Set once Hello shows the process in another pid namespace.
+    let mut tids: Option<TidMap> = None;
     loop {
         tokio::select! {
             r = rd.read_buf(&mut buf) => {
@@ -367,8 +465,15 @@ async fn serve_conn(
                 while let Some((frame, used)) = decode_frame(&buf)? {
                     buf.advance(used);
                     match dec.apply(frame, &mut out, &mut unknown)? {
-                        FrameEvent::Hello { detail: lib_level, .. } => {
+                        FrameEvent::Hello { detail: lib_level, pid: ns_pid, cupti_version } => {
                             said_hello = true;
+                            let pid = dec.pid().unwrap_or(ns_pid);
+                            if dec.foreign_pid_namespace() {
+                                tids = Some(TidMap::new(pid));
+                            }
+                            info!(
+                                "CUPTI: pid {pid} connected (its own pid {ns_pid}, CUPTI {cupti_version}, detail {lib_level:?})"
+                            );
                             // A level requested before this library connected.
                             let want = *detail.borrow_and_update();
                             if let Some(want) = want.filter(|w| *w != lib_level) {
@@ -381,6 +486,37 @@ async fn serve_conn(
                             if let (Some(pid), Ok(mut m)) = (dec.pid(), inject_stats.lock()) {
                                 m.insert(pid, s);
                             }
+                        }
+                        FrameEvent::Launches(_) => {
+                            let pid = dec.pid().unwrap_or_default();
+                            for l in dec.take_launches() {
+                                let tid = match tids.as_mut() {
+                                    // Blocking /proc reads, at most once a second per
+                                    // containerised process and only for unseen threads.
+                                    Some(m) => m.host_tid(l.tid).unwrap_or_else(|| {
+                                        stats.launch_tids_unmapped.fetch_add(1, Relaxed);
+                                        0
+                                    }),
+                                    None => l.tid,
+                                };
+                                let call = LaunchApiCall {
+                                    pid,
+                                    tid,
+                                    correlation_id: l.correlation_id,
+                                    start_ns: l.start_ns,
+                                    end_ns: l.end_ns,
+                                    after_ns: l.after_ns,
+                                    graph: l.is_graph(),
+                                    nested: l.is_nested(),
+                                };
+                                match o.launches.try_send(call) {
+                                    Ok(()) => stats.launches.fetch_add(1, Relaxed),
+                                    Err(_) => stats.launches_dropped_channel_full.fetch_add(1, Relaxed),
+                                };
+                            }
+                        }
+                        FrameEvent::Skipped(_) => {
+                            stats.frames_skipped.fetch_add(1, Relaxed);
                         }
                         FrameEvent::Names(_) | FrameEvent::Activities(_) => {}
                     }

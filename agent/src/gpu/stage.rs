@@ -1,6 +1,8 @@
 //! The GPU stage of the pipeline: starts the GPU data sources that exist on this node (NVML
 //! sampler, CUPTI receiver), feeds them and the CUDA uprobe calls into the correlator, and
-//! returns completed requests with their GPU attribution.
+//! returns completed requests with their GPU attribution. It also joins CUPTI's launch records
+//! with their kernels into per-launch GPU times for the profiler
+//! ([`GpuStage::take_launch_timings`]).
 //!
 //! Sources that cannot start (no GPU, no driver) log one line and stay off; while no source is
 //! active, requests pass straight through (no correlation delay).
@@ -13,11 +15,15 @@ use tracing::{info, warn};
 use super::{
     correlate::{CorrelatedRequest, Correlator, CorrelatorConfig, RequestKey},
     cupti::{CuptiReceiver, DetailLevel, ReceiverConfig},
+    launches::{LaunchApiCall, LaunchJoinConfig, LaunchJoinCounters, LaunchJoiner},
     nvml::{self, NvmlConfig, NvmlHandle, NvmlSampler},
-    timeline::{CudaApiCall, GpuActivity, PowerSample},
+    timeline::{CudaApiCall, GpuActivity, GpuActivityKind, PowerSample},
     trace::TraceWriter,
 };
-use crate::{events::CudaCall, reconstruct::InFlightRequest, record::RequestRecord};
+use crate::{
+    events::CudaCall, profiling::stage::LaunchTiming, reconstruct::InFlightRequest,
+    record::RequestRecord,
+};
 
 #[derive(Clone, Debug)]
 pub struct GpuOptions {
@@ -57,6 +63,8 @@ pub struct GpuStage {
     nvml: Option<Arc<NvmlHandle>>,
     cupti: Option<CuptiReceiver>,
     activities: Option<mpsc::Receiver<GpuActivity>>,
+    launches: Option<mpsc::Receiver<LaunchApiCall>>,
+    joiner: LaunchJoiner,
     power: Option<mpsc::Receiver<PowerSample>>,
     activity_seen: bool,
     cuda_probed: bool,
@@ -97,15 +105,16 @@ impl GpuStage {
                 Err(e) => info!("{e}"),
             }
         }
-        let (mut cupti, mut activities) = (None, None);
+        let (mut cupti, mut activities, mut launches) = (None, None, None);
         if let Some(path) = &opts.cupti_socket {
             let cfg = ReceiverConfig {
                 socket_path: path.clone(),
                 ..ReceiverConfig::default()
             };
             match CuptiReceiver::bind(cfg) {
-                Ok((r, rx)) => {
+                Ok((mut r, rx)) => {
                     r.set_detail(opts.cupti_detail);
+                    launches = r.take_launches();
                     info!(
                         "CUPTI: listening on {} (start the server with CUDA_INJECTION64_PATH=<libinfertap_cupti.so>)",
                         path.display()
@@ -124,6 +133,8 @@ impl GpuStage {
             nvml: nvml_handle,
             cupti,
             activities,
+            launches,
+            joiner: LaunchJoiner::new(LaunchJoinConfig::default()),
             power: power_rx,
             activity_seen: false,
             cuda_probed: false,
@@ -189,16 +200,45 @@ impl GpuStage {
         self.correlator.add_api_call(call);
     }
 
-    /// Moves what the sources delivered into the correlator (and the trace window).
+    /// Moves what the sources delivered into the correlator (and the trace window), and the
+    /// launch records and kernels into the launch join.
     pub fn drain_sources(&mut self) {
+        let now = super::timeline::monotonic_now_ns();
+        // Activities first, then launches: the receiver queues a connection's launch records
+        // before the activities that follow them on the wire, so every launch sent before an
+        // activity taken here is taken too, and the join sees launches first.
+        let mut acts = Vec::new();
         if let Some(rx) = self.activities.as_mut() {
             while let Ok(a) = rx.try_recv() {
-                self.activity_seen = true;
-                if let Some(t) = self.trace.as_mut() {
-                    t.add_activity(&a);
-                }
-                self.correlator.add_activity(a);
+                acts.push(a);
             }
+        }
+        if let Some(rx) = self.launches.as_mut() {
+            while let Ok(l) = rx.try_recv() {
+                self.joiner.add_launch(l, now);
+            }
+        }
+        for a in acts {
+            self.activity_seen = true;
+            if let Some(t) = self.trace.as_mut() {
+                t.add_activity(&a);
+            }
+            let graph = match a.kind {
+                GpuActivityKind::Kernel { .. } => Some(false),
+                GpuActivityKind::Graph { .. } => Some(true),
+                _ => None,
+            };
+            if let Some(graph) = graph {
+                self.joiner.add_work(
+                    a.pid,
+                    a.correlation_id,
+                    a.duration_ns(),
+                    a.name.clone(),
+                    graph,
+                    now,
+                );
+            }
+            self.correlator.add_activity(a);
         }
         if let Some(rx) = self.power.as_mut() {
             while let Ok(p) = rx.try_recv() {
@@ -231,19 +271,38 @@ impl GpuStage {
         self.correlator.flush()
     }
 
+    /// GPU time of the CUDA launches whose launch record and kernels (or graph) have both
+    /// arrived since the last call, for [`crate::profiling::stage::Profiler::gpu_launch_timings`].
+    /// Call it after [`drain_sources`](Self::drain_sources), every tick: what is not taken is
+    /// bounded and then dropped (counted).
+    pub fn take_launch_timings(&mut self) -> Vec<LaunchTiming> {
+        self.joiner.poll(super::timeline::monotonic_now_ns());
+        self.joiner.take()
+    }
+
+    /// Counters of the launch ↔ kernel join.
+    pub fn launch_join_counters(&self) -> LaunchJoinCounters {
+        self.joiner.counters()
+    }
+
     /// Cumulative drop counts of the GPU side, by reason.
     pub fn drops(&self) -> Vec<(&'static str, u64)> {
         let c = self.correlator.counters();
+        let j = self.joiner.counters();
         let mut out = vec![
             ("gpu_late_data", c.late_dropped),
             ("gpu_window_cap", c.cap_dropped),
+            ("gpu_launch_unmatched", j.launches_unmatched),
+            ("gpu_kernel_without_launch", j.work_unmatched),
+            ("gpu_launch_join_evicted", j.evicted + j.out_dropped),
         ];
         if let Some(r) = &self.cupti {
+            use std::sync::atomic::Ordering::Relaxed;
+            let s = r.stats();
+            out.push(("cupti_channel_full", s.dropped_channel_full.load(Relaxed)));
             out.push((
-                "cupti_channel_full",
-                r.stats()
-                    .dropped_channel_full
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                "cupti_launch_channel_full",
+                s.launches_dropped_channel_full.load(Relaxed),
             ));
         }
         out

@@ -193,6 +193,11 @@ pub struct LaunchTiming {
     /// The launch API call, CLOCK_MONOTONIC ns.
     pub api_start_ns: u64,
     pub api_end_ns: u64,
+    /// When the launching thread's previous launch call returned (or launch tracing began),
+    /// CLOCK_MONOTONIC ns; 0 when unknown. The call's stack sample, taken at its entry, is then
+    /// exactly the thread's latest launch sample in `(after_ns, api_end_ns]`, however late after
+    /// the entry CUPTI saw the call start.
+    pub after_ns: u64,
     /// GPU time of the kernels (or graph) this launch enqueued, ns.
     pub gpu_ns: u64,
     /// Kernel name when known (one kernel), for the `kernel` label.
@@ -356,7 +361,8 @@ struct PendingLaunch {
 /// How long a sampled launch waits for its timing (CUPTI delivers buffers every ~200 ms, the
 /// agent forwards them at its next tick).
 const LAUNCH_TIMING_WAIT_NS: u64 = 10_000_000_000;
-/// A launch uprobe fires at the call's first instruction, just before CUPTI's API timestamp.
+/// A launch uprobe fires at the call's first instruction, before CUPTI's API timestamp (a few
+/// µs, tens on a thread's first call). Used only when a timing has no `after_ns` bound.
 const LAUNCH_MATCH_SLACK_NS: u64 = 50_000;
 
 /// A completed request waiting until the samples of its last gap have been drained.
@@ -959,15 +965,23 @@ impl State {
     }
 
     /// Joins CUPTI launch timings to the sampled launches they belong to: same process, same
-    /// thread (when known), the sample taken at the call's entry (just before the API start) or
-    /// inside the call. Each timed sample adds its GPU time, scaled by the sampling rate.
+    /// thread (when known), the sample taken at the call's entry: the thread's latest launch
+    /// sample after its previous launch call returned (`after_ns`) and before this one did, or
+    /// without that bound, one just before the API start or inside the call. Each timed sample
+    /// adds its GPU time, scaled by the sampling rate.
     fn join_launches(&mut self, timings: Vec<LaunchTiming>) {
         let every = self.opts.launch_every.max(1) as u64;
         let mut adds = Vec::new();
         for t in timings {
-            let lo = t.api_start_ns.saturating_sub(LAUNCH_MATCH_SLACK_NS);
+            let lo = if t.tid != 0 && t.after_ns > 0 {
+                t.after_ns + 1
+            } else {
+                t.api_start_ns.saturating_sub(LAUNCH_MATCH_SLACK_NS)
+            };
             let hi = t.api_end_ns.max(t.api_start_ns);
-            let hit = self.launches.iter().position(|l| {
+            // Latest first: samples queue in time order, and no launch entry on the thread
+            // comes between this call's own and its end.
+            let hit = self.launches.iter().rposition(|l| {
                 l.pid == t.pid && (t.tid == 0 || l.tid == t.tid) && l.ts_ns >= lo && l.ts_ns <= hi
             });
             let Some(i) = hit else { continue };
