@@ -351,11 +351,103 @@ enum BuildJob {
 
 /// A sampled launch waiting for its CUPTI timing.
 struct PendingLaunch {
-    pid: u32,
-    tid: u32,
     ts_ns: u64,
     stack: Arc<RawStack>,
     labels: Arc<SampleLabels>,
+}
+
+/// Sampled launches waiting for their timings, per (pid, tid) in time order, so a timing finds
+/// its sample with a binary search (most timings have none: 1 launch in N is sampled).
+#[derive(Default)]
+struct PendingLaunches {
+    by_thread: HashMap<(u32, u32), VecDeque<PendingLaunch>>,
+    len: usize,
+}
+
+impl PendingLaunches {
+    fn push(&mut self, pid: u32, tid: u32, l: PendingLaunch) {
+        let q = self.by_thread.entry((pid, tid)).or_default();
+        // Ring order per CPU; a thread's samples arrive in order unless it migrated CPUs.
+        let at = q.partition_point(|x| x.ts_ns <= l.ts_ns);
+        q.insert(at, l);
+        self.len += 1;
+    }
+
+    /// Removes and returns the latest sample of (pid, tid) — any thread of `pid` when `tid` is
+    /// 0 — taken in `[lo, hi]`.
+    fn take_latest(&mut self, pid: u32, tid: u32, lo: u64, hi: u64) -> Option<PendingLaunch> {
+        let mut best: Option<((u32, u32), usize, u64)> = None;
+        let mut consider = |key: (u32, u32), q: &VecDeque<PendingLaunch>| {
+            let end = q.partition_point(|x| x.ts_ns <= hi);
+            if end > 0 && q[end - 1].ts_ns >= lo && best.is_none_or(|b| q[end - 1].ts_ns > b.2) {
+                best = Some((key, end - 1, q[end - 1].ts_ns));
+            }
+        };
+        if tid != 0 {
+            if let Some(q) = self.by_thread.get(&(pid, tid)) {
+                consider((pid, tid), q);
+            }
+        } else {
+            for (k, q) in self.by_thread.iter().filter(|(k, _)| k.0 == pid) {
+                consider(*k, q);
+            }
+        }
+        let (key, i, _) = best?;
+        let q = self.by_thread.get_mut(&key)?;
+        let l = q.remove(i)?;
+        if q.is_empty() {
+            self.by_thread.remove(&key);
+        }
+        self.len -= 1;
+        Some(l)
+    }
+
+    /// Drops samples older than `cutoff`; returns how many.
+    fn expire(&mut self, cutoff: u64) -> u64 {
+        let mut n = 0;
+        self.by_thread.retain(|_, q| {
+            while q.front().is_some_and(|l| l.ts_ns < cutoff) {
+                q.pop_front();
+                n += 1;
+            }
+            !q.is_empty()
+        });
+        self.len -= n as usize;
+        n
+    }
+
+    /// Drops the oldest sample of the fullest thread (at the bound).
+    fn evict_one(&mut self) -> bool {
+        let Some(key) = self
+            .by_thread
+            .iter()
+            .max_by_key(|(_, q)| q.len())
+            .map(|(k, _)| *k)
+        else {
+            return false;
+        };
+        if let Some(q) = self.by_thread.get_mut(&key) {
+            q.pop_front();
+            self.len -= 1;
+            if q.is_empty() {
+                self.by_thread.remove(&key);
+            }
+        }
+        true
+    }
+
+    fn forget_process(&mut self, pid: u32) {
+        let mut n = 0;
+        self.by_thread.retain(|k, q| {
+            if k.0 == pid {
+                n += q.len();
+                false
+            } else {
+                true
+            }
+        });
+        self.len -= n;
+    }
 }
 
 /// How long a sampled launch waits for its timing (CUPTI delivers buffers every ~200 ms, the
@@ -411,7 +503,7 @@ struct State {
     build_tx: SyncSender<BuildJob>,
     builder: Option<JoinHandle<()>>,
     regs_scratch: Vec<u64>,
-    launches: VecDeque<PendingLaunch>,
+    launches: PendingLaunches,
     /// Whether any launch was timed in the current interval (the GPU profile's note).
     timed_this_interval: bool,
     /// Stack ranges registered with the kernel, per (pid, tid), so stack copies stop at the
@@ -528,7 +620,7 @@ impl State {
             build_tx,
             builder: Some(builder),
             regs_scratch: Vec::new(),
-            launches: VecDeque::new(),
+            launches: PendingLaunches::default(),
             timed_this_interval: false,
             stack_tops: HashMap::new(),
         })
@@ -622,6 +714,7 @@ impl State {
         self.python.remove(&pid);
         self.seen.remove(&pid);
         self.stack_tops.retain(|k, _| k.0 != pid);
+        self.launches.forget_process(pid);
         self.labels.retain(|k, _| k.0 != pid);
     }
 
@@ -916,17 +1009,18 @@ impl State {
                         nanos: 0,
                     },
                 );
-                if self.launches.len() >= 100_000 {
-                    self.launches.pop_front();
+                if self.launches.len >= 100_000 && self.launches.evict_one() {
                     self.counters.launches_untimed.fetch_add(1, Relaxed);
                 }
-                self.launches.push_back(PendingLaunch {
+                self.launches.push(
                     pid,
                     tid,
-                    ts_ns: ts,
-                    stack,
-                    labels,
-                });
+                    PendingLaunch {
+                        ts_ns: ts,
+                        stack,
+                        labels,
+                    },
+                );
             }
         }
     }
@@ -979,13 +1073,9 @@ impl State {
                 t.api_start_ns.saturating_sub(LAUNCH_MATCH_SLACK_NS)
             };
             let hi = t.api_end_ns.max(t.api_start_ns);
-            // Latest first: samples queue in time order, and no launch entry on the thread
-            // comes between this call's own and its end.
-            let hit = self.launches.iter().rposition(|l| {
-                l.pid == t.pid && (t.tid == 0 || l.tid == t.tid) && l.ts_ns >= lo && l.ts_ns <= hi
-            });
-            let Some(i) = hit else { continue };
-            let Some(l) = self.launches.remove(i) else {
+            // Latest first: no launch entry on the thread comes between this call's own sample
+            // and its end.
+            let Some(l) = self.launches.take_latest(t.pid, t.tid, lo, hi) else {
                 continue;
             };
             let labels = match &t.kernel {
@@ -1009,10 +1099,8 @@ impl State {
 
     fn housekeeping(&mut self, now: u64) {
         let cutoff = now.saturating_sub(LAUNCH_TIMING_WAIT_NS);
-        while self.launches.front().is_some_and(|l| l.ts_ns < cutoff) {
-            self.launches.pop_front();
-            self.counters.launches_untimed.fetch_add(1, Relaxed);
-        }
+        let expired = self.launches.expire(cutoff);
+        self.counters.launches_untimed.fetch_add(expired, Relaxed);
         self.attribute_ready(now);
         self.window.expire(now);
         self.counters
@@ -1407,6 +1495,50 @@ fn group_shares(
 
 #[cfg(test)]
 mod tests {
+    fn launch(ts: u64) -> super::PendingLaunch {
+        use super::super::stack::{RawStack, Truncation};
+        super::PendingLaunch {
+            ts_ns: ts,
+            stack: std::sync::Arc::new(RawStack {
+                kernel: Box::new([]),
+                native: Box::new([]),
+                python: Box::new([]),
+                truncation: Truncation::None,
+            }),
+            labels: std::sync::Arc::new(super::SampleLabels {
+                pid: 1,
+                process: "p".into(),
+                thread: "t".into(),
+                model: None,
+                state: None,
+                kernel: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn pending_launches_match_the_latest_sample_of_the_thread_in_the_window() {
+        let mut p = super::PendingLaunches::default();
+        for ts in [10, 20, 30] {
+            p.push(1, 7, launch(ts));
+        }
+        p.push(1, 8, launch(25));
+        p.push(2, 7, launch(26));
+        assert_eq!(p.take_latest(1, 7, 15, 28).map(|l| l.ts_ns), Some(20));
+        assert!(
+            p.take_latest(1, 7, 21, 28).is_none(),
+            "nothing left in the window"
+        );
+        // Any thread of the process when the tid is unknown: the latest in the window.
+        assert_eq!(p.take_latest(1, 0, 0, 40).map(|l| l.ts_ns), Some(30));
+        assert_eq!(p.take_latest(1, 0, 0, 40).map(|l| l.ts_ns), Some(25));
+        assert_eq!(p.len, 2);
+        assert_eq!(p.expire(15), 1);
+        p.forget_process(2);
+        assert_eq!(p.len, 0);
+        assert!(p.by_thread.is_empty());
+    }
+
     #[test]
     fn python_paths_are_shortened_to_module_paths() {
         use super::short_python_path as s;
