@@ -811,7 +811,7 @@ fn switch_out(ctx: &TracePointContext, id: u64, every: u32, now: u64) {
     // SAFETY: a map value; only this thread's switch-out and switch-in touch it, in order.
     let entry = unsafe { &mut *entry };
     let preempted = v(&entry.flags) & offcpu_start::PREEMPTED != 0;
-    if capture_offcpu(ctx, id, now, preempted) {
+    if capture_offcpu(ctx, id, now, preempted, every) {
         entry.flags |= offcpu_start::CAPTURED;
     }
 }
@@ -819,7 +819,7 @@ fn switch_out(ctx: &TracePointContext, id: u64, every: u32, now: u64) {
 /// The `OFFCPU` record of a switch-out: kernel stack at `schedule()`, user registers saved at
 /// kernel entry, user stack and Python frames.
 #[inline(always)]
-fn capture_offcpu(ctx: &TracePointContext, id: u64, now: u64, preempted: bool) -> bool {
+fn capture_offcpu(ctx: &TracePointContext, id: u64, now: u64, preempted: bool, every: u32) -> bool {
     let Some(s) = scratch(&SCRATCH_SWITCH) else {
         bump(counter::SAMPLE_FAILED);
         return false;
@@ -830,6 +830,8 @@ fn capture_offcpu(ctx: &TracePointContext, id: u64, now: u64, preempted: bool) -
     };
     begin(s, id, now, sample_kind::OFFCPU, regs);
     s.rec.header.flags = sf::IN_KERNEL | if preempted { sf::PREEMPTED } else { 0 };
+    // The rate this capture was sampled at (user space may change it at any time).
+    s.rec.header.aux2 = every as u64;
     kernel_stack(s, ctx.as_ptr());
     finish(s)
 }

@@ -219,6 +219,11 @@ impl Aggregator {
             Vec::new(),
             c.python_processes.load(Relaxed) as f64,
         );
+        store.set_gauge(
+            &schema::PROFILE_OFFCPU_ONE_IN,
+            Vec::new(),
+            c.offcpu_every.load(Relaxed) as f64,
+        );
     }
 
     pub fn set_cuda_stats(&mut self, stats: &[crate::probes::cuda::CallStats]) {

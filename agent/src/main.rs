@@ -95,6 +95,11 @@ struct TargetArgs {
     /// for N). 0 turns off-CPU profiling off. Default: 16 (4 for `explain`).
     #[arg(long, value_name = "N")]
     offcpu_every: Option<u32>,
+    /// Most off-CPU captures per second: when the traced threads switch more often, N above is
+    /// raised so captures stay near this rate (each stands for the N it was taken at). 0 keeps
+    /// N fixed. Default: 100 (1000 for `explain`).
+    #[arg(long, value_name = "PER_S")]
+    offcpu_budget: Option<u32>,
     /// GPU time by call path: capture the launching stack of 1 in N CUDA kernel/graph launches
     /// (each stands for N). 0 turns it off.
     #[arg(long, default_value_t = 64, value_name = "N")]
@@ -237,15 +242,18 @@ fn host_name() -> String {
 struct SamplingDefaults {
     hz: u64,
     offcpu_every: u32,
+    offcpu_budget: u32,
 }
 
 const CONTINUOUS: SamplingDefaults = SamplingDefaults {
     hz: 49,
     offcpu_every: 16,
+    offcpu_budget: 100,
 };
 const DIAGNOSTIC: SamplingDefaults = SamplingDefaults {
     hz: 199,
     offcpu_every: 4,
+    offcpu_budget: 1000,
 };
 
 fn options(t: &TargetArgs) -> Result<AgentOptions> {
@@ -280,6 +288,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
         hz: profile_hz,
         node: host_name(),
         offcpu_every,
+        offcpu_budget: t.offcpu_budget.unwrap_or(d.offcpu_budget),
         launch_every: profile.launch_sample_every,
         ..ProfilerOptions::default()
     });

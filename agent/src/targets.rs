@@ -159,9 +159,38 @@ pub fn process_alive(pid: u32) -> bool {
     Process::new(pid as i32).is_ok_and(|p| p.is_alive())
 }
 
+/// The thread-group id (process id) of task `tid`, from /proc/<tid>/status.
+pub fn tgid_of(tid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_group_of_this_process_and_a_thread() {
+        let me = std::process::id();
+        assert_eq!(tgid_of(me), Some(me));
+        let tid = std::thread::spawn(|| unsafe { libc::gettid() } as u32)
+            .join()
+            .unwrap();
+        // The thread has exited: its id is gone (or reused); no panic either way.
+        let _ = tgid_of(tid);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let live = rx.recv().unwrap();
+        assert_eq!(tgid_of(live), Some(me));
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
+    }
     use std::net::{TcpListener, TcpStream};
 
     #[test]

@@ -92,6 +92,7 @@ pub struct SampleHeader {
     /// `OFFCPU_END`: switch-out time of the period that ended; `LAUNCH`: attach cookie.
     pub aux: u64,
     /// `LAUNCH`: kernel handle / host stub / graph exec passed to the launch function.
+    /// `OFFCPU`: the 1-in-N rate the capture was sampled at (it stands for N switch-outs).
     pub aux2: u64,
     /// Bytes of `SampleRecord::stack` that follow the fixed part (≤ `MAX_STACK_BYTES`).
     pub user_stack_len: u32,

@@ -344,6 +344,14 @@ pub static PROFILE_PYTHON_PROCESSES: MetricDef = MetricDef {
     bounds: &[],
 };
 
+pub static PROFILE_OFFCPU_ONE_IN: MetricDef = MetricDef {
+    name: "infertap_profile_offcpu_capture_one_in",
+    help: "Off-CPU switch-outs are captured with their stack 1 in this many (raised automatically to keep captures within the budget)",
+    kind: Kind::Gauge,
+    labels: &[],
+    bounds: &[],
+};
+
 /// Every metric, in exposition order.
 pub static ALL: &[&MetricDef] = &[
     &TIME_TO_FIRST_TOKEN,
@@ -369,6 +377,7 @@ pub static ALL: &[&MetricDef] = &[
     &PROFILE_STACKS,
     &PROFILE_PYTHON_SAMPLES,
     &PROFILE_PYTHON_PROCESSES,
+    &PROFILE_OFFCPU_ONE_IN,
 ];
 
 /// The definition of a metric by its exposition name.

@@ -75,6 +75,8 @@ pub struct Probes {
     pub cuda: cuda::CudaProbes,
     /// The profiler's kernel side; taken by the profiler stage, which runs on its own thread.
     pub profile: profile::ProfileSlot,
+    /// Which keys of `targets` are thread-group leaders (cached: it never changes for a key).
+    leaders: std::collections::HashMap<u32, bool>,
     _ebpf: Ebpf,
 }
 
@@ -152,6 +154,7 @@ impl Probes {
             counters,
             cuda,
             profile: profile::ProfileSlot::new(profile),
+            leaders: std::collections::HashMap::new(),
             _ebpf: ebpf,
         })
     }
@@ -181,6 +184,22 @@ impl Probes {
         self.targets.keys().filter_map(|k| k.ok()).collect()
     }
 
+    /// The traced processes only (thread-group leaders): the kernel's set also holds the ids of
+    /// threads the fork tracepoint saw, and reading one process's memory maps once per thread
+    /// would multiply the rescan cost by its thread count.
+    pub fn processes(&mut self) -> Vec<u32> {
+        let keys = self.targets();
+        self.leaders.retain(|k, _| keys.contains(k));
+        keys.into_iter()
+            .filter(|&k| {
+                *self
+                    .leaders
+                    .entry(k)
+                    .or_insert_with(|| crate::targets::tgid_of(k) == Some(k))
+            })
+            .collect()
+    }
+
     /// Starts tracing a connection that was open before the agent attached.
     pub fn adopt_connection(&mut self, pid: u32, fd: i32, conn_id: u64) -> Result<()> {
         self.conns
@@ -192,7 +211,7 @@ impl Probes {
     /// Returns the number of probes attached by this call.
     pub fn attach_cuda(&mut self) -> usize {
         let mut libs: Vec<std::path::PathBuf> = Vec::new();
-        for pid in self.targets() {
+        for pid in self.processes() {
             for lib in cuda::mapped_cuda_libraries(pid) {
                 if !libs.contains(&lib) {
                     libs.push(lib);

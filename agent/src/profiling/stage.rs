@@ -67,8 +67,12 @@ pub struct ProfilerOptions {
     /// Also merge every interval into one profile per type for the final report
     /// (`infertap profile`).
     pub keep_whole: bool,
-    /// Off-CPU switch-outs captured 1 in N (each stands for N; 0 = off).
+    /// Off-CPU switch-outs captured at least 1 in N (each stands for the N it was sampled at;
+    /// 0 = off).
     pub offcpu_every: u32,
+    /// Most off-CPU captures per second across the traced processes: when they switch more
+    /// often, N is raised (every second) so the capture rate stays near this. 0: N stays fixed.
+    pub offcpu_budget: u32,
     /// CUDA launches captured 1 in N (each stands for N; 0 = off).
     pub launch_every: u32,
 }
@@ -86,6 +90,7 @@ impl Default for ProfilerOptions {
             keep_attributions: false,
             keep_whole: false,
             offcpu_every: 16,
+            offcpu_budget: 100,
             launch_every: 0,
         }
     }
@@ -114,6 +119,8 @@ pub struct ProfilerCounters {
     pub offcpu_unmatched: AtomicU64,
     pub offcpu_evicted: AtomicU64,
     pub requests_attributed: AtomicU64,
+    /// The 1-in-N rate off-CPU switch-outs are captured at now.
+    pub offcpu_every: AtomicU64,
     /// Sampled launches joined to a CUPTI launch timing (their GPU time is known).
     pub launches_timed: AtomicU64,
     /// Sampled launches for which no timing arrived in time (counted, no GPU time).
@@ -509,6 +516,11 @@ struct State {
     /// Stack ranges registered with the kernel, per (pid, tid), so stack copies stop at the
     /// thread's stack top instead of copying the whole window.
     stack_tops: HashMap<(u32, u32), StackTop>,
+    /// Off-CPU rate control: the 1-in-N in effect, and the switch count and time it was last
+    /// adjusted at.
+    offcpu_every_now: u32,
+    switches_seen: u64,
+    last_rate_check: Instant,
 }
 
 impl State {
@@ -595,6 +607,7 @@ impl State {
             .context("spawning the profile builder thread")?;
         let now = clock::monotonic_ns();
         let period_ns = 1_000_000_000u64.checked_div(opts.hz).unwrap_or(0);
+        let offcpu_every_now = opts.offcpu_every;
         Ok(State {
             window: SampleWindow::new(opts.window.as_nanos() as u64, opts.max_window_entries),
             offcpu: OffCpuTracker::new(100_000),
@@ -623,6 +636,9 @@ impl State {
             launches: PendingLaunches::default(),
             timed_this_interval: false,
             stack_tops: HashMap::new(),
+            offcpu_every_now,
+            switches_seen: 0,
+            last_rate_check: Instant::now(),
         })
     }
 
@@ -973,7 +989,11 @@ impl State {
                     OffCpuState::Blocked
                 };
                 let labels = self.labels(pid, tid, Some(state));
-                let scale = self.opts.offcpu_every.max(1);
+                // Each capture carries the rate it was sampled at.
+                let scale = match v.header.aux2 {
+                    0 => self.opts.offcpu_every.max(1),
+                    n => n.min(u32::MAX as u64) as u32,
+                };
                 let accounted = ts.max(self.interval_start_ns);
                 self.offcpu.switched_out(
                     tid,
@@ -1097,7 +1117,40 @@ impl State {
         }
     }
 
+    /// Keeps off-CPU captures near the budget: N = max(configured N, switches/s ÷ budget),
+    /// changed only when it moves by more than a quarter (each capture records its own N).
+    fn adapt_offcpu_rate(&mut self) {
+        let elapsed = self.last_rate_check.elapsed();
+        if self.opts.offcpu_every == 0
+            || self.opts.offcpu_budget == 0
+            || elapsed < Duration::from_secs(1)
+        {
+            return;
+        }
+        self.last_rate_check = Instant::now();
+        let switches: u64 = self
+            .probes
+            .offcpu_totals()
+            .iter()
+            .map(|(_, t)| t.switches)
+            .sum();
+        let delta = switches.saturating_sub(self.switches_seen);
+        self.switches_seen = switches;
+        let per_s = delta as f64 / elapsed.as_secs_f64();
+        let want = ((per_s / self.opts.offcpu_budget as f64).ceil() as u32)
+            .clamp(self.opts.offcpu_every, 1 << 20);
+        let cur = self.offcpu_every_now.max(1);
+        if want.abs_diff(cur) * 4 > cur && self.probes.set_offcpu_sample_every(want).is_ok() {
+            debug!("off-CPU captures: 1 in {want} ({per_s:.0} switches/s)");
+            self.offcpu_every_now = want;
+        }
+        self.counters
+            .offcpu_every
+            .store(self.offcpu_every_now as u64, Relaxed);
+    }
+
     fn housekeeping(&mut self, now: u64) {
+        self.adapt_offcpu_rate();
         let cutoff = now.saturating_sub(LAUNCH_TIMING_WAIT_NS);
         let expired = self.launches.expire(cutoff);
         self.counters.launches_untimed.fetch_add(expired, Relaxed);

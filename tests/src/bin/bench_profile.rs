@@ -33,9 +33,13 @@ struct Args {
     /// Pairs of runs (profiling on / off, order alternating).
     #[arg(long, default_value_t = 5)]
     pairs: u32,
-    /// Length of each run.
-    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    /// Length of each run's measured part.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     run_duration: Duration,
+    /// Load before each measured part (module parsing, first symbolization, interpreter
+    /// discovery happen once per agent start and are not the steady-state cost).
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
     /// Concurrent streams of the load.
     #[arg(long, default_value_t = 2)]
     streams: u32,
@@ -97,18 +101,18 @@ fn main() -> Result<()> {
     let mut cpu_prof = Vec::new();
     let mut cpu_off = Vec::new();
     let mut profiler_cpu_s = 0.0;
-    let kernel_before = program_stats();
+    let mut kernel: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
     for pair in 0..args.pairs {
         let mut on = Run::default();
         let mut off = Run::default();
         for profiling_first in [pair % 2 == 0, pair % 2 != 0] {
             if profiling_first {
-                let (r, prof_cpu, samples) = run(&server, &args, Some(dir.path()))?;
+                let (r, prof_cpu, samples) = run(&server, &args, Some(dir.path()), &mut kernel)?;
                 on = r;
                 profiler_cpu_s += prof_cpu;
                 report.samples_processed += samples;
             } else {
-                off = run(&server, &args, None)?.0;
+                off = run(&server, &args, None, &mut kernel)?.0;
             }
         }
         eprintln!(
@@ -131,15 +135,12 @@ fn main() -> Result<()> {
     report.agent_cpu_pct_no_profiling = mean(&cpu_off);
     report.agent_cpu_pct_added = report.agent_cpu_pct_profiling - report.agent_cpu_pct_no_profiling;
     report.user_ns_per_sample = 1e9 * profiler_cpu_s / report.samples_processed.max(1) as f64;
-    let kernel_after = program_stats();
-    for (name, (runs, ns)) in kernel_after {
-        let (r0, n0) = kernel_before.get(&name).copied().unwrap_or_default();
-        let runs = runs.saturating_sub(r0);
+    for (name, (runs, ns)) in kernel {
         if runs > 0 {
             report.kernel.push(ProgramCost {
                 name,
                 runs,
-                ns_per_run: ns.saturating_sub(n0) as f64 / runs as f64,
+                ns_per_run: ns as f64 / runs as f64,
             });
         }
     }
@@ -163,35 +164,47 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// One run: (tokens/s and agent CPU, CPU seconds of the profiler's threads, samples processed).
-fn run(server: &LlamaServer, args: &Args, profile_dir: Option<&Path>) -> Result<(Run, f64, u64)> {
+fn run(
+    server: &LlamaServer,
+    args: &Args,
+    profile_dir: Option<&Path>,
+    kernel: &mut std::collections::BTreeMap<String, (u64, u64)>,
+) -> Result<(Run, f64, u64)> {
     let mut opts = AgentOptions::pid(server.pid());
     match profile_dir {
         Some(d) => {
             opts.extra_args = vec!["--profile-dir".into(), d.display().to_string()];
-            opts.interval = Some("4s".into());
         }
         None => opts.extra_args = vec!["--no-profile".into()],
     }
     let agent = Agent::spawn(&opts)?;
     let pid = agent.pid().context("agent pid")?;
-    let before = proc_usage(pid).unwrap_or_default();
-    let prof_before = profiler_threads_cpu_s(pid);
-    let t = Instant::now();
     let mut cfg = LoadConfig::new(server.addr());
     cfg.model = Some(MODEL_ALIAS.into());
     cfg.concurrency = args.streams;
     cfg.requests = None;
-    cfg.duration = Some(args.run_duration);
+    cfg.duration = Some(args.warmup);
     cfg.max_tokens = args.max_tokens;
     cfg.endpoint = EndpointMix::Mixed;
+    run_load_blocking(&cfg)?;
+    cfg.duration = Some(args.run_duration);
+    let before = proc_usage(pid).unwrap_or_default();
+    let prof_before = profiler_threads_cpu_s(pid);
+    let samples_before = samples_so_far(&agent);
+    let k0 = program_stats();
+    let t = Instant::now();
     let recs = run_load_blocking(&cfg)?;
     let wall = t.elapsed().as_secs_f64();
     let after = proc_usage(pid).unwrap_or_default();
     let prof_cpu = profiler_threads_cpu_s(pid) - prof_before;
-    let samples = agent
-        .metrics()
-        .map(|m| m.sum("infertap_profile_samples_total", &[]))
-        .unwrap_or(0.0) as u64;
+    // The agent's programs live as long as it does: their statistics are read before it stops.
+    for (name, (runs, ns)) in program_stats() {
+        let (r0, n0) = k0.get(&name).copied().unwrap_or_default();
+        let e = kernel.entry(name).or_default();
+        e.0 += runs.saturating_sub(r0);
+        e.1 += ns.saturating_sub(n0);
+    }
+    let samples = samples_so_far(&agent).saturating_sub(samples_before);
     // Let the last interval's profiles be written.
     agent.stop()?;
     let tokens: u64 = recs
@@ -207,6 +220,13 @@ fn run(server: &LlamaServer, args: &Args, profile_dir: Option<&Path>) -> Result<
         prof_cpu,
         samples,
     ))
+}
+
+fn samples_so_far(agent: &Agent) -> u64 {
+    agent
+        .metrics()
+        .map(|m| m.sum("infertap_profile_samples_total", &[]))
+        .unwrap_or(0.0) as u64
 }
 
 /// CPU seconds of the agent's profiler threads (`infertap-profiler`, `-pprof`, `-pyfind`).
