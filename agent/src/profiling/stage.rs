@@ -340,6 +340,7 @@ enum BuildJob {
         modules: Arc<[Arc<infertap_stacks::unwind::ModuleInfo>]>,
         functions: FunctionSnapshot,
         unix_offset_ns: i64,
+        exes: Arc<HashSet<std::path::PathBuf>>,
     },
     Name {
         stacks: Vec<Arc<RawStack>>,
@@ -352,6 +353,7 @@ enum BuildJob {
         modules: Arc<[Arc<infertap_stacks::unwind::ModuleInfo>]>,
         functions: FunctionSnapshot,
         unix_offset_ns: i64,
+        exes: Arc<HashSet<std::path::PathBuf>>,
         reply: SyncSender<Vec<ProfileData>>,
     },
 }
@@ -521,6 +523,9 @@ struct State {
     offcpu_every_now: u32,
     switches_seen: u64,
     last_rate_check: Instant,
+    /// Executables of the traced processes (as they name them), so profiles list the program
+    /// as their main binary.
+    exes: HashSet<std::path::PathBuf>,
 }
 
 impl State {
@@ -556,12 +561,14 @@ impl State {
                             modules,
                             functions,
                             unix_offset_ns,
+                            exes,
                         } => {
                             let ctx = BuildContext {
                                 node: &node,
                                 unix_offset_ns,
                                 modules: &modules,
                                 functions: &functions,
+                                executables: &exes,
                             };
                             for a in &aggs {
                                 if let Some(p) = pprof::build(a, &mut namer, &ctx) {
@@ -575,6 +582,7 @@ impl State {
                             modules,
                             functions,
                             unix_offset_ns,
+                            exes,
                             reply,
                         } => {
                             let ctx = BuildContext {
@@ -582,6 +590,7 @@ impl State {
                                 unix_offset_ns,
                                 modules: &modules,
                                 functions: &functions,
+                                executables: &exes,
                             };
                             let out = aggs
                                 .iter()
@@ -639,6 +648,7 @@ impl State {
             offcpu_every_now,
             switches_seen: 0,
             last_rate_check: Instant::now(),
+            exes: HashSet::new(),
         })
     }
 
@@ -738,6 +748,11 @@ impl State {
     fn see(&mut self, pid: u32) {
         if self.seen.insert(pid) {
             self.ask_python(pid);
+            if self.exes.len() < 1024 {
+                if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+                    self.exes.insert(exe);
+                }
+            }
         }
     }
 
@@ -1295,6 +1310,7 @@ impl State {
                 modules: self.modules.snapshot(),
                 functions,
                 unix_offset_ns: clock::Clock::measure().unix_offset_ns(),
+                exes: Arc::new(self.exes.clone()),
             };
             if let Err(TrySendError::Full(_)) = self.build_tx.try_send(job) {
                 self.counters.build_queue_full.fetch_add(1, Relaxed);
@@ -1326,6 +1342,7 @@ impl State {
                     modules: modules.clone(),
                     functions,
                     unix_offset_ns: clock::Clock::measure().unix_offset_ns(),
+                    exes: Arc::new(self.exes.clone()),
                     reply: tx,
                 })
                 .is_ok()

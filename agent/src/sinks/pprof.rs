@@ -82,6 +82,9 @@ pub struct BuildContext<'a> {
     pub unix_offset_ns: i64,
     pub modules: &'a [Arc<ModuleInfo>],
     pub functions: &'a FunctionSnapshot,
+    /// Executables of the traced processes: the first of them found among the modules becomes
+    /// the profile's first mapping (pprof tools take it as the program).
+    pub executables: &'a std::collections::HashSet<std::path::PathBuf>,
 }
 
 fn to_unix(mono_ns: u64, offset: i64) -> u64 {
@@ -230,14 +233,30 @@ pub fn build(
         locations: HashMap::new(),
         ctx,
     };
-    // The main executable first: pprof tools take the first mapping as the program.
-    if let Some(first) = (0..ctx.modules.len() as u32).find(|&m| {
-        ctx.modules[m as usize]
-            .path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("python"))
-    }) {
-        b.mapping(first);
+    // The main executable first: pprof tools take the first mapping as the program. Failing a
+    // traced executable among the modules, the root-most native frame of the largest sample.
+    let exe = (0..ctx.modules.len() as u32).find(|&m| {
+        ctx.executables.contains(&ctx.modules[m as usize].path)
+            && agg
+                .samples
+                .keys()
+                .any(|(s, _)| s.native.iter().any(|f| f.module == m))
+    });
+    let root = || {
+        agg.samples
+            .iter()
+            .max_by_key(|(_, v)| v.nanos)
+            .and_then(|((stack, _), _)| {
+                stack
+                    .native
+                    .iter()
+                    .rev()
+                    .find(|f| f.module != crate::profiling::stack::NativeFrame::UNMAPPED)
+                    .map(|f| f.module)
+            })
+    };
+    if let Some(m) = exe.or_else(root) {
+        b.mapping(m);
     }
     b.b.set_time(
         to_unix(agg.start_ns, ctx.unix_offset_ns),
@@ -372,11 +391,15 @@ mod tests {
         );
         let mods = modules.snapshot();
         let funcs = FunctionSnapshot::new();
+        let exes = [std::fs::read_link("/proc/self/exe").unwrap()]
+            .into_iter()
+            .collect();
         let ctx = BuildContext {
             node: "n1",
             unix_offset_ns: 5_000,
             modules: &mods,
             functions: &funcs,
+            executables: &exes,
         };
         let mut namer = Namer::new(infertap_stacks::symbolize::Symbolizer::new(
             SymbolizerConfig::default(),
@@ -418,6 +441,10 @@ mod tests {
             .map(|m| p.string_table[m.filename as usize].as_str())
             .collect();
         assert!(files.iter().any(|f| f.contains("infertap")), "{files:?}");
+        assert!(
+            files[0].contains("infertap"),
+            "the test binary is the profile's main mapping: {files:?}"
+        );
         assert!(
             p.mapping
                 .windows(2)
