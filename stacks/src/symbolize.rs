@@ -178,6 +178,9 @@ pub struct Symbolizer {
     open: HashMap<FileKey, (PathBuf, u64)>,
     clock: u64,
     stats: SymbolizeStats,
+    /// PLT stubs per file: symbol tables have no symbols for them, so without this an address
+    /// in `.plt` would be named after whatever symbol precedes the section (often `_init`).
+    plts: HashMap<FileKey, Arc<PltTable>>,
 }
 
 impl Symbolizer {
@@ -196,6 +199,7 @@ impl Symbolizer {
             open: HashMap::new(),
             clock: 0,
             stats: SymbolizeStats::default(),
+            plts: HashMap::new(),
         }
     }
 
@@ -314,6 +318,35 @@ impl Symbolizer {
             self.stats.unresolved += offs.len() as u64;
             return offs.iter().map(|&o| fallback(o)).collect();
         };
+        let plt = self
+            .plts
+            .entry(*key)
+            .or_insert_with(|| Arc::new(PltTable::read(&path)))
+            .clone();
+        if !plt.is_empty() && offs.iter().any(|&o| plt.name_of(o).is_some()) {
+            // Stubs by name; the rest through blazesym.
+            let rest: Vec<u64> = offs
+                .iter()
+                .copied()
+                .filter(|&o| plt.name_of(o).is_none())
+                .collect();
+            let mut named = if rest.is_empty() {
+                Vec::new()
+            } else {
+                self.resolve_module(module, key, &rest)
+            }
+            .into_iter();
+            return offs
+                .iter()
+                .map(|&o| match plt.name_of(o) {
+                    Some(n) => {
+                        self.stats.resolved += 1;
+                        plt_frame(n)
+                    }
+                    None => named.next().unwrap_or_else(|| fallback(o)),
+                })
+                .collect();
+        }
         let mut elf = Elf::new(path.clone());
         elf.debug_syms = self.config.debug_syms;
         let src = Source::Elf(elf);
@@ -423,6 +456,110 @@ fn qualifies(symtab: &str, dwarf: &str) -> bool {
     }
     let d = base(dwarf);
     !d.is_empty() && !d.contains("::") && base(symtab).ends_with(&format!("::{d}"))
+}
+
+/// PLT stubs of one ELF file: file-offset ranges of `.plt`, `.plt.sec` and `.plt.got` entries
+/// with the symbol each jumps to (`memcpy@plt`), decoded from the entry's `jmp *GOT(%rip)` and
+/// the dynamic relocation of that GOT slot. Entries whose slot has no relocation (PLT0) are
+/// named `[plt]`.
+#[derive(Debug, Default)]
+pub struct PltTable {
+    /// (start, end, name), sorted by start.
+    entries: Vec<(u64, u64, String)>,
+}
+
+impl PltTable {
+    /// Reads `path` lazily (section headers, the PLT sections, relocations and dynamic symbols
+    /// only); any error gives an empty table.
+    pub fn read(path: &std::path::Path) -> PltTable {
+        let Ok(file) = std::fs::File::open(path) else {
+            return PltTable::default();
+        };
+        let cache = object::read::ReadCache::new(file);
+        PltTable::parse(&cache).unwrap_or_default()
+    }
+
+    fn parse<'d, R: object::ReadRef<'d>>(data: R) -> Option<PltTable> {
+        use object::{Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationTarget};
+        let file = object::File::parse(data).ok()?;
+        if file.architecture() != object::Architecture::X86_64 {
+            return None;
+        }
+        // GOT slot address → symbol name, from the dynamic relocations (JUMP_SLOT, GLOB_DAT),
+        // whose symbol indices are into the dynamic symbol table.
+        let dynsym = file.dynamic_symbol_table()?;
+        let mut slots: HashMap<u64, String> = HashMap::new();
+        for (offset, rel) in file.dynamic_relocations()? {
+            if let RelocationTarget::Symbol(idx) = rel.target() {
+                if let Ok(sym) = dynsym.symbol_by_index(idx) {
+                    if let Ok(name) = sym.name() {
+                        if !name.is_empty() {
+                            slots.insert(offset, name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        let mut entries = Vec::new();
+        for sec in file.sections() {
+            let name = sec.name().unwrap_or("");
+            if !matches!(name, ".plt" | ".plt.sec" | ".plt.got") {
+                continue;
+            }
+            let (Some((file_off, _)), Ok(bytes)) = (sec.file_range(), sec.data()) else {
+                continue;
+            };
+            let entsize = if name == ".plt.got" && bytes.len() % 16 != 0 {
+                8
+            } else {
+                16
+            };
+            for (i, entry) in bytes.chunks(entsize).enumerate() {
+                let start = (i * entsize) as u64;
+                // `jmp *disp32(%rip)`, maybe after `endbr64` / with a `bnd` prefix.
+                let target = entry.windows(6).enumerate().find_map(|(j, w)| {
+                    (w[0] == 0xff && w[1] == 0x25).then(|| {
+                        let disp = i32::from_le_bytes([w[2], w[3], w[4], w[5]]) as i64;
+                        (sec.address() as i64 + start as i64 + j as i64 + 6 + disp) as u64
+                    })
+                });
+                let label = match target.and_then(|t| slots.get(&t)) {
+                    Some(n) => format!("{}@plt", n.split('@').next().unwrap_or(n)),
+                    None => "[plt]".to_owned(),
+                };
+                entries.push((file_off + start, file_off + start + entsize as u64, label));
+            }
+        }
+        entries.sort_by_key(|e| e.0);
+        Some(PltTable { entries })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The stub containing file offset `off`, if any.
+    pub fn name_of(&self, off: u64) -> Option<&str> {
+        let i = self
+            .entries
+            .partition_point(|e| e.0 <= off)
+            .checked_sub(1)?;
+        let (s, e, n) = &self.entries[i];
+        (off >= *s && off < *e).then_some(n.as_str())
+    }
+}
+
+fn plt_frame(name: &str) -> Symbolized {
+    Arc::from([SymFrame {
+        function: name.to_owned(),
+        file: None,
+        line: None,
+        column: None,
+        inlined: false,
+        sym_addr: None,
+        sym_offset: None,
+        resolved: true,
+    }])
 }
 
 fn fallback_frame(function: String) -> Symbolized {
@@ -553,4 +690,75 @@ pub fn spawn(config: SymbolizerConfig, queue: usize) -> std::io::Result<Symboliz
             }
         })?;
     Ok(SymbolizerHandle { tx })
+}
+
+#[cfg(test)]
+mod plt_tests {
+    use super::PltTable;
+
+    /// Every PLT stub of a real dynamically linked program is named after the function it
+    /// jumps to, as `objdump -d` shows it (`<memcpy@plt>`).
+    #[test]
+    fn plt_stubs_of_a_real_program_are_named_like_objdump() {
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let t = PltTable::read(&exe);
+        assert!(!t.is_empty(), "no PLT in {}", exe.display());
+        let out = std::process::Command::new("objdump")
+            .args([
+                "-d",
+                "--section=.plt",
+                "--section=.plt.sec",
+                "--section=.plt.got",
+            ])
+            .arg(&exe)
+            .output();
+        let Ok(out) = out else {
+            eprintln!("SKIP plt names: objdump not found");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let data = std::fs::read(&exe).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let file_offset = |vaddr: u64| {
+            use object::{Object, ObjectSection};
+            elf.sections().find_map(|s| {
+                let (off, _) = s.file_range()?;
+                (vaddr >= s.address() && vaddr < s.address() + s.size())
+                    .then(|| vaddr - s.address() + off)
+            })
+        };
+        // "0000000000012340 <memcpy@plt>:" headers, with their addresses.
+        let mut checked = 0;
+        for l in text.lines() {
+            let Some((addr, rest)) = l.split_once(" <") else {
+                continue;
+            };
+            let Some(name) = rest.strip_suffix(">:") else {
+                continue;
+            };
+            if !name.ends_with("@plt") || name.contains('+') {
+                continue;
+            }
+            let Ok(vaddr) = u64::from_str_radix(addr.trim(), 16) else {
+                continue;
+            };
+            let off = file_offset(vaddr).expect("stub inside a section");
+            assert_eq!(
+                t.name_of(off),
+                Some(name),
+                "at {vaddr:#x} (file offset {off:#x})"
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "objdump named no stub we know:\n{text}");
+    }
+
+    #[test]
+    fn non_elf_and_missing_files_give_empty_tables() {
+        assert!(PltTable::read(std::path::Path::new("/nonexistent")).is_empty());
+        let f = std::env::temp_dir().join(format!("infertap-not-elf-{}", std::process::id()));
+        std::fs::write(&f, b"not an ELF file at all").unwrap();
+        assert!(PltTable::read(&f).is_empty());
+        let _ = std::fs::remove_file(f);
+    }
 }

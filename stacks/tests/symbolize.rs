@@ -105,7 +105,8 @@ fn rust_names_of_this_binary_are_demangled() {
         f.file.as_deref().unwrap().ends_with("tests/symbolize.rs"),
         "{f:?}"
     );
-    assert_eq!(r[0].len(), 1, "{r:?}");
+    // Optimized builds inline `wrapping_mul` at that address: inlined frames come first.
+    assert!(r[0][..r[0].len() - 1].iter().all(|f| f.inlined), "{r:?}");
 }
 
 #[test]

@@ -32,6 +32,14 @@ fn is_compute(name: &str) -> bool {
         || n.contains("gemv")
 }
 
+/// The OpenMP runtime ggml runs its compute graph on (libgomp is stripped: its frames are
+/// `libgomp.so.1+0x…`): workers spinning at or sleeping in the graph's barriers. On a busy
+/// 2-core machine this can be most of the decode time; it is llama.cpp's compute, not the
+/// server's.
+fn is_compute_runtime(name: &str) -> bool {
+    name.contains("libgomp") || name.starts_with("GOMP_") || name.starts_with("gomp_")
+}
+
 /// `go tool pprof -top` rows: (flat samples, function name).
 fn top_by_samples(file: &Path) -> (u64, Vec<(u64, String)>) {
     let out = go_pprof(
