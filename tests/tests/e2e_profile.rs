@@ -133,21 +133,32 @@ fn llama_server_profile_during_decode_and_idle() {
     let cpu = busy.join("cpu.pb.gz");
     let (total, rows) = top_by_samples(&cpu);
     assert!(total > 100, "only {total} CPU samples during decode\n{log}");
-    let compute: u64 = rows
+    let kernels: u64 = rows
         .iter()
         .filter(|(_, n)| is_compute(n))
         .map(|r| r.0)
         .sum();
-    let share = compute as f64 / total as f64;
+    let runtime: u64 = rows
+        .iter()
+        .filter(|(_, n)| is_compute_runtime(n))
+        .map(|r| r.0)
+        .sum();
+    let share = (kernels + runtime) as f64 / total as f64;
     eprintln!(
-        "decode: {total} samples, compute leaf share {:.1} %; top: {:?}",
+        "decode: {total} samples; llama.cpp/ggml {:.1} % of them ({:.1} % in ggml/llama functions, {:.1} % in its OpenMP runtime); top: {:?}",
         100.0 * share,
+        100.0 * kernels as f64 / total as f64,
+        100.0 * runtime as f64 / total as f64,
         &rows[..rows.len().min(8)]
     );
     assert!(
         share >= 0.5,
-        "ggml/llama compute is {:.1} % of the server's samples: {rows:?}",
+        "llama.cpp/ggml compute is {:.1} % of the server's samples: {rows:?}",
         100.0 * share
+    );
+    assert!(
+        kernels > 0,
+        "no ggml/llama function among the leaves: {rows:?}"
     );
     // Python frames of the llama_cpp package, with their source files.
     let files = go_pprof(&["-top", "-filefunctions", "-nodecount=100000"], &cpu).unwrap();
@@ -193,7 +204,7 @@ fn llama_server_profile_during_decode_and_idle() {
     let (itotal, irows) = top_by_samples(&idle.join("main.pb.gz"));
     let icompute: u64 = irows
         .iter()
-        .filter(|(_, n)| is_compute(n))
+        .filter(|(_, n)| is_compute(n) || is_compute_runtime(n))
         .map(|r| r.0)
         .sum();
     eprintln!("idle: {itotal} samples, compute {icompute}: {irows:?}");
