@@ -137,6 +137,9 @@ fn main() -> Result<()> {
         "  per-request JSON lines: {}",
         agent.requests_path.display()
     );
+    if let Some(c) = &collector {
+        show_profile(c.metrics_addr);
+    }
     if args.keep {
         println!("\n[demo] everything stays up; press Ctrl-C to stop.");
         let rt = infertap_tests::runtime();
@@ -172,6 +175,92 @@ fn show_metrics(who: &str, addr: std::net::SocketAddr) {
         Ok((st, _)) => println!("      (HTTP {st})"),
         Err(e) => println!("      (unreachable: {e:#})"),
     }
+}
+
+/// The fleet's CPU profile of the run as the collector merged it: where the server spent its
+/// CPU, by function (self time) and by Python function (total time), and where to look further.
+fn show_profile(addr: std::net::SocketAddr) {
+    println!("\n[demo] continuous profile of the server (from the collector, last 5 minutes):");
+    let a = match infertap_tests::collector_support::http_get_bytes(
+        addr,
+        "/pprof/profile?type=cpu&from=-5m",
+    ) {
+        Ok(a) if a.status == 200 => a,
+        Ok(a) => {
+            println!("      (HTTP {}: {})", a.status, a.text());
+            return;
+        }
+        Err(e) => {
+            println!("      (unreachable: {e:#})");
+            return;
+        }
+    };
+    let p = match infertap_proto::pprof::decode(&a.body, 64 << 20) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("      (undecodable profile: {e})");
+            return;
+        }
+    };
+    let total: i64 = p.sample.iter().map(|s| s.value[1]).sum();
+    if total == 0 {
+        println!("      (no CPU samples yet)");
+        return;
+    }
+    let name_of = |loc: u64| -> Vec<(String, bool)> {
+        let l = &p.location[loc as usize - 1];
+        l.line
+            .iter()
+            .map(|ln| {
+                let f = &p.function[ln.function_id as usize - 1];
+                let file = &p.string_table[f.filename as usize];
+                (
+                    p.string_table[f.name as usize].clone(),
+                    file.ends_with(".py"),
+                )
+            })
+            .collect()
+    };
+    let mut flat: std::collections::HashMap<String, i64> = Default::default();
+    let mut python: std::collections::HashMap<String, i64> = Default::default();
+    for s in &p.sample {
+        let v = s.value[1];
+        if let Some(&leaf) = s.location_id.first() {
+            if let Some((n, _)) = name_of(leaf).into_iter().next() {
+                *flat.entry(n).or_default() += v;
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for &loc in &s.location_id {
+            for (n, py) in name_of(loc) {
+                if py && seen.insert(n.clone()) {
+                    *python.entry(n).or_default() += v;
+                }
+            }
+        }
+    }
+    let top = |m: std::collections::HashMap<String, i64>, what: &str| {
+        let mut v: Vec<_> = m.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        println!("  {what}:");
+        for (n, ns) in v.into_iter().take(6) {
+            println!("    {:5.1}%  {n}", 100.0 * ns as f64 / total as f64);
+        }
+    };
+    println!(
+        "  {:.2} s of CPU sampled over {} profiles",
+        total as f64 / 1e9,
+        a.header("x-infertap-profiles").unwrap_or("?")
+    );
+    top(flat, "hottest functions (self)");
+    top(
+        python,
+        "Python functions (total, including what they called)",
+    );
+    println!("  flame graph: http://{addr}/ui (with --keep)");
+    println!(
+        "  pprof:       go tool pprof -http=: 'http://{addr}/pprof/profile?type=cpu&from=-10m'"
+    );
 }
 
 /// Prints each agent record as it is written.
