@@ -327,3 +327,95 @@ fn explain_names_the_code_in_slow_gaps_of_a_cpu_only_server() {
         "no compute in the attribution:\n{text}"
     );
 }
+
+/// Bad input in one process tree (`tests/fixtures/profile/churn.c`): a stripped program built
+/// without unwind tables or frame pointers, a library deleted from disk after `dlopen`, and a
+/// stream of children that exit within 30 ms. The agent keeps running, writes a profile
+/// `go tool pprof` reads, names the deleted library's function, shows the children's samples,
+/// and marks the stacks it could not unwind as cut instead of dropping them.
+#[test]
+fn profile_survives_vanishing_processes_deleted_libraries_and_unwindable_code() {
+    let name = "profile_survives_vanishing_processes_deleted_libraries_and_unwindable_code";
+    if !prereq::agent_test(name) || !prereq::check(name, missing_go()) {
+        return;
+    }
+    if Command::new("gcc").arg("--version").output().is_err() {
+        prereq::check(name, Some("gcc not found".into()));
+        return;
+    }
+    let _g = prereq::e2e_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/profile");
+    let lib = dir.path().join("libchurn.so");
+    let exe = dir.path().join("churn");
+    let gcc = |args: &[&str]| {
+        let out = Command::new("gcc").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "gcc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    gcc(&[
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-o",
+        lib.to_str().unwrap(),
+        fixtures.join("churn_lib.c").to_str().unwrap(),
+    ]);
+    gcc(&[
+        "-O1",
+        "-fomit-frame-pointer",
+        "-fno-asynchronous-unwind-tables",
+        "-fno-unwind-tables",
+        "-s",
+        "-o",
+        exe.to_str().unwrap(),
+        fixtures.join("churn.c").to_str().unwrap(),
+        "-ldl",
+    ]);
+    let mut child = Command::new(&exe)
+        .arg(&lib)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    assert!(!lib.exists(), "the library is deleted");
+    let out = dir.path().join("out");
+    let log = profile(child.id(), 6, &out);
+    let _ = child.kill();
+    let _ = child.wait();
+    let cpu = out.join("cpu.pb.gz");
+    let top = go_pprof(&["-top", "-nodecount=100000"], &cpu).unwrap();
+    eprintln!("{top}");
+    assert!(
+        top.starts_with("File: churn"),
+        "the traced program is the profile's main binary:\n{top}"
+    );
+    assert!(
+        top.contains("infertap_deleted_library_burn"),
+        "the deleted library's function is not named:\n{top}\n{log}"
+    );
+    assert!(
+        top.contains("[truncated: "),
+        "stacks through code without unwind information are not marked as cut:\n{top}"
+    );
+    let pids = go_pprof(&["-tags"], &cpu).unwrap();
+    let pid_lines = pids
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("pid:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty() && l.contains('%'))
+        .count();
+    assert!(
+        pid_lines >= 3,
+        "samples of the short-lived children are missing (pids):\n{pids}"
+    );
+}

@@ -7,7 +7,7 @@
 //! `system_name`) in their source file, at their line.
 //!
 //! Native addresses are file offsets placed in a per-module window (`memory_start` =
-//! `(module + 1) << 40`, `file_offset` 0), so `address - memory_start + file_offset` is the
+//! `n << 40` for the n-th module of the profile, `file_offset` 0), so `address - memory_start + file_offset` is the
 //! file offset any pprof tool would symbolize, mappings never overlap, and profiles from many
 //! processes of one library share their locations.
 
@@ -93,21 +93,25 @@ fn to_unix(mono_ns: u64, offset: i64) -> u64 {
 
 struct Builder<'a> {
     b: ProfileBuilder,
-    mappings: HashMap<u32, MappingId>,
+    /// Module → (mapping, start of its address window).
+    mappings: HashMap<u32, (MappingId, u64)>,
     kernel_mapping: Option<MappingId>,
     locations: HashMap<Location, LocationId>,
     ctx: &'a BuildContext<'a>,
 }
 
 impl Builder<'_> {
-    fn mapping(&mut self, module: u32) -> MappingId {
+    /// The module's Mapping and the start of its address window. Windows are handed out in
+    /// creation order, so the first mapping created (the program) also has the lowest
+    /// addresses: pprof tools sort mappings by address and call the first one the program.
+    fn mapping(&mut self, module: u32) -> (MappingId, u64) {
         if let Some(&m) = self.mappings.get(&module) {
             return m;
         }
         let info = self.ctx.modules.get(module as usize);
         let filename = info.map_or_else(String::new, |m| m.path.display().to_string());
         let build_id = info.and_then(|m| m.build_id_hex()).unwrap_or_default();
-        let start = (module as u64 + 1) << MODULE_WINDOW_SHIFT;
+        let start = (self.mappings.len() as u64 + 1) << MODULE_WINDOW_SHIFT;
         let id = self.b.mapping(&Mapping {
             memory_start: start,
             memory_limit: start + (1 << MODULE_WINDOW_SHIFT),
@@ -119,8 +123,8 @@ impl Builder<'_> {
             has_line_numbers: true,
             has_inline_frames: true,
         });
-        self.mappings.insert(module, id);
-        id
+        self.mappings.insert(module, (id, start));
+        (id, start)
     }
 
     fn location(&mut self, loc: &Location) -> LocationId {
@@ -142,8 +146,8 @@ impl Builder<'_> {
             FrameKind::Native | FrameKind::Kernel | FrameKind::Truncated => {
                 let (mapping, address) = match (loc.kind, loc.module) {
                     (FrameKind::Native, Some(m)) => {
-                        let start = (m as u64 + 1) << MODULE_WINDOW_SHIFT;
-                        (Some(self.mapping(m)), start + loc.address)
+                        let (id, start) = self.mapping(m);
+                        (Some(id), start + loc.address)
                     }
                     (FrameKind::Kernel, _) => {
                         let m = match self.kernel_mapping {
