@@ -20,7 +20,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use infertap::probes::{
-    profile::{decode_sample, CpuProfiling, ProfileConfig, SampleKind},
+    profile::{decode_sample, CpuProfiling, OffCpuHook, ProfileConfig, SampleKind, SwitchHook},
     ProbeConfig, Probes,
 };
 use infertap_common::{
@@ -786,14 +786,15 @@ fn cpu_sample_cost_with_a_full_stack_copy() {
         full.len(),
         bare.len()
     );
+    let switch = probes.profile.offcpu_hook().unwrap().program();
     eprintln!(
-        "MEASURED verifier: profile_cpu {:?} insns, on_sched_switch {:?} insns",
+        "MEASURED verifier: profile_cpu {:?} insns, {switch} {:?} insns",
         probes
             .program_info("profile_cpu")
             .unwrap()
             .verified_instruction_count(),
         probes
-            .program_info("on_sched_switch")
+            .program_info(switch)
             .unwrap()
             .verified_instruction_count()
     );
@@ -1140,21 +1141,72 @@ fn kernel_mode_samples_carry_kernel_frames_and_user_registers() {
 
 // ---- off-CPU ---------------------------------------------------------------------------------
 
-#[test]
-fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
-    if !gate("offcpu_periods_match_the_sleeps_and_the_totals_agree") {
-        return;
-    }
-    let _g = lock();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = build_burner(dir.path());
-    let mut probes = load(ProfileConfig {
+/// Whether this kernel's raw sched_switch tracepoint passes prev's state (5.18+), from its BTF.
+fn raw_state_arg() -> bool {
+    infertap::probes::btf::Btf::vmlinux()
+        .expect("the kernel's BTF")
+        .tracepoint_args("sched_switch")
+        .expect("btf_trace_sched_switch")
+        == 4
+}
+
+/// Loads the probes for off-CPU profiling only, on `hook`, and checks that `hook` is what
+/// runs (`Auto` on a kernel with BTF: the raw tracepoint).
+fn load_offcpu(hook: SwitchHook, every: u32) -> (Probes, OffCpuHook) {
+    let probes = load(ProfileConfig {
         hz: 0,
-        offcpu_sample_every: 1,
+        offcpu_sample_every: every,
+        switch_hook: hook,
         ..ProfileConfig::default()
     });
     assert_eq!(probes.profile.offcpu_unavailable(), None);
     assert_eq!(probes.profile.cpu_profiling(), &CpuProfiling::Off);
+    let want = match hook {
+        SwitchHook::Tracepoint => OffCpuHook::Tracepoint,
+        SwitchHook::RawTracepointTaskState => OffCpuHook::RawTracepoint { state_arg: false },
+        SwitchHook::Auto | SwitchHook::RawTracepoint => OffCpuHook::RawTracepoint {
+            state_arg: raw_state_arg(),
+        },
+    };
+    assert_eq!(probes.profile.offcpu_hook(), Some(want));
+    (probes, want)
+}
+
+/// An off-CPU capture's kernel stack starts where the tracepoint is called: in `__schedule`,
+/// or in `__traceiter_sched_switch` when several probes share the tracepoint (other tools on
+/// the machine). The raw hook's own frames (the program, `bpf_trace_run4`) are not in it.
+fn assert_starts_at_schedule(names: &[&str]) {
+    let at = match names.first() {
+        Some(&"__traceiter_sched_switch") => 1,
+        _ => 0,
+    };
+    assert_eq!(
+        names.get(at),
+        Some(&"__schedule"),
+        "off-CPU kernel stack {names:?}"
+    );
+}
+
+#[test]
+fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
+    if gate("offcpu_periods_match_the_sleeps_and_the_totals_agree") {
+        offcpu_periods(SwitchHook::Auto);
+    }
+}
+
+#[test]
+fn offcpu_periods_match_the_sleeps_and_the_totals_agree_classic() {
+    if gate("offcpu_periods_match_the_sleeps_and_the_totals_agree_classic") {
+        offcpu_periods(SwitchHook::Tracepoint);
+    }
+}
+
+fn offcpu_periods(hook: SwitchHook) {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let (mut probes, active) = load_offcpu(hook, 1);
+    let program = active.program();
     let mut col = Collector::new(&mut probes);
     let ksyms = Kallsyms::load();
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
@@ -1165,9 +1217,9 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
     for _ in 0..6 {
         for (side, every) in [(0, 1), (1, 0)] {
             probes.profile.set_offcpu_sample_every(every).unwrap();
-            let a = prog_stats(&probes, "on_sched_switch");
+            let a = prog_stats(&probes, program);
             std::thread::sleep(Duration::from_millis(300));
-            let b = prog_stats(&probes, "on_sched_switch");
+            let b = prog_stats(&probes, program);
             if b.1 > a.1 {
                 per_run[side].push((b.0 - a.0) as f64 / (b.1 - a.1) as f64);
             }
@@ -1175,7 +1227,7 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
     }
     let [filter_ns, bare_ns] = per_run.map(median);
     eprintln!(
-        "MEASURED on_sched_switch: {filter_ns:.0} ns per switch of untraced threads with off-CPU \
+        "MEASURED {program}: {filter_ns:.0} ns per switch of untraced threads with off-CPU \
          profiling on, {bare_ns:.0} ns with it off (the program's floor); medians of 6 rounds"
     );
     probes.profile.set_offcpu_sample_every(1).unwrap();
@@ -1245,6 +1297,7 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
             s.kernel.len(),
             "every kernel frame is kernel text"
         );
+        assert_starts_at_schedule(&names);
         if e.tid() != tid {
             continue;
         }
@@ -1363,6 +1416,214 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
         (captured - n / 4.0).abs() <= 4.0 * sd + 1.0,
         "{captured} of {n} captured at 1 in 4"
     );
+    let c = probes.counters();
+    assert_eq!(c.get(counter::SAMPLE_RING_FULL), 0);
+    assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
+    assert_eq!(c.get(counter::PROFILE_MAP_FULL), 0);
+}
+
+/// `switcher` (tests/fixtures/profile/switcher.c), optimized: its ping-pong should cost what
+/// the switches cost.
+fn build_switcher(dir: &Path) -> PathBuf {
+    let exe = dir.join("switcher");
+    gcc(&[
+        "-O2",
+        "-g",
+        "-pthread",
+        "-o",
+        exe.to_str().unwrap(),
+        fixture("switcher.c").to_str().unwrap(),
+    ]);
+    exe
+}
+
+/// When thread `tid`'s last reported switch-in happened.
+fn by_tid_last_end(ends: &[&Sample], tid: u32) -> Option<u64> {
+    ends.iter()
+        .filter(|e| e.tid() == tid)
+        .map(|e| e.h.ts_ns)
+        .max()
+}
+
+fn task_tids(pid: u32) -> HashSet<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn offcpu_threads_tids_states_and_exits() {
+    if gate("offcpu_threads_tids_states_and_exits") {
+        offcpu_threads(SwitchHook::Auto);
+    }
+}
+
+#[test]
+fn offcpu_threads_tids_states_and_exits_raw_task_state() {
+    if gate("offcpu_threads_tids_states_and_exits_raw_task_state") {
+        offcpu_threads(SwitchHook::RawTracepointTaskState);
+    }
+}
+
+#[test]
+fn offcpu_threads_tids_states_and_exits_classic() {
+    if gate("offcpu_threads_tids_states_and_exits_classic") {
+        offcpu_threads(SwitchHook::Tracepoint);
+    }
+}
+
+/// A process's threads through a whole life, on `hook`: every switch-in names the thread that
+/// switched out (the raw hook reads next's tid from its `task_struct` at the BTF offset; the
+/// switch-out's comes from `bpf_get_current_pid_tgid`), and those are exactly the tids
+/// /proc lists; sleeps are blocked periods of their length, yields and preemptions runnable
+/// ones (with `RawTracepointTaskState` the state comes from `task_struct.__state`); exiting
+/// threads leave no open period behind (their last switch-out, told apart by
+/// `task_struct.exit_state` in the raw hook, is not followed).
+fn offcpu_threads(hook: SwitchHook) {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_switcher(dir.path());
+    let (mut probes, _) = load_offcpu(hook, 1);
+    let mut col = Collector::new(&mut probes);
+    let ksyms = Kallsyms::load();
+    let mut t = Target::spawn(Command::new(&exe).args(["threads", "4", "20"]));
+    assert_eq!(t.line(), "ready");
+    let pid = t.pid();
+    probes.add_target(pid).unwrap();
+    t.send("go");
+    let (mut sleepers, mut yielders) = (HashSet::new(), HashSet::new());
+    for _ in 0..6 {
+        let line = t.line();
+        let (what, tid) = line.split_once(' ').unwrap();
+        let tid: u32 = tid.parse().unwrap();
+        match what {
+            "sleeper" => sleepers.insert(tid),
+            "yielder" => yielders.insert(tid),
+            _ => panic!("unexpected line {line}"),
+        };
+    }
+    col.collect_for(Duration::from_millis(1500));
+    let tids = task_tids(pid);
+    assert_eq!(tids.len(), 7, "main, 4 sleepers, 2 yielders: {tids:?}");
+    let lines = t.finish();
+    let counts: Vec<u64> = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("sleeps "))
+        .unwrap()
+        .split(" yields ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (sleeps, yields) = (counts[0], counts[1]);
+    std::thread::sleep(Duration::from_millis(50));
+    col.drain();
+
+    let starts: HashMap<(u32, u64), &Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpu && s.pid() == pid)
+        .map(|s| ((s.tid(), s.h.ts_ns), s))
+        .collect();
+    let ends: Vec<&Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpuEnd && s.pid() == pid)
+        .collect();
+    // Per tid: (blocked periods in ms, runnable periods).
+    let mut by_tid: HashMap<u32, (Vec<f64>, usize)> = HashMap::new();
+    for e in &ends {
+        let s = starts
+            .get(&(e.tid(), e.h.aux))
+            .unwrap_or_else(|| panic!("OFFCPU_END without its OFFCPU: {e:?}"));
+        assert_eq!(s.flag(sf::PREEMPTED), e.flag(sf::PREEMPTED));
+        let names: Vec<&str> = s.kernel.iter().filter_map(|&a| ksyms.resolve(a)).collect();
+        assert_starts_at_schedule(&names);
+        let entry = by_tid.entry(e.tid()).or_default();
+        if e.flag(sf::PREEMPTED) {
+            entry.1 += 1;
+        } else {
+            entry.0.push((e.h.ts_ns - e.h.aux) as f64 / 1e6);
+        }
+    }
+    let seen: HashSet<u32> = by_tid.keys().copied().collect();
+    assert_eq!(
+        seen, tids,
+        "the tids of the switch-ins are the process's threads"
+    );
+    // Every switch-out came back, but for switches the kernel does not report: this VM's
+    // kernel fires no sched_switch when one of its init agent's threads (the sandbox's
+    // /process_api, PID 1) switches out, so a thread it hands the CPU to has no switch-in (an
+    // ftrace sched_switch log shows the same gap). Such a switch-out is followed by another
+    // of the same thread without an OFFCPU_END between; nothing else may be unmatched.
+    let matched: HashSet<(u32, u64)> = ends.iter().map(|e| (e.tid(), e.h.aux)).collect();
+    let mut unmatched = 0;
+    for s in starts.values() {
+        if matched.contains(&(s.tid(), s.h.ts_ns)) {
+            continue;
+        }
+        unmatched += 1;
+        // (Or the thread's last one, if the last switch-in before its exit was such a one.)
+        let last = starts
+            .values()
+            .filter(|o| o.tid() == s.tid())
+            .map(|o| o.h.ts_ns)
+            .max();
+        assert!(
+            last > Some(s.h.ts_ns) || by_tid_last_end(&ends, s.tid()) < Some(s.h.ts_ns),
+            "a switch-out without its switch-in: {:?}",
+            s.h
+        );
+    }
+    assert!(
+        unmatched * 100 <= starts.len().max(300),
+        "{unmatched} of {} switch-outs without a reported switch-in",
+        starts.len()
+    );
+    let sleeper_blocked: Vec<f64> = sleepers
+        .iter()
+        .flat_map(|t| by_tid[t].0.iter().copied())
+        .collect();
+    let sleepy = sleeper_blocked
+        .iter()
+        .filter(|&&d| (19.9..30.0).contains(&d))
+        .count() as u64;
+    let sleeper_runnable: usize = sleepers.iter().map(|t| by_tid[t].1).sum();
+    let yielder_runnable: usize = yielders.iter().map(|t| by_tid[t].1).sum();
+    let yielder_blocked: usize = yielders.iter().map(|t| by_tid[t].0.len()).sum();
+    eprintln!(
+        "{hook:?}: {sleeps} sleeps of 20 ms: {sleepy} blocked periods of 20–30 ms, {} blocked in \
+         all, {sleeper_runnable} runnable; {yields} yields: {yielder_runnable} runnable periods, \
+         {yielder_blocked} blocked; {unmatched} switch-ins not reported by the kernel",
+        sleeper_blocked.len()
+    );
+    // Each sleep is one blocked period of ≥ 20 ms (a preemption between arming the timer and
+    // blocking can turn one into a runnable period: a few allowed).
+    assert!(
+        sleepy + 8 >= sleeps && sleepy <= sleeps,
+        "{sleepy} blocked periods of ≈20 ms for {sleeps} sleeps"
+    );
+    // The yielders are always runnable: each yield hands the CPU to the other one, and the
+    // tick preempts them. Only their start (printing under a mutex) may block.
+    assert!(
+        yielder_runnable as u64 * 10 >= yields * 9,
+        "{yielder_runnable} runnable periods for {yields} yields"
+    );
+    assert!(
+        yielder_blocked <= 6,
+        "{yielder_blocked} blocked yielder periods"
+    );
+
+    // Nothing of the process is left open: its threads' last switch-outs were exits.
+    let open: Vec<_> = probes
+        .profile
+        .offcpu_open_periods()
+        .into_iter()
+        .filter(|(_, o)| o.tgid == pid)
+        .collect();
+    assert!(open.is_empty(), "open periods after exit: {open:?}");
+    let totals = probes.profile.offcpu_totals();
+    let total = totals.iter().find(|(p, _)| *p == pid).expect("totals").1;
+    assert_eq!(total.switches, ends.len() as u64);
     let c = probes.counters();
     assert_eq!(c.get(counter::SAMPLE_RING_FULL), 0);
     assert_eq!(c.get(counter::SAMPLE_FAILED), 0);

@@ -262,7 +262,14 @@ fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
         let Some(name) = p.name_as_str() else {
             continue;
         };
-        if ["profile_cpu", "on_sched_switch", "cuda_enter"].contains(&name) {
+        if [
+            "profile_cpu",
+            "on_sched_switch",
+            "on_switch_raw",
+            "cuda_enter",
+        ]
+        .contains(&name)
+        {
             let e = out.entry(name.to_owned()).or_insert((0, 0));
             e.0 += p.run_count();
             e.1 += p.run_time().as_nanos() as u64;
