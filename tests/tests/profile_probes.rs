@@ -786,18 +786,19 @@ fn cpu_sample_cost_with_a_full_stack_copy() {
         full.len(),
         bare.len()
     );
-    let switch = probes.profile.offcpu_hook().unwrap().program();
+    // (The switch hooks' counts: switch_hook_cost_raw_vs_classic.)
     eprintln!(
-        "MEASURED verifier: profile_cpu {:?} insns, {switch} {:?} insns",
+        "MEASURED verifier: profile_cpu {:?} insns",
         probes
             .program_info("profile_cpu")
             .unwrap()
             .verified_instruction_count(),
-        probes
-            .program_info(switch)
-            .unwrap()
-            .verified_instruction_count()
     );
+    // Off-CPU profiling not configured: no sched_switch hook at all.
+    assert_eq!(probes.profile.offcpu_hook(), None);
+    assert!(probes.profile.set_offcpu_sample_every(1).is_err());
+    assert!(probes.program_info("on_switch_raw").is_err());
+    assert!(probes.program_info("on_sched_switch").is_err());
 }
 
 /// The deep burner thread's user-mode samples (burn's ip), for checks on its stack copies.
@@ -1630,6 +1631,170 @@ fn offcpu_threads(hook: SwitchHook) {
     assert_eq!(c.get(counter::PROFILE_MAP_FULL), 0);
 }
 
+/// Context switches thread `tid` of `pid` has made (voluntary and not), as /proc counts them.
+fn ctxt_switches(pid: u32, tid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+fn spread(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "median {:.0}, range {:.0}..{:.0}",
+        v[v.len() / 2],
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+/// What the `sched_switch` hook adds to every context switch of a process that is not traced,
+/// raw tracepoint against classic: two threads pinned to one CPU hand a futex word back and
+/// forth, 10^6 switches per run, timed by the process itself (CLOCK_MONOTONIC around the loop)
+/// with no hook, with each hook, and with each under `bpf_stats`; the phases alternate over
+/// rounds. Both hooks are loaded side by side from the start (two agents, everything else
+/// identical) and attached one at a time, so the baseline has the same syscall tracepoints and
+/// differs only by the switch hook. The /proc switch counts of the two threads are the
+/// denominator; the programs' run counts show the hook ran on each of them.
+#[test]
+fn switch_hook_cost_raw_vs_classic() {
+    if !gate("switch_hook_cost_raw_vs_classic") {
+        return;
+    }
+    let _g = lock();
+    const SWITCHES: u64 = 1_000_000;
+    const ROUNDS: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_switcher(dir.path());
+    let (mut classic, _) = load_offcpu(SwitchHook::Tracepoint, 16);
+    let (mut raw, raw_hook) = load_offcpu(SwitchHook::RawTracepoint, 16);
+    classic.set_offcpu_hook_attached(false).unwrap();
+    raw.set_offcpu_hook_attached(false).unwrap();
+    let cpu = aya::util::online_cpus().unwrap().into_iter().max().unwrap();
+    let mut t = Target::spawn(Command::new(&exe).args(["pingpong", &cpu.to_string()]));
+    let pair: Vec<u32> = t
+        .line()
+        .strip_prefix("pair ")
+        .unwrap()
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let pid = t.pid();
+    let switches = || ctxt_switches(pid, pair[0]) + ctxt_switches(pid, pair[1]);
+    let run = |t: &mut Target| -> (f64, u64) {
+        let before = switches();
+        t.send(&format!("run {SWITCHES}"));
+        let ns: f64 = t.line().strip_prefix("done ").unwrap().parse().unwrap();
+        (ns, switches() - before)
+    };
+    run(&mut t); // warm-up
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Phase {
+        None,
+        Classic,
+        Raw,
+        ClassicStats,
+        RawStats,
+    }
+    const PHASES: [Phase; 5] = [
+        Phase::None,
+        Phase::Classic,
+        Phase::Raw,
+        Phase::ClassicStats,
+        Phase::RawStats,
+    ];
+    // Per phase: ns per switch of each run; per stats phase: ns per program run.
+    let mut wall: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut per_run: HashMap<usize, Vec<f64>> = HashMap::new();
+    for round in 0..ROUNDS {
+        for k in 0..PHASES.len() {
+            let i = (round + k) % PHASES.len();
+            let phase = PHASES[i];
+            let on_classic = matches!(phase, Phase::Classic | Phase::ClassicStats);
+            let on_raw = matches!(phase, Phase::Raw | Phase::RawStats);
+            classic.set_offcpu_hook_attached(on_classic).unwrap();
+            raw.set_offcpu_hook_attached(on_raw).unwrap();
+            let stats = matches!(phase, Phase::ClassicStats | Phase::RawStats)
+                .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap());
+            let probes = if on_raw { &raw } else { &classic };
+            let program = if on_raw {
+                raw_hook.program()
+            } else {
+                "on_sched_switch"
+            };
+            let a = prog_stats(probes, program);
+            let (ns, n) = run(&mut t);
+            let b = prog_stats(probes, program);
+            drop(stats);
+            assert!(
+                (SWITCHES..SWITCHES * 3 / 2).contains(&n),
+                "{phase:?}: {n} switches for {SWITCHES} hand-offs"
+            );
+            wall.entry(i).or_default().push(ns / n as f64);
+            if matches!(phase, Phase::ClassicStats | Phase::RawStats) {
+                // The hook ran on every switch the pair made (and on the machine's others).
+                assert!(
+                    b.1 - a.1 >= n,
+                    "{phase:?}: {} runs for {n} switches",
+                    b.1 - a.1
+                );
+                per_run
+                    .entry(i)
+                    .or_default()
+                    .push((b.0 - a.0) as f64 / (b.1 - a.1) as f64);
+            }
+        }
+    }
+    classic.set_offcpu_hook_attached(false).unwrap();
+    raw.set_offcpu_hook_attached(false).unwrap();
+    t.send("stop");
+    let _ = t.child.wait();
+    // Added cost per switch: each hook's run minus the same round's run without a hook.
+    let added = |i: usize| -> Vec<f64> {
+        wall[&i]
+            .iter()
+            .zip(&wall[&0])
+            .map(|(w, base)| w - base)
+            .collect()
+    };
+    let (classic_added, raw_added) = (added(1), added(2));
+    let (classic_added_stats, raw_added_stats) = (added(3), added(4));
+    eprintln!(
+        "MEASURED context switch of an untraced process (futex ping-pong on CPU {cpu}, \
+         {SWITCHES} switches per run, {ROUNDS} rounds): no hook {} ns; added by the classic \
+         tracepoint {} ns, by the raw tracepoint {} ns; with bpf_stats on: classic +{} ns, raw \
+         +{} ns; bpf_stats per program run: on_sched_switch {} ns, {} {} ns",
+        spread(&wall[&0]),
+        spread(&classic_added),
+        spread(&raw_added),
+        spread(&classic_added_stats),
+        spread(&raw_added_stats),
+        spread(&per_run[&3]),
+        raw_hook.program(),
+        spread(&per_run[&4]),
+    );
+    eprintln!(
+        "MEASURED verifier: on_sched_switch {:?} insns, {} {:?} insns",
+        classic
+            .program_info("on_sched_switch")
+            .unwrap()
+            .verified_instruction_count(),
+        raw_hook.program(),
+        raw.program_info(raw_hook.program())
+            .unwrap()
+            .verified_instruction_count()
+    );
+    assert!(
+        median(raw_added.clone()) < median(classic_added.clone()),
+        "the raw tracepoint costs no less than the classic one: {raw_added:?} vs {classic_added:?}"
+    );
+}
+
 // ---- Python ----------------------------------------------------------------------------------
 
 /// Offsets printed by `py311_offsets.c`, compiled against CPython's own headers.
@@ -2022,6 +2187,99 @@ fn cuda_launches_are_stack_sampled_one_in_n() {
             .unwrap()
             .verified_instruction_count()
     );
+    t.send("go");
+    t.child.wait().unwrap();
+}
+
+/// The kernel's per-CPU launch busy flags (`LAUNCH_BUSY`), found among the maps `cuda_enter`
+/// uses.
+fn launch_busy_flags(probes: &Probes) -> aya::maps::Array<MapData, u64> {
+    let ids = probes
+        .program_info("cuda_enter")
+        .unwrap()
+        .map_ids()
+        .unwrap()
+        .expect("map ids");
+    let id = ids
+        .into_iter()
+        .find(|&id| {
+            aya::maps::MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some("LAUNCH_BUSY"))
+        })
+        .expect("cuda_enter uses LAUNCH_BUSY");
+    let map = aya::maps::Map::from_map_data(MapData::from_id(id).unwrap()).unwrap();
+    aya::maps::Array::try_from(map).unwrap()
+}
+
+/// A launch whose CPU's scratch record is held by another launch (preempted while it built its
+/// sample: possible on a preemptible kernel, never on this `preempt=none` VM, so the test holds
+/// the flags itself) skips its sample and counts it, leaving the launch's aggregates alone;
+/// released flags sample again, and every launch releases what it took.
+#[test]
+fn launch_samples_skip_a_busy_scratch_record() {
+    if !gate("launch_samples_skip_a_busy_scratch_record") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let app = cuda_stub::build(dir.path());
+    let mut t = Target::spawn(Command::new(&app).env("LD_LIBRARY_PATH", dir.path()));
+    t.line();
+    let pid = t.pid();
+    let mut probes = load(ProfileConfig {
+        hz: 0,
+        offcpu_sample_every: 0,
+        launch_sample_every: 1,
+        ..ProfileConfig::default()
+    });
+    let mut col = Collector::new(&mut probes);
+    probes.add_target(pid).unwrap();
+    assert!(probes.attach_cuda() > 0);
+    let mut busy = launch_busy_flags(&probes);
+    let cpus = busy.len();
+    assert_eq!(cpus as usize, aya::util::nr_cpus().unwrap());
+    for cpu in 0..cpus {
+        assert_eq!(busy.get(&cpu, 0).unwrap(), 0, "free at rest");
+        busy.set(cpu, 1, 0).unwrap();
+    }
+    // Phase 1 (100 cudaLaunchKernel) with every CPU's record held: no samples, all counted.
+    t.send("go");
+    assert_eq!(t.line(), "phase1");
+    col.collect_for(Duration::from_millis(100));
+    let launches = |col: &Collector| {
+        col.samples
+            .iter()
+            .filter(|s| s.kind == SampleKind::Launch)
+            .count()
+    };
+    assert_eq!(launches(&col), 0);
+    assert_eq!(probes.counters().get(counter::SAMPLE_BUSY), 100);
+    let calls = |probes: &Probes, sym: &str| {
+        probes
+            .cuda
+            .call_stats()
+            .iter()
+            .find(|c| c.pid == pid && c.func.symbol == sym)
+            .map(|c| c.stat.calls)
+    };
+    assert_eq!(calls(&probes, "cudaLaunchKernel"), Some(100));
+    // Phase 2 (50 cuLaunchKernel) with the flags free: every launch sampled again.
+    for cpu in 0..cpus {
+        busy.set(cpu, 0, 0).unwrap();
+    }
+    t.send("go");
+    assert_eq!(t.line(), "loaded");
+    assert!(probes.attach_cuda() > 0);
+    t.send("go");
+    assert_eq!(t.line(), "phase2");
+    col.collect_for(Duration::from_millis(100));
+    assert_eq!(launches(&col), 50);
+    assert_eq!(calls(&probes, "cuLaunchKernel"), Some(50));
+    let c = probes.counters();
+    assert_eq!(c.get(counter::SAMPLE_BUSY), 100);
+    assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
+    for cpu in 0..cpus {
+        assert_eq!(busy.get(&cpu, 0).unwrap(), 0, "CPU {cpu}'s flag released");
+    }
     t.send("go");
     t.child.wait().unwrap();
 }

@@ -1,5 +1,6 @@
 //! The profiler's kernel side, from user space: the `cpu-clock` perf events (one per online CPU)
-//! and the `sched_switch` tracepoint that feed the `SAMPLES` ring, the run-time controls, the
+//! and the `sched_switch` hook (the raw tracepoint, with `task_struct` offsets from the kernel's
+//! BTF, or the classic tracepoint: [`SwitchHook`]) that feed the `SAMPLES` ring, the run-time controls, the
 //! per-process Python layouts the kernel walks with, the off-CPU totals, and a decoder for the
 //! sample records ([`decode_sample`]).
 //!
@@ -41,7 +42,8 @@ pub struct ProfileConfig {
     /// rate that divides no common timer period avoids lockstep with periodic work.
     pub hz: u64,
     /// Capture the stack of 1 in N switch-outs of traced threads; 0 turns off-CPU profiling
-    /// off (no totals either). Totals count every switch-out whatever N is.
+    /// off for the probes' life (no totals either, and no `sched_switch` hook, so context
+    /// switches pay nothing). Totals count every switch-out whatever N is.
     pub offcpu_sample_every: u32,
     /// Capture the stack of 1 in N CUDA launches; 0: off.
     pub launch_sample_every: u32,
@@ -444,14 +446,25 @@ impl ProfileProbes {
             }
         };
 
-        let (offcpu_hook, switch_link, offcpu_unavailable) = match attach_switch(ebpf, &plan) {
+        // Not wanted: no hook at all, so context switches pay nothing for it.
+        let attached: Result<_, (anyhow::Error, bool)> = if cfg.offcpu_sample_every == 0 {
+            Err((
+                anyhow::anyhow!("off-CPU profiling was not configured (1 in 0 switch-outs)"),
+                false,
+            ))
+        } else {
+            attach_switch(ebpf, &plan).map_err(|e| (e, true))
+        };
+        let (offcpu_hook, switch_link, offcpu_unavailable) = match attached {
             Ok((hook, link)) => {
                 control.set(ctl::OFFCPU_SAMPLE_EVERY, cfg.offcpu_sample_every, 0)?;
                 (Some(hook), Some(link), None)
             }
-            Err(e) => {
+            Err((e, wanted)) => {
                 let why = format!("{e:#}");
-                warn!("off-CPU profiling disabled, the agent goes on without it: {why}");
+                if wanted {
+                    warn!("off-CPU profiling disabled, the agent goes on without it: {why}");
+                }
                 (None, None, Some(why))
             }
         };
