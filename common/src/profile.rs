@@ -303,12 +303,14 @@ pub struct OffCpuTotals {
     pub switches: u64,
 }
 
-/// Value of the kernel's per-thread off-CPU map (`OFFCPU_START`, key: tid): a traced thread that
-/// is off-CPU now. User space only reads it to drop a forgotten process's entries.
+/// Value of the kernel's per-thread off-CPU map (`OFFCPU_START`, key: tid): a traced thread's
+/// current off-CPU period, if it has one. The entry is kept while the thread lives and rewritten
+/// in place at each switch-out; its switch-in closes it (`ts_ns` = 0). User space only reads it
+/// (threads off-CPU now) and drops a forgotten process's entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffCpuStart {
-    /// CLOCK_MONOTONIC ns of the switch-out.
+    /// CLOCK_MONOTONIC ns of the switch-out; 0: the thread is on a CPU (no open period).
     pub ts_ns: u64,
     pub tgid: u32,
     /// Bits of [`offcpu_start`].

@@ -1345,10 +1345,11 @@ fn offcpu_periods(hook: SwitchHook) {
         close * 10 >= sleeps * 9,
         "{close} of {sleeps} sleeps within 3 ms of 50 ms"
     );
-    // Whatever their split, the sleeps spent ≥ 50 ms each off-CPU.
+    // Whatever their split, the sleeps spent ≥ 50 ms each off-CPU (but for up to two, as above:
+    // this VM's kernel does not report some switch-ins, see `offcpu_threads`).
     let off: f64 = sleeper.iter().chain(&sleeper_preempted).sum();
     assert!(
-        off >= sleeps as f64 * 49.9,
+        off >= sleeps.saturating_sub(2) as f64 * 49.9,
         "{off} ms off-CPU for {sleeps} sleeps"
     );
 
@@ -1667,11 +1668,13 @@ fn switch_hook_cost_raw_vs_classic() {
     }
     let _g = lock();
     const SWITCHES: u64 = 1_000_000;
-    const ROUNDS: usize = 5;
+    const ROUNDS: usize = 6;
     let dir = tempfile::tempdir().unwrap();
     let exe = build_switcher(dir.path());
-    let (mut classic, _) = load_offcpu(SwitchHook::Tracepoint, 16);
-    let (mut raw, raw_hook) = load_offcpu(SwitchHook::RawTracepoint, 16);
+    // Captures never come (1 in 2^32 - 1): the traced phases measure the bookkeeping of every
+    // switch, not stack copies.
+    let (mut classic, _) = load_offcpu(SwitchHook::Tracepoint, u32::MAX);
+    let (mut raw, raw_hook) = load_offcpu(SwitchHook::RawTracepoint, u32::MAX);
     classic.set_offcpu_hook_attached(false).unwrap();
     raw.set_offcpu_hook_attached(false).unwrap();
     let cpu = aya::util::online_cpus().unwrap().into_iter().max().unwrap();
@@ -1685,13 +1688,28 @@ fn switch_hook_cost_raw_vs_classic() {
         .collect();
     let pid = t.pid();
     let switches = || ctxt_switches(pid, pair[0]) + ctxt_switches(pid, pair[1]);
-    let run = |t: &mut Target| -> (f64, u64) {
-        let before = switches();
+    let on_cpu = || cpu_ns(pid, pair[0]) + cpu_ns(pid, pair[1]);
+    // Every thread's (the main one reads the commands).
+    let all_switches = || {
+        task_tids(pid)
+            .into_iter()
+            .map(|tid| ctxt_switches(pid, tid))
+            .sum::<u64>()
+    };
+    // (wall-clock ns, CPU ns of the pair, switches of the pair, switches of the process) of one
+    // run.
+    let run = |t: &mut Target| -> (f64, f64, u64, u64) {
+        let (before, cpu_before, all_before) = (switches(), on_cpu(), all_switches());
         t.send(&format!("run {SWITCHES}"));
         let ns: f64 = t.line().strip_prefix("done ").unwrap().parse().unwrap();
-        (ns, switches() - before)
+        (
+            ns,
+            (on_cpu() - cpu_before) as f64,
+            switches() - before,
+            all_switches() - all_before,
+        )
     };
-    run(&mut t); // warm-up
+    let _ = run(&mut t); // warm-up
 
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Phase {
@@ -1700,35 +1718,49 @@ fn switch_hook_cost_raw_vs_classic() {
         Raw,
         ClassicStats,
         RawStats,
+        ClassicTraced,
+        RawTraced,
     }
-    const PHASES: [Phase; 5] = [
+    const PHASES: [Phase; 7] = [
         Phase::None,
         Phase::Classic,
         Phase::Raw,
         Phase::ClassicStats,
         Phase::RawStats,
+        Phase::ClassicTraced,
+        Phase::RawTraced,
     ];
-    // Per phase: ns per switch of each run; per stats phase: ns per program run.
+    // Per phase: wall-clock and CPU ns per switch of each run; per stats phase: ns per program
+    // run.
     let mut wall: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut cpu_time: HashMap<usize, Vec<f64>> = HashMap::new();
     let mut per_run: HashMap<usize, Vec<f64>> = HashMap::new();
     for round in 0..ROUNDS {
         for k in 0..PHASES.len() {
             let i = (round + k) % PHASES.len();
             let phase = PHASES[i];
-            let on_classic = matches!(phase, Phase::Classic | Phase::ClassicStats);
-            let on_raw = matches!(phase, Phase::Raw | Phase::RawStats);
+            let on_classic = matches!(
+                phase,
+                Phase::Classic | Phase::ClassicStats | Phase::ClassicTraced
+            );
+            let on_raw = matches!(phase, Phase::Raw | Phase::RawStats | Phase::RawTraced);
+            let traced = matches!(phase, Phase::ClassicTraced | Phase::RawTraced);
+            let with_stats = matches!(phase, Phase::ClassicStats | Phase::RawStats);
             classic.set_offcpu_hook_attached(on_classic).unwrap();
             raw.set_offcpu_hook_attached(on_raw).unwrap();
-            let stats = matches!(phase, Phase::ClassicStats | Phase::RawStats)
-                .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap());
-            let probes = if on_raw { &raw } else { &classic };
+            let stats =
+                with_stats.then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap());
+            let probes = if on_raw { &mut raw } else { &mut classic };
             let program = if on_raw {
                 raw_hook.program()
             } else {
                 "on_sched_switch"
             };
+            if traced {
+                probes.add_target(pid).unwrap();
+            }
             let a = prog_stats(probes, program);
-            let (ns, n) = run(&mut t);
+            let (ns, cpu_ns, n, all) = run(&mut t);
             let b = prog_stats(probes, program);
             drop(stats);
             assert!(
@@ -1736,7 +1768,8 @@ fn switch_hook_cost_raw_vs_classic() {
                 "{phase:?}: {n} switches for {SWITCHES} hand-offs"
             );
             wall.entry(i).or_default().push(ns / n as f64);
-            if matches!(phase, Phase::ClassicStats | Phase::RawStats) {
+            cpu_time.entry(i).or_default().push(cpu_ns / n as f64);
+            if with_stats {
                 // The hook ran on every switch the pair made (and on the machine's others).
                 assert!(
                     b.1 - a.1 >= n,
@@ -1748,6 +1781,22 @@ fn switch_hook_cost_raw_vs_classic() {
                     .or_default()
                     .push((b.0 - a.0) as f64 / (b.1 - a.1) as f64);
             }
+            if traced {
+                // Every switch of the process was an off-CPU period (but for the few switch-ins
+                // this VM's kernel does not report, see offcpu_threads, and the main thread's
+                // period that spans the start or the end of the run).
+                let periods = probes
+                    .profile
+                    .take_offcpu_totals()
+                    .into_iter()
+                    .find(|(p, _)| *p == pid)
+                    .map_or(0, |(_, t)| t.switches);
+                assert!(
+                    periods.abs_diff(all) <= all / 100 + 4,
+                    "{phase:?}: {periods} off-CPU periods for {all} switches"
+                );
+                probes.forget_process(pid);
+            }
         }
     }
     classic.set_offcpu_hook_attached(false).unwrap();
@@ -1755,28 +1804,38 @@ fn switch_hook_cost_raw_vs_classic() {
     t.send("stop");
     let _ = t.child.wait();
     // Added cost per switch: each hook's run minus the same round's run without a hook.
-    let added = |i: usize| -> Vec<f64> {
-        wall[&i]
-            .iter()
-            .zip(&wall[&0])
-            .map(|(w, base)| w - base)
-            .collect()
+    let added = |m: &HashMap<usize, Vec<f64>>, i: usize| -> Vec<f64> {
+        m[&i].iter().zip(&m[&0]).map(|(w, base)| w - base).collect()
     };
-    let (classic_added, raw_added) = (added(1), added(2));
-    let (classic_added_stats, raw_added_stats) = (added(3), added(4));
     eprintln!(
-        "MEASURED context switch of an untraced process (futex ping-pong on CPU {cpu}, \
-         {SWITCHES} switches per run, {ROUNDS} rounds): no hook {} ns; added by the classic \
-         tracepoint {} ns, by the raw tracepoint {} ns; with bpf_stats on: classic +{} ns, raw \
-         +{} ns; bpf_stats per program run: on_sched_switch {} ns, {} {} ns",
+        "MEASURED context switch of an untraced process (futex ping-pong on CPU {cpu} at nice \
+         -20, {SWITCHES} switches per run, {ROUNDS} rounds), wall clock: no hook {} ns; added by \
+         the classic tracepoint {} ns, by the raw tracepoint {} ns; with bpf_stats on: classic \
+         +{} ns, raw +{} ns",
         spread(&wall[&0]),
-        spread(&classic_added),
-        spread(&raw_added),
-        spread(&classic_added_stats),
-        spread(&raw_added_stats),
+        spread(&added(&wall, 1)),
+        spread(&added(&wall, 2)),
+        spread(&added(&wall, 3)),
+        spread(&added(&wall, 4)),
+    );
+    eprintln!(
+        "MEASURED the same runs in CPU time of the pair (schedstat): no hook {} ns; added by the \
+         classic tracepoint {} ns, by the raw tracepoint {} ns; with bpf_stats on: classic +{} \
+         ns, raw +{} ns; bpf_stats per program run: on_sched_switch {} ns, {} {} ns",
+        spread(&cpu_time[&0]),
+        spread(&added(&cpu_time, 1)),
+        spread(&added(&cpu_time, 2)),
+        spread(&added(&cpu_time, 3)),
+        spread(&added(&cpu_time, 4)),
         spread(&per_run[&3]),
         raw_hook.program(),
         spread(&per_run[&4]),
+    );
+    eprintln!(
+        "MEASURED the same ping-pong traced (every switch an off-CPU period, no captures), wall \
+         clock added per switch: classic {} ns, raw {} ns",
+        spread(&added(&wall, 5)),
+        spread(&added(&wall, 6)),
     );
     eprintln!(
         "MEASURED verifier: on_sched_switch {:?} insns, {} {:?} insns",
@@ -1789,9 +1848,22 @@ fn switch_hook_cost_raw_vs_classic() {
             .unwrap()
             .verified_instruction_count()
     );
+    // Interference from the rest of the machine only ever adds time, in bursts: each phase's
+    // fastest run is its cost with the least of it, and every phase ran in every part of the test.
+    let floor = |i: usize| wall[&i].iter().copied().fold(f64::INFINITY, f64::min);
+    let over = |i: usize| floor(i) - floor(0);
+    eprintln!(
+        "MEASURED fastest runs, added per switch: untraced classic {:.0} ns, raw {:.0} ns; \
+         traced classic {:.0} ns, raw {:.0} ns (no hook {:.0} ns)",
+        over(1),
+        over(2),
+        over(5),
+        over(6),
+        floor(0)
+    );
     assert!(
-        median(raw_added.clone()) < median(classic_added.clone()),
-        "the raw tracepoint costs no less than the classic one: {raw_added:?} vs {classic_added:?}"
+        floor(2) < floor(1) && floor(6) < floor(5),
+        "the raw tracepoint costs no less than the classic one: {wall:?}"
     );
 }
 

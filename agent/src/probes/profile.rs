@@ -640,8 +640,12 @@ impl ProfileProbes {
     /// and how each switched out). A thread that exited is never among them: its last
     /// switch-out is not followed.
     pub fn offcpu_open_periods(&self) -> Vec<(u32, OffCpuStart)> {
-        let mut out: Vec<(u32, OffCpuStart)> =
-            self.offcpu_start.iter().filter_map(|r| r.ok()).collect();
+        let mut out: Vec<(u32, OffCpuStart)> = self
+            .offcpu_start
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, o)| o.ts_ns != 0)
+            .collect();
         out.sort_by_key(|(tid, _)| *tid);
         out
     }
