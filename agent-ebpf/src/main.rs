@@ -7,6 +7,10 @@
 //! frame walker, streamed through their own ring buffer.
 #![no_std]
 #![no_main]
+// The CUDA launch sampler's per-CPU busy flag needs a compare-and-swap, which
+// `core::sync::atomic` does not offer on the BPF target.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod cuda;
 mod profile;

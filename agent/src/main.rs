@@ -7,7 +7,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use infertap::{
     gpu::{cupti::DetailLevel, stage::GpuOptions},
     pipeline::{AgentOptions, CudaOptions, Pipeline},
-    probes::{profile::ProfileConfig, ProbeConfig},
+    probes::{
+        profile::{ProfileConfig, SwitchHook},
+        ProbeConfig,
+    },
     profiling::{aggregate::ProfileType, stage::ProfilerOptions},
     sinks::explain::{render_explain_with, ExplainOptions, RankBy},
 };
@@ -100,6 +103,11 @@ struct TargetArgs {
     /// N fixed. Default: 100 (1000 for `explain`).
     #[arg(long, value_name = "PER_S")]
     offcpu_budget: Option<u32>,
+    /// The context-switch hook of off-CPU profiling: auto (the raw tracepoint when the kernel's
+    /// BTF describes struct task_struct, the classic tracepoint otherwise), raw, or classic.
+    /// The raw one costs every context switch of the machine less.
+    #[arg(long, value_enum, default_value_t = SwitchHookArg::Auto)]
+    offcpu_hook: SwitchHookArg,
     /// GPU time by call path: capture the launching stack of 1 in N CUDA kernel/graph launches
     /// (each stands for N). 0 turns it off.
     #[arg(long, default_value_t = 64, value_name = "N")]
@@ -119,6 +127,23 @@ struct TargetArgs {
     /// Log filter (RUST_LOG syntax).
     #[arg(long, default_value = "info", env = "INFERTAP_LOG")]
     log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SwitchHookArg {
+    Auto,
+    Raw,
+    Classic,
+}
+
+impl From<SwitchHookArg> for SwitchHook {
+    fn from(a: SwitchHookArg) -> Self {
+        match a {
+            SwitchHookArg::Auto => SwitchHook::Auto,
+            SwitchHookArg::Raw => SwitchHook::RawTracepoint,
+            SwitchHookArg::Classic => SwitchHook::Tracepoint,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -274,6 +299,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
             offcpu_sample_every: offcpu_every,
             launch_sample_every: if t.no_cuda { 0 } else { t.gpu_stack_every },
             stack_bytes: t.profile_stack_bytes,
+            switch_hook: t.offcpu_hook.into(),
             ..ProfileConfig::default()
         }
     } else {

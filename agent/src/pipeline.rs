@@ -414,6 +414,7 @@ impl Pipeline {
             ("sample_ring_full", kc.get(k::SAMPLE_RING_FULL)),
             ("sample_failed", kc.get(k::SAMPLE_FAILED)),
             ("profile_map_full", kc.get(k::PROFILE_MAP_FULL)),
+            ("sample_busy", kc.get(k::SAMPLE_BUSY)),
             ("malformed_http", rs.malformed),
             ("pending_overflow", rs.pending_overflow),
             ("connections_evicted", rs.connections_evicted),

@@ -136,7 +136,10 @@ pub mod counter {
     pub const SAMPLE_FAILED: u32 = 5;
     /// The off-CPU or Python thread map was full: a switch-out or thread is not followed.
     pub const PROFILE_MAP_FULL: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// A CUDA launch's stack sample was skipped: another launch on the same CPU, preempted
+    /// while it assembled its sample, held that CPU's scratch record.
+    pub const SAMPLE_BUSY: u32 = 7;
+    pub const COUNT: u32 = 8;
 
     pub fn name(i: u32) -> &'static str {
         match i {
@@ -147,6 +150,7 @@ pub mod counter {
             SAMPLE_RING_FULL => "sample_ring_full",
             SAMPLE_FAILED => "sample_failed",
             PROFILE_MAP_FULL => "profile_map_full",
+            SAMPLE_BUSY => "sample_busy",
             _ => "unused",
         }
     }

@@ -303,16 +303,79 @@ pub struct OffCpuTotals {
     pub switches: u64,
 }
 
-/// Value of the kernel's per-thread off-CPU map (`OFFCPU_START`, key: tid): a traced thread that
-/// is off-CPU now. User space only reads it to drop a forgotten process's entries.
+/// Value of the kernel's per-thread off-CPU map (`OFFCPU_START`, key: tid): a traced thread's
+/// current off-CPU period, if it has one. The entry is kept while the thread lives and rewritten
+/// in place at each switch-out; its switch-in closes it (`ts_ns` = 0). User space only reads it
+/// (threads off-CPU now) and drops a forgotten process's entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffCpuStart {
-    /// CLOCK_MONOTONIC ns of the switch-out.
+    /// CLOCK_MONOTONIC ns of the switch-out; 0: the thread is on a CPU (no open period).
     pub ts_ns: u64,
     pub tgid: u32,
     /// Bits of [`offcpu_start`].
     pub flags: u32,
+}
+
+/// Task states as the kernel's `sched_switch` tracepoint reports them (`prev_state` of its trace
+/// record), and how the raw tracepoint's arguments map onto them. The classic tracepoint hands
+/// the eBPF side the reported value; the raw one hands it the task's raw `__state` (and the
+/// program reads `exit_state`), which [`reported_switch_state`] turns into the same value so both
+/// hooks classify a switch-out alike.
+pub mod switch_state {
+    /// `TASK_INTERRUPTIBLE`.
+    pub const INTERRUPTIBLE: u32 = 0x1;
+    /// `TASK_UNINTERRUPTIBLE`.
+    pub const UNINTERRUPTIBLE: u32 = 0x2;
+    /// `EXIT_DEAD` (a `task_struct::exit_state` value).
+    pub const EXIT_DEAD: u32 = 0x10;
+    /// `EXIT_ZOMBIE` (a `task_struct::exit_state` value).
+    pub const EXIT_ZOMBIE: u32 = 0x20;
+    /// `TASK_REPORT`: every state bit the tracepoint reports (up to `TASK_PARKED`).
+    pub const REPORT: u32 = 0x7f;
+    /// `TASK_REPORT_IDLE`: how an idle kernel thread's `TASK_IDLE` is reported.
+    pub const REPORT_IDLE: u32 = REPORT + 1;
+    /// `TASK_REPORT_MAX`: what a preemption is reported as.
+    pub const REPORT_MAX: u32 = REPORT_IDLE << 1;
+    /// `TASK_NOLOAD`; with `TASK_UNINTERRUPTIBLE` it makes `TASK_IDLE`.
+    pub const NOLOAD: u32 = 0x400;
+    /// `TASK_RTLOCK_WAIT` (5.15+), reported as uninterruptible.
+    pub const RTLOCK_WAIT: u32 = 0x1000;
+    /// `TASK_FROZEN` (6.1+), reported as uninterruptible.
+    pub const FROZEN: u32 = 0x8000;
+    /// Reported states of a task that is exiting: it never runs again after this switch-out.
+    pub const EXITING: u32 = EXIT_DEAD | EXIT_ZOMBIE;
+    /// Every reported blocking state (`TASK_REPORT` and `TASK_REPORT_IDLE`). A switch-out with
+    /// none of them was a preemption: 0 (runnable, e.g. `sched_yield`) or `REPORT_MAX`.
+    pub const BLOCKED: u32 = REPORT | REPORT_IDLE;
+}
+
+/// The `prev_state` the classic `sched_switch` tracepoint would report for a switch-out with
+/// these raw-tracepoint arguments: `preempt`, the task's raw state (`prev_state` argument, 5.18+,
+/// or `task_struct::__state`) and its `exit_state`. Mirrors the kernel's
+/// `__trace_sched_switch_state` and `__task_state_index` (include/trace/events/sched.h,
+/// include/linux/sched.h): a preemption is `REPORT_MAX`; otherwise the highest reported bit of
+/// `state | exit_state`, with `TASK_IDLE` as `REPORT_IDLE` and an rt-lock wait or a frozen task
+/// as uninterruptible; 0 for a runnable task.
+#[inline(always)]
+pub const fn reported_switch_state(preempt: bool, state: u32, exit_state: u32) -> u32 {
+    use switch_state as s;
+    if preempt {
+        return s::REPORT_MAX;
+    }
+    let mut bits = (state | exit_state) & s::REPORT;
+    if state & (s::UNINTERRUPTIBLE | s::NOLOAD) == s::UNINTERRUPTIBLE | s::NOLOAD {
+        bits = s::REPORT_IDLE;
+    }
+    if state & (s::RTLOCK_WAIT | s::FROZEN) != 0 {
+        bits = s::UNINTERRUPTIBLE;
+    }
+    // `1 << (fls(bits) - 1)`: the highest bit (bits < 0x100).
+    let mut top = s::REPORT_IDLE;
+    while top != 0 && bits & top == 0 {
+        top >>= 1;
+    }
+    top
 }
 
 /// `OffCpuStart::flags`.
@@ -326,6 +389,46 @@ pub mod offcpu_start {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn switch_states_are_reported_as_the_tracepoint_does() {
+        use switch_state as s;
+        let r = reported_switch_state;
+        // Preempted: whatever the state, TASK_REPORT_MAX.
+        assert_eq!(r(true, s::INTERRUPTIBLE, 0), s::REPORT_MAX);
+        assert_eq!(r(true, 0, s::EXIT_ZOMBIE), s::REPORT_MAX);
+        // Runnable at the switch (sched_yield, a signal that cancelled the sleep).
+        assert_eq!(r(false, 0, 0), 0);
+        // Sleeps.
+        assert_eq!(r(false, s::INTERRUPTIBLE, 0), s::INTERRUPTIBLE);
+        assert_eq!(r(false, s::UNINTERRUPTIBLE, 0), s::UNINTERRUPTIBLE);
+        // TASK_KILLABLE (TASK_WAKEKILL 0x100 | UNINTERRUPTIBLE): the unreported bit is dropped.
+        assert_eq!(r(false, 0x100 | s::UNINTERRUPTIBLE, 0), s::UNINTERRUPTIBLE);
+        // TASK_IDLE.
+        assert_eq!(r(false, s::NOLOAD | s::UNINTERRUPTIBLE, 0), s::REPORT_IDLE);
+        // rt-lock waits and frozen tasks look uninterruptible.
+        assert_eq!(r(false, s::RTLOCK_WAIT, 0), s::UNINTERRUPTIBLE);
+        assert_eq!(
+            r(false, s::FROZEN | s::INTERRUPTIBLE, 0),
+            s::UNINTERRUPTIBLE
+        );
+        // The final switch of an exiting task: TASK_DEAD (0x80, unreported) with its exit
+        // state; a zombie wins over a lower state bit, TASK_PARKED (0x40) over a zombie.
+        assert_eq!(r(false, 0x80, s::EXIT_DEAD), s::EXIT_DEAD);
+        assert_eq!(r(false, 0x80, s::EXIT_ZOMBIE), s::EXIT_ZOMBIE);
+        assert_eq!(r(false, s::INTERRUPTIBLE, s::EXIT_ZOMBIE), s::EXIT_ZOMBIE);
+        assert_eq!(r(false, 0x40, s::EXIT_ZOMBIE), 0x40);
+        // A reported state is one bit, so the classification masks see exactly one class.
+        for state in 0..0x10000u32 {
+            for exit in [0, s::EXIT_DEAD, s::EXIT_ZOMBIE] {
+                let v = r(false, state, exit);
+                assert!(
+                    v == 0 || v.is_power_of_two() && v <= s::REPORT_IDLE,
+                    "{state:#x}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn layouts_are_stable() {

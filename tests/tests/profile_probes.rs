@@ -20,7 +20,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use infertap::probes::{
-    profile::{decode_sample, CpuProfiling, ProfileConfig, SampleKind},
+    profile::{decode_sample, CpuProfiling, OffCpuHook, ProfileConfig, SampleKind, SwitchHook},
     ProbeConfig, Probes,
 };
 use infertap_common::{
@@ -786,17 +786,19 @@ fn cpu_sample_cost_with_a_full_stack_copy() {
         full.len(),
         bare.len()
     );
+    // (The switch hooks' counts: switch_hook_cost_raw_vs_classic.)
     eprintln!(
-        "MEASURED verifier: profile_cpu {:?} insns, on_sched_switch {:?} insns",
+        "MEASURED verifier: profile_cpu {:?} insns",
         probes
             .program_info("profile_cpu")
             .unwrap()
             .verified_instruction_count(),
-        probes
-            .program_info("on_sched_switch")
-            .unwrap()
-            .verified_instruction_count()
     );
+    // Off-CPU profiling not configured: no sched_switch hook at all.
+    assert_eq!(probes.profile.offcpu_hook(), None);
+    assert!(probes.profile.set_offcpu_sample_every(1).is_err());
+    assert!(probes.program_info("on_switch_raw").is_err());
+    assert!(probes.program_info("on_sched_switch").is_err());
 }
 
 /// The deep burner thread's user-mode samples (burn's ip), for checks on its stack copies.
@@ -1140,21 +1142,72 @@ fn kernel_mode_samples_carry_kernel_frames_and_user_registers() {
 
 // ---- off-CPU ---------------------------------------------------------------------------------
 
-#[test]
-fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
-    if !gate("offcpu_periods_match_the_sleeps_and_the_totals_agree") {
-        return;
-    }
-    let _g = lock();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = build_burner(dir.path());
-    let mut probes = load(ProfileConfig {
+/// Whether this kernel's raw sched_switch tracepoint passes prev's state (5.18+), from its BTF.
+fn raw_state_arg() -> bool {
+    infertap::probes::btf::Btf::vmlinux()
+        .expect("the kernel's BTF")
+        .tracepoint_args("sched_switch")
+        .expect("btf_trace_sched_switch")
+        == 4
+}
+
+/// Loads the probes for off-CPU profiling only, on `hook`, and checks that `hook` is what
+/// runs (`Auto` on a kernel with BTF: the raw tracepoint).
+fn load_offcpu(hook: SwitchHook, every: u32) -> (Probes, OffCpuHook) {
+    let probes = load(ProfileConfig {
         hz: 0,
-        offcpu_sample_every: 1,
+        offcpu_sample_every: every,
+        switch_hook: hook,
         ..ProfileConfig::default()
     });
     assert_eq!(probes.profile.offcpu_unavailable(), None);
     assert_eq!(probes.profile.cpu_profiling(), &CpuProfiling::Off);
+    let want = match hook {
+        SwitchHook::Tracepoint => OffCpuHook::Tracepoint,
+        SwitchHook::RawTracepointTaskState => OffCpuHook::RawTracepoint { state_arg: false },
+        SwitchHook::Auto | SwitchHook::RawTracepoint => OffCpuHook::RawTracepoint {
+            state_arg: raw_state_arg(),
+        },
+    };
+    assert_eq!(probes.profile.offcpu_hook(), Some(want));
+    (probes, want)
+}
+
+/// An off-CPU capture's kernel stack starts where the tracepoint is called: in `__schedule`,
+/// or in `__traceiter_sched_switch` when several probes share the tracepoint (other tools on
+/// the machine). The raw hook's own frames (the program, `bpf_trace_run4`) are not in it.
+fn assert_starts_at_schedule(names: &[&str]) {
+    let at = match names.first() {
+        Some(&"__traceiter_sched_switch") => 1,
+        _ => 0,
+    };
+    assert_eq!(
+        names.get(at),
+        Some(&"__schedule"),
+        "off-CPU kernel stack {names:?}"
+    );
+}
+
+#[test]
+fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
+    if gate("offcpu_periods_match_the_sleeps_and_the_totals_agree") {
+        offcpu_periods(SwitchHook::Auto);
+    }
+}
+
+#[test]
+fn offcpu_periods_match_the_sleeps_and_the_totals_agree_classic() {
+    if gate("offcpu_periods_match_the_sleeps_and_the_totals_agree_classic") {
+        offcpu_periods(SwitchHook::Tracepoint);
+    }
+}
+
+fn offcpu_periods(hook: SwitchHook) {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_burner(dir.path());
+    let (mut probes, active) = load_offcpu(hook, 1);
+    let program = active.program();
     let mut col = Collector::new(&mut probes);
     let ksyms = Kallsyms::load();
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
@@ -1165,9 +1218,9 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
     for _ in 0..6 {
         for (side, every) in [(0, 1), (1, 0)] {
             probes.profile.set_offcpu_sample_every(every).unwrap();
-            let a = prog_stats(&probes, "on_sched_switch");
+            let a = prog_stats(&probes, program);
             std::thread::sleep(Duration::from_millis(300));
-            let b = prog_stats(&probes, "on_sched_switch");
+            let b = prog_stats(&probes, program);
             if b.1 > a.1 {
                 per_run[side].push((b.0 - a.0) as f64 / (b.1 - a.1) as f64);
             }
@@ -1175,7 +1228,7 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
     }
     let [filter_ns, bare_ns] = per_run.map(median);
     eprintln!(
-        "MEASURED on_sched_switch: {filter_ns:.0} ns per switch of untraced threads with off-CPU \
+        "MEASURED {program}: {filter_ns:.0} ns per switch of untraced threads with off-CPU \
          profiling on, {bare_ns:.0} ns with it off (the program's floor); medians of 6 rounds"
     );
     probes.profile.set_offcpu_sample_every(1).unwrap();
@@ -1245,6 +1298,7 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
             s.kernel.len(),
             "every kernel frame is kernel text"
         );
+        assert_starts_at_schedule(&names);
         if e.tid() != tid {
             continue;
         }
@@ -1291,10 +1345,11 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
         close * 10 >= sleeps * 9,
         "{close} of {sleeps} sleeps within 3 ms of 50 ms"
     );
-    // Whatever their split, the sleeps spent ≥ 50 ms each off-CPU.
+    // Whatever their split, the sleeps spent ≥ 50 ms each off-CPU (but for up to two, as above:
+    // this VM's kernel does not report some switch-ins, see `offcpu_threads`).
     let off: f64 = sleeper.iter().chain(&sleeper_preempted).sum();
     assert!(
-        off >= sleeps as f64 * 49.9,
+        off >= sleeps.saturating_sub(2) as f64 * 49.9,
         "{off} ms off-CPU for {sleeps} sleeps"
     );
 
@@ -1367,6 +1422,449 @@ fn offcpu_periods_match_the_sleeps_and_the_totals_agree() {
     assert_eq!(c.get(counter::SAMPLE_RING_FULL), 0);
     assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
     assert_eq!(c.get(counter::PROFILE_MAP_FULL), 0);
+}
+
+/// `switcher` (tests/fixtures/profile/switcher.c), optimized: its ping-pong should cost what
+/// the switches cost.
+fn build_switcher(dir: &Path) -> PathBuf {
+    let exe = dir.join("switcher");
+    gcc(&[
+        "-O2",
+        "-g",
+        "-pthread",
+        "-o",
+        exe.to_str().unwrap(),
+        fixture("switcher.c").to_str().unwrap(),
+    ]);
+    exe
+}
+
+/// When thread `tid`'s last reported switch-in happened.
+fn by_tid_last_end(ends: &[&Sample], tid: u32) -> Option<u64> {
+    ends.iter()
+        .filter(|e| e.tid() == tid)
+        .map(|e| e.h.ts_ns)
+        .max()
+}
+
+fn task_tids(pid: u32) -> HashSet<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn offcpu_threads_tids_states_and_exits() {
+    if gate("offcpu_threads_tids_states_and_exits") {
+        offcpu_threads(SwitchHook::Auto);
+    }
+}
+
+#[test]
+fn offcpu_threads_tids_states_and_exits_raw_task_state() {
+    if gate("offcpu_threads_tids_states_and_exits_raw_task_state") {
+        offcpu_threads(SwitchHook::RawTracepointTaskState);
+    }
+}
+
+#[test]
+fn offcpu_threads_tids_states_and_exits_classic() {
+    if gate("offcpu_threads_tids_states_and_exits_classic") {
+        offcpu_threads(SwitchHook::Tracepoint);
+    }
+}
+
+/// A process's threads through a whole life, on `hook`: every switch-in names the thread that
+/// switched out (the raw hook reads next's tid from its `task_struct` at the BTF offset; the
+/// switch-out's comes from `bpf_get_current_pid_tgid`), and those are exactly the tids
+/// /proc lists; sleeps are blocked periods of their length, yields and preemptions runnable
+/// ones (with `RawTracepointTaskState` the state comes from `task_struct.__state`); exiting
+/// threads leave no open period behind (their last switch-out, told apart by
+/// `task_struct.exit_state` in the raw hook, is not followed).
+fn offcpu_threads(hook: SwitchHook) {
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_switcher(dir.path());
+    let (mut probes, _) = load_offcpu(hook, 1);
+    let mut col = Collector::new(&mut probes);
+    let ksyms = Kallsyms::load();
+    let mut t = Target::spawn(Command::new(&exe).args(["threads", "4", "20"]));
+    assert_eq!(t.line(), "ready");
+    let pid = t.pid();
+    probes.add_target(pid).unwrap();
+    t.send("go");
+    let (mut sleepers, mut yielders) = (HashSet::new(), HashSet::new());
+    for _ in 0..6 {
+        let line = t.line();
+        let (what, tid) = line.split_once(' ').unwrap();
+        let tid: u32 = tid.parse().unwrap();
+        match what {
+            "sleeper" => sleepers.insert(tid),
+            "yielder" => yielders.insert(tid),
+            _ => panic!("unexpected line {line}"),
+        };
+    }
+    col.collect_for(Duration::from_millis(1500));
+    let tids = task_tids(pid);
+    assert_eq!(tids.len(), 7, "main, 4 sleepers, 2 yielders: {tids:?}");
+    let lines = t.finish();
+    let counts: Vec<u64> = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("sleeps "))
+        .unwrap()
+        .split(" yields ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (sleeps, yields) = (counts[0], counts[1]);
+    std::thread::sleep(Duration::from_millis(50));
+    col.drain();
+
+    let starts: HashMap<(u32, u64), &Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpu && s.pid() == pid)
+        .map(|s| ((s.tid(), s.h.ts_ns), s))
+        .collect();
+    let ends: Vec<&Sample> = col
+        .samples
+        .iter()
+        .filter(|s| s.kind == SampleKind::OffCpuEnd && s.pid() == pid)
+        .collect();
+    // Per tid: (blocked periods in ms, runnable periods).
+    let mut by_tid: HashMap<u32, (Vec<f64>, usize)> = HashMap::new();
+    for e in &ends {
+        let s = starts
+            .get(&(e.tid(), e.h.aux))
+            .unwrap_or_else(|| panic!("OFFCPU_END without its OFFCPU: {e:?}"));
+        assert_eq!(s.flag(sf::PREEMPTED), e.flag(sf::PREEMPTED));
+        let names: Vec<&str> = s.kernel.iter().filter_map(|&a| ksyms.resolve(a)).collect();
+        assert_starts_at_schedule(&names);
+        let entry = by_tid.entry(e.tid()).or_default();
+        if e.flag(sf::PREEMPTED) {
+            entry.1 += 1;
+        } else {
+            entry.0.push((e.h.ts_ns - e.h.aux) as f64 / 1e6);
+        }
+    }
+    let seen: HashSet<u32> = by_tid.keys().copied().collect();
+    assert_eq!(
+        seen, tids,
+        "the tids of the switch-ins are the process's threads"
+    );
+    // Every switch-out came back, but for switches the kernel does not report: this VM's
+    // kernel fires no sched_switch when one of its init agent's threads (the sandbox's
+    // /process_api, PID 1) switches out, so a thread it hands the CPU to has no switch-in (an
+    // ftrace sched_switch log shows the same gap). Such a switch-out is followed by another
+    // of the same thread without an OFFCPU_END between; nothing else may be unmatched.
+    let matched: HashSet<(u32, u64)> = ends.iter().map(|e| (e.tid(), e.h.aux)).collect();
+    let mut unmatched = 0;
+    for s in starts.values() {
+        if matched.contains(&(s.tid(), s.h.ts_ns)) {
+            continue;
+        }
+        unmatched += 1;
+        // (Or the thread's last one, if the last switch-in before its exit was such a one.)
+        let last = starts
+            .values()
+            .filter(|o| o.tid() == s.tid())
+            .map(|o| o.h.ts_ns)
+            .max();
+        assert!(
+            last > Some(s.h.ts_ns) || by_tid_last_end(&ends, s.tid()) < Some(s.h.ts_ns),
+            "a switch-out without its switch-in: {:?}",
+            s.h
+        );
+    }
+    assert!(
+        unmatched * 100 <= starts.len().max(300),
+        "{unmatched} of {} switch-outs without a reported switch-in",
+        starts.len()
+    );
+    let sleeper_blocked: Vec<f64> = sleepers
+        .iter()
+        .flat_map(|t| by_tid[t].0.iter().copied())
+        .collect();
+    let sleepy = sleeper_blocked
+        .iter()
+        .filter(|&&d| (19.9..30.0).contains(&d))
+        .count() as u64;
+    let sleeper_runnable: usize = sleepers.iter().map(|t| by_tid[t].1).sum();
+    let yielder_runnable: usize = yielders.iter().map(|t| by_tid[t].1).sum();
+    let yielder_blocked: usize = yielders.iter().map(|t| by_tid[t].0.len()).sum();
+    eprintln!(
+        "{hook:?}: {sleeps} sleeps of 20 ms: {sleepy} blocked periods of 20–30 ms, {} blocked in \
+         all, {sleeper_runnable} runnable; {yields} yields: {yielder_runnable} runnable periods, \
+         {yielder_blocked} blocked; {unmatched} switch-ins not reported by the kernel",
+        sleeper_blocked.len()
+    );
+    // Each sleep is one blocked period of ≥ 20 ms (a preemption between arming the timer and
+    // blocking can turn one into a runnable period: a few allowed).
+    assert!(
+        sleepy + 8 >= sleeps && sleepy <= sleeps,
+        "{sleepy} blocked periods of ≈20 ms for {sleeps} sleeps"
+    );
+    // The yielders are always runnable: each yield hands the CPU to the other one, and the
+    // tick preempts them. Only their start (printing under a mutex) may block.
+    assert!(
+        yielder_runnable as u64 * 10 >= yields * 9,
+        "{yielder_runnable} runnable periods for {yields} yields"
+    );
+    assert!(
+        yielder_blocked <= 6,
+        "{yielder_blocked} blocked yielder periods"
+    );
+
+    // Nothing of the process is left open: its threads' last switch-outs were exits.
+    let open: Vec<_> = probes
+        .profile
+        .offcpu_open_periods()
+        .into_iter()
+        .filter(|(_, o)| o.tgid == pid)
+        .collect();
+    assert!(open.is_empty(), "open periods after exit: {open:?}");
+    let totals = probes.profile.offcpu_totals();
+    let total = totals.iter().find(|(p, _)| *p == pid).expect("totals").1;
+    assert_eq!(total.switches, ends.len() as u64);
+    let c = probes.counters();
+    assert_eq!(c.get(counter::SAMPLE_RING_FULL), 0);
+    assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
+    assert_eq!(c.get(counter::PROFILE_MAP_FULL), 0);
+}
+
+/// Context switches thread `tid` of `pid` has made (voluntary and not), as /proc counts them.
+fn ctxt_switches(pid: u32, tid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+fn spread(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "median {:.0}, range {:.0}..{:.0}",
+        v[v.len() / 2],
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+/// What the `sched_switch` hook adds to every context switch of a process that is not traced,
+/// raw tracepoint against classic: two threads pinned to one CPU hand a futex word back and
+/// forth, 10^6 switches per run, timed by the process itself (CLOCK_MONOTONIC around the loop)
+/// with no hook, with each hook, and with each under `bpf_stats`; the phases alternate over
+/// rounds. Both hooks are loaded side by side from the start (two agents, everything else
+/// identical) and attached one at a time, so the baseline has the same syscall tracepoints and
+/// differs only by the switch hook. The /proc switch counts of the two threads are the
+/// denominator; the programs' run counts show the hook ran on each of them.
+#[test]
+fn switch_hook_cost_raw_vs_classic() {
+    if !gate("switch_hook_cost_raw_vs_classic") {
+        return;
+    }
+    let _g = lock();
+    const SWITCHES: u64 = 1_000_000;
+    const ROUNDS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_switcher(dir.path());
+    // Captures never come (1 in 2^32 - 1): the traced phases measure the bookkeeping of every
+    // switch, not stack copies.
+    let (mut classic, _) = load_offcpu(SwitchHook::Tracepoint, u32::MAX);
+    let (mut raw, raw_hook) = load_offcpu(SwitchHook::RawTracepoint, u32::MAX);
+    classic.set_offcpu_hook_attached(false).unwrap();
+    raw.set_offcpu_hook_attached(false).unwrap();
+    let cpu = aya::util::online_cpus().unwrap().into_iter().max().unwrap();
+    let mut t = Target::spawn(Command::new(&exe).args(["pingpong", &cpu.to_string()]));
+    let pair: Vec<u32> = t
+        .line()
+        .strip_prefix("pair ")
+        .unwrap()
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let pid = t.pid();
+    let switches = || ctxt_switches(pid, pair[0]) + ctxt_switches(pid, pair[1]);
+    let on_cpu = || cpu_ns(pid, pair[0]) + cpu_ns(pid, pair[1]);
+    // Every thread's (the main one reads the commands).
+    let all_switches = || {
+        task_tids(pid)
+            .into_iter()
+            .map(|tid| ctxt_switches(pid, tid))
+            .sum::<u64>()
+    };
+    // (wall-clock ns, CPU ns of the pair, switches of the pair, switches of the process) of one
+    // run.
+    let run = |t: &mut Target| -> (f64, f64, u64, u64) {
+        let (before, cpu_before, all_before) = (switches(), on_cpu(), all_switches());
+        t.send(&format!("run {SWITCHES}"));
+        let ns: f64 = t.line().strip_prefix("done ").unwrap().parse().unwrap();
+        (
+            ns,
+            (on_cpu() - cpu_before) as f64,
+            switches() - before,
+            all_switches() - all_before,
+        )
+    };
+    let _ = run(&mut t); // warm-up
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Phase {
+        None,
+        Classic,
+        Raw,
+        ClassicStats,
+        RawStats,
+        ClassicTraced,
+        RawTraced,
+    }
+    const PHASES: [Phase; 7] = [
+        Phase::None,
+        Phase::Classic,
+        Phase::Raw,
+        Phase::ClassicStats,
+        Phase::RawStats,
+        Phase::ClassicTraced,
+        Phase::RawTraced,
+    ];
+    // Per phase: wall-clock and CPU ns per switch of each run; per stats phase: ns per program
+    // run.
+    let mut wall: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut cpu_time: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut per_run: HashMap<usize, Vec<f64>> = HashMap::new();
+    for round in 0..ROUNDS {
+        for k in 0..PHASES.len() {
+            let i = (round + k) % PHASES.len();
+            let phase = PHASES[i];
+            let on_classic = matches!(
+                phase,
+                Phase::Classic | Phase::ClassicStats | Phase::ClassicTraced
+            );
+            let on_raw = matches!(phase, Phase::Raw | Phase::RawStats | Phase::RawTraced);
+            let traced = matches!(phase, Phase::ClassicTraced | Phase::RawTraced);
+            let with_stats = matches!(phase, Phase::ClassicStats | Phase::RawStats);
+            classic.set_offcpu_hook_attached(on_classic).unwrap();
+            raw.set_offcpu_hook_attached(on_raw).unwrap();
+            let stats =
+                with_stats.then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap());
+            let probes = if on_raw { &mut raw } else { &mut classic };
+            let program = if on_raw {
+                raw_hook.program()
+            } else {
+                "on_sched_switch"
+            };
+            if traced {
+                probes.add_target(pid).unwrap();
+            }
+            let a = prog_stats(probes, program);
+            let (ns, cpu_ns, n, all) = run(&mut t);
+            let b = prog_stats(probes, program);
+            drop(stats);
+            assert!(
+                (SWITCHES..SWITCHES * 3 / 2).contains(&n),
+                "{phase:?}: {n} switches for {SWITCHES} hand-offs"
+            );
+            wall.entry(i).or_default().push(ns / n as f64);
+            cpu_time.entry(i).or_default().push(cpu_ns / n as f64);
+            if with_stats {
+                // The hook ran on every switch the pair made (and on the machine's others).
+                assert!(
+                    b.1 - a.1 >= n,
+                    "{phase:?}: {} runs for {n} switches",
+                    b.1 - a.1
+                );
+                per_run
+                    .entry(i)
+                    .or_default()
+                    .push((b.0 - a.0) as f64 / (b.1 - a.1) as f64);
+            }
+            if traced {
+                // Every switch of the process was an off-CPU period (but for the few switch-ins
+                // this VM's kernel does not report, see offcpu_threads, and the main thread's
+                // period that spans the start or the end of the run).
+                let periods = probes
+                    .profile
+                    .take_offcpu_totals()
+                    .into_iter()
+                    .find(|(p, _)| *p == pid)
+                    .map_or(0, |(_, t)| t.switches);
+                assert!(
+                    periods.abs_diff(all) <= all / 100 + 4,
+                    "{phase:?}: {periods} off-CPU periods for {all} switches"
+                );
+                probes.forget_process(pid);
+            }
+        }
+    }
+    classic.set_offcpu_hook_attached(false).unwrap();
+    raw.set_offcpu_hook_attached(false).unwrap();
+    t.send("stop");
+    let _ = t.child.wait();
+    // Added cost per switch: each hook's run minus the same round's run without a hook.
+    let added = |m: &HashMap<usize, Vec<f64>>, i: usize| -> Vec<f64> {
+        m[&i].iter().zip(&m[&0]).map(|(w, base)| w - base).collect()
+    };
+    eprintln!(
+        "MEASURED context switch of an untraced process (futex ping-pong on CPU {cpu} at nice \
+         -20, {SWITCHES} switches per run, {ROUNDS} rounds), wall clock: no hook {} ns; added by \
+         the classic tracepoint {} ns, by the raw tracepoint {} ns; with bpf_stats on: classic \
+         +{} ns, raw +{} ns",
+        spread(&wall[&0]),
+        spread(&added(&wall, 1)),
+        spread(&added(&wall, 2)),
+        spread(&added(&wall, 3)),
+        spread(&added(&wall, 4)),
+    );
+    eprintln!(
+        "MEASURED the same runs in CPU time of the pair (schedstat): no hook {} ns; added by the \
+         classic tracepoint {} ns, by the raw tracepoint {} ns; with bpf_stats on: classic +{} \
+         ns, raw +{} ns; bpf_stats per program run: on_sched_switch {} ns, {} {} ns",
+        spread(&cpu_time[&0]),
+        spread(&added(&cpu_time, 1)),
+        spread(&added(&cpu_time, 2)),
+        spread(&added(&cpu_time, 3)),
+        spread(&added(&cpu_time, 4)),
+        spread(&per_run[&3]),
+        raw_hook.program(),
+        spread(&per_run[&4]),
+    );
+    eprintln!(
+        "MEASURED the same ping-pong traced (every switch an off-CPU period, no captures), wall \
+         clock added per switch: classic {} ns, raw {} ns",
+        spread(&added(&wall, 5)),
+        spread(&added(&wall, 6)),
+    );
+    eprintln!(
+        "MEASURED verifier: on_sched_switch {:?} insns, {} {:?} insns",
+        classic
+            .program_info("on_sched_switch")
+            .unwrap()
+            .verified_instruction_count(),
+        raw_hook.program(),
+        raw.program_info(raw_hook.program())
+            .unwrap()
+            .verified_instruction_count()
+    );
+    // Interference from the rest of the machine only ever adds time, in bursts: each phase's
+    // fastest run is its cost with the least of it, and every phase ran in every part of the test.
+    let floor = |i: usize| wall[&i].iter().copied().fold(f64::INFINITY, f64::min);
+    let over = |i: usize| floor(i) - floor(0);
+    eprintln!(
+        "MEASURED fastest runs, added per switch: untraced classic {:.0} ns, raw {:.0} ns; \
+         traced classic {:.0} ns, raw {:.0} ns (no hook {:.0} ns)",
+        over(1),
+        over(2),
+        over(5),
+        over(6),
+        floor(0)
+    );
+    assert!(
+        floor(2) < floor(1) && floor(6) < floor(5),
+        "the raw tracepoint costs no less than the classic one: {wall:?}"
+    );
 }
 
 // ---- Python ----------------------------------------------------------------------------------
@@ -1761,6 +2259,99 @@ fn cuda_launches_are_stack_sampled_one_in_n() {
             .unwrap()
             .verified_instruction_count()
     );
+    t.send("go");
+    t.child.wait().unwrap();
+}
+
+/// The kernel's per-CPU launch busy flags (`LAUNCH_BUSY`), found among the maps `cuda_enter`
+/// uses.
+fn launch_busy_flags(probes: &Probes) -> aya::maps::Array<MapData, u64> {
+    let ids = probes
+        .program_info("cuda_enter")
+        .unwrap()
+        .map_ids()
+        .unwrap()
+        .expect("map ids");
+    let id = ids
+        .into_iter()
+        .find(|&id| {
+            aya::maps::MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some("LAUNCH_BUSY"))
+        })
+        .expect("cuda_enter uses LAUNCH_BUSY");
+    let map = aya::maps::Map::from_map_data(MapData::from_id(id).unwrap()).unwrap();
+    aya::maps::Array::try_from(map).unwrap()
+}
+
+/// A launch whose CPU's scratch record is held by another launch (preempted while it built its
+/// sample: possible on a preemptible kernel, never on this `preempt=none` VM, so the test holds
+/// the flags itself) skips its sample and counts it, leaving the launch's aggregates alone;
+/// released flags sample again, and every launch releases what it took.
+#[test]
+fn launch_samples_skip_a_busy_scratch_record() {
+    if !gate("launch_samples_skip_a_busy_scratch_record") {
+        return;
+    }
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let app = cuda_stub::build(dir.path());
+    let mut t = Target::spawn(Command::new(&app).env("LD_LIBRARY_PATH", dir.path()));
+    t.line();
+    let pid = t.pid();
+    let mut probes = load(ProfileConfig {
+        hz: 0,
+        offcpu_sample_every: 0,
+        launch_sample_every: 1,
+        ..ProfileConfig::default()
+    });
+    let mut col = Collector::new(&mut probes);
+    probes.add_target(pid).unwrap();
+    assert!(probes.attach_cuda() > 0);
+    let mut busy = launch_busy_flags(&probes);
+    let cpus = busy.len();
+    assert_eq!(cpus as usize, aya::util::nr_cpus().unwrap());
+    for cpu in 0..cpus {
+        assert_eq!(busy.get(&cpu, 0).unwrap(), 0, "free at rest");
+        busy.set(cpu, 1, 0).unwrap();
+    }
+    // Phase 1 (100 cudaLaunchKernel) with every CPU's record held: no samples, all counted.
+    t.send("go");
+    assert_eq!(t.line(), "phase1");
+    col.collect_for(Duration::from_millis(100));
+    let launches = |col: &Collector| {
+        col.samples
+            .iter()
+            .filter(|s| s.kind == SampleKind::Launch)
+            .count()
+    };
+    assert_eq!(launches(&col), 0);
+    assert_eq!(probes.counters().get(counter::SAMPLE_BUSY), 100);
+    let calls = |probes: &Probes, sym: &str| {
+        probes
+            .cuda
+            .call_stats()
+            .iter()
+            .find(|c| c.pid == pid && c.func.symbol == sym)
+            .map(|c| c.stat.calls)
+    };
+    assert_eq!(calls(&probes, "cudaLaunchKernel"), Some(100));
+    // Phase 2 (50 cuLaunchKernel) with the flags free: every launch sampled again.
+    for cpu in 0..cpus {
+        busy.set(cpu, 0, 0).unwrap();
+    }
+    t.send("go");
+    assert_eq!(t.line(), "loaded");
+    assert!(probes.attach_cuda() > 0);
+    t.send("go");
+    assert_eq!(t.line(), "phase2");
+    col.collect_for(Duration::from_millis(100));
+    assert_eq!(launches(&col), 50);
+    assert_eq!(calls(&probes, "cuLaunchKernel"), Some(50));
+    let c = probes.counters();
+    assert_eq!(c.get(counter::SAMPLE_BUSY), 100);
+    assert_eq!(c.get(counter::SAMPLE_FAILED), 0);
+    for cpu in 0..cpus {
+        assert_eq!(busy.get(&cpu, 0).unwrap(), 0, "CPU {cpu}'s flag released");
+    }
     t.send("go");
     t.child.wait().unwrap();
 }

@@ -3,6 +3,7 @@
 //! The CUDA uprobes live in the same object and share the traced process set (`cuda`), and so
 //! does the profiler's kernel side (`profile`: perf events, sched_switch, the sample ring).
 
+pub mod btf;
 pub mod cuda;
 pub mod profile;
 
@@ -77,6 +78,9 @@ pub struct Probes {
     pub profile: profile::ProfileSlot,
     /// Which keys of `targets` are thread-group leaders (cached: it never changes for a key).
     leaders: std::collections::HashMap<u32, bool>,
+    /// The loaded `sched_switch` hook and its link while attached.
+    offcpu_hook: Option<profile::OffCpuHook>,
+    switch_link: Option<profile::SwitchLink>,
     _ebpf: Ebpf,
 }
 
@@ -146,8 +150,11 @@ impl Probes {
         let conns = HashMap::try_from(ebpf.take_map("CONNS").context("CONNS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
         let cuda = cuda::CudaProbes::new(&mut ebpf)?;
-        let profile = profile::ProfileProbes::new(&mut ebpf, &cfg.profile, plan)?;
+        let mut profile = profile::ProfileProbes::new(&mut ebpf, &cfg.profile, plan)?;
+        let switch_link = profile.switch_link.take();
         Ok(Self {
+            offcpu_hook: profile.offcpu_hook(),
+            switch_link,
             events: Some(events),
             targets,
             conns,
@@ -249,6 +256,23 @@ impl Probes {
         for k in keys {
             let _ = self.conns.remove(&k);
         }
+    }
+
+    /// Detaches (`false`) or re-attaches (`true`) the `sched_switch` hook, which stays loaded
+    /// with its maps: while detached, context switches pay nothing for it and off-CPU
+    /// periods are not seen (a period that spans the detachment is lost, not miscounted: its
+    /// switch-in finds no start, or a start the LRU map later drops). For a profiler that
+    /// stops off-CPU profiling for a long time, and for measuring what the hook costs.
+    pub fn set_offcpu_hook_attached(&mut self, attached: bool) -> Result<()> {
+        let hook = self
+            .offcpu_hook
+            .context("off-CPU profiling is unavailable: no sched_switch hook")?;
+        match (attached, self.switch_link.take()) {
+            (false, Some(link)) => profile::detach(&mut self._ebpf, hook, link)?,
+            (true, None) => self.switch_link = Some(profile::attach_loaded(&mut self._ebpf, hook)?),
+            (_, link) => self.switch_link = link,
+        }
+        Ok(())
     }
 
     /// The kernel's view of a loaded program (verified instruction count, and run time / run

@@ -1,5 +1,6 @@
 //! The profiler's kernel side, from user space: the `cpu-clock` perf events (one per online CPU)
-//! and the `sched_switch` tracepoint that feed the `SAMPLES` ring, the run-time controls, the
+//! and the `sched_switch` hook (the raw tracepoint, with `task_struct` offsets from the kernel's
+//! BTF, or the classic tracepoint: [`SwitchHook`]) that feed the `SAMPLES` ring, the run-time controls, the
 //! per-process Python layouts the kernel walks with, the off-CPU totals, and a decoder for the
 //! sample records ([`decode_sample`]).
 //!
@@ -18,7 +19,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        PerfEvent, TracePoint,
+        raw_trace_point::RawTracePointLinkId,
+        trace_point::TracePointLinkId,
+        PerfEvent, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -29,6 +32,8 @@ use infertap_common::profile::{
 };
 use tracing::{debug, info, warn};
 
+use super::btf::{self, Btf};
+
 /// Profiler settings fixed at load (the 1-in-N rates and the stack size can also change at run
 /// time).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +42,8 @@ pub struct ProfileConfig {
     /// rate that divides no common timer period avoids lockstep with periodic work.
     pub hz: u64,
     /// Capture the stack of 1 in N switch-outs of traced threads; 0 turns off-CPU profiling
-    /// off (no totals either). Totals count every switch-out whatever N is.
+    /// off for the probes' life (no totals either, and no `sched_switch` hook, so context
+    /// switches pay nothing). Totals count every switch-out whatever N is.
     pub offcpu_sample_every: u32,
     /// Capture the stack of 1 in N CUDA launches; 0: off.
     pub launch_sample_every: u32,
@@ -46,6 +52,53 @@ pub struct ProfileConfig {
     pub stack_bytes: u32,
     /// Size of the `SAMPLES` ring buffer in bytes (a power of two, a multiple of the page size).
     pub samples_ring_bytes: u32,
+    /// Which `sched_switch` hook off-CPU profiling uses.
+    pub switch_hook: SwitchHook,
+}
+
+/// Which `sched_switch` hook feeds off-CPU profiling. Both produce the same records; they differ
+/// in what every context switch of the machine pays (see [`OffCpuHook`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SwitchHook {
+    /// The raw tracepoint when the kernel's BTF gives the `task_struct` offsets it needs and it
+    /// attaches; the classic tracepoint otherwise.
+    #[default]
+    Auto,
+    /// The classic tracepoint `sched/sched_switch` (needs tracefs).
+    Tracepoint,
+    /// The raw tracepoint only: without it off-CPU profiling is unavailable.
+    RawTracepoint,
+    /// The raw tracepoint, reading prev's state from its `task_struct` as it must on kernels
+    /// before 5.18 (whose raw tracepoint has no `prev_state` argument) even where the argument
+    /// exists: that path, tested on newer kernels. There a wake-up racing the switch-out from
+    /// another CPU can make a blocked switch-out look runnable (the reason 5.18 added the
+    /// argument).
+    RawTracepointTaskState,
+}
+
+/// The `sched_switch` hook in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffCpuHook {
+    /// `on_switch_raw` on the raw tracepoint: the kernel calls it with the tracepoint's
+    /// arguments and builds no trace record; it reads next's tid (and, without `state_arg`,
+    /// prev's state) from the `task_struct`s at BTF offsets.
+    RawTracepoint {
+        /// Prev's state comes from the tracepoint's `prev_state` argument (5.18+).
+        state_arg: bool,
+    },
+    /// `on_sched_switch` on the classic tracepoint, reading the trace record the kernel
+    /// assembles (comms, pids, priorities, state) for every switch.
+    Tracepoint,
+}
+
+impl OffCpuHook {
+    /// The eBPF program (for its `bpf_stats` and verifier figures).
+    pub fn program(self) -> &'static str {
+        match self {
+            OffCpuHook::RawTracepoint { .. } => "on_switch_raw",
+            OffCpuHook::Tracepoint => "on_sched_switch",
+        }
+    }
 }
 
 impl Default for ProfileConfig {
@@ -62,6 +115,7 @@ impl Default for ProfileConfig {
             // 100 ms of 49 Hz on 32 busy threads is ≈160 samples, so a consumer that polls
             // every 100 ms has 3× headroom even if no top is known.
             samples_ring_bytes: 32 << 20,
+            switch_hook: SwitchHook::Auto,
         }
     }
 }
@@ -108,6 +162,92 @@ impl SwitchOffsets {
     }
 }
 
+/// What the raw `sched_switch` hook needs from the kernel's BTF: where `struct task_struct`
+/// keeps the tid, the state and the exit state, and whether the tracepoint passes prev's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawSwitchOffsets {
+    /// Byte offset of `pid` (the tid; a 4-byte `pid_t`).
+    pub pid: u32,
+    /// Byte offset of `__state` (a 4-byte `unsigned int`, 5.14+) or `state` (an 8-byte `long`
+    /// before 5.14, whose low half the program reads on this little-endian machine).
+    pub state: u32,
+    /// Byte offset of `exit_state` (a 4-byte `int`).
+    pub exit_state: u32,
+    /// The raw tracepoint has a `prev_state` argument (`btf_trace_sched_switch` has 4
+    /// arguments after its private data; without the typedef, a 5.18+ kernel).
+    pub state_arg: bool,
+}
+
+impl RawSwitchOffsets {
+    /// Finds the offsets in `btf`; `release` (major, minor) decides `state_arg` when `btf` has
+    /// no `btf_trace_sched_switch`.
+    pub fn from_btf(btf: &Btf, release: Option<(u32, u32)>) -> Result<Self> {
+        let task = btf
+            .find(btf::Kind::Struct, "task_struct")
+            .context("no struct task_struct in the kernel's BTF")?;
+        let field = |names: &[&'static str], sizes: &[u64]| -> Result<(u32, &'static str)> {
+            for &name in names {
+                let Some(m) = btf.member(task, name) else {
+                    continue;
+                };
+                let off = m
+                    .byte_offset()
+                    .with_context(|| format!("task_struct.{name} is a bitfield"))?;
+                let size = btf.size_of(m.type_id);
+                if !size.is_some_and(|s| sizes.contains(&s)) {
+                    bail!("task_struct.{name} is {size:?} bytes, not {sizes:?}");
+                }
+                let off = u32::try_from(off).context("task_struct offset past 4 GiB")?;
+                return Ok((off, name));
+            }
+            bail!("task_struct has no {}", names.join(" or "))
+        };
+        let (pid, _) = field(&["pid"], &[4])?;
+        let (state, _) = field(&["__state", "state"], &[4, 8])?;
+        let (exit_state, _) = field(&["exit_state"], &[4])?;
+        let state_arg = match btf.tracepoint_args("sched_switch") {
+            Some(4) => true,
+            Some(3) => false,
+            Some(n) => bail!("btf_trace_sched_switch has {n} arguments, expected 3 or 4"),
+            None => {
+                release.context(
+                    "no btf_trace_sched_switch in the BTF and the kernel release is unknown",
+                )? >= (5, 18)
+            }
+        };
+        Ok(Self {
+            pid,
+            state,
+            exit_state,
+            state_arg,
+        })
+    }
+
+    /// From the running kernel's BTF.
+    fn read() -> Result<Self> {
+        let btf = Btf::vmlinux().context("reading the kernel's BTF")?;
+        Self::from_btf(&btf, kernel_release())
+    }
+}
+
+/// Kernel frames the raw hook's captures leave out so they start where the classic hook's do
+/// (at the tracepoint's call site in `__schedule`, or in `__traceiter_sched_switch` when several
+/// probes share the tracepoint): the program's own frame (it calls `bpf_get_stack` from its
+/// main body) and `bpf_trace_run4` (`__bpf_trace_sched_switch` tail-calls it and leaves no
+/// frame). The kernel-level tests check the two hooks' stacks against each other.
+const RAW_STACK_SKIP: u32 = 2;
+
+/// The running kernel's (major, minor) release.
+pub(crate) fn kernel_release() -> Option<(u32, u32)> {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    parse_release(&r)
+}
+
+fn parse_release(r: &str) -> Option<(u32, u32)> {
+    let mut it = r.trim().split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
 /// The kernel's sample scratch arrays: one entry per possible CPU each.
 const SCRATCH_MAPS: [&str; 3] = ["SCRATCH_CPU", "SCRATCH_SWITCH", "SCRATCH_LAUNCH"];
 
@@ -127,7 +267,11 @@ pub fn scratch_bytes(cpus: u32) -> u64 {
 /// What the loader must know before the object is loaded (globals, the ring size, the CPU
 /// count).
 pub(super) struct LoadPlan {
+    hook: SwitchHook,
     switch: Result<SwitchOffsets>,
+    raw: Result<RawSwitchOffsets>,
+    /// `raw`'s `state_arg` as the program's global.
+    raw_state_arg: u32,
     ring_bytes: u32,
     wakeup_bytes: u64,
     /// Possible CPUs (`bpf_get_smp_processor_id` is below this): the scratch arrays' size.
@@ -136,15 +280,35 @@ pub(super) struct LoadPlan {
 
 impl LoadPlan {
     pub(super) fn new(cfg: &ProfileConfig) -> Self {
-        Self {
-            switch: SwitchOffsets::read(),
+        let classic = matches!(cfg.switch_hook, SwitchHook::Auto | SwitchHook::Tracepoint);
+        let raw = cfg.switch_hook != SwitchHook::Tracepoint;
+        let mut plan = Self {
+            hook: cfg.switch_hook,
+            switch: if classic {
+                SwitchOffsets::read()
+            } else {
+                Err(anyhow::anyhow!("not wanted"))
+            },
+            raw: if raw {
+                RawSwitchOffsets::read().map(|mut o| {
+                    if cfg.switch_hook == SwitchHook::RawTracepointTaskState {
+                        o.state_arg = false;
+                    }
+                    o
+                })
+            } else {
+                Err(anyhow::anyhow!("not wanted"))
+            },
+            raw_state_arg: 0,
             ring_bytes: cfg.samples_ring_bytes,
             // Wake the consumer only when a quarter of the ring is waiting.
             wakeup_bytes: cfg.samples_ring_bytes as u64 / 4,
             cpus: aya::util::nr_cpus()
                 .map(|n| n as u32)
                 .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}")),
-        }
+        };
+        plan.raw_state_arg = plan.raw.as_ref().is_ok_and(|o| o.state_arg) as u32;
+        plan
     }
 
     /// Applies the globals, the ring size and the scratch arrays' size to the loader.
@@ -155,7 +319,7 @@ impl LoadPlan {
         // Unknown CPU count: one entry, so only CPU 0 samples (counted as SAMPLE_FAILED on the
         // others) rather than no agent at all; `ProfileProbes::new` says so.
         let cpus = *self.cpus.as_ref().unwrap_or(&1);
-        for name in SCRATCH_MAPS {
+        for name in SCRATCH_MAPS.iter().chain(&["LAUNCH_BUSY"]) {
             loader.map_max_entries(name, cpus.max(1));
         }
         if let Ok(o) = &self.switch {
@@ -163,6 +327,14 @@ impl LoadPlan {
                 .override_global("SWITCH_PREV_PID_OFFSET", &o.prev_pid, true)
                 .override_global("SWITCH_PREV_STATE_OFFSET", &o.prev_state, true)
                 .override_global("SWITCH_NEXT_PID_OFFSET", &o.next_pid, true);
+        }
+        if let Ok(o) = &self.raw {
+            loader
+                .override_global("TASK_PID_OFFSET", &o.pid, true)
+                .override_global("TASK_STATE_OFFSET", &o.state, true)
+                .override_global("TASK_EXIT_STATE_OFFSET", &o.exit_state, true)
+                .override_global("SWITCH_STATE_ARG", &self.raw_state_arg, true)
+                .override_global("SWITCH_RAW_STACK_SKIP", &RAW_STACK_SKIP, true);
         }
     }
 }
@@ -227,7 +399,11 @@ pub struct ProfileProbes {
     /// Totals as last handed out by `take_offcpu_totals` (the kernel's are cumulative).
     taken: StdHashMap<u32, OffCpuTotals>,
     cpu: CpuProfiling,
-    /// Why off-CPU profiling is unavailable (None: the tracepoint is attached).
+    /// The `sched_switch` hook attached (None: off-CPU profiling is unavailable).
+    offcpu_hook: Option<OffCpuHook>,
+    /// Its link, until `Probes` takes it.
+    pub(super) switch_link: Option<SwitchLink>,
+    /// Why off-CPU profiling is unavailable (None: a hook is attached).
     offcpu_unavailable: Option<String>,
 }
 
@@ -270,15 +446,26 @@ impl ProfileProbes {
             }
         };
 
-        let offcpu_unavailable = match plan.switch.and_then(|_| attach_sched_switch(ebpf)) {
-            Ok(()) => {
+        // Not wanted: no hook at all, so context switches pay nothing for it.
+        let attached: Result<_, (anyhow::Error, bool)> = if cfg.offcpu_sample_every == 0 {
+            Err((
+                anyhow::anyhow!("off-CPU profiling was not configured (1 in 0 switch-outs)"),
+                false,
+            ))
+        } else {
+            attach_switch(ebpf, &plan).map_err(|e| (e, true))
+        };
+        let (offcpu_hook, switch_link, offcpu_unavailable) = match attached {
+            Ok((hook, link)) => {
                 control.set(ctl::OFFCPU_SAMPLE_EVERY, cfg.offcpu_sample_every, 0)?;
-                None
+                (Some(hook), Some(link), None)
             }
-            Err(e) => {
+            Err((e, wanted)) => {
                 let why = format!("{e:#}");
-                warn!("off-CPU profiling disabled, the agent goes on without it: {why}");
-                Some(why)
+                if wanted {
+                    warn!("off-CPU profiling disabled, the agent goes on without it: {why}");
+                }
+                (None, None, Some(why))
             }
         };
         Ok(Self {
@@ -291,6 +478,8 @@ impl ProfileProbes {
             samples: Some(samples),
             taken: StdHashMap::new(),
             cpu,
+            offcpu_hook,
+            switch_link,
             offcpu_unavailable,
         })
     }
@@ -308,6 +497,11 @@ impl ProfileProbes {
     /// Why off-CPU profiling is unavailable (`None`: it is attached).
     pub fn offcpu_unavailable(&self) -> Option<&str> {
         self.offcpu_unavailable.as_deref()
+    }
+
+    /// The `sched_switch` hook off-CPU profiling runs on (`None`: unavailable).
+    pub fn offcpu_hook(&self) -> Option<OffCpuHook> {
+        self.offcpu_hook
     }
 
     /// Pauses or resumes on-CPU samples (the perf events stay attached).
@@ -442,6 +636,20 @@ impl ProfileProbes {
         }
     }
 
+    /// Threads of traced processes that are off-CPU now, as the kernel follows them: (tid, when
+    /// and how each switched out). A thread that exited is never among them: its last
+    /// switch-out is not followed.
+    pub fn offcpu_open_periods(&self) -> Vec<(u32, OffCpuStart)> {
+        let mut out: Vec<(u32, OffCpuStart)> = self
+            .offcpu_start
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, o)| o.ts_ns != 0)
+            .collect();
+        out.sort_by_key(|(tid, _)| *tid);
+        out
+    }
+
     /// Off-CPU totals per process since the probes loaded, summed over CPUs.
     pub fn offcpu_totals(&self) -> Vec<(u32, OffCpuTotals)> {
         let mut out: Vec<(u32, OffCpuTotals)> = self
@@ -525,14 +733,120 @@ fn perf_hint() -> String {
     )
 }
 
-fn attach_sched_switch(ebpf: &mut Ebpf) -> Result<()> {
-    let prog: &mut TracePoint = ebpf
-        .program_mut("on_sched_switch")
-        .context("eBPF program on_sched_switch missing")?
-        .try_into()?;
-    prog.load().context("verifier rejected on_sched_switch")?;
-    prog.attach("sched", "sched_switch")
-        .context("attaching on_sched_switch to sched/sched_switch")?;
+/// The link of the attached `sched_switch` hook (Probes detaches and re-attaches through it).
+#[derive(Debug)]
+pub(super) enum SwitchLink {
+    Raw(RawTracePointLinkId),
+    Classic(TracePointLinkId),
+}
+
+/// Loads and attaches the `sched_switch` hook the plan asks for and says which one in one line.
+fn attach_switch(ebpf: &mut Ebpf, plan: &LoadPlan) -> Result<(OffCpuHook, SwitchLink)> {
+    let raw = |ebpf: &mut Ebpf| -> Result<(OffCpuHook, SwitchLink)> {
+        let o = plan.raw.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let hook = OffCpuHook::RawTracepoint {
+            state_arg: o.state_arg,
+        };
+        let link = load_and_attach(ebpf, hook)?;
+        info!(
+            "off-CPU profiling: raw tracepoint sched_switch (task_struct offsets from BTF: pid \
+             {}, state {}, exit_state {}; prev's state from {})",
+            o.pid,
+            o.state,
+            o.exit_state,
+            if o.state_arg {
+                "the tracepoint's prev_state argument"
+            } else {
+                "task_struct"
+            }
+        );
+        Ok((hook, link))
+    };
+    let classic = |ebpf: &mut Ebpf, why: Option<&anyhow::Error>| {
+        plan.switch.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let link = load_and_attach(ebpf, OffCpuHook::Tracepoint)?;
+        match why {
+            Some(e) => info!(
+                "off-CPU profiling: tracepoint sched/sched_switch (the raw tracepoint is not \
+                 usable: {e:#})"
+            ),
+            None => info!("off-CPU profiling: tracepoint sched/sched_switch"),
+        }
+        anyhow::Ok((OffCpuHook::Tracepoint, link))
+    };
+    match plan.hook {
+        SwitchHook::Tracepoint => classic(ebpf, None),
+        SwitchHook::RawTracepoint | SwitchHook::RawTracepointTaskState => raw(ebpf),
+        SwitchHook::Auto => match raw(ebpf) {
+            Ok(h) => Ok(h),
+            Err(e) => classic(ebpf, Some(&e))
+                .map_err(|c| anyhow::anyhow!("raw tracepoint: {e:#}; classic tracepoint: {c:#}")),
+        },
+    }
+}
+
+fn load_and_attach(ebpf: &mut Ebpf, hook: OffCpuHook) -> Result<SwitchLink> {
+    let name = hook.program();
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing"))?;
+    match hook {
+        OffCpuHook::RawTracepoint { .. } => <&mut RawTracePoint>::try_from(prog)?.load(),
+        OffCpuHook::Tracepoint => <&mut TracePoint>::try_from(prog)?.load(),
+    }
+    .with_context(|| format!("verifier rejected {name}"))?;
+    attach_loaded(ebpf, hook).inspect_err(|_| {
+        // Not attached: give the kernel its memory back (the classic hook may load next).
+        let _ = match (hook, ebpf.program_mut(name)) {
+            (OffCpuHook::RawTracepoint { .. }, Some(p)) => {
+                <&mut RawTracePoint>::try_from(p).map(|p| p.unload())
+            }
+            (OffCpuHook::Tracepoint, Some(p)) => <&mut TracePoint>::try_from(p).map(|p| p.unload()),
+            (_, None) => return,
+        };
+    })
+}
+
+/// Attaches the loaded program of `hook`.
+pub(super) fn attach_loaded(ebpf: &mut Ebpf, hook: OffCpuHook) -> Result<SwitchLink> {
+    let name = hook.program();
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing"))?;
+    Ok(match hook {
+        OffCpuHook::RawTracepoint { .. } => {
+            let prog: &mut RawTracePoint = prog.try_into()?;
+            SwitchLink::Raw(
+                prog.attach("sched_switch")
+                    .context("attaching on_switch_raw to raw tracepoint sched_switch")?,
+            )
+        }
+        OffCpuHook::Tracepoint => {
+            let prog: &mut TracePoint = prog.try_into()?;
+            SwitchLink::Classic(
+                prog.attach("sched", "sched_switch")
+                    .context("attaching on_sched_switch to sched/sched_switch")?,
+            )
+        }
+    })
+}
+
+/// Detaches `hook`'s program (it stays loaded).
+pub(super) fn detach(ebpf: &mut Ebpf, hook: OffCpuHook, link: SwitchLink) -> Result<()> {
+    let name = hook.program();
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing"))?;
+    match link {
+        SwitchLink::Raw(id) => {
+            let p: &mut RawTracePoint = prog.try_into()?;
+            p.detach(id)?;
+        }
+        SwitchLink::Classic(id) => {
+            let p: &mut TracePoint = prog.try_into()?;
+            p.detach(id)?;
+        }
+    }
     Ok(())
 }
 
@@ -947,6 +1261,106 @@ mod tests {
             proptest::prop_assert_eq!(v.kernel_frames().collect::<Vec<_>>(), kernel);
             proptest::prop_assert_eq!(v.python_frames().collect::<Vec<_>>(), python);
         }
+    }
+
+    #[test]
+    fn raw_switch_offsets_from_btf() {
+        use super::btf::tests::Builder;
+        // struct task_struct { unsigned int __state; ...; int exit_state; pid_t pid; } and the
+        // tracepoint typedef with `args` arguments after __data.
+        let build = |state: (&str, u32), pid_bits: u32, args: Option<usize>| {
+            let mut b = Builder::new();
+            let int = b.int("int", 4);
+            let long = b.int("long", 8);
+            let pid_t = b.add("pid_t", 8, 0, false, int, &[]);
+            let st = if state.1 == 8 { long } else { int };
+            let task = b.strukt(
+                4,
+                "task_struct",
+                64,
+                true,
+                &[
+                    (state.0, st, 64, 0),
+                    ("exit_state", int, 256, 0),
+                    ("pid", pid_t, 288, pid_bits),
+                ],
+            );
+            if let Some(n) = args {
+                let tp = b.add("", 2, 0, false, task, &[]);
+                let mut tail = vec![0, 0];
+                for _ in 0..n {
+                    tail.extend_from_slice(&[0, tp]);
+                }
+                let proto = b.add("", 13, n as u32 + 1, false, 0, &tail);
+                let pp = b.add("", 2, 0, false, proto, &[]);
+                b.add("btf_trace_sched_switch", 8, 0, false, pp, &[]);
+            }
+            Btf::parse(&b.build()).unwrap()
+        };
+        let o = RawSwitchOffsets::from_btf(&build(("__state", 4), 0, Some(4)), None).unwrap();
+        assert_eq!(
+            o,
+            RawSwitchOffsets {
+                pid: 36,
+                state: 8,
+                exit_state: 32,
+                state_arg: true
+            }
+        );
+        // Before 5.18: three arguments; before 5.14: an 8-byte `state`.
+        let o = RawSwitchOffsets::from_btf(&build(("state", 8), 0, Some(3)), None).unwrap();
+        assert_eq!((o.state, o.state_arg), (8, false));
+        // No typedef: the release decides.
+        let btf = build(("__state", 4), 0, None);
+        assert!(
+            RawSwitchOffsets::from_btf(&btf, Some((5, 18)))
+                .unwrap()
+                .state_arg
+        );
+        assert!(
+            !RawSwitchOffsets::from_btf(&btf, Some((5, 17)))
+                .unwrap()
+                .state_arg
+        );
+        assert!(RawSwitchOffsets::from_btf(&btf, None).is_err());
+        // What the program could not read right is refused.
+        let e = RawSwitchOffsets::from_btf(&build(("__state", 4), 3, Some(4)), None).unwrap_err();
+        assert!(e.to_string().contains("bitfield"), "{e}");
+        let e = RawSwitchOffsets::from_btf(&build(("status", 4), 0, Some(4)), None).unwrap_err();
+        assert!(e.to_string().contains("__state or state"), "{e}");
+        let e = RawSwitchOffsets::from_btf(&build(("__state", 4), 0, Some(5)), None).unwrap_err();
+        assert!(e.to_string().contains("5 arguments"), "{e}");
+    }
+
+    #[test]
+    fn raw_switch_offsets_of_this_kernel() {
+        if !std::path::Path::new(super::btf::VMLINUX).exists() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "no kernel BTF"
+            );
+            eprintln!(
+                "SKIP raw_switch_offsets_of_this_kernel: no {}",
+                super::btf::VMLINUX
+            );
+            return;
+        }
+        let o = RawSwitchOffsets::read().unwrap();
+        // The state is the first field after thread_info; pid and tgid sit far later.
+        assert!(
+            o.state < 64 && o.pid > o.state && o.exit_state < o.pid,
+            "{o:?}"
+        );
+        assert_eq!(o.state_arg, kernel_release().unwrap() >= (5, 18));
+    }
+
+    #[test]
+    fn kernel_releases() {
+        assert_eq!(parse_release("6.18.44-fc-v669\n"), Some((6, 18)));
+        assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(parse_release("6.1"), Some((6, 1)));
+        assert_eq!(parse_release("garbage"), None);
+        assert_eq!(parse_release(""), None);
     }
 
     #[test]

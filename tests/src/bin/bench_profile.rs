@@ -45,6 +45,10 @@ struct Args {
     streams: u32,
     #[arg(long, default_value_t = 32)]
     max_tokens: u32,
+    /// Extra argument for the profiling runs' agent (repeatable), e.g.
+    /// `--agent-arg=--offcpu-hook=classic` to compare the context-switch hooks.
+    #[arg(long, allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
 }
 
 #[derive(Serialize, Default, Clone, Copy)]
@@ -174,6 +178,7 @@ fn run(
     match profile_dir {
         Some(d) => {
             opts.extra_args = vec!["--profile-dir".into(), d.display().to_string()];
+            opts.extra_args.extend(args.agent_arg.iter().cloned());
         }
         None => opts.extra_args = vec!["--no-profile".into()],
     }
@@ -262,7 +267,14 @@ fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
         let Some(name) = p.name_as_str() else {
             continue;
         };
-        if ["profile_cpu", "on_sched_switch", "cuda_enter"].contains(&name) {
+        if [
+            "profile_cpu",
+            "on_sched_switch",
+            "on_switch_raw",
+            "cuda_enter",
+        ]
+        .contains(&name)
+        {
             let e = out.entry(name.to_owned()).or_insert((0, 0));
             e.0 += p.run_count();
             e.1 += p.run_time().as_nanos() as u64;
