@@ -166,6 +166,9 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
         pid_tgid: id,
         conn_id: conn.conn_id,
         ret: 0,
+        arrival_ns: 0,
+        flags: 0,
+        aux: 0,
         fd: key.fd,
         captured: 0,
         kind: kind::CLOSE,
@@ -197,6 +200,9 @@ fn scratch_record(
         pid_tgid,
         conn_id,
         ret,
+        arrival_ns: 0,
+        flags: 0,
+        aux: 0,
         fd,
         captured: 0,
         kind,
@@ -244,7 +250,17 @@ pub fn exit_accept(ctx: TracePointContext) -> u32 {
         tgid,
         fd: ret as i32,
     };
-    if CONNS.insert(&key, &ConnInfo { conn_id: now }, 0).is_err() {
+    if CONNS
+        .insert(
+            &key,
+            &ConnInfo {
+                conn_id: now,
+                ..Default::default()
+            },
+            0,
+        )
+        .is_err()
+    {
         bump(counter::CONN_MAP_FULL);
         return 0;
     }
@@ -475,6 +491,9 @@ pub fn on_exec(_ctx: TracePointContext) -> u32 {
         pid_tgid: id,
         conn_id: 0,
         ret: 0,
+        arrival_ns: 0,
+        flags: 0,
+        aux: 0,
         fd: -1,
         captured: 0,
         kind: kind::EXEC,
@@ -509,6 +528,9 @@ pub fn on_exit(_ctx: TracePointContext) -> u32 {
         pid_tgid: id,
         conn_id: 0,
         ret: 0,
+        arrival_ns: 0,
+        flags: 0,
+        aux: 0,
         fd: -1,
         captured: 0,
         kind: kind::EXIT,

@@ -33,6 +33,9 @@ pub enum ConnEvent<'a> {
         fd: i32,
         ts_ns: u64,
         peer: Option<SocketAddr>,
+        /// When the connection's TCP handshake completed (before the server accepted it), if the
+        /// kernel saw it; `None` for adopted connections and non-TCP sockets.
+        established_ns: Option<u64>,
     },
     /// `len` bytes moved in `dir` in one syscall completing at `ts_ns`; `payload` is the captured
     /// prefix of them (`payload.len() <= len`, shorter when the capture limit cut it).
@@ -42,6 +45,9 @@ pub enum ConnEvent<'a> {
         ts_ns: u64,
         len: u64,
         payload: &'a [u8],
+        /// For reads: when the oldest of these bytes reached the socket's receive queue (kernel
+        /// time, before the read), if the kernel saw it. `None` for writes and when unknown.
+        arrival_ns: Option<u64>,
     },
     /// A read returned 0: the client closed its side.
     PeerClosed { conn: ConnKey, ts_ns: u64 },
@@ -229,6 +235,7 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
                     ts_ns: h.ts_exit_ns,
                     len: h.ret as u64,
                     payload,
+                    arrival_ns: (dir == Direction::In && h.arrival_ns != 0).then_some(h.arrival_ns),
                 })
             } else if h.ret == 0 && dir == Direction::In {
                 Event::Conn(ConnEvent::PeerClosed {
@@ -251,6 +258,7 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
             fd: h.ret as i32,
             ts_ns: h.ts_exit_ns,
             peer: parse_sockaddr(payload),
+            established_ns: (h.arrival_ns != 0).then_some(h.arrival_ns),
         }),
         kind::CLOSE => Event::Conn(ConnEvent::Close {
             conn,
@@ -299,6 +307,7 @@ mod tests {
             captured: 3,
             kind: kind::WRITE,
             syscall: infertap_common::syscall::SENDTO,
+            ..Default::default()
         };
         let rec = record(h, b"abc");
         let ev = decode(&rec).unwrap().unwrap();
@@ -312,7 +321,8 @@ mod tests {
                 dir: Direction::Out,
                 ts_ns: 20,
                 len: 100,
-                payload: b"abc"
+                payload: b"abc",
+                arrival_ns: None,
             })
         );
     }
@@ -348,6 +358,7 @@ mod tests {
             captured: 16,
             kind: kind::CUDA_CALL,
             syscall: 0,
+            ..Default::default()
         };
         let mut payload = 0xabcu64.to_ne_bytes().to_vec();
         payload.extend_from_slice(&0x99u64.to_ne_bytes());

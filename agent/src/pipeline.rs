@@ -250,6 +250,7 @@ impl Pipeline {
                     fd: c.fd,
                     ts_ns: now,
                     peer: Some(c.peer),
+                    established_ns: None,
                 };
                 self.recon.on_event(&ev, &mut self.records);
             }
@@ -293,6 +294,7 @@ impl Pipeline {
                     fd,
                     ts_ns,
                     peer: None,
+                    established_ns,
                 } = ev
                 {
                     // The caller of accept passed no address buffer: ask /proc.
@@ -303,6 +305,7 @@ impl Pipeline {
                             fd,
                             ts_ns,
                             peer,
+                            established_ns,
                         },
                         &mut self.records,
                     );

@@ -233,6 +233,7 @@ impl Reconstructor {
                 ts_ns,
                 len,
                 payload,
+                ..
             } => self.on_data(conn, dir, ts_ns, len, payload, out),
             ConnEvent::PeerClosed { conn, ts_ns } | ConnEvent::Error { conn, ts_ns, .. } => {
                 let Some(c) = self.conns.get_mut(&conn) else {

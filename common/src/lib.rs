@@ -77,7 +77,7 @@ pub mod syscall {
     }
 }
 
-/// Header of every ring-buffer record. 48 bytes.
+/// Header of every ring-buffer record. 64 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHeader {
@@ -92,6 +92,14 @@ pub struct EventHeader {
     pub conn_id: u64,
     /// Syscall return value: bytes transferred, a new fd, a child tgid, or `-errno`.
     pub ret: i64,
+    /// A kernel time (CLOCK_MONOTONIC ns) of what the record is about, before the syscall:
+    /// READ: when the oldest byte this read returned reached the socket's receive queue;
+    /// ACCEPT: when the connection's handshake completed (it entered ESTABLISHED). 0 = unknown.
+    pub arrival_ns: u64,
+    /// Kind-specific detail (see [`flag`] for the bits that are defined); 0 when none.
+    pub flags: u32,
+    /// Kind-specific value; 0 when none.
+    pub aux: u32,
     /// The file descriptor concerned (-1 when not applicable).
     pub fd: i32,
     /// Payload bytes that follow this header (≤ `MAX_CAPTURE`, ≤ `ret`).
@@ -104,11 +112,20 @@ pub struct EventHeader {
 
 pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
+/// Bits of [`EventHeader::flags`].
+pub mod flag {}
+
 /// Value of the kernel's per-connection map: a connection the agent follows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnInfo {
     pub conn_id: u64,
+    /// The connection's `struct sock *` (kernel address, used only as a map key), or 0 when
+    /// not yet known.
+    pub sk: u64,
+    /// Per-connection state bits owned by the kernel programs; 0 at insertion.
+    pub flags: u32,
+    pub _reserved: u32,
 }
 
 /// Key of the per-connection map.
@@ -175,7 +192,7 @@ mod pod {
 mod tests {
     #[test]
     fn header_layout_is_stable() {
-        assert_eq!(super::HEADER_LEN, 48);
+        assert_eq!(super::HEADER_LEN, 64);
         assert_eq!(core::mem::size_of::<super::ConnKey>(), 8);
     }
 }

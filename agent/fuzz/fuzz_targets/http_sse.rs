@@ -34,6 +34,8 @@ fuzz_target!(|data: &[u8]| {
                 ts_ns: ts,
                 len: (n + usize::from(*gap & 0x0f)) as u64,
                 payload,
+                // Arrival up to 255 ns before the read, or unknown.
+                arrival_ns: (gap & 0x10 != 0).then(|| ts.saturating_sub(u64::from(*gap))),
             },
             3..=5 => ConnEvent::Data {
                 conn,
@@ -41,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
                 ts_ns: ts,
                 len: (n + usize::from(*gap >> 6)) as u64,
                 payload,
+                arrival_ns: None,
             },
             6 => match gap & 3 {
                 0 => ConnEvent::Close { conn, ts_ns: ts },
@@ -56,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
                     fd: 3,
                     ts_ns: ts,
                     peer: None,
+                    established_ns: (gap & 4 != 0).then(|| ts.saturating_sub(u64::from(*gap))),
                 },
             },
             _ => {

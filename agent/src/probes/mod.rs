@@ -210,7 +210,14 @@ impl Probes {
     /// Starts tracing a connection that was open before the agent attached.
     pub fn adopt_connection(&mut self, pid: u32, fd: i32, conn_id: u64) -> Result<()> {
         self.conns
-            .insert(ConnKey { tgid: pid, fd }, ConnInfo { conn_id }, 0)
+            .insert(
+                ConnKey { tgid: pid, fd },
+                ConnInfo {
+                    conn_id,
+                    ..Default::default()
+                },
+                0,
+            )
             .with_context(|| format!("adopting fd {fd} of pid {pid}"))
     }
 

@@ -30,6 +30,7 @@ impl Sim {
             fd: 9,
             ts_ns: ts,
             peer: Some("127.0.0.1:5555".parse().unwrap()),
+            established_ns: None,
         });
     }
     fn data(&mut self, dir: Direction, ts: u64, bytes: &[u8]) {
@@ -40,6 +41,7 @@ impl Sim {
             ts_ns: ts,
             len: bytes.len() as u64,
             payload,
+            arrival_ns: None,
         });
     }
     fn read(&mut self, ts: u64, bytes: &[u8]) {
@@ -585,6 +587,7 @@ fn process_exit_idle_expiry_and_eviction() {
                 fd: 3,
                 ts_ns: i,
                 peer: None,
+                established_ns: None,
             },
             &mut out,
         );
@@ -596,6 +599,7 @@ fn process_exit_idle_expiry_and_eviction() {
                 ts_ns: i,
                 len: req.len() as u64,
                 payload: &req,
+                arrival_ns: None,
             },
             &mut out,
         );
@@ -643,10 +647,10 @@ proptest! {
             let conn = ConnKey { pid: 1, conn_id: u64::from(kind % 3) };
             let ts = i as u64;
             let ev = match kind {
-                0 | 1 => ConnEvent::Data { conn, dir: Direction::In, ts_ns: ts, len: bytes.len() as u64 + extra, payload: bytes },
-                2 | 3 => ConnEvent::Data { conn, dir: Direction::Out, ts_ns: ts, len: bytes.len() as u64 + extra % 3, payload: bytes },
+                0 | 1 => ConnEvent::Data { conn, dir: Direction::In, ts_ns: ts, len: bytes.len() as u64 + extra, payload: bytes, arrival_ns: None },
+                2 | 3 => ConnEvent::Data { conn, dir: Direction::Out, ts_ns: ts, len: bytes.len() as u64 + extra % 3, payload: bytes, arrival_ns: None },
                 4 => ConnEvent::Close { conn, ts_ns: ts },
-                _ => ConnEvent::Open { conn, fd: 1, ts_ns: ts, peer: None },
+                _ => ConnEvent::Open { conn, fd: 1, ts_ns: ts, peer: None, established_ns: None },
             };
             r.on_event(&ev, &mut out);
             prop_assert!(r.stats().connections_open <= 4);
@@ -768,6 +772,7 @@ fn stream_throughput() {
                     ts_ns: ts,
                     len: bytes.len() as u64,
                     payload: bytes,
+                    arrival_ns: None,
                 },
                 &mut out,
             );
