@@ -2,6 +2,8 @@
 //!
 //! `sockets`: syscall tracepoints that follow the connections accepted by the traced processes
 //! and stream what they read and write to user space through one ring buffer.
+//! `arrival`: TCP tracepoints that stamp when a request's bytes reached a traced socket, before
+//! the server read them (accept-queue and receive-buffer waits).
 //! `cuda`: uprobes on the CUDA driver/runtime launch paths, aggregated in the kernel.
 //! `profile`: stack samples (on-CPU timer, off-CPU switches, CUDA launch sites) with the Python
 //! frame walker, streamed through their own ring buffer.
@@ -12,6 +14,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod arrival;
 mod cuda;
 mod profile;
 mod sockets;

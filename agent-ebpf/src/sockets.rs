@@ -21,8 +21,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use infertap_common::{
-    counter, kind, syscall as sc, ConnInfo, ConnKey, EventHeader, HEADER_LEN, MAX_CAPTURE,
+    conn_flag, counter, kind, syscall as sc, ConnInfo, ConnKey, EventHeader, HEADER_LEN,
+    MAX_CAPTURE,
 };
+
+use crate::arrival;
 
 // ---- configuration, written by user space before load ----------------------------------------
 
@@ -159,6 +162,9 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = CONNS.remove(&key);
+    if conn.sk != 0 {
+        arrival::forget(conn.sk);
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let header = EventHeader {
         ts_enter_ns: now,
@@ -250,23 +256,28 @@ pub fn exit_accept(ctx: TracePointContext) -> u32 {
         tgid,
         fd: ret as i32,
     };
-    if CONNS
-        .insert(
-            &key,
-            &ConnInfo {
-                conn_id: now,
-                ..Default::default()
-            },
-            0,
-        )
-        .is_err()
-    {
+    let mut info = ConnInfo {
+        conn_id: now,
+        ..Default::default()
+    };
+    let mut established = 0;
+    if arrival::enabled() {
+        match arrival::sock_of_fd(ret as i32) {
+            Some(sk) => {
+                info.sk = sk;
+                established = arrival::on_accepted(sk, true);
+            }
+            None => info.flags |= conn_flag::NO_SOCK,
+        }
+    }
+    if CONNS.insert(&key, &info, 0).is_err() {
         bump(counter::CONN_MAP_FULL);
         return 0;
     }
     let Some(rec) = scratch_record(id, now, now, ret, ret as i32, kind::ACCEPT, sc::ACCEPT4) else {
         return 0;
     };
+    rec.header.arrival_ns = established;
     // The peer address, if the caller asked for it (sockaddr_in6 is the largest we decode).
     let addr = syscall_args().map_or(0, |a| a[1]);
     if addr != 0 && copy_user(rec.data.as_mut_ptr(), 0, addr, 28) {
@@ -292,14 +303,33 @@ fn exit_io(ctx: &TracePointContext, kind: u8, syscall: u8, layout: u8) -> u32 {
         return 0;
     };
     let fd = args[0] as i32;
-    // SAFETY: value copied out immediately.
-    let Some(conn) = (unsafe { CONNS.get(&ConnKey { tgid, fd }) }).copied() else {
+    let Some(conn) = CONNS.get_ptr_mut(&ConnKey { tgid, fd }) else {
         return 0;
     };
+    // SAFETY: map value pointer, valid for this program run; only this connection's own
+    // syscalls (serialised by the server) write it.
+    let conn = unsafe { &mut *conn };
     let now = unsafe { bpf_ktime_get_ns() };
+    let mut arrival_ns = 0;
+    if kind == kind::READ && ret > 0 && arrival::enabled() {
+        if conn.sk == 0 && conn.flags & conn_flag::NO_SOCK == 0 {
+            // A connection user space adopted (open before the agent started).
+            match arrival::sock_of_fd(fd) {
+                Some(sk) => {
+                    conn.sk = sk;
+                    arrival::on_accepted(sk, false);
+                }
+                None => conn.flags |= conn_flag::NO_SOCK,
+            }
+        }
+        if conn.sk != 0 {
+            arrival_ns = arrival::take_arrival(conn.sk);
+        }
+    }
     let Some(rec) = scratch_record(id, now, conn.conn_id, ret, fd, kind, syscall) else {
         return 0;
     };
+    rec.header.arrival_ns = arrival_ns;
     if ret > 0 {
         let limit = config(&CAPTURE_BYTES) as u64;
         let want = if (ret as u64) < limit {

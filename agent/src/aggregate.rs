@@ -13,6 +13,10 @@
 //!   measured events, so they are kept whatever the outcome.
 //! - TPOT, E2E, per-request token-count histograms: successful records only, since a cut-off
 //!   request has no meaningful end (errors show up in `infertap_requests_total` instead).
+//! - TTFT and E2E count from the request's arrival at the socket; the `*_after_read_*` twins
+//!   count from the server's read, and `infertap_request_queue_time_seconds` is the difference
+//!   (every record with a kernel arrival stamp); `infertap_accept_queue_time_seconds`: first
+//!   exchanges of new connections.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -94,6 +98,7 @@ impl Aggregator {
 
     /// Adds one completed exchange.
     pub fn observe(&mut self, r: &RequestRecord) {
+        self.observe_accept_wait(r);
         let model = self.model_label(r.model.as_deref());
         let by_model: Labels = vec![(schema::LABEL_MODEL.to_owned(), model.clone())];
         let outcome = r.error.map_or(schema::OUTCOME_OK, |e| e.as_str());
@@ -127,7 +132,15 @@ impl Aggregator {
                 &schema::TIME_TO_FIRST_TOKEN,
                 &mut r.ttft_ns().map(secs).into_iter(),
             );
+            observe(
+                &schema::TIME_TO_FIRST_TOKEN_AFTER_READ,
+                &mut r.ttft_after_read_ns().map(secs).into_iter(),
+            );
         }
+        observe(
+            &schema::REQUEST_QUEUE_TIME,
+            &mut r.queue_ns().map(secs).into_iter(),
+        );
         observe(&schema::INTER_TOKEN_LATENCY, &mut r.itl_ns().map(secs));
         if ok {
             observe(
@@ -139,6 +152,10 @@ impl Aggregator {
                 &mut std::iter::once(secs(r.e2e_ns())),
             );
             observe(
+                &schema::E2E_REQUEST_LATENCY_AFTER_READ,
+                &mut std::iter::once(secs(r.e2e_after_read_ns())),
+            );
+            observe(
                 &schema::REQUEST_OUTPUT_TOKENS,
                 &mut r.output_tokens.map(|n| n as f64).into_iter(),
             );
@@ -147,6 +164,29 @@ impl Aggregator {
                 &mut r.prompt_tokens.map(|n| n as f64).into_iter(),
             );
         }
+    }
+
+    /// Adds a new connection's accept-queue wait (first exchange of a connection whose
+    /// handshake the kernel saw).
+    fn observe_accept_wait(&mut self, r: &RequestRecord) {
+        if let Some(w) = r.accept_wait_ns() {
+            let def = &schema::ACCEPT_QUEUE_TIME;
+            self.cumulative
+                .lock()
+                .histogram_mut(def, Vec::new())
+                .observe(def, w as f64 / 1e9);
+        }
+    }
+
+    /// Sets the queue gauges from the kernel's arrival counters.
+    pub fn set_queue_depths(&mut self, unread: u64, unaccepted: u64) {
+        let mut store = self.cumulative.lock();
+        store.set_gauge(&schema::REQUESTS_UNREAD, Vec::new(), unread as f64);
+        store.set_gauge(
+            &schema::CONNECTIONS_UNACCEPTED,
+            Vec::new(),
+            unaccepted as f64,
+        );
     }
 
     /// Adds a request's GPU attribution (from `gpu::correlate`).
@@ -342,6 +382,10 @@ mod tests {
             model: Some(model.into()),
             stream: true,
             start_ns: base,
+            read_ns: base,
+            arrival_ns: None,
+            connected_ns: None,
+            accepted_ns: None,
             request_end_ns: Some(base),
             response_start_ns: token_ns.first().copied(),
             first_token_ns: token_ns.first().copied(),

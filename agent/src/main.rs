@@ -54,6 +54,10 @@ struct TargetArgs {
     /// Payload bytes captured per syscall (max 4096). Larger values see more of big requests.
     #[arg(long, default_value_t = infertap_common::DEFAULT_CAPTURE, value_name = "BYTES")]
     capture_bytes: u32,
+    /// Do not stamp requests' arrival at the socket (TCP tracepoints): requests then start when
+    /// the server reads them and queueing before the read is not seen.
+    #[arg(long)]
+    no_arrival: bool,
     /// Size of the kernel→agent event ring buffer (a power of two).
     #[arg(long, default_value = "16777216", value_name = "BYTES")]
     ringbuf_bytes: u32,
@@ -327,6 +331,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
             capture_bytes: t.capture_bytes,
             ringbuf_bytes: t.ringbuf_bytes,
             profile,
+            arrival: !t.no_arrival,
             ..ProbeConfig::default()
         },
         poll_interval: t.poll_interval,

@@ -272,6 +272,21 @@ impl Pipeline {
         }
     }
 
+    /// Tells the kernel which listening ports to follow handshakes on (the traced processes'
+    /// and `--port`s), for requests' arrival times.
+    fn rescan_listen_ports(&mut self) {
+        if self.probes.arrival.is_none() {
+            return;
+        }
+        let mut ports: std::collections::BTreeSet<u16> = self.opts.ports.iter().copied().collect();
+        for pid in self.probes.processes() {
+            ports.extend(targets::listening_ports(pid));
+        }
+        if let Some(a) = &mut self.probes.arrival {
+            a.set_listen_ports(&ports);
+        }
+    }
+
     /// Resolves `--port` owners and adds new ones.
     fn rescan_ports(&mut self) {
         for port in self.opts.ports.clone() {
@@ -400,6 +415,10 @@ impl Pipeline {
         }
         let f = self.recon.in_flight();
         self.aggregator.set_in_flight(f.running, f.waiting);
+        if let Some(a) = &self.probes.arrival {
+            let c = a.counters();
+            self.aggregator.set_queue_depths(c.unread(), c.unaccepted());
+        }
         self.update_drops();
     }
 
@@ -418,6 +437,13 @@ impl Pipeline {
             ("sample_failed", kc.get(k::SAMPLE_FAILED)),
             ("profile_map_full", kc.get(k::PROFILE_MAP_FULL)),
             ("sample_busy", kc.get(k::SAMPLE_BUSY)),
+            (
+                "sock_map_full",
+                self.probes
+                    .arrival
+                    .as_ref()
+                    .map_or(0, |a| a.counters().map_full()),
+            ),
             ("malformed_http", rs.malformed),
             ("pending_overflow", rs.pending_overflow),
             ("connections_evicted", rs.connections_evicted),
@@ -509,6 +535,7 @@ impl Pipeline {
             self.trace_pid(pid)?;
         }
         self.rescan_ports();
+        self.rescan_listen_ports();
         self.rescan_cuda();
         if self.known_pids.is_empty() && !self.opts.ports.is_empty() {
             info!(
@@ -563,6 +590,7 @@ impl Pipeline {
             if now - last_rescan >= self.opts.rescan_interval {
                 last_rescan = now;
                 self.rescan_ports();
+                self.rescan_listen_ports();
                 self.rescan_cuda();
             }
             if now - last_interval >= self.opts.interval {

@@ -142,6 +142,14 @@ struct Side {
     /// Requests whose head was parsed and whose response has not ended, oldest first.
     pending: VecDeque<Exchange>,
     req_start_ns: u64,
+    /// Kernel arrival stamp of the request now starting (see `read_arrival`).
+    req_arrival_ns: Option<u64>,
+    /// Arrival of the oldest byte of the read being parsed (reads only).
+    read_arrival: Option<u64>,
+    /// The connection's handshake and accept times, for its first exchange (new connections
+    /// whose handshake the kernel saw).
+    established_ns: Option<u64>,
+    accepted_ns: Option<u64>,
     /// Exchange receiving the request body now.
     req_target: Option<u32>,
     req_body: Vec<u8>,
@@ -172,6 +180,10 @@ struct Exchange {
     method: String,
     path: String,
     start_ns: u64,
+    read_ns: u64,
+    arrival_ns: Option<u64>,
+    connected_ns: Option<u64>,
+    accepted_ns: Option<u64>,
     request_end_ns: Option<u64>,
     request_bytes: u64,
     req_model: Option<String>,
@@ -219,13 +231,21 @@ impl Reconstructor {
         self.stats.events += 1;
         match *ev {
             ConnEvent::Open {
-                conn, ts_ns, peer, ..
+                conn,
+                ts_ns,
+                peer,
+                established_ns,
+                ..
             } => {
                 if let Some(old) = self.conns.remove(&conn) {
                     // Same id seen again: whatever was pending there is lost.
                     self.flush(old, ts_ns, RequestError::Truncated, out);
                 }
                 self.insert(conn, ts_ns, peer, true, out);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.side.established_ns = established_ns.filter(|&e| e <= ts_ns);
+                    c.side.accepted_ns = Some(ts_ns);
+                }
             }
             ConnEvent::Data {
                 conn,
@@ -233,8 +253,8 @@ impl Reconstructor {
                 ts_ns,
                 len,
                 payload,
-                ..
-            } => self.on_data(conn, dir, ts_ns, len, payload, out),
+                arrival_ns,
+            } => self.on_data(conn, dir, ts_ns, len, payload, arrival_ns, out),
             ConnEvent::PeerClosed { conn, ts_ns } | ConnEvent::Error { conn, ts_ns, .. } => {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     self.stats.events_for_unknown_conn += 1;
@@ -265,6 +285,7 @@ impl Reconstructor {
         ts: u64,
         len: u64,
         payload: &[u8],
+        arrival: Option<u64>,
         out: &mut Vec<RequestRecord>,
     ) {
         if !self.conns.contains_key(&key) {
@@ -283,6 +304,7 @@ impl Reconstructor {
         }
         let Conn { req, resp, side } = c;
         side.last_ts = ts;
+        side.read_arrival = arrival;
         match dir {
             Direction::In => req.feed(payload, gap, &mut |ev| side.on_request(ev, ts, cfg, stats)),
             Direction::Out => resp.feed(payload, gap, &mut |ev| {
@@ -320,6 +342,10 @@ impl Reconstructor {
                     next_seq: 0,
                     pending: VecDeque::new(),
                     req_start_ns: ts,
+                    req_arrival_ns: None,
+                    read_arrival: None,
+                    established_ns: None,
+                    accepted_ns: None,
                     req_target: None,
                     req_body: Vec::new(),
                     resp_start_ns: ts,
@@ -475,6 +501,8 @@ impl Side {
         match ev {
             HttpEvent::MessageStart => {
                 self.req_start_ns = ts;
+                // A stamp later than the read (clocks of different CPUs) is not trusted.
+                self.req_arrival_ns = self.read_arrival.filter(|&a| a <= ts);
                 self.req_target = None;
                 self.req_body.clear();
             }
@@ -485,12 +513,21 @@ impl Side {
                 }
                 let seq = self.next_seq;
                 self.next_seq = self.next_seq.wrapping_add(1);
-                self.pending.push_back(Exchange::new(
+                let mut ex = Exchange::new(
                     seq,
                     head.method,
                     head.path,
-                    self.req_start_ns,
-                ));
+                    self.req_arrival_ns.unwrap_or(self.req_start_ns),
+                );
+                ex.read_ns = self.req_start_ns;
+                ex.arrival_ns = self.req_arrival_ns;
+                if seq == 0 {
+                    if let Some(est) = self.established_ns {
+                        ex.connected_ns = Some(est);
+                        ex.accepted_ns = self.accepted_ns;
+                    }
+                }
+                self.pending.push_back(ex);
                 self.req_target = Some(seq);
                 if head.method == "CONNECT" {
                     return Flow::Opaque;
@@ -716,6 +753,10 @@ impl Side {
             model: ex.req_model.or(ex.resp_model),
             stream: ex.req_stream.unwrap_or(ex.sse),
             start_ns: ex.start_ns,
+            read_ns: ex.read_ns,
+            arrival_ns: ex.arrival_ns,
+            connected_ns: ex.connected_ns,
+            accepted_ns: ex.accepted_ns,
             request_end_ns: ex.request_end_ns,
             response_start_ns: ex.response_start_ns,
             first_token_ns: ex.first_token_ns,
@@ -740,6 +781,10 @@ impl Exchange {
             method: bounded(method, 32),
             path: bounded(path, MAX_PATH_BYTES),
             start_ns,
+            read_ns: start_ns,
+            arrival_ns: None,
+            connected_ns: None,
+            accepted_ns: None,
             request_end_ns: None,
             request_bytes: 0,
             req_model: None,

@@ -71,8 +71,19 @@ pub struct RequestRecord {
     pub model: Option<String>,
     /// `stream` flag from the request body; falls back to `Content-Type: text/event-stream`.
     pub stream: bool,
-    /// Time the request's first byte was read by the server.
+    /// The request's start: when its first byte reached the server's socket (`arrival_ns`) or,
+    /// when the kernel could not stamp that, when the server read it (`read_ns`). TTFT and E2E
+    /// count from here.
     pub start_ns: u64,
+    /// When the server read the request's first byte.
+    pub read_ns: u64,
+    /// When the request's first byte reached the server's socket (kernel receive time), if seen.
+    pub arrival_ns: Option<u64>,
+    /// First exchange of a new connection whose handshake the kernel saw: when the handshake
+    /// completed (the client's `connect()` returned, minus the network's half round trip).
+    pub connected_ns: Option<u64>,
+    /// Same connection: when the server accepted it.
+    pub accepted_ns: Option<u64>,
     /// Time the last request byte was read.
     pub request_end_ns: Option<u64>,
     /// Time the response status line was written.
@@ -105,6 +116,27 @@ impl RequestRecord {
 
     pub fn e2e_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.start_ns)
+    }
+
+    /// Time the request waited before the server read it (accept queue included for the first
+    /// request of a new connection); `None` without a kernel arrival stamp.
+    pub fn queue_ns(&self) -> Option<u64> {
+        self.arrival_ns.map(|a| self.read_ns.saturating_sub(a))
+    }
+
+    /// Time the connection waited in the accept queue (first exchange of a new connection).
+    pub fn accept_wait_ns(&self) -> Option<u64> {
+        Some(self.accepted_ns?.saturating_sub(self.connected_ns?))
+    }
+
+    /// TTFT counted from the server's read (without the queueing before it).
+    pub fn ttft_after_read_ns(&self) -> Option<u64> {
+        self.first_token_ns.map(|t| t.saturating_sub(self.read_ns))
+    }
+
+    /// E2E counted from the server's read.
+    pub fn e2e_after_read_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.read_ns)
     }
 
     /// Gaps between consecutive content events (inter-token latency as benchmark clients

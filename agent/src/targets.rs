@@ -93,6 +93,23 @@ pub struct ExistingConn {
     pub peer: SocketAddr,
 }
 
+/// Local ports `pid` listens on (TCP, IPv4 or IPv6).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(proc_) = Process::new(pid as i32) else {
+        return Vec::new();
+    };
+    let table = tcp_table(&proc_);
+    let mut ports: Vec<u16> = socket_fds(&proc_)
+        .iter()
+        .filter_map(|(_, inode)| table.get(inode))
+        .filter(|e| e.state == TcpState::Listen)
+        .map(|e| e.local_address.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// Established TCP connections of `pid` that were accepted on one of its listening ports
 /// (outbound connections, e.g. to a database, are left alone).
 pub fn existing_server_connections(pid: u32) -> Vec<ExistingConn> {
@@ -199,6 +216,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let me = std::process::id();
         assert!(port_owners(port).contains(&me));
+        assert!(listening_ports(me).contains(&port));
         let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_server_side, _) = listener.accept().unwrap();
         let conns = existing_server_connections(me);

@@ -115,6 +115,56 @@ pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 /// Bits of [`EventHeader::flags`].
 pub mod flag {}
 
+/// Bits of [`ConnInfo::flags`] owned by the arrival tracking (`agent-ebpf/src/arrival.rs`).
+pub mod conn_flag {
+    /// The connection's `struct sock` could not be found (not a TCP socket, or the fd walk
+    /// failed): the programs do not try again for this connection.
+    pub const NO_SOCK: u32 = 1 << 31;
+}
+
+/// When data reached a traced TCP socket, kept per socket by the kernel (`SOCKS` map, keyed by
+/// the `struct sock *`). All times are CLOCK_MONOTONIC ns; 0 = not seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockTimes {
+    /// The socket entered ESTABLISHED (the handshake's last ACK arrived), before any accept.
+    pub established_ns: u64,
+    /// Arrival of the oldest segment whose bytes the server has not read yet.
+    pub pending_ns: u64,
+    /// Arrival of the newest data segment.
+    pub last_ns: u64,
+    /// `end_seq` of the newest data segment.
+    pub last_end_seq: u32,
+    /// [`sock_flag`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`SockTimes::flags`].
+pub mod sock_flag {
+    /// A traced process accepted (or adopted) the socket.
+    pub const ACCEPTED: u32 = 1;
+    /// The server has read from it at least once.
+    pub const READ: u32 = 2;
+}
+
+/// Indices of the per-CPU arrival counters (`ARRIVALS` array): monotonically increasing event
+/// counts from which user space derives queue gauges (differences of sums over CPUs).
+pub mod arrival {
+    /// A connection to a traced listening port completed its handshake.
+    pub const ESTABLISHED: u32 = 0;
+    /// A traced process accepted a connection counted in `ESTABLISHED`.
+    pub const ACCEPTED: u32 = 1;
+    /// A connection counted in `ESTABLISHED` closed before it was accepted.
+    pub const CLOSED_UNACCEPTED: u32 = 2;
+    /// Data reached a traced socket that had no unread data (a request began to wait).
+    pub const ARRIVED: u32 = 3;
+    /// A traced socket's unread data was read, or the socket closed with data unread.
+    pub const CONSUMED: u32 = 4;
+    /// The socket map was full: a socket's arrivals are not tracked.
+    pub const SOCK_MAP_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
 /// Value of the kernel's per-connection map: a connection the agent follows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -181,6 +231,7 @@ mod pod {
     // SAFETY: plain `repr(C)` integers with explicit padding; any bit pattern is valid.
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::SockTimes {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::profile::PyProc {}
     unsafe impl aya::Pod for super::profile::OffCpuTotals {}

@@ -87,6 +87,11 @@ const TTFT_BOUNDS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 ];
+// Waits before the server's read: sub-millisecond when healthy, seconds under overload.
+const QUEUE_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
 // vLLM's ITL/TPOT bounds start at 10 ms; finer bounds below it for fast decoders.
 const TOKEN_GAP_BOUNDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15,
@@ -106,8 +111,7 @@ const MODEL: &[&str] = &[LABEL_MODEL];
 
 pub static TIME_TO_FIRST_TOKEN: MetricDef = MetricDef {
     name: "infertap_time_to_first_token_seconds",
-    help:
-        "Time from the request's first byte read by the server to the first streamed content event",
+    help: "Time from the request's first byte reaching the server's socket to the first streamed content event",
     kind: Kind::Histogram,
     labels: MODEL,
     bounds: TTFT_BOUNDS,
@@ -131,10 +135,58 @@ pub static TIME_PER_OUTPUT_TOKEN: MetricDef = MetricDef {
 
 pub static E2E_REQUEST_LATENCY: MetricDef = MetricDef {
     name: "infertap_e2e_request_latency_seconds",
-    help: "Time from the request's first byte read to the response's last byte written, completed requests",
+    help: "Time from the request's first byte reaching the server's socket to the response's last byte written, completed requests",
     kind: Kind::Histogram,
     labels: MODEL,
     bounds: E2E_BOUNDS,
+};
+
+pub static TIME_TO_FIRST_TOKEN_AFTER_READ: MetricDef = MetricDef {
+    name: "infertap_time_to_first_token_after_read_seconds",
+    help: "Time from the server's first read of the request to the first streamed content event (TTFT without the queueing before the read)",
+    kind: Kind::Histogram,
+    labels: MODEL,
+    bounds: TTFT_BOUNDS,
+};
+
+pub static E2E_REQUEST_LATENCY_AFTER_READ: MetricDef = MetricDef {
+    name: "infertap_e2e_request_latency_after_read_seconds",
+    help: "Time from the server's first read of the request to the response's last byte written, completed requests",
+    kind: Kind::Histogram,
+    labels: MODEL,
+    bounds: E2E_BOUNDS,
+};
+
+pub static REQUEST_QUEUE_TIME: MetricDef = MetricDef {
+    name: "infertap_request_queue_time_seconds",
+    help: "Time a request waited before the server read it: from its first byte reaching the socket (accept queue included for a new connection) to the server's first read",
+    kind: Kind::Histogram,
+    labels: MODEL,
+    bounds: QUEUE_BOUNDS,
+};
+
+pub static ACCEPT_QUEUE_TIME: MetricDef = MetricDef {
+    name: "infertap_accept_queue_time_seconds",
+    help: "Time a new connection waited in the listen socket's accept queue: from its handshake completing to the server's accept",
+    kind: Kind::Histogram,
+    labels: &[],
+    bounds: QUEUE_BOUNDS,
+};
+
+pub static REQUESTS_UNREAD: MetricDef = MetricDef {
+    name: "infertap_requests_unread",
+    help: "Traced connections holding request bytes that arrived but the server has not read yet",
+    kind: Kind::Gauge,
+    labels: &[],
+    bounds: &[],
+};
+
+pub static CONNECTIONS_UNACCEPTED: MetricDef = MetricDef {
+    name: "infertap_connections_unaccepted",
+    help: "Connections to the traced listening ports that completed their handshake and wait in the accept queue",
+    kind: Kind::Gauge,
+    labels: &[],
+    bounds: &[],
 };
 
 pub static REQUEST_OUTPUT_TOKENS: MetricDef = MetricDef {
@@ -366,6 +418,12 @@ pub static ALL: &[&MetricDef] = &[
     &EVENTS_DROPPED,
     &REQUESTS_RUNNING,
     &REQUESTS_WAITING,
+    &TIME_TO_FIRST_TOKEN_AFTER_READ,
+    &E2E_REQUEST_LATENCY_AFTER_READ,
+    &REQUEST_QUEUE_TIME,
+    &ACCEPT_QUEUE_TIME,
+    &REQUESTS_UNREAD,
+    &CONNECTIONS_UNACCEPTED,
     &REQUEST_GPU_BUSY,
     &REQUEST_ENERGY,
     &ENERGY_PER_OUTPUT_TOKEN,

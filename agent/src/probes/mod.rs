@@ -3,6 +3,7 @@
 //! The CUDA uprobes live in the same object and share the traced process set (`cuda`), and so
 //! does the profiler's kernel side (`profile`: perf events, sched_switch, the sample ring).
 
+pub mod arrival;
 pub mod btf;
 pub mod cuda;
 pub mod profile;
@@ -16,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use infertap_common::{counter, ConnInfo, ConnKey, MAX_CAPTURE};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// The compiled eBPF object, built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/infertap"));
@@ -53,6 +54,9 @@ pub struct ProbeConfig {
     pub wakeup_bytes: u64,
     /// The profiler's sampling sources and sample ring.
     pub profile: profile::ProfileConfig,
+    /// Stamp when request bytes reached the socket (TCP tracepoints), so requests start at
+    /// their arrival rather than at the server's read.
+    pub arrival: bool,
 }
 
 impl Default for ProbeConfig {
@@ -62,6 +66,7 @@ impl Default for ProbeConfig {
             ringbuf_bytes: 16 << 20,
             wakeup_bytes: 256 << 10,
             profile: profile::ProfileConfig::default(),
+            arrival: true,
         }
     }
 }
@@ -74,6 +79,8 @@ pub struct Probes {
     conns: HashMap<MapData, ConnKey, ConnInfo>,
     counters: PerCpuArray<MapData, u64>,
     pub cuda: cuda::CudaProbes,
+    /// Arrival tracking, when the kernel supports it (see [`arrival`]).
+    pub arrival: Option<arrival::ArrivalProbes>,
     /// The profiler's kernel side; taken by the profiler stage, which runs on its own thread.
     pub profile: profile::ProfileSlot,
     /// Which keys of `targets` are thread-group leaders (cached: it never changes for a key).
@@ -117,6 +124,7 @@ impl Probes {
             20
         });
         let plan = profile::LoadPlan::new(&cfg.profile);
+        let arrival_plan = arrival::plan(cfg.arrival);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("CAPTURE_BYTES", &cfg.capture_bytes, true)
@@ -124,6 +132,9 @@ impl Probes {
             .override_global("FORK_CHILD_PID_OFFSET", &fork_offset, true)
             .map_max_entries("EVENTS", cfg.ringbuf_bytes);
         plan.apply(&mut loader);
+        if let Ok(o) = &arrival_plan {
+            o.apply(&mut loader);
+        }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root, with BPF enabled?)")?;
@@ -150,6 +161,22 @@ impl Probes {
         let conns = HashMap::try_from(ebpf.take_map("CONNS").context("CONNS map")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS map")?)?;
         let cuda = cuda::CudaProbes::new(&mut ebpf)?;
+        let arrival = match arrival_plan.and_then(|_| arrival::ArrivalProbes::attach(&mut ebpf)) {
+            Ok(a) => {
+                info!(
+                    "request arrival: from the socket (tcp_probe + inet_sock_set_state); TTFT and \
+                     E2E start when a request's first byte reached the server"
+                );
+                Some(a)
+            }
+            Err(e) => {
+                warn!(
+                    "request arrival: off ({e:#}); requests start when the server reads them, so \
+                     queueing before the read is not seen"
+                );
+                None
+            }
+        };
         let mut profile = profile::ProfileProbes::new(&mut ebpf, &cfg.profile, plan)?;
         let switch_link = profile.switch_link.take();
         Ok(Self {
@@ -160,6 +187,7 @@ impl Probes {
             conns,
             counters,
             cuda,
+            arrival,
             profile: profile::ProfileSlot::new(profile),
             leaders: std::collections::HashMap::new(),
             _ebpf: ebpf,

@@ -19,7 +19,25 @@ pub struct RequestLine<'a> {
     pub status: Option<u16>,
     pub model: Option<&'a str>,
     pub stream: bool,
+    /// The request's start (its arrival when the kernel stamped it, else its read).
     pub start_unix_ns: u64,
+    /// When the request's first byte reached the server's socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrival_unix_ns: Option<u64>,
+    /// When the server read the request's first byte.
+    pub read_unix_ns: u64,
+    /// New connections: when the handshake completed and when the server accepted it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected_unix_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted_unix_ns: Option<u64>,
+    /// Time the request waited before the server read it (`read - arrival`, accept queue
+    /// included for a new connection's first request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+    /// Of it, the time the connection waited to be accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_queue_ms: Option<f64>,
     pub first_token_unix_ns: Option<u64>,
     pub end_unix_ns: u64,
     pub ttft_ms: Option<f64>,
@@ -60,6 +78,12 @@ impl<'a> RequestLine<'a> {
             model: r.model.as_deref(),
             stream: r.stream,
             start_unix_ns: clock.to_unix_ns(r.start_ns),
+            arrival_unix_ns: r.arrival_ns.map(|t| clock.to_unix_ns(t)),
+            read_unix_ns: clock.to_unix_ns(r.read_ns),
+            connected_unix_ns: r.connected_ns.map(|t| clock.to_unix_ns(t)),
+            accepted_unix_ns: r.accepted_ns.map(|t| clock.to_unix_ns(t)),
+            queue_ms: r.queue_ns().map(ms),
+            accept_queue_ms: r.accept_wait_ns().map(ms),
             first_token_unix_ns: r.first_token_ns.map(|t| clock.to_unix_ns(t)),
             end_unix_ns: clock.to_unix_ns(r.end_ns),
             ttft_ms: r.ttft_ns().map(ms),
