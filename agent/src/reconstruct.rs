@@ -906,4 +906,6 @@ fn vocabulary(s: &str) -> String {
 }
 
 #[cfg(test)]
+mod arrival_tests;
+#[cfg(test)]
 mod tests;

@@ -285,6 +285,7 @@ fn every_syscall_split_gives_same_record() {
         r.token_ns.iter_mut().for_each(|t| *t = 0);
         r.first_token_ns = r.first_token_ns.map(|_| 0);
         r.start_ns = 0;
+        r.read_ns = 0;
         r.request_end_ns = None;
         r.response_start_ns = None;
         r.end_ns = 0;
