@@ -83,6 +83,62 @@ struct SendCost {
     added_traced_ns: f64,
     added_untraced_ns: f64,
     agent: Option<ProcUsage>,
+    /// Kernel time per run of the socket programs (bpf_stats), traced run and
+    /// watching-another-process run (last round).
+    kernel_traced: Vec<ProgramCost>,
+    kernel_other_pid: Vec<ProgramCost>,
+}
+
+#[derive(Serialize, Default, Clone, Debug)]
+struct ProgramCost {
+    name: String,
+    runs: u64,
+    ns_per_run: f64,
+}
+
+/// Programs whose per-run cost the send() benchmark reports: the syscall exits the benchmark
+/// drives and the arrival tracking's TCP hooks (every received segment on the node passes
+/// `on_tcp_probe`; traced sockets' data segments take the longer path).
+const COSTED_PROGRAMS: &[&str] = &[
+    "exit_sendto",
+    "exit_read",
+    "exit_recvfrom",
+    "on_tcp_probe",
+    "on_sock_state",
+];
+
+/// (run count, run time ns) of the costed programs, summed over loaded instances.
+fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in aya::programs::loaded_programs().flatten() {
+        let Some(name) = p.name_as_str() else {
+            continue;
+        };
+        if COSTED_PROGRAMS.contains(&name) {
+            let e = out.entry(name.to_owned()).or_insert((0, 0));
+            e.0 += p.run_count();
+            e.1 += p.run_time().as_nanos() as u64;
+        }
+    }
+    out
+}
+
+fn program_costs(
+    before: &std::collections::BTreeMap<String, (u64, u64)>,
+    after: &std::collections::BTreeMap<String, (u64, u64)>,
+) -> Vec<ProgramCost> {
+    after
+        .iter()
+        .filter_map(|(name, &(runs, ns))| {
+            let (r0, n0) = before.get(name).copied().unwrap_or((0, 0));
+            let runs = runs.saturating_sub(r0);
+            (runs > 0).then(|| ProgramCost {
+                name: name.clone(),
+                runs,
+                ns_per_run: ns.saturating_sub(n0) as f64 / runs as f64,
+            })
+        })
+        .collect()
 }
 
 #[derive(Serialize, Default)]
@@ -279,8 +335,9 @@ enum Tracing {
     OtherPid,
 }
 
-/// One micro-benchmark run; returns ns per send() and the agent's usage.
-fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>)> {
+/// One micro-benchmark run; returns ns per send(), the agent's usage and the kernel cost per
+/// run of the socket programs.
+fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>, Vec<ProgramCost>)> {
     let exe = std::env::current_exe()?;
     let mut child = KillOnDrop(
         Command::new(exe)
@@ -300,6 +357,7 @@ fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>)> {
         Tracing::Traced => Some(Agent::spawn(&AgentOptions::pid(child.0.id()))?),
         Tracing::OtherPid => Some(Agent::spawn(&AgentOptions::pid(other.0.id()))?),
     };
+    let stats_before = program_stats();
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     let resp_len = HEAD.len() + TAIL.len();
     let mut buf = vec![0u8; 1 << 20];
@@ -320,13 +378,14 @@ fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>)> {
     line.clear();
     out.read_line(&mut line)?;
     let spent: f64 = line.trim().parse().context("child timing")?;
+    let costs = program_costs(&stats_before, &program_stats());
     let _ = child.0.wait();
     let usage = agent.as_ref().and_then(|a| a.pid()).and_then(proc_usage);
     if let Some(a) = agent {
         a.stop()?;
     }
     drop(other);
-    Ok((spent / n as f64, usage))
+    Ok((spent / n as f64, usage, costs))
 }
 
 /// Kills a helper process however the run ends (an error must not leave it waiting forever).
@@ -347,13 +406,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn send_cost(n: u64) -> Result<SendCost> {
     let (mut none, mut traced, mut other) = (Vec::new(), Vec::new(), Vec::new());
     let mut agent_usage = None;
+    let (mut kernel_traced, mut kernel_other_pid) = (Vec::new(), Vec::new());
+    // Run time per program needs kernel.bpf_stats_enabled, held while the returned fd lives.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| eprintln!("[bench] bpf_stats unavailable ({e}): no kernel cost figures"))
+        .ok();
     for round in 0..3 {
         eprintln!("[bench] send() micro-benchmark round {round} ({n} sends per case)");
         none.push(send_run(n, Tracing::None)?.0);
-        let (t, u) = send_run(n, Tracing::Traced)?;
+        let (t, u, k) = send_run(n, Tracing::Traced)?;
         traced.push(t);
         agent_usage = u;
-        other.push(send_run(n, Tracing::OtherPid)?.0);
+        kernel_traced = k;
+        let (o, _, k) = send_run(n, Tracing::OtherPid)?;
+        other.push(o);
+        kernel_other_pid = k;
     }
     let (none, traced, other) = (median(none), median(traced), median(other));
     Ok(SendCost {
@@ -365,6 +432,8 @@ fn send_cost(n: u64) -> Result<SendCost> {
         added_traced_ns: traced - none,
         added_untraced_ns: other - none,
         agent: agent_usage,
+        kernel_traced,
+        kernel_other_pid,
     })
 }
 
@@ -432,6 +501,17 @@ fn print_report(r: &Report) {
         "  agent watching another pid    {:>8.0} ns/send (+{:.0} ns)",
         s.other_pid_traced_ns, s.added_untraced_ns
     );
+    for (what, costs) in [
+        ("traced", &s.kernel_traced),
+        ("agent watching another pid", &s.kernel_other_pid),
+    ] {
+        for c in costs {
+            println!(
+                "  kernel, {what}: {:<14} {:>8.0} ns/run ({} runs)",
+                c.name, c.ns_per_run, c.runs
+            );
+        }
+    }
     if let Some(u) = s.agent {
         println!(
             "  agent during the traced run: CPU {:.2} s, peak RSS {:.1} MiB",
