@@ -6,8 +6,9 @@
 //! tracepoints, which exist on kernels without kprobes or fentry, close that gap:
 //!
 //! - `sock:inet_sock_set_state` (raw): a connection to one of the traced listening ports
-//!   (`LISTEN_PORTS`, kept by user space) entering ESTABLISHED gets a `SOCKS` entry holding its
-//!   handshake time; any socket leaving for CLOSE loses it.
+//!   (`LISTEN_PORTS`: seeded by user space from `/proc` once per traced process, then kept by
+//!   `exit_listen` when a traced process starts listening) entering ESTABLISHED gets a `SOCKS`
+//!   entry holding its handshake time; any socket leaving for CLOSE loses it.
 //! - `tcp:tcp_probe` (raw, at the top of `tcp_rcv_established`, for every segment received on an
 //!   established socket): a data segment on a socket in `SOCKS` that had no unread data stamps
 //!   the socket's pending arrival. Segments of sockets not in the map cost one hash lookup.
@@ -20,10 +21,12 @@
 //! leaves `ARRIVAL_ENABLED` at 0 and requests start at their read, as before.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated as gen},
-    macros::{map, raw_tracepoint},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated as gen,
+    },
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, PerCpuArray},
-    programs::RawTracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use infertap_common::{arrival as ctr, sock_flag, SockTimes};
 
@@ -144,6 +147,31 @@ pub fn on_sock_state(ctx: RawTracePointContext) -> i32 {
         count(ctr::ESTABLISHED);
     } else if new == TCP_CLOSE {
         forget(sk);
+    }
+    0
+}
+
+/// `listen()` exit: a traced process now listens on a TCP port; follow its handshakes (a server
+/// that binds late, e.g. after loading its model, is covered without any polling).
+#[tracepoint]
+pub fn exit_listen(ctx: TracePointContext) -> u32 {
+    if !enabled() {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !crate::sockets::is_target(tgid) || crate::sockets::arg(&ctx, 0) as i64 != 0 {
+        return 0;
+    }
+    let Some(args) = crate::sockets::syscall_args() else {
+        return 0;
+    };
+    let Some(sk) = sock_of_fd(args[0] as i32) else {
+        return 0;
+    };
+    if let Some(port) = read::<u16>(sk + config(&SK_NUM_OFFSET)) {
+        if LISTEN_PORTS.insert(&port, &1, 0).is_err() {
+            count(ctr::SOCK_MAP_FULL);
+        }
     }
     0
 }

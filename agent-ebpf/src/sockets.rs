@@ -131,7 +131,7 @@ pub(crate) fn bump(index: u32) {
 }
 
 #[inline(always)]
-fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+pub(crate) fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     // Syscall tracepoint records: 8 bytes of common fields, the syscall nr, then 8-byte args.
     // SAFETY: offsets inside the syscall tracepoint record.
     unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
@@ -220,7 +220,7 @@ fn scratch_record(
 /// The arguments of the current syscall, from the task's saved user registers
 /// (System V syscall order: rdi, rsi, rdx, r10, r8, r9).
 #[inline(always)]
-fn syscall_args() -> Option<[u64; 4]> {
+pub(crate) fn syscall_args() -> Option<[u64; 4]> {
     // SAFETY: helpers returning kernel pointers; the registers are copied with a fault-tolerant
     // kernel read.
     unsafe {

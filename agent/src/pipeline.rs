@@ -236,6 +236,13 @@ impl Pipeline {
             p.add_root(pid);
         }
         if self.known_pids.insert(pid) {
+            // The ports it listens on now (one /proc read per process: the kernel's listen()
+            // hook adds later ones), so requests' arrival is stamped from their handshake.
+            if let Some(a) = &mut self.probes.arrival {
+                let mut ports = targets::listening_ports(pid);
+                ports.extend(self.opts.ports.iter().copied());
+                a.add_listen_ports(&ports);
+            }
             let now = clock::monotonic_ns();
             let existing = targets::existing_server_connections(pid);
             for c in &existing {
@@ -269,21 +276,6 @@ impl Pipeline {
             self.probes.attach_cuda();
             self.gpu
                 .set_cuda_probed(!self.probes.cuda.attached_libraries.is_empty());
-        }
-    }
-
-    /// Tells the kernel which listening ports to follow handshakes on (the traced processes'
-    /// and `--port`s), for requests' arrival times.
-    fn rescan_listen_ports(&mut self) {
-        if self.probes.arrival.is_none() {
-            return;
-        }
-        let mut ports: std::collections::BTreeSet<u16> = self.opts.ports.iter().copied().collect();
-        for pid in self.probes.processes() {
-            ports.extend(targets::listening_ports(pid));
-        }
-        if let Some(a) = &mut self.probes.arrival {
-            a.set_listen_ports(&ports);
         }
     }
 
@@ -535,7 +527,6 @@ impl Pipeline {
             self.trace_pid(pid)?;
         }
         self.rescan_ports();
-        self.rescan_listen_ports();
         self.rescan_cuda();
         if self.known_pids.is_empty() && !self.opts.ports.is_empty() {
             info!(
@@ -590,7 +581,6 @@ impl Pipeline {
             if now - last_rescan >= self.opts.rescan_interval {
                 last_rescan = now;
                 self.rescan_ports();
-                self.rescan_listen_ports();
                 self.rescan_cuda();
             }
             if now - last_interval >= self.opts.interval {

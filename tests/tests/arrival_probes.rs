@@ -178,11 +178,7 @@ fn arrivals_are_stamped_at_the_socket_not_at_the_read() {
         .expect("the server's open connection")
         .fd;
     probes.adopt_connection(pid, fd, 1).unwrap();
-    probes
-        .arrival
-        .as_mut()
-        .unwrap()
-        .set_listen_ports(&[port].into_iter().collect());
+    probes.arrival.as_mut().unwrap().add_listen_ports(&[port]);
     let mut ring = probes.take_events().unwrap();
     let mut seen = Seen::default();
     server.go();
@@ -274,4 +270,84 @@ fn arrivals_are_stamped_at_the_socket_not_at_the_read() {
     assert_eq!(after.unaccepted(), before.unaccepted(), "{after:?}");
     assert_eq!(after.unread(), before.unread(), "{after:?}");
     assert_eq!(after.map_full(), 0);
+}
+
+/// A server that starts listening after the agent attached (as vLLM does once its model is
+/// loaded): the kernel's `listen()` hook adds the port, with no polling.
+const LATE_LISTENER: &str = r#"
+import socket, sys, time
+sys.stdin.readline()                      # the probes trace us now
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", 0)); ls.listen(8)
+print(ls.getsockname()[1], flush=True)
+sys.stdin.readline()                      # the client connected and sent
+time.sleep(0.2)
+c, _ = ls.accept()
+c.recv(4096)
+c.sendall(b"ok")
+sys.stdin.readline()
+"#;
+
+#[test]
+fn a_port_opened_after_attach_is_followed_from_its_handshakes() {
+    if !require_root() {
+        return;
+    }
+    let mut child = Command::new("python3")
+        .args(["-c", LATE_LISTENER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let stdin = child.stdin.take().unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut server = Server {
+        child,
+        stdin,
+        stdout,
+    };
+    let pid = server.child.id();
+    let mut probes = Probes::load(&ProbeConfig::default()).expect("load probes");
+    assert!(
+        probes.arrival.is_some(),
+        "arrival tracking is off on this kernel"
+    );
+    probes.add_target(pid).unwrap();
+    let mut ring = probes.take_events().unwrap();
+    server.go();
+    let port: u16 = server.line().parse().unwrap();
+    assert!(
+        probes
+            .arrival
+            .as_ref()
+            .unwrap()
+            .listen_ports()
+            .contains(&port),
+        "listen() of a traced process adds its port"
+    );
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let connected = mono_ns();
+    let sent = mono_ns();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    server.go();
+    let mut ok = [0u8; 2];
+    c.read_exact(&mut ok).unwrap();
+    let mut seen = Seen::default();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.reads.is_empty() && Instant::now() < deadline {
+        drain(&mut ring, pid, &mut seen);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("seen: {seen:?}");
+    let (_, accepted, established) = *seen.opens.first().expect("the accept");
+    near(
+        "handshake time",
+        established.expect("handshake seen"),
+        connected,
+        MS,
+    );
+    assert!(accepted - established.unwrap() >= 190 * MS);
+    let (_, read, arrival) = *seen.reads.first().expect("the read");
+    near("arrival", arrival.expect("arrival stamped"), sent, MS);
+    assert!(read - arrival.unwrap() >= 190 * MS);
 }

@@ -93,6 +93,9 @@ impl ArrivalOffsets {
 
 static ENABLED: u32 = 1;
 
+/// The `listen()` exit tracepoint (keeps the listening ports current without polling).
+const LISTEN_PROGRAM: &str = "exit_listen";
+
 /// The raw tracepoints: (program, tracepoint).
 const PROGRAMS: &[(&str, &str)] = &[
     ("on_sock_state", "inet_sock_set_state"),
@@ -148,6 +151,13 @@ impl ArrivalProbes {
                 .with_context(|| format!("attaching {prog} to raw tracepoint {tp}"))?;
             debug!("attached {prog} to raw tracepoint {tp}");
         }
+        let p: &mut aya::programs::TracePoint = ebpf
+            .program_mut(LISTEN_PROGRAM)
+            .context("eBPF program exit_listen missing")?
+            .try_into()?;
+        p.load().context("verifier rejected exit_listen")?;
+        p.attach("syscalls", "sys_exit_listen")
+            .context("attaching exit_listen to syscalls/sys_exit_listen")?;
         Ok(Self {
             listen_ports: HashMap::try_from(
                 ebpf.take_map("LISTEN_PORTS").context("LISTEN_PORTS map")?,
@@ -157,22 +167,27 @@ impl ArrivalProbes {
         })
     }
 
-    /// Makes the kernel follow handshakes on exactly `ports` (the traced processes' listening
-    /// ports). Cheap when nothing changed.
-    pub fn set_listen_ports(&mut self, ports: &BTreeSet<u16>) {
-        if *ports == self.ports {
-            return;
-        }
-        for gone in self.ports.difference(ports) {
-            let _ = self.listen_ports.remove(gone);
-        }
-        for new in ports.difference(&self.ports) {
-            if let Err(e) = self.listen_ports.insert(new, 1, 0) {
-                warn!("following handshakes on port {new}: {e}");
+    /// Makes the kernel follow handshakes on `ports` too (a traced process's listening ports
+    /// found in `/proc` when it starts being traced; later `listen()`s are added by the kernel).
+    pub fn add_listen_ports(&mut self, ports: &[u16]) {
+        let new: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|p| self.ports.insert(*p))
+            .collect();
+        for port in &new {
+            if let Err(e) = self.listen_ports.insert(port, 1, 0) {
+                warn!("following handshakes on port {port}: {e}");
             }
         }
-        info!("arrival tracking on listening ports {ports:?}");
-        self.ports = ports.clone();
+        if !new.is_empty() {
+            info!("arrival tracking on listening ports {new:?} (and any a traced process opens)");
+        }
+    }
+
+    /// Ports the kernel follows handshakes on (user space's and the kernel's additions).
+    pub fn listen_ports(&self) -> BTreeSet<u16> {
+        self.listen_ports.keys().filter_map(|k| k.ok()).collect()
     }
 
     pub fn counters(&self) -> ArrivalCounters {
