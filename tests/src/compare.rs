@@ -304,3 +304,300 @@ pub fn check_against_emissions(
     out.start_time = ErrorStats::from_signed(&starts);
     out
 }
+
+/// The agent's start of a request: `arrival_unix_ns` when it reports one, else `start_unix_ns`
+/// (which becomes the arrival once the agent measures it).
+pub fn agent_start_ns(a: &AgentRecord) -> u64 {
+    a.arrival_unix_ns.unwrap_or(a.start_unix_ns)
+}
+
+/// The agent's TTFT in ns: its reported `ttft_ms` (what dashboards see), else first token − start.
+pub fn agent_ttft_ns(a: &AgentRecord) -> Option<i64> {
+    match a.ttft_ms {
+        Some(ms) => Some((ms * 1e6).round() as i64),
+        None => a
+            .first_token_unix_ns
+            .map(|f| f as i64 - agent_start_ns(a) as i64),
+    }
+}
+
+/// A client's stopwatch held against the wire (what a benchmark client adds on its own).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClientVsWire {
+    pub joined: usize,
+    /// Client send − wire request first byte.
+    pub start: ErrorStats,
+    /// Client TTFT (send → first content event read) − wire TTFT.
+    pub ttft: ErrorStats,
+    /// Client read of each content event − its wire time.
+    pub event_time: ErrorStats,
+}
+
+/// Agent records judged against the wire. Signed errors are agent minus wire.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WireFidelity {
+    /// Exchanges on the wire with a response.
+    pub wire_exchanges: usize,
+    pub agent_records: usize,
+    pub joined: usize,
+    /// Agent records with no wire exchange (peer, seq_on_conn).
+    pub unmatched_agent: usize,
+    /// Wire exchanges with a response but no agent record.
+    pub unmatched_wire: usize,
+    /// Joined records in which the agent reported `arrival_unix_ns`.
+    pub agent_arrival_reported: usize,
+    /// Agent start (arrival, else start) − packet carrying the request's first byte.
+    pub start: ErrorStats,
+    /// Agent TTFT − wire TTFT (first content event's packet − request's first byte).
+    pub ttft: ErrorStats,
+    /// Agent `token_unix_ns[i]` − packet completing content event i (where counts agree).
+    pub token_time: ErrorStats,
+    /// Agent end − wire end of the response body.
+    pub end: ErrorStats,
+    pub event_count_mismatches: usize,
+    pub token_count_mismatches: usize,
+    /// Wire TTFT of the joined exchanges (the load they were under), ms: median, p99, max.
+    pub wire_ttft_ms: [f64; 3],
+    /// Wire time from the client's SYN to the request's first byte for first requests on a
+    /// connection (connect time, including any SYN retransmit), ms: median, p99, max.
+    pub wire_connect_ms: [f64; 3],
+    pub client: Option<ClientVsWire>,
+    /// The first few disagreements, for the test's message.
+    pub problems: Vec<String>,
+}
+
+fn ms3(v: &[f64]) -> [f64; 3] {
+    if v.is_empty() {
+        return [0.0; 3];
+    }
+    [
+        percentile(v, 50.0),
+        percentile(v, 99.0),
+        percentile(v, 100.0),
+    ]
+}
+
+const MAX_PROBLEMS: usize = 20;
+
+/// Joins agent records (and, when given, client records) to the wire's exchanges by
+/// (client address, sequence on the connection) and measures the errors.
+pub fn wire_fidelity(
+    agent: &[AgentRecord],
+    wire: &crate::wire::WireRun,
+    client: Option<&[ClientRecord]>,
+) -> WireFidelity {
+    let mut by_key: HashMap<(&str, u32), &AgentRecord> = HashMap::new();
+    let mut out = WireFidelity {
+        agent_records: agent.len(),
+        ..Default::default()
+    };
+    for a in agent {
+        match a.peer.as_deref() {
+            Some(p) if by_key.insert((p, a.seq_on_conn), a).is_none() => {}
+            _ => out.unmatched_agent += 1,
+        }
+    }
+    let clients: HashMap<(&str, u32), &ClientRecord> = client
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| !c.local_addr.is_empty())
+        .map(|c| ((c.local_addr.as_str(), c.seq_on_conn), c))
+        .collect();
+    let (mut start, mut ttft, mut tok, mut end) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut c_start, mut c_ttft, mut c_ev) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut wire_ttft, mut connect) = (Vec::new(), Vec::new());
+    let mut c_joined = 0;
+    let problem = |out: &mut WireFidelity, p: String| {
+        if out.problems.len() < MAX_PROBLEMS {
+            out.problems.push(p);
+        }
+    };
+    for (conn, x) in wire.exchanges() {
+        let Some(r) = &x.response else { continue };
+        out.wire_exchanges += 1;
+        let key = (conn.client.as_str(), x.seq_on_conn);
+        let who = format!("{} seq {}", conn.client, x.seq_on_conn);
+        let w_first = x.request_first_unix_ns;
+        let w_ttft = r.first_content_unix_ns().map(|f| f as i64 - w_first as i64);
+        if x.seq_on_conn == 0 {
+            if let Some(s) = conn.syn_unix_ns {
+                connect.push(w_first.saturating_sub(s) as f64 / 1e6);
+            }
+        }
+        if let Some(c) = clients.get(&key) {
+            c_joined += 1;
+            c_start.push(c.send_unix_ns as i64 - w_first as i64);
+            if let (Some(ct), Some(wt)) = (c.first_token_unix_ns, w_ttft) {
+                c_ttft.push((ct as i64 - c.send_unix_ns as i64) - wt);
+            }
+            if c.event_unix_ns.len() == r.content_unix_ns.len() {
+                for (y, w) in c.event_unix_ns.iter().zip(&r.content_unix_ns) {
+                    c_ev.push(*y as i64 - *w as i64);
+                }
+            }
+        }
+        let Some(a) = by_key.remove(&key) else {
+            out.unmatched_wire += 1;
+            problem(&mut out, format!("{who}: no agent record"));
+            continue;
+        };
+        out.joined += 1;
+        if a.arrival_unix_ns.is_some() {
+            out.agent_arrival_reported += 1;
+        }
+        start.push(agent_start_ns(a) as i64 - w_first as i64);
+        if let Some(wt) = w_ttft {
+            wire_ttft.push(wt as f64 / 1e6);
+            match agent_ttft_ns(a) {
+                Some(at) => ttft.push(at - wt),
+                None => problem(&mut out, format!("{who}: agent has no TTFT")),
+            }
+        }
+        if let Some(we) = r.end_unix_ns {
+            end.push(a.end_unix_ns as i64 - we as i64);
+        }
+        if a.output_tokens != Some(r.output_tokens()) {
+            out.token_count_mismatches += 1;
+            problem(
+                &mut out,
+                format!(
+                    "{who}: output_tokens {:?} != wire {}",
+                    a.output_tokens,
+                    r.output_tokens()
+                ),
+            );
+        }
+        if a.token_unix_ns.len() != r.content_unix_ns.len() {
+            out.event_count_mismatches += 1;
+            problem(
+                &mut out,
+                format!(
+                    "{who}: {} token events != wire {}",
+                    a.token_unix_ns.len(),
+                    r.content_unix_ns.len()
+                ),
+            );
+            continue;
+        }
+        for (t, w) in a.token_unix_ns.iter().zip(&r.content_unix_ns) {
+            tok.push(*t as i64 - *w as i64);
+        }
+    }
+    out.unmatched_agent += by_key.len();
+    for (p, s) in by_key.keys().take(MAX_PROBLEMS) {
+        problem(&mut out, format!("{p} seq {s}: agent record not on the wire"));
+    }
+    out.start = ErrorStats::from_signed(&start);
+    out.ttft = ErrorStats::from_signed(&ttft);
+    out.token_time = ErrorStats::from_signed(&tok);
+    out.end = ErrorStats::from_signed(&end);
+    out.wire_ttft_ms = ms3(&wire_ttft);
+    out.wire_connect_ms = ms3(&connect);
+    if client.is_some() {
+        out.client = Some(ClientVsWire {
+            joined: c_joined,
+            start: ErrorStats::from_signed(&c_start),
+            ttft: ErrorStats::from_signed(&c_ttft),
+            event_time: ErrorStats::from_signed(&c_ev),
+        });
+    }
+    out
+}
+
+/// The issue's targets against the wire.
+pub mod wire_targets {
+    /// TTFT error median, ns.
+    pub const TTFT_MEDIAN_NS: u64 = 100_000;
+    /// TTFT error p99, ns.
+    pub const TTFT_P99_NS: u64 = 500_000;
+    /// Token-time error p99, ns.
+    pub const TOKEN_P99_NS: u64 = 100_000;
+}
+
+impl WireFidelity {
+    /// Every way these figures miss the issue's targets (empty: all met). Joins must be
+    /// complete (every wire exchange has its agent record and vice versa).
+    pub fn target_misses(&self) -> Vec<String> {
+        use wire_targets::*;
+        let mut m = Vec::new();
+        if self.wire_exchanges == 0 {
+            m.push("no exchanges on the wire".into());
+        }
+        if self.unmatched_wire + self.unmatched_agent > 0 {
+            m.push(format!(
+                "unjoined: {} wire exchanges without agent record, {} agent records not on the wire",
+                self.unmatched_wire, self.unmatched_agent
+            ));
+        }
+        if self.event_count_mismatches + self.token_count_mismatches > 0 {
+            m.push(format!(
+                "{} event-count and {} token-count mismatches",
+                self.event_count_mismatches, self.token_count_mismatches
+            ));
+        }
+        if self.token_time.p99_ns > TOKEN_P99_NS {
+            m.push(format!(
+                "token-time error p99 {:.3} ms > {:.3} ms",
+                self.token_time.p99_ns as f64 / 1e6,
+                TOKEN_P99_NS as f64 / 1e6
+            ));
+        }
+        if self.ttft.median_ns > TTFT_MEDIAN_NS {
+            m.push(format!(
+                "TTFT error median {:.3} ms > {:.3} ms",
+                self.ttft.median_ns as f64 / 1e6,
+                TTFT_MEDIAN_NS as f64 / 1e6
+            ));
+        }
+        if self.ttft.p99_ns > TTFT_P99_NS {
+            m.push(format!(
+                "TTFT error p99 {:.3} ms > {:.3} ms",
+                self.ttft.p99_ns as f64 / 1e6,
+                TTFT_P99_NS as f64 / 1e6
+            ));
+        }
+        m
+    }
+
+    /// One line of figures (ms) for logs.
+    pub fn summary(&self) -> String {
+        let e = |s: &ErrorStats| {
+            format!(
+                "p50 {:.3} p99 {:.3} max {:.3} mean {:+.3}",
+                s.median_ns as f64 / 1e6,
+                s.p99_ns as f64 / 1e6,
+                s.max_ns as f64 / 1e6,
+                s.mean_signed_ns / 1e6
+            )
+        };
+        let mut s = format!(
+            "joined {}/{} (agent {}, arrival reported {}) | start {} | TTFT {} | token {} | end {} | \
+             mismatches events {} tokens {} | wire TTFT ms p50 {:.1} p99 {:.1} max {:.1} | connect ms p50 {:.2} max {:.1}",
+            self.joined,
+            self.wire_exchanges,
+            self.agent_records,
+            self.agent_arrival_reported,
+            e(&self.start),
+            e(&self.ttft),
+            e(&self.token_time),
+            e(&self.end),
+            self.event_count_mismatches,
+            self.token_count_mismatches,
+            self.wire_ttft_ms[0],
+            self.wire_ttft_ms[1],
+            self.wire_ttft_ms[2],
+            self.wire_connect_ms[0],
+            self.wire_connect_ms[2],
+        );
+        if let Some(c) = &self.client {
+            s.push_str(&format!(
+                " | client vs wire ({}): start {} TTFT {} events {}",
+                c.joined,
+                e(&c.start),
+                e(&c.ttft),
+                e(&c.event_time)
+            ));
+        }
+        s
+    }
+}
