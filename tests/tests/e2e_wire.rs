@@ -223,7 +223,7 @@ fn wire_scripted_overload() {
     let _g = prereq::e2e_lock();
     let label = "scripted overload";
     let server = ScriptedServer::start_with(
-        &json!({"default": {"ttft_ms": 20, "itl_ms": 20, "tokens": 12, "keep_alive": false}}),
+        &json!({"default": {"ttft_ms": 20, "itl_ms": 25, "tokens": 12, "keep_alive": false}}),
         &["--max-conns", "4", "--accept-delay-ms", "5"],
     )
     .unwrap();
