@@ -485,7 +485,10 @@ pub fn wire_fidelity(
     }
     out.unmatched_agent += by_key.len();
     for (p, s) in by_key.keys().take(MAX_PROBLEMS) {
-        problem(&mut out, format!("{p} seq {s}: agent record not on the wire"));
+        problem(
+            &mut out,
+            format!("{p} seq {s}: agent record not on the wire"),
+        );
     }
     out.start = ErrorStats::from_signed(&start);
     out.ttft = ErrorStats::from_signed(&ttft);

@@ -88,7 +88,11 @@ fn capture_sees_each_loopback_packet_once() {
             .filter_map(tcp::parse_segment)
             .filter(|s| s.dst.port() == addr.port() && !s.payload.is_empty())
             .count();
-        assert_eq!(data_segments, windows.len(), "loopback duplicates not removed");
+        assert_eq!(
+            data_segments,
+            windows.len(),
+            "loopback duplicates not removed"
+        );
         let conns = tcp::reassemble(&packets, addr.port());
         assert_eq!(conns.len(), 1, "{conns:#?}");
         let c = &conns[0];
@@ -268,7 +272,11 @@ fn wire_real_server() {
         cfg.endpoint = EndpointMix::Mixed;
         let (f, _) = judged_run(&label, server.pid(), server.port, &cfg);
         assert_eq!(f.joined as u64, requests, "{}", f.summary());
-        misses.extend(f.target_misses().into_iter().map(|m| format!("[{label}] {m}")));
+        misses.extend(
+            f.target_misses()
+                .into_iter()
+                .map(|m| format!("[{label}] {m}")),
+        );
     }
     assert!(misses.is_empty(), "misses the wire targets: {misses:#?}");
 }

@@ -205,7 +205,10 @@ fn fidelity_run(server: &LlamaServer, streams: u32, args: &Args) -> Result<(Fide
     agent.stop()?;
     let run = cap.finish()?;
     if run.losses() > 0 {
-        bail!("capture lost data ({:?}): wire figures would be wrong", run.stats);
+        bail!(
+            "capture lost data ({:?}): wire figures would be wrong",
+            run.stats
+        );
     }
     let wire = WireRow {
         server: "llama.cpp",
@@ -280,7 +283,10 @@ fn wire_run(
     agent.stop()?;
     let run = cap.finish()?;
     if run.losses() > 0 {
-        bail!("capture lost data ({:?}): wire figures would be wrong", run.stats);
+        bail!(
+            "capture lost data ({:?}): wire figures would be wrong",
+            run.stats
+        );
     }
     let w = wire_fidelity(&recs, &run, Some(&client));
     eprintln!("[bench] wire: {}", w.summary());

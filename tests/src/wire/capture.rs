@@ -62,10 +62,13 @@ pub struct CaptureStats {
     pub truncated: u32,
 }
 
+/// The capture thread's result: the packets and how many were truncated.
+type Captured = (Vec<Packet>, u32);
+
 /// A running capture of one TCP port on `lo`. [`Capture::stop`] ends it and returns the packets.
 pub struct Capture {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(Vec<Packet>, u32)>>>,
+    thread: Option<JoinHandle<Result<Captured>>>,
     fd: Arc<OwnedFd>,
 }
 
@@ -99,7 +102,8 @@ fn filter(port: u16) -> Vec<libc::sock_filter> {
         /* 2 */ ins(LD | H | ABS, 0, 0, SKF_AD_OFF + SKF_AD_PROTOCOL),
         /* 3 */ ins(JMP | JEQ | K, 0, 9, ETH_P_IP),
         // IPv4: TCP, not a fragment, either port.
-        /* 4 */ ins(LD | B | ABS, 0, 0, 9),
+        /* 4 */
+        ins(LD | B | ABS, 0, 0, 9),
         /* 5 */ ins(JMP | JEQ | K, 0, 15, 6),
         /* 6 */ ins(LD | H | ABS, 0, 0, 6),
         /* 7 */ ins(JMP | JSET | K, 13, 0, 0x1fff),
@@ -109,7 +113,8 @@ fn filter(port: u16) -> Vec<libc::sock_filter> {
         /* 11 */ ins(LD | H | IND, 0, 0, 2),
         /* 12 */ ins(JMP | JEQ | K, 7, 8, p),
         // IPv6: TCP as the first next header, either port.
-        /* 13 */ ins(JMP | JEQ | K, 0, 7, ETH_P_IPV6),
+        /* 13 */
+        ins(JMP | JEQ | K, 0, 7, ETH_P_IPV6),
         /* 14 */ ins(LD | B | ABS, 0, 0, 6),
         /* 15 */ ins(JMP | JEQ | K, 0, 5, 6),
         /* 16 */ ins(LD | H | ABS, 0, 0, 40),
@@ -146,7 +151,8 @@ impl Capture {
     /// Starts capturing TCP traffic of `port` on `lo` (needs root / CAP_NET_RAW).
     pub fn start(port: u16) -> Result<Capture> {
         // SAFETY: plain socket(2).
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        let raw =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         check(raw, "socket(AF_PACKET) (needs root)")?;
         // SAFETY: raw is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -156,7 +162,13 @@ impl Capture {
             len: prog.len() as u16,
             filter: prog.as_mut_ptr(),
         };
-        setsockopt(f, libc::SOL_SOCKET, SO_ATTACH_FILTER, &fprog, "SO_ATTACH_FILTER")?;
+        setsockopt(
+            f,
+            libc::SOL_SOCKET,
+            SO_ATTACH_FILTER,
+            &fprog,
+            "SO_ATTACH_FILTER",
+        )?;
         let one: libc::c_int = 1;
         setsockopt(f, libc::SOL_SOCKET, SO_TIMESTAMPNS, &one, "SO_TIMESTAMPNS")?;
         let buf: libc::c_int = 64 << 20;
@@ -245,7 +257,7 @@ impl Drop for Capture {
 }
 
 /// Receives packets until `stop` is set and the queue is empty.
-fn read_loop(fd: i32, stop: &AtomicBool) -> Result<(Vec<Packet>, u32)> {
+fn read_loop(fd: i32, stop: &AtomicBool) -> Result<Captured> {
     let mut out = Vec::new();
     let mut truncated = 0;
     let mut buf = vec![0u8; SNAPLEN];

@@ -294,7 +294,11 @@ pub fn classify(event: Option<&str>, data: &str) -> (bool, u32, Option<u64>) {
         Some("response.completed") => return (false, 0, u("/response/usage/output_tokens")),
         // Anthropic Messages API.
         Some("content_block_delta") => {
-            return (nonempty("/delta/text") || nonempty("/delta/thinking"), 1, None)
+            return (
+                nonempty("/delta/text") || nonempty("/delta/thinking"),
+                1,
+                None,
+            )
         }
         Some("message_delta") => return (false, 0, u("/usage/output_tokens")),
         Some(k) if k.starts_with("response.") || k.starts_with("message_") => {
@@ -482,8 +486,11 @@ pub fn exchanges(c: &TcpConn) -> WireConn {
                 None
             };
             let evs = events(&body, kind, r);
-            let content_unix_ns: Vec<u64> =
-                evs.iter().filter(|e| e.content).map(|e| e.unix_ns).collect();
+            let content_unix_ns: Vec<u64> = evs
+                .iter()
+                .filter(|e| e.content)
+                .map(|e| e.unix_ns)
+                .collect();
             let counted = evs.iter().map(|e| u64::from(e.tokens)).sum();
             ex.response = Some(WireResponse {
                 status,

@@ -246,9 +246,9 @@ pub fn reassemble(packets: &[Packet], server_port: u16) -> Vec<TcpConn> {
             (s.dst, s.src)
         };
         if from_client && s.flags & SYN != 0 && s.flags & ACK == 0 {
-            let reuse = live.get(&client).is_some_and(|(_, c)| {
-                c.is_used() && c.c2s.isn != Some(s.seq.wrapping_add(1))
-            });
+            let reuse = live
+                .get(&client)
+                .is_some_and(|(_, c)| c.is_used() && c.c2s.isn != Some(s.seq.wrapping_add(1)));
             if reuse {
                 if let Some(old) = live.remove(&client) {
                     done.push(old);

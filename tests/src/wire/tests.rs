@@ -84,10 +84,24 @@ impl Conv {
         self
     }
     fn fins(&mut self, ts: u64) -> &mut Self {
-        self.out
-            .push(pkt(ts, &self.c, &self.s, self.cseq, self.sseq, FIN | ACK, b""));
-        self.out
-            .push(pkt(ts + 1, &self.s, &self.c, self.sseq, self.cseq + 1, FIN | ACK, b""));
+        self.out.push(pkt(
+            ts,
+            &self.c,
+            &self.s,
+            self.cseq,
+            self.sseq,
+            FIN | ACK,
+            b"",
+        ));
+        self.out.push(pkt(
+            ts + 1,
+            &self.s,
+            &self.c,
+            self.sseq,
+            self.cseq + 1,
+            FIN | ACK,
+            b"",
+        ));
         self
     }
 }
@@ -96,7 +110,8 @@ fn chunk(s: &str) -> Vec<u8> {
     format!("{:x}\r\n{s}\r\n", s.len()).into_bytes()
 }
 
-const REQ: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n{\"a\":true}\n";
+const REQ: &[u8] =
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n{\"a\":true}\n";
 const SSE_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
 
@@ -119,7 +134,9 @@ fn keep_alive_exchanges_with_coalesced_and_split_events() {
     cv.server(30, &two);
     // One event split over three packets: complete with the last.
     let e = chunk(&tok("c"));
-    cv.server(40, &e[..5]).server(41, &e[5..30]).server(42, &e[30..]);
+    cv.server(40, &e[..5])
+        .server(41, &e[5..30])
+        .server(42, &e[30..]);
     let mut tail = chunk(&tok("d"));
     tail.extend(chunk(usage));
     tail.extend(chunk("data: [DONE]\n\n"));
@@ -127,10 +144,15 @@ fn keep_alive_exchanges_with_coalesced_and_split_events() {
     cv.server(50, &tail);
     // Request 1 on the same connection, a non-streaming JSON answer.
     cv.client(60, REQ);
-    let body = "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"usage\":{\"completion_tokens\":7}}";
+    let body =
+        "{\"choices\":[{\"message\":{\"content\":\"x\"}}],\"usage\":{\"completion_tokens\":7}}";
     cv.server(
         70,
-        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     );
     cv.fins(80);
     let conns = from_packets(&cv.out, 8000);
@@ -141,22 +163,41 @@ fn keep_alive_exchanges_with_coalesced_and_split_events() {
         (c.syn_unix_ns, c.synack_unix_ns, c.established_unix_ns),
         (Some(1), Some(2), Some(3))
     );
-    assert_eq!((c.client_fin_unix_ns, c.server_fin_unix_ns), (Some(80), Some(81)));
+    assert_eq!(
+        (c.client_fin_unix_ns, c.server_fin_unix_ns),
+        (Some(80), Some(81))
+    );
     assert_eq!(c.exchanges.len(), 2);
     let x = &c.exchanges[0];
-    assert_eq!((x.seq_on_conn, x.request_first_unix_ns, x.request_last_unix_ns), (0, 10, 11));
+    assert_eq!(
+        (
+            x.seq_on_conn,
+            x.request_first_unix_ns,
+            x.request_last_unix_ns
+        ),
+        (0, 10, 11)
+    );
     assert!(x.request_complete);
     let r = x.response.as_ref().unwrap();
-    assert_eq!((r.status, r.status_line_unix_ns, r.kind), (200, 20, BodyKind::Sse));
+    assert_eq!(
+        (r.status, r.status_line_unix_ns, r.kind),
+        (200, 20, BodyKind::Sse)
+    );
     assert_eq!(r.content_unix_ns, vec![30, 30, 42, 50]);
     assert_eq!(r.events.len(), 7, "{:?}", r.events);
-    assert_eq!((r.usage_tokens, r.counted_tokens, r.output_tokens()), (Some(4), 4, 4));
+    assert_eq!(
+        (r.usage_tokens, r.counted_tokens, r.output_tokens()),
+        (Some(4), 4, 4)
+    );
     assert_eq!(r.end_unix_ns, Some(50));
     assert!(r.complete);
     let y = &c.exchanges[1];
     assert_eq!((y.seq_on_conn, y.request_first_unix_ns), (1, 60));
     let r = y.response.as_ref().unwrap();
-    assert_eq!((r.kind, r.usage_tokens, r.end_unix_ns), (BodyKind::Plain, Some(7), Some(70)));
+    assert_eq!(
+        (r.kind, r.usage_tokens, r.end_unix_ns),
+        (BodyKind::Plain, Some(7), Some(70))
+    );
     assert!(r.content_unix_ns.is_empty());
 }
 
@@ -204,7 +245,10 @@ fn a_gap_never_filled_is_reported() {
 fn ipv6_ndjson_and_port_reuse() {
     let (c, s) = ("[::1]:40001", "[::1]:11434");
     let mut cv = Conv::new(c, s);
-    cv.client(10, b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}");
+    cv.client(
+        10,
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+    );
     cv.server(
         20,
         b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -252,11 +296,20 @@ fn ipv6_ndjson_and_port_reuse() {
 fn other_api_shapes_are_classified() {
     use super::http::classify;
     let resp = "{\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}";
-    assert_eq!(classify(Some("response.output_text.delta"), resp), (true, 1, None));
+    assert_eq!(
+        classify(Some("response.output_text.delta"), resp),
+        (true, 1, None)
+    );
     let done = "{\"type\":\"response.completed\",\"response\":{\"usage\":{\"output_tokens\":9}}}";
-    assert_eq!(classify(Some("response.completed"), done), (false, 0, Some(9)));
+    assert_eq!(
+        classify(Some("response.completed"), done),
+        (false, 0, Some(9))
+    );
     let created = "{\"type\":\"response.created\",\"response\":{}}";
-    assert_eq!(classify(Some("response.created"), created), (false, 0, None));
+    assert_eq!(
+        classify(Some("response.created"), created),
+        (false, 0, None)
+    );
     let cbd = "{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}";
     assert_eq!(classify(Some("content_block_delta"), cbd), (true, 1, None));
     let md = "{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}";
@@ -277,7 +330,10 @@ fn sse_with_event_names_crlf_and_comments() {
     // A body delimited by close, CRLF line ends, a comment-only block (not an event).
     let mut cv = Conv::new(C, S);
     cv.client(10, REQ);
-    cv.server(20, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n");
+    cv.server(
+        20,
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n",
+    );
     cv.server(30, b": keep-alive comment\r\n\r\n");
     cv.server(
         31,
