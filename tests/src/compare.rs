@@ -191,6 +191,110 @@ mod tests {
         assert_eq!(f.token_mismatches, 0);
     }
 
+    fn wire_run() -> crate::wire::WireRun {
+        use crate::wire::*;
+        let resp = |t0: u64| WireResponse {
+            status: 200,
+            status_line_unix_ns: t0 + 100,
+            kind: BodyKind::Sse,
+            events: Vec::new(),
+            content_unix_ns: vec![t0 + 1_000, t0 + 2_000],
+            end_unix_ns: Some(t0 + 3_000),
+            complete: true,
+            body_bytes: 100,
+            usage_tokens: Some(2),
+            counted_tokens: 2,
+        };
+        let ex = |seq: u32, t0: u64| WireExchange {
+            seq_on_conn: seq,
+            request_first_unix_ns: t0,
+            request_last_unix_ns: t0 + 10,
+            request_bytes: 50,
+            request_complete: true,
+            response: Some(resp(t0)),
+        };
+        WireRun {
+            port: 8000,
+            stats: Default::default(),
+            conns: vec![WireConn {
+                client: "[::1]:5000".into(),
+                server: "[::1]:8000".into(),
+                syn_unix_ns: Some(500),
+                syn_count: 1,
+                synack_unix_ns: Some(510),
+                established_unix_ns: Some(520),
+                client_fin_unix_ns: None,
+                server_fin_unix_ns: None,
+                rst_unix_ns: None,
+                request_bytes: 100,
+                response_bytes: 200,
+                retransmitted_bytes: 0,
+                out_of_order_segments: 0,
+                unfilled_bytes: 0,
+                exchanges: vec![ex(0, 1_000), ex(1, 10_000), ex(2, 20_000)],
+            }],
+        }
+    }
+
+    #[test]
+    fn wire_join_and_errors() {
+        let wire = wire_run();
+        // seq 0: arrival reported (and ttft_ms counted from it); seq 1: only start (a server
+        // read 300 ns late), one token event missing; seq 2: no agent record.
+        let a0 = AgentRecord {
+            peer: Some("[::1]:5000".into()),
+            seq_on_conn: 0,
+            start_unix_ns: 1_040,
+            arrival_unix_ns: Some(1_040),
+            first_token_unix_ns: Some(2_050),
+            ttft_ms: Some(0.00101),
+            token_unix_ns: vec![2_050, 3_020],
+            end_unix_ns: 4_000,
+            output_tokens: Some(2),
+            ..Default::default()
+        };
+        let a1 = AgentRecord {
+            peer: Some("[::1]:5000".into()),
+            seq_on_conn: 1,
+            start_unix_ns: 10_300,
+            first_token_unix_ns: Some(11_000),
+            token_unix_ns: vec![11_000],
+            end_unix_ns: 13_000,
+            output_tokens: Some(1),
+            ..Default::default()
+        };
+        let c0 = ClientRecord {
+            local_addr: "[::1]:5000".into(),
+            seq_on_conn: 0,
+            send_unix_ns: 990,
+            first_token_unix_ns: Some(2_100),
+            event_unix_ns: vec![2_100, 3_200],
+            ..Default::default()
+        };
+        let agent = [a0, a1];
+        let f = wire_fidelity(&agent, &wire, Some(&[c0]));
+        assert_eq!((f.wire_exchanges, f.joined, f.unmatched_wire), (3, 2, 1));
+        assert_eq!((f.unmatched_agent, f.agent_arrival_reported), (0, 1));
+        assert_eq!(f.start.max_ns, 300);
+        assert_eq!(f.start.n, 2);
+        // seq 0: 1010 - 1000; seq 1: (11000 - 10300) - 1000 = -300.
+        assert_eq!((f.ttft.median_ns, f.ttft.max_ns), (10, 300));
+        assert_eq!((f.event_count_mismatches, f.token_count_mismatches), (1, 1));
+        assert_eq!((f.token_time.n, f.token_time.max_ns), (2, 50));
+        assert_eq!(f.wire_connect_ms[2], 500.0 / 1e6);
+        let c = f.client.as_ref().unwrap();
+        assert_eq!(
+            (c.joined, c.start.max_ns, c.ttft.max_ns, c.event_time.max_ns),
+            (1, 10, 110, 200)
+        );
+        let misses = f.target_misses();
+        assert!(misses.iter().any(|m| m.contains("unjoined")), "{misses:?}");
+        assert!(
+            misses.iter().any(|m| m.contains("mismatches")),
+            "{misses:?}"
+        );
+    }
+
     #[test]
     fn distance_outside_send_interval() {
         assert_eq!(outside(5, 3, 8), 0);
