@@ -460,7 +460,7 @@ pub struct WireFidelity {
     pub end: ErrorStats,
     pub event_count_mismatches: usize,
     pub token_count_mismatches: usize,
-    /// Wire TTFT of the joined exchanges (the load they were under), ms: median, p99, max.
+    /// Wire TTFT of every exchange (the load they were under), ms: median, p99, max.
     pub wire_ttft_ms: [f64; 3],
     /// Wire time from the client's SYN to the request's first byte for first requests on a
     /// connection (connect time, including any SYN retransmit), ms: median, p99, max.
@@ -528,6 +528,9 @@ pub fn wire_fidelity(
                 connect.push(w_first.saturating_sub(s) as f64 / 1e6);
             }
         }
+        if let Some(wt) = w_ttft {
+            wire_ttft.push(wt as f64 / 1e6);
+        }
         if let Some(c) = clients.get(&key) {
             c_joined += 1;
             c_start.push(c.send_unix_ns as i64 - w_first as i64);
@@ -551,7 +554,6 @@ pub fn wire_fidelity(
         }
         start.push(agent_start_ns(a) as i64 - w_first as i64);
         if let Some(wt) = w_ttft {
-            wire_ttft.push(wt as f64 / 1e6);
             match agent_ttft_ns(a) {
                 Some(at) => ttft.push(at - wt),
                 None => problem(&mut out, format!("{who}: agent has no TTFT")),
