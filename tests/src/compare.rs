@@ -465,6 +465,12 @@ pub struct WireFidelity {
     /// Wire time from the client's SYN to the request's first byte for first requests on a
     /// connection (connect time, including any SYN retransmit), ms: median, p99, max.
     pub wire_connect_ms: [f64; 3],
+    /// Connections whose client sent its SYN more than once (a full accept queue or SYN
+    /// backlog dropped it): their requests started late for reasons the server never saw.
+    pub conns_with_syn_retransmits: usize,
+    /// Bytes sent more than once on the judged port (the wire's times are first transmissions;
+    /// a server sees only the copy it accepted).
+    pub retransmitted_bytes: u64,
     pub client: Option<ClientVsWire>,
     /// The first few disagreements, for the test's message.
     pub problems: Vec<String>,
@@ -596,6 +602,8 @@ pub fn wire_fidelity(
             format!("{p} seq {s}: agent record not on the wire"),
         );
     }
+    out.conns_with_syn_retransmits = wire.conns.iter().filter(|c| c.syn_count > 1).count();
+    out.retransmitted_bytes = wire.conns.iter().map(|c| c.retransmitted_bytes).sum();
     out.start = ErrorStats::from_signed(&start);
     out.ttft = ErrorStats::from_signed(&ttft);
     out.token_time = ErrorStats::from_signed(&tok);
@@ -681,7 +689,7 @@ impl WireFidelity {
         };
         let mut s = format!(
             "joined {}/{} (agent {}, arrival reported {}) | start {} | TTFT {} | token {} | end {} | \
-             mismatches events {} tokens {} | wire TTFT ms p50 {:.1} p99 {:.1} max {:.1} | connect ms p50 {:.2} max {:.1}",
+             mismatches events {} tokens {} | SYN retransmits {} retransmitted bytes {} | wire TTFT ms p50 {:.1} p99 {:.1} max {:.1} | connect ms p50 {:.2} max {:.1}",
             self.joined,
             self.wire_exchanges,
             self.agent_records,
@@ -692,6 +700,8 @@ impl WireFidelity {
             e(&self.end),
             self.event_count_mismatches,
             self.token_count_mismatches,
+            self.conns_with_syn_retransmits,
+            self.retransmitted_bytes,
             self.wire_ttft_ms[0],
             self.wire_ttft_ms[1],
             self.wire_ttft_ms[2],
