@@ -208,6 +208,7 @@ mod tests {
         let ex = |seq: u32, t0: u64| WireExchange {
             seq_on_conn: seq,
             request_first_unix_ns: t0,
+            request_first_accepted_unix_ns: t0,
             request_last_unix_ns: t0 + 10,
             request_bytes: 50,
             request_complete: true,
@@ -450,9 +451,11 @@ pub struct WireFidelity {
     pub unmatched_wire: usize,
     /// Joined records in which the agent reported `arrival_unix_ns`.
     pub agent_arrival_reported: usize,
-    /// Agent start (arrival, else start) − packet carrying the request's first byte.
+    /// Agent start (arrival, else start) − packet carrying the request's first byte (the
+    /// transmission the server accepted, see `WireExchange::request_first_accepted_unix_ns`).
     pub start: ErrorStats,
-    /// Agent TTFT − wire TTFT (first content event's packet − request's first byte).
+    /// Agent TTFT − wire TTFT (first content event's packet − request's first byte, accepted
+    /// transmission).
     pub ttft: ErrorStats,
     /// Agent `token_unix_ns[i]` − packet completing content event i (where counts agree).
     pub token_time: ErrorStats,
@@ -468,9 +471,13 @@ pub struct WireFidelity {
     /// Connections whose client sent its SYN more than once (a full accept queue or SYN
     /// backlog dropped it): their requests started late for reasons the server never saw.
     pub conns_with_syn_retransmits: usize,
-    /// Bytes sent more than once on the judged port (the wire's times are first transmissions;
-    /// a server sees only the copy it accepted).
+    /// Bytes sent more than once on the judged port.
     pub retransmitted_bytes: u64,
+    /// Requests whose first byte was sent more than than once (the first copy dropped).
+    pub requests_resent: usize,
+    /// For those: last − first transmission of the first byte, ms (median, p99, max): time
+    /// the client lived through that no server-side view can see.
+    pub resend_delay_ms: [f64; 3],
     pub client: Option<ClientVsWire>,
     /// The first few disagreements, for the test's message.
     pub problems: Vec<String>,
@@ -515,7 +522,7 @@ pub fn wire_fidelity(
         .collect();
     let (mut start, mut ttft, mut tok, mut end) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut c_start, mut c_ttft, mut c_ev) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut wire_ttft, mut connect) = (Vec::new(), Vec::new());
+    let (mut wire_ttft, mut connect, mut resend) = (Vec::new(), Vec::new(), Vec::new());
     let mut c_joined = 0;
     let problem = |out: &mut WireFidelity, p: String| {
         if out.problems.len() < MAX_PROBLEMS {
@@ -527,11 +534,14 @@ pub fn wire_fidelity(
         out.wire_exchanges += 1;
         let key = (conn.client.as_str(), x.seq_on_conn);
         let who = format!("{} seq {}", conn.client, x.seq_on_conn);
-        let w_first = x.request_first_unix_ns;
+        let w_first = x.request_first_accepted_unix_ns;
+        if w_first != x.request_first_unix_ns {
+            resend.push(w_first.saturating_sub(x.request_first_unix_ns) as f64 / 1e6);
+        }
         let w_ttft = r.first_content_unix_ns().map(|f| f as i64 - w_first as i64);
         if x.seq_on_conn == 0 {
             if let Some(s) = conn.syn_unix_ns {
-                connect.push(w_first.saturating_sub(s) as f64 / 1e6);
+                connect.push(x.request_first_unix_ns.saturating_sub(s) as f64 / 1e6);
             }
         }
         if let Some(wt) = w_ttft {
@@ -539,8 +549,10 @@ pub fn wire_fidelity(
         }
         if let Some(c) = clients.get(&key) {
             c_joined += 1;
-            c_start.push(c.send_unix_ns as i64 - w_first as i64);
-            if let (Some(ct), Some(wt)) = (c.first_token_unix_ns, w_ttft) {
+            c_start.push(c.send_unix_ns as i64 - x.request_first_unix_ns as i64);
+            if let (Some(ct), Some(f)) = (c.first_token_unix_ns, r.first_content_unix_ns()) {
+                // The client lived through any resend: its reference is the first transmission.
+                let wt = f as i64 - x.request_first_unix_ns as i64;
                 c_ttft.push((ct as i64 - c.send_unix_ns as i64) - wt);
             }
             if c.event_unix_ns.len() == r.content_unix_ns.len() {
@@ -604,6 +616,8 @@ pub fn wire_fidelity(
     }
     out.conns_with_syn_retransmits = wire.conns.iter().filter(|c| c.syn_count > 1).count();
     out.retransmitted_bytes = wire.conns.iter().map(|c| c.retransmitted_bytes).sum();
+    out.requests_resent = resend.len();
+    out.resend_delay_ms = ms3(&resend);
     out.start = ErrorStats::from_signed(&start);
     out.ttft = ErrorStats::from_signed(&ttft);
     out.token_time = ErrorStats::from_signed(&tok);
@@ -689,7 +703,7 @@ impl WireFidelity {
         };
         let mut s = format!(
             "joined {}/{} (agent {}, arrival reported {}) | start {} | TTFT {} | token {} | end {} | \
-             mismatches events {} tokens {} | SYN retransmits {} retransmitted bytes {} | wire TTFT ms p50 {:.1} p99 {:.1} max {:.1} | connect ms p50 {:.2} max {:.1}",
+             mismatches events {} tokens {} | SYN retransmits {} retransmitted bytes {} requests resent {} (ms p50 {:.1} max {:.1}) | wire TTFT ms p50 {:.1} p99 {:.1} max {:.1} | connect ms p50 {:.2} max {:.1}",
             self.joined,
             self.wire_exchanges,
             self.agent_records,
@@ -702,6 +716,9 @@ impl WireFidelity {
             self.token_count_mismatches,
             self.conns_with_syn_retransmits,
             self.retransmitted_bytes,
+            self.requests_resent,
+            self.resend_delay_ms[0],
+            self.resend_delay_ms[2],
             self.wire_ttft_ms[0],
             self.wire_ttft_ms[1],
             self.wire_ttft_ms[2],

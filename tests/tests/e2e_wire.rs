@@ -280,3 +280,34 @@ fn wire_real_server() {
     }
     assert!(misses.is_empty(), "misses the wire targets: {misses:#?}");
 }
+
+/// Listen backlog overflowing: 2 connections served, a backlog of 1, 12 streams. Linux drops
+/// SYNs (and final ACKs) it has no room for, so clients retransmit them; requests are sent only
+/// once a connection is established, and the wire's time of each request is its first
+/// transmission.
+#[test]
+fn wire_scripted_backlog_overflow() {
+    if !prereq::agent_test("wire_scripted_backlog_overflow") {
+        return;
+    }
+    let _g = prereq::e2e_lock();
+    let label = "scripted backlog overflow";
+    let server = ScriptedServer::start_with(
+        &json!({"default": {"ttft_ms": 20, "itl_ms": 10, "tokens": 8, "keep_alive": false}}),
+        &["--max-conns", "2", "--backlog", "1"],
+    )
+    .unwrap();
+    let mut cfg = LoadConfig::new(server.addr());
+    cfg.concurrency = 12;
+    cfg.requests = Some(12);
+    cfg.max_tokens = 8;
+    cfg.endpoint = EndpointMix::Mixed;
+    let (f, _) = judged_run(label, server.pid(), server.port, &cfg);
+    assert_eq!(f.joined, 12, "{}", f.summary());
+    assert!(
+        f.conns_with_syn_retransmits > 0,
+        "the backlog never overflowed: {}",
+        f.summary()
+    );
+    assert_targets(label, &f);
+}

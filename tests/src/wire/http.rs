@@ -36,8 +36,14 @@ pub struct WireConn {
 #[derive(Clone, Debug, Serialize)]
 pub struct WireExchange {
     pub seq_on_conn: u32,
-    /// Packet carrying the request's first byte.
+    /// Packet carrying the request's first byte (its first transmission: when the client sent
+    /// it).
     pub request_first_unix_ns: u64,
+    /// The last transmission of the request's first byte: the copy the server's socket
+    /// accepted when earlier ones were dropped (a full accept queue drops them). Equal to
+    /// `request_first_unix_ns` unless the byte was retransmitted. The agent's arrival is
+    /// judged against this one.
+    pub request_first_accepted_unix_ns: u64,
     /// When the request's last byte had been on the wire.
     pub request_last_unix_ns: u64,
     pub request_bytes: u64,
@@ -438,6 +444,7 @@ pub fn exchanges(c: &TcpConn) -> WireConn {
         let mut ex = WireExchange {
             seq_on_conn: i as u32,
             request_first_unix_ns: q.time_at(a).unwrap_or(0),
+            request_first_accepted_unix_ns: q.last_time_at(a).unwrap_or(0),
             request_last_unix_ns: q.time_of(a, e).unwrap_or(0),
             request_bytes: (e - a) as u64,
             request_complete: complete,

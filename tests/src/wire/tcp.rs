@@ -90,6 +90,8 @@ pub struct Stream {
     pending: BTreeMap<u64, (Vec<u8>, u64)>,
     /// Bytes seen again after they had been delivered (retransmissions, overlaps).
     pub retransmitted_bytes: u64,
+    /// [start, end) stream offsets and capture time of every retransmission of delivered bytes.
+    resent: Vec<(u64, u64, u64)>,
     /// Segments that arrived ahead of a gap.
     pub out_of_order_segments: u64,
     /// First FIN.
@@ -124,6 +126,10 @@ impl Stream {
             (u64::from(rel), payload)
         };
         let next = self.data.len() as u64;
+        if off < next {
+            let end = (off + payload.len() as u64).min(next);
+            self.resent.push((off, end, ts));
+        }
         if off > next {
             self.out_of_order_segments += 1;
             let e = self.pending.entry(off).or_insert_with(|| (Vec::new(), ts));
@@ -168,6 +174,20 @@ impl Stream {
         }
         let i = self.runs.partition_point(|r| r.0 <= off);
         self.runs.get(i.checked_sub(1)?).map(|r| r.1)
+    }
+
+    /// Capture time of the last transmission of stream byte `off`: the copy the receiver
+    /// accepted when earlier ones were dropped (equal to [`Stream::time_at`] when never resent).
+    pub fn last_time_at(&self, off: usize) -> Option<u64> {
+        let first = self.time_at(off)?;
+        let o = off as u64;
+        Some(
+            self.resent
+                .iter()
+                .filter(|r| r.0 <= o && o < r.1)
+                .map(|r| r.2)
+                .fold(first, u64::max),
+        )
     }
 
     /// When all of the bytes `[a, b)` had been on the wire: the latest capture time among the

@@ -349,3 +349,22 @@ fn sse_with_event_names_crlf_and_comments() {
     // Delimited by close: ends with the server's FIN.
     assert_eq!((r.end_unix_ns, r.complete), (Some(41), true));
 }
+
+#[test]
+fn a_resent_request_keeps_both_transmissions() {
+    let mut cv = Conv::new(C, S);
+    let seq = cv.cseq;
+    cv.client(10, REQ);
+    // The server dropped the first copy; the client resends it at t = 210.
+    cv.out.push(pkt(210, C, S, seq, cv.sseq, ACK, REQ));
+    cv.server(230, SSE_HEAD);
+    cv.server(240, &chunk(&tok("a")));
+    cv.server(250, b"0\r\n\r\n");
+    let conns = from_packets(&cv.out, 8000);
+    let x = &conns[0].exchanges[0];
+    assert_eq!(
+        (x.request_first_unix_ns, x.request_first_accepted_unix_ns),
+        (10, 210)
+    );
+    assert_eq!(conns[0].retransmitted_bytes, REQ.len() as u64);
+}
