@@ -15,6 +15,11 @@
 //!   timestamp in **CLOCK_REALTIME** nanoseconds. The agent's `*_unix_ns` are CLOCK_MONOTONIC
 //!   converted to Unix time, so both are on the same (Unix) scale; any residual offset between
 //!   the clocks shows up as a systematic error in the comparisons, which is what we want to see.
+//! - Timestamps must be on before the first packet: the kernel turns packet timestamping on
+//!   (a static key) from a work queue some time after the first socket asks for it, and until
+//!   then packets carry no time and `recvmsg` stamps them when it reads them (tens of µs late).
+//!   [`ensure_timestamping`] keeps a timestamping UDP socket open for the life of the process and
+//!   waits until a loopback datagram comes back stamped at its send, not at its read.
 //! - Losses: the socket's receive buffer is raised to 64 MiB (`SO_RCVBUFFORCE`, root) and the
 //!   kernel's drop count (`PACKET_STATISTICS`) is returned with the packets; callers assert it
 //!   is zero rather than judging timings against an incomplete capture.
@@ -147,9 +152,93 @@ fn setsockopt<T>(fd: i32, level: i32, name: i32, v: &T, what: &str) -> Result<()
     check(r, what)
 }
 
+/// Reads one datagram with its `SCM_TIMESTAMPNS` time.
+fn recv_stamped(fd: i32, buf: &mut [u8], flags: i32) -> std::io::Result<(usize, Option<u64>)> {
+    let mut cbuf = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero msghdr is valid; pointers below are to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: msg describes valid buffers.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, flags) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut ts = None;
+    // SAFETY: CMSG_* walk the control buffer the kernel filled in, bounded by msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == SCM_TIMESTAMPNS {
+                let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                ts = Some(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, ts))
+}
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Makes sure the kernel stamps packets when they pass (see the module docs): keeps one
+/// timestamping socket open for the rest of the process and waits (up to 5 s) until a loopback
+/// datagram read 20 ms after its send carries a time within 5 ms of the send.
+pub fn ensure_timestamping() -> Result<()> {
+    static KEEP: std::sync::OnceLock<Result<std::net::UdpSocket, String>> =
+        std::sync::OnceLock::new();
+    let r = KEEP.get_or_init(|| {
+        let go = || -> Result<std::net::UdpSocket> {
+            let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            let one: libc::c_int = 1;
+            setsockopt(
+                u.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_TIMESTAMPNS,
+                &one,
+                "SO_TIMESTAMPNS",
+            )?;
+            u.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+            let me = u.local_addr()?;
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut buf = [0u8; 16];
+            loop {
+                let sent = unix_now_ns();
+                u.send_to(b"ts", me)?;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                let (_, ts) = recv_stamped(u.as_raw_fd(), &mut buf, 0)?;
+                let ts = ts.context("datagram without SCM_TIMESTAMPNS")?;
+                if ts >= sent && ts - sent < 5_000_000 {
+                    return Ok(u);
+                }
+                if std::time::Instant::now() > end {
+                    bail!("kernel packet timestamps still taken at read time after 5 s");
+                }
+            }
+        };
+        go().map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
 impl Capture {
     /// Starts capturing TCP traffic of `port` on `lo` (needs root / CAP_NET_RAW).
     pub fn start(port: u16) -> Result<Capture> {
+        ensure_timestamping()?;
         // SAFETY: plain socket(2).
         let raw =
             unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -261,26 +350,12 @@ fn read_loop(fd: i32, stop: &AtomicBool) -> Result<Captured> {
     let mut out = Vec::new();
     let mut truncated = 0;
     let mut buf = vec![0u8; SNAPLEN];
-    // Room for one SCM_TIMESTAMPNS message (cmsghdr + timespec), aligned.
-    let mut cbuf = [0u64; 16];
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: all-zero msghdr is valid; pointers below are to live buffers.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
         let flags = if stopping { libc::MSG_DONTWAIT } else { 0 } | libc::MSG_TRUNC;
-        // SAFETY: msg describes valid buffers.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, flags) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
+        let (n, ts) = match recv_stamped(fd, &mut buf, flags) {
+            Ok(r) => r,
+            Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => {
                     if stopping {
                         return Ok((out, truncated));
@@ -288,23 +363,10 @@ fn read_loop(fd: i32, stop: &AtomicBool) -> Result<Captured> {
                     continue;
                 }
                 _ => return Err(e).context("recvmsg(AF_PACKET)"),
-            }
-        }
-        let n = n as usize;
+            },
+        };
         if n > buf.len() {
             truncated += 1;
-        }
-        let mut ts = None;
-        // SAFETY: CMSG_* walk the control buffer the kernel filled in, bounded by msg_controllen.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == SCM_TIMESTAMPNS {
-                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
-                    ts = Some(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64);
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
-            }
         }
         let Some(ts_unix_ns) = ts else {
             bail!("packet without SCM_TIMESTAMPNS");
