@@ -33,6 +33,11 @@ SCENARIO keys (defaults in brackets):
   keep_alive      honour keep-alive                                             [true]
   chunked         json/error mode: chunked body instead of Content-Length      [false]
 
+Overload options (command line): --max-conns N serves at most N connections at once; further
+connections stay un-accepted in the listen backlog (their requests wait in the kernel) until a
+served connection ends. --accept-delay-ms D sleeps D ms before each accept (a slow acceptor).
+--backlog B sets listen()'s backlog [256].
+
 Emission log line: {"peer": "ip:port" (the client's address), "seq_on_conn", "method", "path",
   "scenario", "status", "stream", "request_unix_ns" (first request byte read),
   "response_start_unix_ns", "events_unix_ns" [after the send completing each content event],
@@ -372,6 +377,11 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file", help="write the listening port here once listening")
     ap.add_argument("--emit-log", help="append one JSON line per exchange here")
+    ap.add_argument("--max-conns", type=int, default=0,
+                    help="serve at most this many connections at once (0: unlimited)")
+    ap.add_argument("--accept-delay-ms", type=float, default=0.0,
+                    help="sleep this long before each accept()")
+    ap.add_argument("--backlog", type=int, default=256, help="listen() backlog")
     args = ap.parse_args()
     doc = {}
     if args.script:
@@ -381,7 +391,7 @@ def main():
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind((args.host, args.port))
-    lsock.listen(256)
+    lsock.listen(args.backlog)
     port = lsock.getsockname()[1]
     if args.port_file:
         tmp = args.port_file + ".tmp"
@@ -389,10 +399,24 @@ def main():
             f.write("%d\n" % port)
         os.rename(tmp, args.port_file)
     print("PORT %d" % port, flush=True)
+    slots = threading.BoundedSemaphore(args.max_conns) if args.max_conns > 0 else None
     while True:
+        if slots is not None:
+            slots.acquire()
+        if args.accept_delay_ms > 0:
+            time.sleep(args.accept_delay_ms / 1000.0)
         sock, addr = lsock.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=Conn(server, sock, addr).serve, daemon=True).start()
+        threading.Thread(target=serve_slot, args=(Conn(server, sock, addr), slots),
+                         daemon=True).start()
+
+
+def serve_slot(conn, slots):
+    try:
+        conn.serve()
+    finally:
+        if slots is not None:
+            slots.release()
 
 
 if __name__ == "__main__":

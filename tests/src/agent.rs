@@ -26,7 +26,16 @@ pub struct AgentRecord {
     pub status: Option<u16>,
     pub model: Option<String>,
     pub stream: bool,
+    /// The request's start: its arrival once the agent measures arrival, else its first read.
     pub start_unix_ns: u64,
+    /// When the request's first byte reached the server's socket (kernel time), if reported.
+    pub arrival_unix_ns: Option<u64>,
+    /// When the server accepted the connection (first request on a new connection), if reported.
+    pub accepted_unix_ns: Option<u64>,
+    /// When the server first read the request, if reported separately from the start.
+    pub read_unix_ns: Option<u64>,
+    /// Time the request waited before the server read it, if reported.
+    pub queue_ms: Option<f64>,
     pub first_token_unix_ns: Option<u64>,
     pub end_unix_ns: u64,
     pub ttft_ms: Option<f64>,

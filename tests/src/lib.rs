@@ -12,6 +12,7 @@
 //! - [`paths`]: where binaries, the venv and the model live
 //! - [`collector_support`]: in-process agents' exporters against a collector (gRPC tests)
 //! - [`tools`]: `go tool pprof`, headless Chromium and the test artefacts folder
+//! - [`wire`]: packet capture of a server port on loopback, the timing reference
 
 pub mod agent;
 pub mod client;
@@ -23,6 +24,7 @@ pub mod prereq;
 pub mod report;
 pub mod servers;
 pub mod tools;
+pub mod wire;
 
 /// Builds a multi-thread tokio runtime (for sync tests and binaries).
 pub fn runtime() -> tokio::runtime::Runtime {

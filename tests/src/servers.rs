@@ -109,6 +109,12 @@ pub struct ScriptedServer {
 impl ScriptedServer {
     /// Starts the server with `script` (see the script format in `scripted_sse.py`).
     pub fn start(script: &serde_json::Value) -> Result<Self> {
+        Self::start_with(script, &[])
+    }
+
+    /// Like [`ScriptedServer::start`] with extra command-line options (e.g. `--max-conns 4`,
+    /// `--accept-delay-ms 20`, `--backlog 8` for overload).
+    pub fn start_with(script: &serde_json::Value, args: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("infertap-scripted-")
             .tempdir()?;
@@ -124,6 +130,7 @@ impl ScriptedServer {
             .arg(&port_file)
             .arg("--emit-log")
             .arg(&emit_log)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

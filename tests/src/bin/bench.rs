@@ -5,6 +5,11 @@
 //! (b) Overhead: server tokens/s with the agent attached ÷ without (interleaved rounds); ns added
 //!     per traced send() (a process doing many small sends on a loopback TCP connection, traced vs
 //!     not traced vs agent running but watching another process); agent CPU and RSS.
+//! (c) Wire-judged fidelity: a packet capture of the server port on loopback (kernel timestamps,
+//!     `infertap_tests::wire`) is the reference for each request's start, TTFT, every token time
+//!     and end: on the scripted server at several concurrency levels and under deliberate
+//!     overload (more streams than it serves at once: requests queue un-accepted for a second or
+//!     more), and on the real server during (a). The client's stopwatch is reported beside it.
 //! Prints tables and writes JSON to target/bench/.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,10 +20,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use infertap_tests::agent::{Agent, AgentOptions};
-use infertap_tests::compare::{fidelity, Fidelity};
+use infertap_tests::compare::{fidelity, wire_fidelity, Fidelity, WireFidelity};
 use infertap_tests::load::{run_load_blocking, EndpointMix, LoadConfig};
 use infertap_tests::report::{proc_usage, ProcUsage};
-use infertap_tests::servers::{LlamaServer, MODEL_ALIAS};
+use infertap_tests::servers::{LlamaServer, ScriptedServer, MODEL_ALIAS};
+use infertap_tests::wire::WireCapture;
 use infertap_tests::{paths, prereq};
 use serde::Serialize;
 
@@ -48,6 +54,18 @@ struct Args {
     /// Skip the parts that need the real server.
     #[arg(long)]
     no_server: bool,
+    /// Concurrency levels of the wire-judged runs on the scripted server (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    wire_streams: Vec<u32>,
+    /// Requests per wire-judged scripted run: max(this, 2 x streams).
+    #[arg(long, default_value_t = 48)]
+    wire_requests: u64,
+    /// Overload run: this many streams against a scripted server serving `overload_slots`
+    /// connections at once (0: no overload run).
+    #[arg(long, default_value_t = 32)]
+    overload_streams: u32,
+    #[arg(long, default_value_t = 4)]
+    overload_slots: u32,
     /// Internal: be the micro-benchmark's sending process.
     #[arg(long, hide = true)]
     send_child: Option<u64>,
@@ -60,6 +78,21 @@ struct FidelityRow {
     f: Fidelity,
     agent: Option<ProcUsage>,
     wall_s: f64,
+}
+
+/// One wire-judged run: agent (and client) vs the packet capture of the same run.
+#[derive(Serialize)]
+struct WireRow {
+    /// "scripted" or "llama.cpp".
+    server: &'static str,
+    streams: u32,
+    /// Connections the server serves at once (overload runs), else null.
+    server_slots: Option<u32>,
+    requests: usize,
+    packets: u32,
+    wall_s: f64,
+    #[serde(flatten)]
+    w: WireFidelity,
 }
 
 #[derive(Serialize, Default)]
@@ -145,6 +178,7 @@ fn program_costs(
 struct Report {
     unix_time: u64,
     fidelity: Vec<FidelityRow>,
+    wire: Vec<WireRow>,
     throughput: Option<Throughput>,
     send_cost: SendCost,
 }
@@ -181,10 +215,13 @@ fn main() -> Result<()> {
         warm.max_tokens = 8;
         run_load_blocking(&warm)?;
         for &streams in &args.streams {
-            report.fidelity.push(fidelity_run(&server, streams, &args)?);
+            let (row, wire) = fidelity_run(&server, streams, &args)?;
+            report.fidelity.push(row);
+            report.wire.push(wire);
         }
         report.throughput = Some(throughput(&server, &args)?);
     }
+    wire_runs(&args, &mut report.wire)?;
     report.send_cost = send_cost(args.sends)?;
     print_report(&report);
     let dir = std::env::var_os("INFERTAP_TARGET_DIR")
@@ -200,9 +237,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn fidelity_run(server: &LlamaServer, streams: u32, args: &Args) -> Result<FidelityRow> {
+fn fidelity_run(server: &LlamaServer, streams: u32, args: &Args) -> Result<(FidelityRow, WireRow)> {
     eprintln!("[bench] fidelity at {streams} concurrent streams");
     let agent = Agent::spawn(&AgentOptions::pid(server.pid()))?;
+    let cap = WireCapture::start(server.port)?;
     let mut cfg = LoadConfig::new(server.addr());
     cfg.model = Some(MODEL_ALIAS.into());
     cfg.concurrency = streams;
@@ -221,11 +259,101 @@ fn fidelity_run(server: &LlamaServer, streams: u32, args: &Args) -> Result<Fidel
         })?;
     let usage = agent.pid().and_then(proc_usage);
     agent.stop()?;
-    Ok(FidelityRow {
+    let run = cap.finish()?;
+    if run.losses() > 0 {
+        bail!(
+            "capture lost data ({:?}): wire figures would be wrong",
+            run.stats
+        );
+    }
+    let wire = WireRow {
+        server: "llama.cpp",
         streams,
-        f: fidelity(&recs, &client),
-        agent: usage,
+        server_slots: None,
+        requests: client.len(),
+        packets: run.stats.packets,
         wall_s,
+        w: wire_fidelity(&recs, &run, Some(&client)),
+    };
+    eprintln!("[bench] wire: {}", wire.w.summary());
+    Ok((
+        FidelityRow {
+            streams,
+            f: fidelity(&recs, &client),
+            agent: usage,
+            wall_s,
+        },
+        wire,
+    ))
+}
+
+/// Wire-judged runs on the scripted server: each concurrency level, then the overload run.
+fn wire_runs(args: &Args, out: &mut Vec<WireRow>) -> Result<()> {
+    let stream = serde_json::json!({"default": {"ttft_ms": 15, "itl_ms": 10, "tokens": 16}});
+    for &streams in &args.wire_streams {
+        let requests = args.wire_requests.max(2 * streams as u64);
+        out.push(wire_run(&stream, &[], streams, requests, None)?);
+    }
+    if args.overload_streams > 0 {
+        // Each slot serves one request per connection; the rest wait un-accepted.
+        let slow = serde_json::json!({"default": {"ttft_ms": 20, "itl_ms": 25, "tokens": 12,
+                                                  "keep_alive": false}});
+        let slots = args.overload_slots.max(1).to_string();
+        out.push(wire_run(
+            &slow,
+            &["--max-conns", &slots, "--accept-delay-ms", "5"],
+            args.overload_streams,
+            u64::from(args.overload_streams),
+            Some(args.overload_slots.max(1)),
+        )?);
+    }
+    Ok(())
+}
+
+fn wire_run(
+    script: &serde_json::Value,
+    server_args: &[&str],
+    streams: u32,
+    requests: u64,
+    slots: Option<u32>,
+) -> Result<WireRow> {
+    eprintln!("[bench] wire-judged scripted run: {streams} streams, slots {slots:?}");
+    let server = ScriptedServer::start_with(script, server_args)?;
+    let agent = Agent::spawn(&AgentOptions::pid(server.pid()))?;
+    let cap = WireCapture::start(server.port)?;
+    let mut cfg = LoadConfig::new(server.addr());
+    cfg.concurrency = streams;
+    cfg.requests = Some(requests);
+    cfg.max_tokens = 16;
+    cfg.endpoint = EndpointMix::Mixed;
+    let t = Instant::now();
+    let client = run_load_blocking(&cfg)?;
+    let wall_s = t.elapsed().as_secs_f64();
+    let want = client.iter().filter(|c| !c.local_addr.is_empty()).count();
+    let recs = agent
+        .wait_records(want, Duration::from_secs(20))
+        .or_else(|e| {
+            eprintln!("[bench] warning: {e:#}");
+            agent.records()
+        })?;
+    agent.stop()?;
+    let run = cap.finish()?;
+    if run.losses() > 0 {
+        bail!(
+            "capture lost data ({:?}): wire figures would be wrong",
+            run.stats
+        );
+    }
+    let w = wire_fidelity(&recs, &run, Some(&client));
+    eprintln!("[bench] wire: {}", w.summary());
+    Ok(WireRow {
+        server: "scripted",
+        streams,
+        server_slots: slots,
+        requests: client.len(),
+        packets: run.stats.packets,
+        wall_s,
+        w,
     })
 }
 
@@ -467,6 +595,55 @@ fn print_report(r: &Report) {
                 f.event_count_mismatches
             );
         }
+    }
+    if !r.wire.is_empty() {
+        println!("\nAgent vs the wire (packet capture on lo; error = agent - wire, ms; client = its stopwatch vs the wire)");
+        println!(
+            "{:<9} {:>7} {:>5} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>5} {:>5} {:>9} {:>10} {:>10}",
+            "server",
+            "streams",
+            "slots",
+            "joined",
+            "start p50",
+            "TTFT p50",
+            "TTFT p99",
+            "TTFT max",
+            "tok p50",
+            "tok p99",
+            "evt≠",
+            "tok≠",
+            "wire TTFT",
+            "client TTFT",
+            "client tok"
+        );
+        let ms = |ns: u64| ns as f64 / 1e6;
+        for row in &r.wire {
+            let w = &row.w;
+            let (ct, ce) = w
+                .client
+                .as_ref()
+                .map(|c| (ms(c.ttft.p99_ns), ms(c.event_time.p99_ns)))
+                .unwrap_or((f64::NAN, f64::NAN));
+            println!(
+                "{:<9} {:>7} {:>5} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>5} {:>5} {:>9.1} {:>10.3} {:>10.3}",
+                row.server,
+                row.streams,
+                row.server_slots.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                format!("{}/{}", w.joined, w.wire_exchanges),
+                ms(w.start.median_ns),
+                ms(w.ttft.median_ns),
+                ms(w.ttft.p99_ns),
+                ms(w.ttft.max_ns),
+                ms(w.token_time.median_ns),
+                ms(w.token_time.p99_ns),
+                w.event_count_mismatches,
+                w.token_count_mismatches,
+                w.wire_ttft_ms[1],
+                ct,
+                ce
+            );
+        }
+        println!("  (wire TTFT: p99 of the wire's own TTFT, ms; client TTFT / tok: p99 of the client's error vs the wire)");
     }
     if let Some(t) = &r.throughput {
         println!(

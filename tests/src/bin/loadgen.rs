@@ -1,6 +1,11 @@
 //! Streaming load generator for OpenAI-compatible servers: N concurrent keep-alive connections,
 //! one JSON line per request (client address, sequence on the connection, send time, TTFT, the
 //! arrival time of every content event, token counts). Independent of the agent's code.
+//!
+//! With `--wire FILE` (root, a loopback server) it also captures the server port on `lo` during
+//! the load and writes the wire's view (times, sizes and counts only) as JSON, and prints the
+//! client's stopwatch error against it; with `--agent-requests` as well, the agent's JSON lines
+//! from the same run are judged against the wire too.
 
 use std::io::Write;
 use std::time::Duration;
@@ -44,6 +49,15 @@ struct Args {
     /// Print a one-line summary per request and a final table to stderr.
     #[arg(long)]
     live: bool,
+    /// Capture the server port on `lo` during the load (root) and write the wire's view here.
+    #[arg(long)]
+    wire: Option<String>,
+    /// With --wire: the agent's `--requests` JSON lines of this run, judged against the wire.
+    #[arg(long, requires = "wire")]
+    agent_requests: Option<String>,
+    /// With --agent-requests: wait this long after the load for the agent's last lines.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    agent_wait: Duration,
 }
 
 fn main() -> Result<()> {
@@ -72,6 +86,10 @@ fn main() -> Result<()> {
         Box::new(std::io::BufWriter::new(
             std::fs::File::create(&args.out).with_context(|| format!("create {}", args.out))?,
         ))
+    };
+    let capture = match &args.wire {
+        Some(_) => Some(infertap_tests::wire::WireCapture::start(cfg.addr.port())?),
+        None => None,
     };
     let rt = infertap_tests::runtime();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ClientRecord>();
@@ -124,5 +142,27 @@ fn main() -> Result<()> {
         percentile(&itl, 50.0),
         percentile(&itl, 99.0),
     );
+    if let (Some(cap), Some(path)) = (capture, &args.wire) {
+        let run = cap.finish()?;
+        std::fs::write(path, serde_json::to_vec_pretty(&run)?)
+            .with_context(|| format!("write {path}"))?;
+        let agent = match &args.agent_requests {
+            Some(p) => {
+                std::thread::sleep(args.agent_wait);
+                infertap_tests::servers::read_jsonl(std::path::Path::new(p))?
+            }
+            None => Vec::new(),
+        };
+        let f = infertap_tests::compare::wire_fidelity(&agent, &run, Some(&records));
+        eprintln!(
+            "wire: {} packets, {} connections, {} exchanges; capture losses {} ({:?})",
+            run.stats.packets,
+            run.conns.len(),
+            f.wire_exchanges,
+            run.losses(),
+            run.stats
+        );
+        eprintln!("wire: {}", f.summary());
+    }
     Ok(())
 }
