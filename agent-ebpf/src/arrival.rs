@@ -47,6 +47,19 @@ static TP_COPIED_SEQ_OFFSET: u32 = 0;
 /// `struct tcp_sock`: `rcv_nxt` (u32, next byte expected from the peer).
 #[unsafe(no_mangle)]
 static TP_RCV_NXT_OFFSET: u32 = 0;
+/// 1 when the three `tcp_sock` fields below were found: writes then carry their departure.
+#[unsafe(no_mangle)]
+static DEPARTURE_ENABLED: u32 = 0;
+/// `struct tcp_sock`: `write_seq` (u32, tail of the data the application wrote).
+#[unsafe(no_mangle)]
+static TP_WRITE_SEQ_OFFSET: u32 = 0;
+/// `struct tcp_sock`: `snd_nxt` (u32, next sequence number to send).
+#[unsafe(no_mangle)]
+static TP_SND_NXT_OFFSET: u32 = 0;
+/// `struct tcp_sock`: `tcp_wstamp_ns` (u64, CLOCK_MONOTONIC departure time of the latest data
+/// segment sent; for a paced socket, its planned departure).
+#[unsafe(no_mangle)]
+static TP_WSTAMP_OFFSET: u32 = 0;
 /// `struct sk_buff`: `cb` (TCP's `struct tcp_skb_cb`: `seq` at 0, `end_seq` at 4, `tcp_flags`
 /// at 12 — unchanged since 2.6).
 #[unsafe(no_mangle)]
@@ -290,6 +303,28 @@ pub(crate) fn on_accepted(sk: u64, accepted: bool) -> u64 {
         }
     }
     0
+}
+
+/// At a write exit on the TCP socket `sk` that wrote bytes at `now`: when the last of them left
+/// (0 when unknown). When nothing written is still queued (`write_seq == snd_nxt`), the latest
+/// data segment the socket sent carried this write's last byte and `tcp_wstamp_ns` is its
+/// departure (taken when the stack started transmitting, µs before the packet reaches the
+/// device) — earlier than the syscall's exit by however long the send path ran after it (on
+/// loopback that includes the receiver's softirq work).
+#[inline(always)]
+pub(crate) fn departure(sk: u64, now: u64) -> u64 {
+    if config(&DEPARTURE_ENABLED) == 0 {
+        return 0;
+    }
+    let write_seq: Option<u32> = read(sk + config(&TP_WRITE_SEQ_OFFSET));
+    let snd_nxt: Option<u32> = read(sk + config(&TP_SND_NXT_OFFSET));
+    let wstamp: Option<u64> = read(sk + config(&TP_WSTAMP_OFFSET));
+    match (write_seq, snd_nxt, wstamp) {
+        // Within the last second: a stale stamp (nothing sent by this write) is older than that
+        // only when the connection was idle, and then the write's bytes are still queued.
+        (Some(w), Some(n), Some(t)) if w == n && t != 0 && t <= now && now - t < 1_000_000_000 => t,
+        _ => 0,
+    }
 }
 
 /// At a read exit that returned bytes from `sk`: when the oldest of them reached the socket

@@ -325,6 +325,8 @@ fn exit_io(ctx: &TracePointContext, kind: u8, syscall: u8, layout: u8) -> u32 {
         if conn.sk != 0 {
             arrival_ns = arrival::take_arrival(conn.sk);
         }
+    } else if kind == kind::WRITE && ret > 0 && conn.sk != 0 {
+        arrival_ns = arrival::departure(conn.sk, now);
     }
     let Some(rec) = scratch_record(id, now, conn.conn_id, ret, fd, kind, syscall) else {
         return 0;

@@ -37,8 +37,10 @@ pub enum ConnEvent<'a> {
         /// kernel saw it; `None` for adopted connections and non-TCP sockets.
         established_ns: Option<u64>,
     },
-    /// `len` bytes moved in `dir` in one syscall completing at `ts_ns`; `payload` is the captured
-    /// prefix of them (`payload.len() <= len`, shorter when the capture limit cut it).
+    /// `len` bytes moved in `dir` in one syscall; `payload` is the captured prefix of them
+    /// (`payload.len() <= len`, shorter when the capture limit cut it). `ts_ns`: for a read, its
+    /// exit; for a write, when its last byte left the socket (TCP's departure stamp) when the
+    /// kernel knows it, else the write's exit.
     Data {
         conn: ConnKey,
         dir: Direction,
@@ -232,7 +234,12 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
                 Event::Conn(ConnEvent::Data {
                     conn,
                     dir,
-                    ts_ns: h.ts_exit_ns,
+                    // A write's time is its last byte's departure when the kernel knows it.
+                    ts_ns: if dir == Direction::Out && h.arrival_ns != 0 {
+                        h.arrival_ns
+                    } else {
+                        h.ts_exit_ns
+                    },
                     len: h.ret as u64,
                     payload,
                     arrival_ns: (dir == Direction::In && h.arrival_ns != 0).then_some(h.arrival_ns),

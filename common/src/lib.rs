@@ -92,9 +92,11 @@ pub struct EventHeader {
     pub conn_id: u64,
     /// Syscall return value: bytes transferred, a new fd, a child tgid, or `-errno`.
     pub ret: i64,
-    /// A kernel time (CLOCK_MONOTONIC ns) of what the record is about, before the syscall:
+    /// A kernel time (CLOCK_MONOTONIC ns) of what the record is about, from the socket:
     /// READ: when the oldest byte this read returned reached the socket's receive queue;
-    /// ACCEPT: when the connection's handshake completed (it entered ESTABLISHED). 0 = unknown.
+    /// ACCEPT: when the connection's handshake completed (it entered ESTABLISHED);
+    /// WRITE: when the last byte written left (the socket's latest data departure, when nothing
+    /// written is still queued). 0 = unknown.
     pub arrival_ns: u64,
     /// Kind-specific detail (see [`flag`] for the bits that are defined); 0 when none.
     pub flags: u32,

@@ -33,6 +33,8 @@ pub struct ArrivalOffsets {
     pub fdt_fd: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    /// `tcp_sock.write_seq`, `snd_nxt`, `tcp_wstamp_ns` (5.0+): writes' departure times.
+    pub departure: Option<(u32, u32, u32)>,
 }
 
 impl ArrivalOffsets {
@@ -70,6 +72,13 @@ impl ArrivalOffsets {
             fdt_fd: field("fdtable", &["fd"], 8)?,
             file_private_data: field("file", &["private_data"], 8)?,
             socket_sk: field("socket", &["sk"], 8)?,
+            departure: (|| {
+                Some((
+                    field("tcp_sock", &["write_seq"], 4).ok()?,
+                    field("tcp_sock", &["snd_nxt"], 4).ok()?,
+                    field("tcp_sock", &["tcp_wstamp_ns"], 8).ok()?,
+                ))
+            })(),
         })
     }
 
@@ -88,6 +97,13 @@ impl ArrivalOffsets {
             .override_global("FDT_FD_OFFSET", &self.fdt_fd, true)
             .override_global("FILE_PRIVATE_DATA_OFFSET", &self.file_private_data, true)
             .override_global("SOCKET_SK_OFFSET", &self.socket_sk, true);
+        if let Some((write_seq, snd_nxt, wstamp)) = &self.departure {
+            loader
+                .override_global("DEPARTURE_ENABLED", &ENABLED, true)
+                .override_global("TP_WRITE_SEQ_OFFSET", write_seq, true)
+                .override_global("TP_SND_NXT_OFFSET", snd_nxt, true)
+                .override_global("TP_WSTAMP_OFFSET", wstamp, true);
+        }
     }
 }
 
@@ -244,6 +260,8 @@ mod tests {
         // copied_seq and rcv_nxt are distinct u32 fields well inside tcp_sock.
         assert_ne!(o.tp_copied_seq, o.tp_rcv_nxt);
         assert!(o.tp_copied_seq > 256 && o.tp_rcv_nxt > 256, "{o:?}");
+        let (w, n, t) = o.departure.expect("tcp_wstamp_ns exists since 5.0");
+        assert!(w != n && t > 256, "{o:?}");
     }
 
     #[test]
