@@ -247,6 +247,7 @@ mod tests {
             seq_on_conn: 0,
             start_unix_ns: 1_040,
             arrival_unix_ns: Some(1_040),
+            accepted_unix_ns: Some(420),
             first_token_unix_ns: Some(2_050),
             ttft_ms: Some(0.00101),
             token_unix_ns: vec![2_050, 3_020],
@@ -287,6 +288,11 @@ mod tests {
         assert_eq!(
             (c.joined, c.start.max_ns, c.ttft.max_ns, c.event_time.max_ns),
             (1, 10, 110, 200)
+        );
+        // Accepted at 420 ns, handshake completed at 520 ns: within the 50 µs tolerance.
+        assert_eq!(
+            (f.accept_wait_ms[0], f.accepted_before_handshake),
+            (-100.0 / 1e6, 0)
         );
         let misses = f.target_misses();
         assert!(misses.iter().any(|m| m.contains("unjoined")), "{misses:?}");
@@ -468,6 +474,13 @@ pub struct WireFidelity {
     /// Wire time from the client's SYN to the request's first byte for first requests on a
     /// connection (connect time, including any SYN retransmit), ms: median, p99, max.
     pub wire_connect_ms: [f64; 3],
+    /// First requests on a connection whose agent record has `accepted_unix_ns`: agent accept −
+    /// wire handshake completion (the client's ACK of the SYN-ACK), ms (median, p99, max): the
+    /// accept-queue wait as the agent reports it.
+    pub accept_wait_ms: [f64; 3],
+    /// Of those, accepts the agent dates more than 50 µs before the handshake completed on the
+    /// wire (impossible: a clock or attribution error).
+    pub accepted_before_handshake: usize,
     /// Connections whose client sent its SYN more than once (a full accept queue or SYN
     /// backlog dropped it): their requests started late for reasons the server never saw.
     pub conns_with_syn_retransmits: usize,
@@ -523,6 +536,7 @@ pub fn wire_fidelity(
     let (mut start, mut ttft, mut tok, mut end) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut c_start, mut c_ttft, mut c_ev) = (Vec::new(), Vec::new(), Vec::new());
     let (mut wire_ttft, mut connect, mut resend) = (Vec::new(), Vec::new(), Vec::new());
+    let mut accept_wait = Vec::new();
     let mut c_joined = 0;
     let problem = |out: &mut WireFidelity, p: String| {
         if out.problems.len() < MAX_PROBLEMS {
@@ -571,6 +585,22 @@ pub fn wire_fidelity(
             out.agent_arrival_reported += 1;
         }
         start.push(agent_start_ns(a) as i64 - w_first as i64);
+        if let (0, Some(acc), Some(est)) =
+            (x.seq_on_conn, a.accepted_unix_ns, conn.established_unix_ns)
+        {
+            let d = acc as i64 - est as i64;
+            accept_wait.push(d as f64 / 1e6);
+            if d < -50_000 {
+                out.accepted_before_handshake += 1;
+                problem(
+                    &mut out,
+                    format!(
+                        "{who}: accepted {:.3} ms before the handshake",
+                        -d as f64 / 1e6
+                    ),
+                );
+            }
+        }
         if let Some(wt) = w_ttft {
             match agent_ttft_ns(a) {
                 Some(at) => ttft.push(at - wt),
@@ -617,6 +647,7 @@ pub fn wire_fidelity(
     out.conns_with_syn_retransmits = wire.conns.iter().filter(|c| c.syn_count > 1).count();
     out.retransmitted_bytes = wire.conns.iter().map(|c| c.retransmitted_bytes).sum();
     out.requests_resent = resend.len();
+    out.accept_wait_ms = ms3(&accept_wait);
     out.resend_delay_ms = ms3(&resend);
     out.start = ErrorStats::from_signed(&start);
     out.ttft = ErrorStats::from_signed(&ttft);
@@ -666,6 +697,12 @@ impl WireFidelity {
                 self.event_count_mismatches, self.token_count_mismatches
             ));
         }
+        if self.accepted_before_handshake > 0 {
+            m.push(format!(
+                "{} accepts dated before their handshake completed",
+                self.accepted_before_handshake
+            ));
+        }
         if self.token_time.p99_ns > TOKEN_P99_NS {
             m.push(format!(
                 "token-time error p99 {:.3} ms > {:.3} ms",
@@ -703,7 +740,7 @@ impl WireFidelity {
         };
         let mut s = format!(
             "joined {}/{} (agent {}, arrival reported {}) | start {} | TTFT {} | token {} | end {} | \
-             mismatches events {} tokens {} | SYN retransmits {} retransmitted bytes {} requests resent {} (ms p50 {:.1} max {:.1}) | wire TTFT ms p50 {:.1} p99 {:.1} max {:.1} | connect ms p50 {:.2} max {:.1}",
+             mismatches events {} tokens {} | SYN retransmits {} retransmitted bytes {} requests resent {} (ms p50 {:.1} max {:.1}) | wire TTFT ms p50 {:.1} p99 {:.1} max {:.1} | connect ms p50 {:.2} max {:.1} | accept wait ms p50 {:.2} max {:.1} (before handshake {})",
             self.joined,
             self.wire_exchanges,
             self.agent_records,
@@ -724,6 +761,9 @@ impl WireFidelity {
             self.wire_ttft_ms[2],
             self.wire_connect_ms[0],
             self.wire_connect_ms[2],
+            self.accept_wait_ms[0],
+            self.accept_wait_ms[2],
+            self.accepted_before_handshake,
         );
         if let Some(c) = &self.client {
             s.push_str(&format!(

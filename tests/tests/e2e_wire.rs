@@ -160,16 +160,17 @@ fn assert_targets(label: &str, f: &WireFidelity) {
 }
 
 fn scripted(streams: u32, requests: u64, server_args: &[&str], scenario: serde_json::Value) {
-    let label = format!("scripted {streams} streams {server_args:?}");
+    let label = format!("scripted {streams} streams {}", server_args.join(" "));
+    let label = label.trim_end();
     let server = ScriptedServer::start_with(&json!({ "default": scenario }), server_args).unwrap();
     let mut cfg = LoadConfig::new(server.addr());
     cfg.concurrency = streams;
     cfg.requests = Some(requests);
     cfg.max_tokens = 16;
     cfg.endpoint = EndpointMix::Mixed;
-    let (f, _) = judged_run(&label, server.pid(), server.port, &cfg);
+    let (f, _) = judged_run(label, server.pid(), server.port, &cfg);
     assert_eq!(f.joined as u64, requests, "{}", f.summary());
-    assert_targets(&label, &f);
+    assert_targets(label, &f);
 }
 
 const SCENARIO_ITL: &[u32] = &[4, 9, 2, 6, 12, 3];

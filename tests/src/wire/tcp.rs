@@ -239,15 +239,11 @@ impl TcpConn {
             server_isn: None,
         }
     }
-
-    fn is_used(&self) -> bool {
-        !self.c2s.data.is_empty() || self.c2s.fin_ns.is_some() || self.rst_ns.is_some()
-    }
 }
 
 /// Groups segments into connections of `server_port` and reassembles them. Packets are taken in
-/// capture-time order. A client SYN with a new sequence number on an address whose connection
-/// already carried data starts a new connection (port reuse). Connections come back in order of
+/// capture-time order. A client SYN with a new sequence number on an address starts a new
+/// connection (port reuse; a retransmitted SYN does not). Connections come back in order of
 /// their first packet.
 pub fn reassemble(packets: &[Packet], server_port: u16) -> Vec<TcpConn> {
     let mut order: Vec<&Packet> = packets.iter().collect();
@@ -266,9 +262,11 @@ pub fn reassemble(packets: &[Packet], server_port: u16) -> Vec<TcpConn> {
             (s.dst, s.src)
         };
         if from_client && s.flags & SYN != 0 && s.flags & ACK == 0 {
-            let reuse = live
-                .get(&client)
-                .is_some_and(|(_, c)| c.is_used() && c.c2s.isn != Some(s.seq.wrapping_add(1)));
+            // A retransmitted SYN has the same sequence number; any other SYN is a new
+            // connection from the same address (even if the old one never carried data).
+            let reuse = live.get(&client).is_some_and(|(_, c)| {
+                c.c2s.isn.is_some() && c.c2s.isn != Some(s.seq.wrapping_add(1))
+            });
             if reuse {
                 if let Some(old) = live.remove(&client) {
                     done.push(old);

@@ -368,3 +368,27 @@ fn a_resent_request_keeps_both_transmissions() {
     );
     assert_eq!(conns[0].retransmitted_bytes, REQ.len() as u64);
 }
+
+#[test]
+fn syn_retransmit_is_one_connection_a_new_isn_another() {
+    let mut p = vec![
+        pkt(1, C, S, 100, 0, SYN, b""),
+        pkt(1_000, C, S, 100, 0, SYN, b""), // retransmitted: same ISN
+    ];
+    // The client gave up; the same port connects again with a new ISN.
+    let mut cv = Conv::new(C, S);
+    for q in &mut cv.out {
+        q.ts_unix_ns += 5_000;
+    }
+    cv.client(5_010, REQ);
+    p.extend(cv.out);
+    let conns = from_packets(&p, 8000);
+    assert_eq!(conns.len(), 2);
+    assert_eq!(
+        (conns[0].syn_count, conns[0].established_unix_ns),
+        (2, None)
+    );
+    assert_eq!(conns[1].syn_count, 1);
+    assert_eq!(conns[1].exchanges[0].request_first_unix_ns, 5_010);
+    assert_eq!(conns[1].request_bytes, REQ.len() as u64);
+}
