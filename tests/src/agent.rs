@@ -30,8 +30,12 @@ pub struct AgentRecord {
     pub start_unix_ns: u64,
     /// When the request's first byte reached the server's socket (kernel time), if reported.
     pub arrival_unix_ns: Option<u64>,
-    /// When the server accepted the connection (first request on a new connection), if reported.
+    /// First request on a new connection: when its handshake completed and when the server
+    /// accepted it, if reported.
+    pub connected_unix_ns: Option<u64>,
     pub accepted_unix_ns: Option<u64>,
+    /// `accepted - connected`, if reported.
+    pub accept_queue_ms: Option<f64>,
     /// When the server first read the request, if reported separately from the start.
     pub read_unix_ns: Option<u64>,
     /// Time the request waited before the server read it, if reported.

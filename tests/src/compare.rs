@@ -374,10 +374,19 @@ pub fn check_against_emissions(
                 .push(format!("{who}: status {:?} != {:?}", a.status, e.status));
         }
         if let Some(r) = e.request_unix_ns {
-            let d = a.start_unix_ns as i64 - r as i64;
+            // The server logs when it read the request: the agent's read time, not its start
+            // (the arrival, earlier by the time the request waited unread).
+            let read = a.read_unix_ns.unwrap_or(a.start_unix_ns);
+            let d = read as i64 - r as i64;
             starts.push(d);
             if d.unsigned_abs() > tol_ns {
-                out.problems.push(format!("{who}: start off by {d} ns"));
+                out.problems.push(format!("{who}: read off by {d} ns"));
+            }
+            if a.start_unix_ns > read {
+                out.problems.push(format!(
+                    "{who}: start {} after the read {read}",
+                    a.start_unix_ns
+                ));
             }
         }
         if e.completed && a.output_tokens != Some(e.output_tokens) {
