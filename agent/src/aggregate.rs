@@ -355,6 +355,7 @@ mod tests {
             request_bytes: 100,
             response_bytes: 1000,
             error,
+            ..Default::default()
         }
     }
 

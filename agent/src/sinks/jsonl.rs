@@ -19,6 +19,8 @@ pub struct RequestLine<'a> {
     pub status: Option<u16>,
     pub model: Option<&'a str>,
     pub stream: bool,
+    /// The API shape of the response (closed vocabulary, README).
+    pub stream_kind: &'static str,
     pub start_unix_ns: u64,
     pub first_token_unix_ns: Option<u64>,
     pub end_unix_ns: u64,
@@ -35,14 +37,39 @@ pub struct RequestLine<'a> {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub error: Option<&'static str>,
+    /// Every content event of every choice, in emission order.
     pub token_unix_ns: Vec<u64>,
+    /// Choice index of each `token_unix_ns` entry (only with parallel choices, `n > 1`).
+    #[serde(skip_serializing_if = "<[u32]>::is_empty")]
+    pub token_choice: &'a [u32],
+    /// Per-choice figures (only with parallel choices, `n > 1`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<ChoiceLine<'a>>,
     /// GPU attribution (present when GPU data sources are active).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<serde_json::Value>,
 }
 
+/// One choice of a response with parallel choices.
+#[derive(Serialize)]
+pub struct ChoiceLine<'a> {
+    pub index: u32,
+    pub output_tokens: u64,
+    pub content_events: u64,
+    pub first_token_unix_ns: Option<u64>,
+    pub ttft_ms: Option<f64>,
+    pub itl_ms_median: Option<f64>,
+    pub itl_ms_max: Option<f64>,
+    pub finish_reason: Option<&'a str>,
+}
+
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
+}
+
+/// The median of sorted gaps (the upper one for an even count), in ms.
+fn median_ms(sorted: &[u64]) -> Option<f64> {
+    (!sorted.is_empty()).then(|| ms(sorted[sorted.len() / 2]))
 }
 
 impl<'a> RequestLine<'a> {
@@ -59,13 +86,14 @@ impl<'a> RequestLine<'a> {
             status: r.status,
             model: r.model.as_deref(),
             stream: r.stream,
+            stream_kind: r.stream_kind.as_str(),
             start_unix_ns: clock.to_unix_ns(r.start_ns),
             first_token_unix_ns: r.first_token_ns.map(|t| clock.to_unix_ns(t)),
             end_unix_ns: clock.to_unix_ns(r.end_ns),
             ttft_ms: r.ttft_ns().map(ms),
             e2e_ms: ms(r.e2e_ns()),
             tpot_ms: r.tpot_ns().map(ms),
-            itl_ms_median: (!itl.is_empty()).then(|| ms(itl[itl.len() / 2])),
+            itl_ms_median: median_ms(&itl),
             itl_ms_max: itl.last().copied().map(ms),
             output_tokens: r.output_tokens,
             token_count_source: r.token_count_source,
@@ -76,6 +104,25 @@ impl<'a> RequestLine<'a> {
             response_bytes: r.response_bytes,
             error: r.error.map(|e| e.as_str()),
             token_unix_ns: r.token_ns.iter().map(|t| clock.to_unix_ns(*t)).collect(),
+            token_choice: &r.token_choice,
+            choices: r
+                .choices
+                .iter()
+                .map(|c| {
+                    let mut gaps: Vec<u64> = r.choice_itl_ns(c.index).collect();
+                    gaps.sort_unstable();
+                    ChoiceLine {
+                        index: c.index,
+                        output_tokens: c.output_tokens,
+                        content_events: c.content_events,
+                        first_token_unix_ns: c.first_token_ns.map(|t| clock.to_unix_ns(t)),
+                        ttft_ms: c.first_token_ns.map(|t| ms(t.saturating_sub(r.start_ns))),
+                        itl_ms_median: median_ms(&gaps),
+                        itl_ms_max: gaps.last().copied().map(ms),
+                        finish_reason: c.finish_reason.as_deref(),
+                    }
+                })
+                .collect(),
             gpu: None,
         }
     }
