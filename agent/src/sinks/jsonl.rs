@@ -191,3 +191,81 @@ pub fn human_line(r: &RequestRecord) -> String {
         r.error.map(|e| e.as_str()).unwrap_or("ok"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{ChoiceRecord, StreamKind};
+
+    fn record() -> RequestRecord {
+        RequestRecord {
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            stream: true,
+            start_ns: 1_000_000,
+            first_token_ns: Some(2_000_000),
+            end_ns: 9_000_000,
+            output_tokens: Some(5),
+            stream_kind: StreamKind::OpenaiChat,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn single_choice_lines_carry_the_kind_and_no_choice_fields() {
+        let clock = Clock::measure();
+        let mut r = record();
+        r.token_ns = vec![2_000_000, 3_000_000, 5_000_000];
+        r.tokens_per_event = vec![1; 3];
+        let v = serde_json::to_value(RequestLine::new(&r, &clock)).unwrap();
+        assert_eq!(v["stream_kind"], "openai_chat");
+        assert!(v.get("choices").is_none() && v.get("token_choice").is_none());
+        assert_eq!(v["itl_ms_median"], 2.0);
+        assert_eq!(v["content_events"], 3);
+    }
+
+    #[test]
+    fn parallel_choices_get_per_choice_figures() {
+        let clock = Clock::measure();
+        let mut r = record();
+        // Choice 0 at 2, 3, 4 ms; choice 1 at 2.5, 6 ms.
+        r.token_ns = vec![2_000_000, 2_500_000, 3_000_000, 4_000_000, 6_000_000];
+        r.tokens_per_event = vec![1; 5];
+        r.token_choice = vec![0, 1, 0, 0, 1];
+        r.choices = vec![
+            ChoiceRecord {
+                index: 0,
+                output_tokens: 3,
+                content_events: 3,
+                first_token_ns: Some(2_000_000),
+                last_token_ns: Some(4_000_000),
+                finish_reason: Some("stop".into()),
+            },
+            ChoiceRecord {
+                index: 1,
+                output_tokens: 2,
+                content_events: 2,
+                first_token_ns: Some(2_500_000),
+                last_token_ns: Some(6_000_000),
+                finish_reason: Some("length".into()),
+            },
+        ];
+        let v = serde_json::to_value(RequestLine::new(&r, &clock)).unwrap();
+        assert_eq!(v["token_choice"], serde_json::json!([0, 1, 0, 0, 1]));
+        let c = v["choices"].as_array().unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0]["itl_ms_median"], 1.0);
+        assert_eq!(c[0]["itl_ms_max"], 1.0);
+        assert_eq!(c[1]["itl_ms_median"], 3.5);
+        assert_eq!(c[1]["ttft_ms"], 1.5);
+        assert_eq!(c[1]["finish_reason"], "length");
+        assert_eq!(
+            c[1]["first_token_unix_ns"],
+            clock.to_unix_ns(2_500_000)
+        );
+        // Request-level gaps are per choice too: 1, 1 (choice 0) and 3.5 (choice 1).
+        assert_eq!(v["itl_ms_max"], 3.5);
+        assert_eq!(v["itl_ms_median"], 1.0);
+        assert_eq!(v["output_tokens"], 5);
+    }
+}
