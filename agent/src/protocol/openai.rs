@@ -380,15 +380,13 @@ impl<'a> Payload<'a> {
                         }
                     }
                     Typed::AnthropicBlockDelta => {
-                        if self
+                        let has = self
                             .delta
                             .as_ref()
                             .and_then(StrOr::obj)
-                            .is_some_and(AnthropicDelta::has_content)
-                        {
-                            info.content = true;
-                            info.tokens = 1;
-                        }
+                            .is_some_and(AnthropicDelta::has_content);
+                        info.content = has;
+                        info.tokens = u32::from(has);
                     }
                     Typed::AnthropicMessageDelta => {
                         if let Some(fr) = self
