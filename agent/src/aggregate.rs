@@ -7,6 +7,7 @@
 //!
 //! What each record feeds:
 //! - `infertap_requests_total{model_name,outcome}`: every record.
+//! - `infertap_requests_by_stream_kind_total{stream_kind}`: every record, by API shape.
 //! - `infertap_output_tokens_total`, `infertap_prompt_tokens_total`: every record that has counts
 //!   (tokens a disconnected client received were still generated).
 //! - TTFT: streaming records with a first token; ITL: every gap between consecutive content
@@ -108,6 +109,14 @@ impl Aggregator {
                 (schema::LABEL_MODEL.to_owned(), model),
                 (schema::LABEL_OUTCOME.to_owned(), outcome.to_owned()),
             ],
+            1,
+        );
+        store.add_counter(
+            &schema::REQUESTS_BY_STREAM_KIND,
+            vec![(
+                schema::LABEL_STREAM_KIND.to_owned(),
+                r.stream_kind.as_str().to_owned(),
+            )],
             1,
         );
         if let Some(n) = r.output_tokens {
@@ -356,6 +365,7 @@ mod tests {
             request_bytes: 100,
             response_bytes: 1000,
             error,
+            stream_kind: crate::record::StreamKind::OpenaiChat,
             ..Default::default()
         }
     }
@@ -406,6 +416,8 @@ mod tests {
         assert_eq!(s.counter(&schema::REQUESTS, &ok), Some(1));
         assert_eq!(s.counter(&schema::OUTPUT_TOKENS, &m("llama")), Some(4));
         assert_eq!(s.counter(&schema::PROMPT_TOKENS, &m("llama")), Some(12));
+        let kind = vec![(schema::LABEL_STREAM_KIND.into(), "openai_chat".into())];
+        assert_eq!(s.counter(&schema::REQUESTS_BY_STREAM_KIND, &kind), Some(1));
         assert_eq!(s.gauge(&schema::REQUESTS_RUNNING, &vec![]), Some(0.0));
     }
 

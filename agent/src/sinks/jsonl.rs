@@ -259,10 +259,7 @@ mod tests {
         assert_eq!(c[1]["itl_ms_median"], 3.5);
         assert_eq!(c[1]["ttft_ms"], 1.5);
         assert_eq!(c[1]["finish_reason"], "length");
-        assert_eq!(
-            c[1]["first_token_unix_ns"],
-            clock.to_unix_ns(2_500_000)
-        );
+        assert_eq!(c[1]["first_token_unix_ns"], clock.to_unix_ns(2_500_000));
         // Request-level gaps are per choice too: 1, 1 (choice 0) and 3.5 (choice 1).
         assert_eq!(v["itl_ms_max"], 3.5);
         assert_eq!(v["itl_ms_median"], 1.0);
