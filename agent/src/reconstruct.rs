@@ -447,7 +447,8 @@ impl Reconstructor {
     pub fn in_flight(&self) -> InFlight {
         let mut g = InFlight::default();
         for ex in self.conns.values().flat_map(|c| c.side.pending.iter()) {
-            if ex.first_token_ns.is_some() {
+            // A stream of a shape not (yet) recognised runs once it has events.
+            if ex.first_token_ns.is_some() || !ex.other_ns.is_empty() {
                 g.running += 1;
             } else {
                 g.waiting += 1;

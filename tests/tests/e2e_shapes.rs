@@ -193,7 +193,8 @@ fn parallel_choices_match_emissions() {
 }
 
 /// A stream that ends without its shape's end marker was cut (`truncated`); a stream of a shape
-/// without one just ended (no error).
+/// without one just ended (no error). A server that dies inside an event (half an event, then
+/// close) is a `server_close` with the events before it, for every shape.
 #[test]
 fn missing_end_marker_only_matters_for_shapes_that_have_one() {
     if !prereq::agent_test("missing_end_marker_only_matters_for_shapes_that_have_one") {
@@ -203,6 +204,7 @@ fn missing_end_marker_only_matters_for_shapes_that_have_one() {
     let mut scenarios = Map::new();
     for s in SHAPES {
         scenarios.insert(s.into(), json!({"shape": s, "done": false}));
+        scenarios.insert(format!("{s}_cut"), json!({"shape": s, "truncate_after": 2}));
     }
     let server = ScriptedServer::start(&json!({
         "default": {"ttft_ms": 10, "itl_ms": 3, "tokens": 4},
@@ -210,17 +212,39 @@ fn missing_end_marker_only_matters_for_shapes_that_have_one() {
     }))
     .unwrap();
     let agent = Agent::spawn(&AgentOptions::pid(server.pid())).unwrap();
-    let seqs = vec![SHAPES.iter().map(|s| spec(Endpoint::Chat, s)).collect()];
+    let mut seqs = vec![SHAPES.iter().map(|s| spec(Endpoint::Chat, s)).collect()];
+    // A cut connection is not reused: one connection each.
+    seqs.extend(
+        SHAPES
+            .iter()
+            .map(|s| vec![spec(Endpoint::Chat, &format!("{s}_cut"))]),
+    );
     let client = run_sequences_blocking(server.addr(), seqs).unwrap();
     assert!(client[0].iter().all(|c| c.error.is_none()), "{client:#?}");
-    let em = server.wait_emissions(SHAPES.len(), WAIT).unwrap();
-    let recs = agent.wait_records(SHAPES.len(), WAIT).unwrap();
+    let total = 2 * SHAPES.len();
+    let em = server.wait_emissions(total, WAIT).unwrap();
+    let recs = agent.wait_records(total, WAIT).unwrap();
     for e in &em {
         let a = find(&recs, e);
+        assert_eq!(
+            a.content_events,
+            Some(e.events_unix_ns.len()),
+            "{}",
+            e.scenario
+        );
+        if e.scenario.ends_with("_cut") {
+            assert_eq!(
+                a.error.as_deref(),
+                Some("server_close"),
+                "{}: {a:?}",
+                e.scenario
+            );
+            assert_eq!(e.events_unix_ns.len(), 2);
+            continue;
+        }
         let want = e.tokens_known.then_some("truncated");
         assert_eq!(a.error.as_deref(), want, "{}: {a:?}", e.scenario);
         assert_eq!(a.stream_kind, e.stream_kind, "{}", e.scenario);
-        assert_eq!(a.content_events, Some(e.events_unix_ns.len()));
     }
     assert!(agent.stop().unwrap().status.success());
 }
