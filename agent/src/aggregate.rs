@@ -7,9 +7,11 @@
 //!
 //! What each record feeds:
 //! - `infertap_requests_total{model_name,outcome}`: every record.
+//! - `infertap_requests_by_stream_kind_total{stream_kind}`: every record, by API shape.
 //! - `infertap_output_tokens_total`, `infertap_prompt_tokens_total`: every record that has counts
 //!   (tokens a disconnected client received were still generated).
-//! - TTFT: streaming records with a first token; ITL: every gap between content events. Both are
+//! - TTFT: streaming records with a first token; ITL: every gap between consecutive content
+//!   events of the same choice (`n > 1`: a token of choice 1 is not a gap of choice 0). Both are
 //!   measured events, so they are kept whatever the outcome.
 //! - TPOT, E2E, per-request token-count histograms: successful records only, since a cut-off
 //!   request has no meaningful end (errors show up in `infertap_requests_total` instead).
@@ -112,6 +114,14 @@ impl Aggregator {
                 (schema::LABEL_MODEL.to_owned(), model),
                 (schema::LABEL_OUTCOME.to_owned(), outcome.to_owned()),
             ],
+            1,
+        );
+        store.add_counter(
+            &schema::REQUESTS_BY_STREAM_KIND,
+            vec![(
+                schema::LABEL_STREAM_KIND.to_owned(),
+                r.stream_kind.as_str().to_owned(),
+            )],
             1,
         );
         if let Some(n) = r.output_tokens {
@@ -399,6 +409,8 @@ mod tests {
             request_bytes: 100,
             response_bytes: 1000,
             error,
+            stream_kind: crate::record::StreamKind::OpenaiChat,
+            ..Default::default()
         }
     }
 
@@ -448,6 +460,8 @@ mod tests {
         assert_eq!(s.counter(&schema::REQUESTS, &ok), Some(1));
         assert_eq!(s.counter(&schema::OUTPUT_TOKENS, &m("llama")), Some(4));
         assert_eq!(s.counter(&schema::PROMPT_TOKENS, &m("llama")), Some(12));
+        let kind = vec![(schema::LABEL_STREAM_KIND.into(), "openai_chat".into())];
+        assert_eq!(s.counter(&schema::REQUESTS_BY_STREAM_KIND, &kind), Some(1));
         assert_eq!(s.gauge(&schema::REQUESTS_RUNNING, &vec![]), Some(0.0));
     }
 
@@ -484,6 +498,24 @@ mod tests {
         assert!(s
             .histogram(&schema::TIME_PER_OUTPUT_TOKEN, &m("llama"))
             .is_none());
+    }
+
+    #[test]
+    fn parallel_choices_feed_per_choice_gaps() {
+        let mut agg = Aggregator::new(DEFAULT_MAX_MODELS, 0);
+        // n = 2: choice 0 at 20, 30, 40 ms; choice 1 at 21, 41 ms. Consecutive events of
+        // different choices (1 ms apart) are not inter-token gaps.
+        let mut r = record("llama", &[20, 21, 30, 40, 41], 45, None);
+        r.token_choice = vec![0, 1, 0, 0, 1];
+        agg.observe(&r);
+        let s = agg.shared().snapshot();
+        let itl = s
+            .histogram(&schema::INTER_TOKEN_LATENCY, &m("llama"))
+            .unwrap();
+        assert_eq!(
+            itl,
+            &expected(&schema::INTER_TOKEN_LATENCY, &[0.010, 0.010, 0.020])
+        );
     }
 
     #[test]

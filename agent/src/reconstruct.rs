@@ -9,8 +9,14 @@
 //!
 //! Timing follows what benchmark clients (vLLM `benchmark_serving`, genai-perf) measure, seen from
 //! the server's syscalls: `start_ns` is the read that delivered the request's first byte,
-//! `first_token_ns`/`token_ns` the writes that completed each SSE event carrying generated content,
-//! `end_ns` the write that completed the response (or the event that cut it off).
+//! `first_token_ns`/`token_ns` the writes that completed each stream event carrying generated
+//! content, `end_ns` the write that completed the response (or the event that cut it off).
+//!
+//! Stream bodies: `text/event-stream` is split into SSE events (their `event:` names are part of
+//! the parse), NDJSON media types into lines, and a chunked `application/json` body becomes a
+//! JSON-lines stream once its first two lines are each a whole JSON value (else it is one
+//! non-streaming body). Each event is classified by its own members ([`openai::classify_event`])
+//! into a [`StreamKind`]; events of parallel choices (`n > 1`) are kept apart per choice.
 //!
 //! Every request whose head was parsed yields exactly one record, whatever happens to the
 //! connection. Request heads that never parse are counted in [`ReconstructStats::malformed`] and
@@ -20,10 +26,12 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::events::{ConnEvent, ConnKey, Direction};
-use crate::protocol::http::{self, ContentType, Flow, HttpEvent, MalformedKind, Role};
+use crate::protocol::http::{self, ContentType, Flow, Framing, HttpEvent, MalformedKind, Role};
+use crate::protocol::ndjson::{Line, LineSplitter};
 use crate::protocol::openai::{self, EventInfo};
+use crate::protocol::shape::{finish_vocabulary, StreamKind};
 use crate::protocol::sse::{SseEvent, SseSplitter};
-use crate::record::{RequestError, RequestRecord, TokenCountSource};
+use crate::record::{ChoiceRecord, RequestError, RequestRecord, TokenCountSource};
 
 /// Bounds and timeouts.
 #[derive(Clone, Debug)]
@@ -118,7 +126,12 @@ pub struct ReconstructStats {
     pub fallback_events: u64,
     /// Content events beyond `max_token_events` (counted, times not kept).
     pub token_events_dropped: u64,
+    /// Choices beyond [`MAX_CHOICES`] in one exchange (their tokens count in the totals only).
+    pub choices_overflow: u64,
 }
+
+/// Parallel choices tracked individually per exchange.
+pub const MAX_CHOICES: usize = 128;
 
 /// Rebuilds exchanges from connection events.
 pub struct Reconstructor {
@@ -155,13 +168,31 @@ struct Side {
     req_body: Vec<u8>,
     resp_start_ns: u64,
     resp_target: RespTarget,
-    /// The current response body is an SSE stream (else JSON/other, scanned at its end).
-    resp_sse: bool,
+    /// How the current response body is read.
+    resp_mode: BodyMode,
     sse: SseSplitter,
+    lines: LineSplitter,
+    /// [`BodyMode::MaybeLines`]: the first line, held until a second one confirms JSON lines.
+    held_line: Vec<u8>,
+    held_ts: Option<u64>,
     resp_body: Vec<u8>,
     resp_body_cut: bool,
     /// A 101 response switched protocols: stop parsing both directions.
     upgraded: bool,
+}
+
+/// How a response body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyMode {
+    /// Buffered (bounded) and classified as one JSON body at its end.
+    Buffer,
+    /// Server-sent events.
+    Sse,
+    /// Newline-delimited JSON (NDJSON media types).
+    Lines,
+    /// Chunked `application/json`: buffered like [`BodyMode::Buffer`] and also split into
+    /// lines; it becomes [`BodyMode::Lines`] when its first two lines each parse as JSON.
+    MaybeLines,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,10 +221,21 @@ struct Exchange {
     req_stream: Option<bool>,
     status: Option<u16>,
     response_start_ns: Option<u64>,
-    sse: bool,
+    /// The body is an event stream (SSE events or JSON lines).
+    streamed: bool,
+    /// The body is read as lines (NDJSON / JSON lines).
+    line_body: bool,
+    kind: StreamKind,
+    /// Some line parsed as JSON of no known shape.
+    unrecognised_json: bool,
     first_token_ns: Option<u64>,
     token_ns: Vec<u64>,
     tokens_per_event: Vec<u32>,
+    /// Choice index of each `token_ns` entry.
+    token_choice: Vec<u32>,
+    /// Times of events no shape recognised: the content events of a stream of unknown shape.
+    other_ns: Vec<u64>,
+    choices: Vec<ChoiceState>,
     counted_tokens: u64,
     usage_completion: Option<u64>,
     usage_prompt: Option<u64>,
@@ -204,6 +246,16 @@ struct Exchange {
     last_out_ns: u64,
     stream_error: Option<Option<u16>>,
     malformed: bool,
+}
+
+/// One parallel choice of an exchange.
+struct ChoiceState {
+    index: u32,
+    tokens: u64,
+    events: u64,
+    first_ns: Option<u64>,
+    last_ns: Option<u64>,
+    finish_reason: Option<&'static str>,
 }
 
 const MAX_PATH_BYTES: usize = 512;
@@ -350,8 +402,11 @@ impl Reconstructor {
                     req_body: Vec::new(),
                     resp_start_ns: ts,
                     resp_target: RespTarget::None,
-                    resp_sse: false,
+                    resp_mode: BodyMode::Buffer,
                     sse: SseSplitter::new(self.cfg.max_event_bytes),
+                    lines: LineSplitter::new(self.cfg.max_event_bytes),
+                    held_line: Vec::new(),
+                    held_ts: None,
                     resp_body: Vec::new(),
                     resp_body_cut: false,
                     upgraded: false,
@@ -418,7 +473,8 @@ impl Reconstructor {
     pub fn in_flight(&self) -> InFlight {
         let mut g = InFlight::default();
         for ex in self.conns.values().flat_map(|c| c.side.pending.iter()) {
-            if ex.first_token_ns.is_some() {
+            // A stream of a shape not (yet) recognised runs once it has events.
+            if ex.first_token_ns.is_some() || !ex.other_ns.is_empty() {
                 g.running += 1;
             } else {
                 g.waiting += 1;
@@ -464,10 +520,12 @@ impl Conn {
                 ex.request_bytes = self.req.message_bytes();
             }
             let (resp_bytes, partial_event) = if first && resp_in_progress {
-                (
-                    self.resp.message_bytes(),
-                    side.resp_sse && side.sse.finish(),
-                )
+                let partial = match side.resp_mode {
+                    BodyMode::Sse => side.sse.finish(),
+                    BodyMode::Lines => side.lines.has_partial(),
+                    BodyMode::MaybeLines | BodyMode::Buffer => false,
+                };
+                (self.resp.message_bytes(), partial)
             } else {
                 (0, false)
             };
@@ -480,13 +538,22 @@ impl Conn {
         if side.resp_target == RespTarget::Front {
             side.resp_target = RespTarget::Orphan;
         }
-        stats.truncated_events += std::mem::take(&mut side.sse.truncated_events);
-        side.sse.reset();
-        side.resp_body.clear();
+        side.reset_body(stats);
     }
 }
 
 impl Side {
+    /// Forgets the current response body's parse state (keeping its counters).
+    fn reset_body(&mut self, stats: &mut ReconstructStats) {
+        stats.truncated_events += std::mem::take(&mut self.sse.truncated_events);
+        stats.truncated_events += std::mem::take(&mut self.lines.truncated_lines);
+        self.sse.reset();
+        self.lines.reset();
+        self.resp_body.clear();
+        self.held_line.clear();
+        self.held_ts = None;
+    }
+
     fn find(&mut self, seq: u32) -> Option<&mut Exchange> {
         self.pending.iter_mut().rev().find(|e| e.seq == seq)
     }
@@ -607,13 +674,20 @@ impl Side {
                 ex.status = Some(head.status);
                 ex.response_start_ns = Some(start);
                 ex.last_out_ns = ts;
-                ex.sse = head.content_type == ContentType::EventStream;
+                let mode = match head.content_type {
+                    ContentType::EventStream => BodyMode::Sse,
+                    ContentType::NdJson => BodyMode::Lines,
+                    ContentType::Json if head.framing == Framing::Chunked => BodyMode::MaybeLines,
+                    _ => BodyMode::Buffer,
+                };
+                ex.streamed = matches!(mode, BodyMode::Sse | BodyMode::Lines);
+                ex.line_body = mode == BodyMode::Lines;
+                let head_only = ex.method == "HEAD";
                 self.resp_target = RespTarget::Front;
-                self.resp_sse = ex.sse;
-                self.sse.reset();
-                self.resp_body.clear();
+                self.resp_mode = mode;
+                self.reset_body(stats);
                 self.resp_body_cut = false;
-                if ex.method == "HEAD" {
+                if head_only {
                     return Flow::NoBody;
                 }
             }
@@ -625,16 +699,29 @@ impl Side {
                     return Flow::Continue;
                 };
                 ex.last_out_ns = ts;
-                if self.resp_sse {
-                    let max_ev = cfg.max_token_events;
-                    self.sse
-                        .feed(b, &mut |e| apply_sse(ex, e, ts, max_ev, stats));
-                } else {
-                    let room = cfg.max_body_scan_bytes.saturating_sub(self.resp_body.len());
-                    if b.len() > room {
-                        self.resp_body_cut = true;
+                let max_ev = cfg.max_token_events;
+                match self.resp_mode {
+                    BodyMode::Sse => self
+                        .sse
+                        .feed(b, &mut |e| apply_sse(ex, e, ts, max_ev, stats)),
+                    BodyMode::Lines => self
+                        .lines
+                        .feed(b, &mut |l| apply_line(ex, l.data, ts, max_ev, stats)),
+                    BodyMode::MaybeLines | BodyMode::Buffer => {
+                        let room = cfg.max_body_scan_bytes.saturating_sub(self.resp_body.len());
+                        if b.len() > room {
+                            self.resp_body_cut = true;
+                        }
+                        self.resp_body.extend_from_slice(&b[..b.len().min(room)]);
+                        if self.resp_mode == BodyMode::MaybeLines {
+                            let (held, held_ts) = (&mut self.held_line, &mut self.held_ts);
+                            let mut mode = BodyMode::MaybeLines;
+                            self.lines.feed(b, &mut |l| {
+                                maybe_line(ex, &mut mode, held, held_ts, l, ts, max_ev, stats)
+                            });
+                            self.resp_mode = mode;
+                        }
                     }
-                    self.resp_body.extend_from_slice(&b[..b.len().min(room)]);
                 }
             }
             HttpEvent::BodyGap(n) => {
@@ -645,28 +732,59 @@ impl Side {
                     return Flow::Continue;
                 };
                 ex.last_out_ns = ts;
-                if self.resp_sse {
-                    let max_ev = cfg.max_token_events;
-                    self.sse
-                        .gap(n, &mut |e| apply_sse(ex, e, ts, max_ev, stats));
-                } else {
-                    self.resp_body_cut = true;
+                let max_ev = cfg.max_token_events;
+                match self.resp_mode {
+                    BodyMode::Sse => self
+                        .sse
+                        .gap(n, &mut |e| apply_sse(ex, e, ts, max_ev, stats)),
+                    BodyMode::Lines => self
+                        .lines
+                        .gap(n, &mut |l| apply_line(ex, l.data, ts, max_ev, stats)),
+                    BodyMode::MaybeLines | BodyMode::Buffer => {
+                        self.resp_body_cut = true;
+                        // A gap before JSON lines are confirmed: read the body as one.
+                        self.resp_mode = BodyMode::Buffer;
+                    }
                 }
             }
             HttpEvent::MessageEnd { bytes } => {
                 if self.resp_target == RespTarget::Front {
                     if let Some(mut ex) = self.pending.pop_front() {
-                        let incomplete = if self.resp_sse {
-                            self.sse.finish()
-                        } else {
-                            if !self.resp_body.is_empty() {
-                                let info = openai::classify(&self.resp_body);
-                                apply_body(&mut ex, info);
+                        let max_ev = cfg.max_token_events;
+                        if self.resp_mode == BodyMode::MaybeLines {
+                            let (held, held_ts) = (&mut self.held_line, &mut self.held_ts);
+                            let mut mode = BodyMode::MaybeLines;
+                            self.lines.finish(&mut |l| {
+                                maybe_line(&mut ex, &mut mode, held, held_ts, l, ts, max_ev, stats)
+                            });
+                            // Confirmed lines were read as a stream; else it is one body.
+                            self.resp_mode = if mode == BodyMode::Lines {
+                                BodyMode::Lines
+                            } else {
+                                BodyMode::Buffer
+                            };
+                            if self.resp_mode == BodyMode::Lines {
                                 self.resp_body.clear();
                             }
-                            false
+                        }
+                        let incomplete = match self.resp_mode {
+                            BodyMode::Sse => self.sse.finish(),
+                            BodyMode::Lines => {
+                                self.lines.finish(&mut |l| {
+                                    apply_line(&mut ex, l.data, ts, max_ev, stats)
+                                });
+                                false
+                            }
+                            BodyMode::Buffer | BodyMode::MaybeLines => {
+                                if !self.resp_body.is_empty() {
+                                    let info = openai::classify(&self.resp_body);
+                                    apply_body(&mut ex, info);
+                                    self.resp_body.clear();
+                                }
+                                false
+                            }
                         };
-                        stats.truncated_events += std::mem::take(&mut self.sse.truncated_events);
+                        self.reset_body(stats);
                         self.emit(ex, ts, bytes, None, incomplete, stats, out);
                     }
                 }
@@ -678,8 +796,7 @@ impl Side {
                 if matches!(self.resp_target, RespTarget::Front | RespTarget::None) {
                     if let Some(mut ex) = self.pending.pop_front() {
                         ex.malformed = true;
-                        self.sse.reset();
-                        self.resp_body.clear();
+                        self.reset_body(stats);
                         self.emit(
                             ex,
                             ts,
@@ -705,7 +822,7 @@ impl Side {
     #[allow(clippy::too_many_arguments)]
     fn emit(
         &mut self,
-        ex: Exchange,
+        mut ex: Exchange,
         end_ns: u64,
         response_bytes: u64,
         cut: Option<RequestError>,
@@ -724,13 +841,30 @@ impl Side {
         });
         // A client that leaves once the stream said it was finished got the whole answer (some
         // close before reading the chunked terminator); its end is the last write it read.
+        let kind = match ex.kind {
+            StreamKind::Unknown if ex.line_body && ex.unrecognised_json => StreamKind::JsonLines,
+            k => k,
+        };
+        if ex.streamed && !kind.is_known() {
+            // No shape recognised: every event is a content event of unknown token count, so
+            // TTFT and the gaps still mean "first event" and "time between events".
+            ex.first_token_ns = ex.other_ns.first().copied();
+            ex.tokens_per_event = vec![1; ex.other_ns.len()];
+            ex.token_choice.clear();
+            ex.choices.clear();
+            ex.token_ns = std::mem::take(&mut ex.other_ns);
+        }
         let (cut, end_ns) = match cut {
-            Some(RequestError::ClientDisconnect) if ex.sse && ex.terminal && !incomplete_event => {
+            Some(RequestError::ClientDisconnect)
+                if ex.streamed && ex.terminal && !incomplete_event =>
+            {
                 (None, ex.last_out_ns)
             }
             c => (c, end_ns),
         };
-        let stream_cut = ex.sse && (incomplete_event || !ex.terminal);
+        // Only a shape with an end marker can be known to have been cut before it.
+        let stream_cut =
+            ex.streamed && (incomplete_event || (!ex.terminal && kind.has_terminal_marker()));
         let error = http_error
             .or(cut)
             .or(stream_error)
@@ -738,8 +872,31 @@ impl Side {
             .or(stream_cut.then_some(RequestError::Truncated));
         let (output_tokens, source) = match ex.usage_completion {
             Some(n) => (Some(n), Some(TokenCountSource::Usage)),
-            None if ex.sse => (Some(ex.counted_tokens), Some(TokenCountSource::Counted)),
+            None if ex.streamed && kind.is_known() => {
+                (Some(ex.counted_tokens), Some(TokenCountSource::Counted))
+            }
             None => (None, None),
+        };
+        // Per-choice figures only when the response has parallel choices.
+        let parallel = ex.choices.len() > 1 || ex.choices.iter().any(|c| c.index != 0);
+        let choices: Vec<ChoiceRecord> = if parallel {
+            let mut v: Vec<ChoiceRecord> = ex
+                .choices
+                .iter()
+                .map(|c| ChoiceRecord {
+                    index: c.index,
+                    output_tokens: c.tokens,
+                    content_events: c.events,
+                    first_token_ns: c.first_ns,
+                    last_token_ns: c.last_ns,
+                    finish_reason: c.finish_reason.map(str::to_owned),
+                })
+                .collect();
+            v.sort_by_key(|c| c.index);
+            v
+        } else {
+            ex.token_choice.clear();
+            Vec::new()
         };
         stats.records += 1;
         out.push(RequestRecord {
@@ -751,7 +908,7 @@ impl Side {
             path: ex.path,
             status: ex.status,
             model: ex.req_model.or(ex.resp_model),
-            stream: ex.req_stream.unwrap_or(ex.sse),
+            stream: ex.req_stream.unwrap_or(ex.streamed),
             start_ns: ex.start_ns,
             read_ns: ex.read_ns,
             arrival_ns: ex.arrival_ns,
@@ -763,6 +920,9 @@ impl Side {
             end_ns: end_ns.max(ex.start_ns),
             token_ns: ex.token_ns,
             tokens_per_event: ex.tokens_per_event,
+            token_choice: ex.token_choice,
+            choices,
+            stream_kind: kind,
             output_tokens,
             token_count_source: source,
             prompt_tokens: ex.usage_prompt,
@@ -791,10 +951,16 @@ impl Exchange {
             req_stream: None,
             status: None,
             response_start_ns: None,
-            sse: false,
+            streamed: false,
+            line_body: false,
+            kind: StreamKind::Unknown,
+            unrecognised_json: false,
             first_token_ns: None,
             token_ns: Vec::new(),
             tokens_per_event: Vec::new(),
+            token_choice: Vec::new(),
+            other_ns: Vec::new(),
+            choices: Vec::new(),
             counted_tokens: 0,
             usage_completion: None,
             usage_prompt: None,
@@ -815,19 +981,76 @@ fn apply_sse(
     max_events: usize,
     stats: &mut ReconstructStats,
 ) {
-    let mut info = openai::classify(e.data);
+    let mut info = openai::classify_event(e.name, e.data);
     if e.error_field {
         // `error:` events carry an error object whatever their JSON says.
         info.content = false;
+        info.choices.clear();
         info.error = Some(info.error.flatten());
     }
     apply_event(ex, info, ts, max_events, stats);
 }
 
-/// Folds one SSE event into its exchange.
+/// Folds one JSON line of a line-delimited stream into its exchange.
+fn apply_line(
+    ex: &mut Exchange,
+    data: &[u8],
+    ts: u64,
+    max_events: usize,
+    stats: &mut ReconstructStats,
+) {
+    let info = openai::classify_event(b"", data);
+    if !info.fallback && info.kind.is_none() {
+        ex.unrecognised_json = true;
+    }
+    apply_event(ex, info, ts, max_events, stats);
+}
+
+/// One line of a chunked `application/json` body not yet known to be JSON lines: the first is
+/// held; a second whole JSON value confirms the stream (`mode` becomes `Lines`, both lines are
+/// applied at their own times); a line that is not whole JSON makes it one body (`Buffer`).
+#[allow(clippy::too_many_arguments)]
+fn maybe_line(
+    ex: &mut Exchange,
+    mode: &mut BodyMode,
+    held: &mut Vec<u8>,
+    held_ts: &mut Option<u64>,
+    l: Line<'_>,
+    ts: u64,
+    max_events: usize,
+    stats: &mut ReconstructStats,
+) {
+    match *mode {
+        BodyMode::Lines => apply_line(ex, l.data, ts, max_events, stats),
+        BodyMode::MaybeLines => {
+            let whole = !l.truncated
+                && matches!(l.data.first(), Some(b'{' | b'['))
+                && serde_json::from_slice::<serde::de::IgnoredAny>(l.data).is_ok();
+            if !whole {
+                *mode = BodyMode::Buffer;
+                held.clear();
+                *held_ts = None;
+            } else if let Some(first_ts) = held_ts.take() {
+                *mode = BodyMode::Lines;
+                ex.streamed = true;
+                ex.line_body = true;
+                apply_line(ex, held, first_ts, max_events, stats);
+                held.clear();
+                apply_line(ex, l.data, ts, max_events, stats);
+            } else {
+                held.clear();
+                held.extend_from_slice(l.data);
+                *held_ts = Some(ts);
+            }
+        }
+        BodyMode::Buffer | BodyMode::Sse => {}
+    }
+}
+
+/// Folds one stream event into its exchange.
 fn apply_event(
     ex: &mut Exchange,
-    info: EventInfo<'_>,
+    mut info: EventInfo<'_>,
     ts: u64,
     max_events: usize,
     stats: &mut ReconstructStats,
@@ -835,29 +1058,116 @@ fn apply_event(
     if info.fallback {
         stats.fallback_events += 1;
     }
-    if info.content {
-        let tokens = info.tokens.max(1);
-        ex.first_token_ns.get_or_insert(ts);
-        ex.counted_tokens += u64::from(tokens);
-        if ex.token_ns.len() < max_events {
-            ex.token_ns.push(ts);
-            ex.tokens_per_event.push(tokens);
-        } else {
-            stats.token_events_dropped += 1;
+    // Until a shape is recognised, every event (but an end marker or an error) may be the
+    // content event of a stream of unknown shape.
+    let unknown = ex.kind == StreamKind::Unknown && info.kind.is_none();
+    if unknown && !info.done && info.error.is_none() && ex.other_ns.len() < max_events {
+        ex.other_ns.push(ts);
+    }
+    if info.choices.is_empty() {
+        // One output sequence: the whole event is choice 0.
+        if info.content {
+            content_event(ex, 0, info.tokens, ts, max_events, stats);
+        }
+        if let Some(fr) = &info.finish_reason {
+            if let Some(c) = choice_mut(ex, 0, stats) {
+                c.finish_reason = Some(finish_vocabulary(fr));
+            }
+        }
+        if info.terminal {
+            ex.terminal = true;
+        }
+    } else {
+        for c in &info.choices {
+            if c.tokens > 0 {
+                content_event(ex, c.index, c.tokens, ts, max_events, stats);
+            }
+            if let Some(st) = choice_mut(ex, c.index, stats) {
+                if let Some(fr) = &c.finish_reason {
+                    st.finish_reason = Some(finish_vocabulary(fr));
+                }
+            }
+        }
+        // The request finishes when every choice has.
+        if info.done || ex.choices.iter().all(|c| c.finish_reason.is_some()) {
+            ex.terminal = true;
         }
     }
+    if info.done {
+        ex.terminal = true;
+    }
+    // Decided above (per choice when the shape has them).
+    info.terminal = false;
     apply_body(ex, info);
+}
+
+/// The state of choice `index`, created on first sight (`None` beyond [`MAX_CHOICES`]).
+fn choice_mut<'e>(
+    ex: &'e mut Exchange,
+    index: u32,
+    stats: &mut ReconstructStats,
+) -> Option<&'e mut ChoiceState> {
+    let pos = match ex.choices.iter().position(|c| c.index == index) {
+        Some(p) => p,
+        None if ex.choices.len() < MAX_CHOICES => {
+            ex.choices.push(ChoiceState {
+                index,
+                tokens: 0,
+                events: 0,
+                first_ns: None,
+                last_ns: None,
+                finish_reason: None,
+            });
+            ex.choices.len() - 1
+        }
+        None => {
+            stats.choices_overflow += 1;
+            return None;
+        }
+    };
+    Some(&mut ex.choices[pos])
+}
+
+/// A content event of choice `index` carrying `tokens` tokens (at least one).
+fn content_event(
+    ex: &mut Exchange,
+    index: u32,
+    tokens: u32,
+    ts: u64,
+    max_events: usize,
+    stats: &mut ReconstructStats,
+) {
+    let tokens = tokens.max(1);
+    ex.first_token_ns.get_or_insert(ts);
+    ex.counted_tokens += u64::from(tokens);
+    if let Some(c) = choice_mut(ex, index, stats) {
+        c.tokens += u64::from(tokens);
+        c.events += 1;
+        c.first_ns.get_or_insert(ts);
+        c.last_ns = Some(ts);
+    }
+    if ex.token_ns.len() < max_events {
+        ex.token_ns.push(ts);
+        ex.tokens_per_event.push(tokens);
+        ex.token_choice.push(index);
+    } else {
+        stats.token_events_dropped += 1;
+    }
 }
 
 /// The fields a stream event and a whole JSON body share.
 fn apply_body(ex: &mut Exchange, info: EventInfo<'_>) {
+    if let Some(k) = info.kind {
+        if ex.kind == StreamKind::Unknown {
+            ex.kind = k;
+            ex.other_ns = Vec::new();
+        }
+    }
     if info.terminal {
         ex.terminal = true;
     }
     if let Some(fr) = info.finish_reason {
-        if ex.finish_reason.as_deref() != Some(&*fr) {
-            ex.finish_reason = Some(vocabulary(&fr));
-        }
+        ex.finish_reason = Some(finish_vocabulary(&fr).to_owned());
     }
     if ex.resp_model.is_none() {
         if let Some(m) = info.model {
@@ -889,20 +1199,6 @@ fn bounded(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_owned()
-}
-
-/// Finish reasons are a closed vocabulary; anything else is reported as `other` so no free text
-/// can leak through this field.
-fn vocabulary(s: &str) -> String {
-    let ok = !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        s.to_string()
-    } else {
-        "other".to_owned()
-    }
 }
 
 #[cfg(test)]

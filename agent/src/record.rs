@@ -6,6 +6,8 @@
 
 use std::net::SocketAddr;
 
+pub use crate::protocol::shape::StreamKind;
+
 /// Why an exchange did not complete normally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,8 +54,23 @@ pub enum TokenCountSource {
     Counted,
 }
 
+/// One parallel choice (`n > 1`) of a streamed response.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChoiceRecord {
+    /// `choices[].index`.
+    pub index: u32,
+    /// Tokens counted from this choice's content events (the usage total covers all choices).
+    pub output_tokens: u64,
+    /// Content events of this choice (all of them, also beyond the kept times).
+    pub content_events: u64,
+    pub first_token_ns: Option<u64>,
+    pub last_token_ns: Option<u64>,
+    /// This choice's own stop (closed vocabulary, see [`crate::protocol::shape`]).
+    pub finish_reason: Option<String>,
+}
+
 /// One completed exchange.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RequestRecord {
     pub pid: u32,
     /// Connection identity (kernel conn id), stable for the connection's lifetime.
@@ -92,11 +109,22 @@ pub struct RequestRecord {
     pub first_token_ns: Option<u64>,
     /// Time the response ended (last body byte written) or the exchange was cut off.
     pub end_ns: u64,
-    /// Emission time of every content event, in order (the first equals `first_token_ns`).
+    /// Emission time of every content event, in order (the first equals `first_token_ns`), of
+    /// every choice: with parallel choices, `token_choice` says which choice each belongs to.
+    /// For a stream of unknown shape, the time of every event.
     pub token_ns: Vec<u64>,
-    /// Tokens carried by each content event (same length as `token_ns`).
+    /// Tokens carried by each content event (same length as `token_ns`; 1 per event when the
+    /// shape is unknown).
     pub tokens_per_event: Vec<u32>,
-    /// Output tokens (see `token_count_source`).
+    /// Choice index of each `token_ns` entry when the response has parallel choices (`n > 1`);
+    /// empty when every event belongs to choice 0.
+    pub token_choice: Vec<u32>,
+    /// Per-choice figures when the response has parallel choices, by index; empty otherwise.
+    pub choices: Vec<ChoiceRecord>,
+    /// The API shape the response body spoke.
+    pub stream_kind: StreamKind,
+    /// Output tokens, the total over choices (see `token_count_source`); `None` when neither
+    /// usage nor a known shape gives them.
     pub output_tokens: Option<u64>,
     pub token_count_source: Option<TokenCountSource>,
     /// `usage.prompt_tokens`, when the response carries it.
@@ -139,15 +167,45 @@ impl RequestRecord {
         self.end_ns.saturating_sub(self.read_ns)
     }
 
-    /// Gaps between consecutive content events (inter-token latency as benchmark clients
-    /// measure it: one gap per event after the first).
+    /// Gaps between consecutive content events of the same choice (inter-token latency as
+    /// benchmark clients measure it: one gap per event after each choice's first; a token of
+    /// choice 1 is not a gap of choice 0).
     pub fn itl_ns(&self) -> impl Iterator<Item = u64> + '_ {
-        self.token_ns.windows(2).map(|w| w[1].saturating_sub(w[0]))
+        self.gaps().map(|g| g.gap_ns())
+    }
+
+    /// Every inter-token gap, per choice, in the order of the events that end them.
+    pub fn gaps(&self) -> Gaps<'_> {
+        Gaps {
+            token_ns: &self.token_ns,
+            token_choice: &self.token_choice,
+            next: 0,
+            last: Vec::new(),
+        }
+    }
+
+    /// The gaps of one choice.
+    pub fn choice_itl_ns(&self, index: u32) -> impl Iterator<Item = u64> + '_ {
+        self.gaps()
+            .filter(move |g| self.token_choice.get(g.token_index).copied().unwrap_or(0) == index)
+            .map(|g| g.gap_ns())
     }
 
     /// Time per output token after the first: (last content event − first) / (tokens − 1),
-    /// as vLLM's benchmark defines TPOT.
+    /// as vLLM's benchmark defines TPOT. With parallel choices, the mean of each choice's TPOT
+    /// (from its own counted tokens and event times).
     pub fn tpot_ns(&self) -> Option<u64> {
+        if self.choices.len() > 1 {
+            let per: Vec<u64> = self
+                .choices
+                .iter()
+                .filter_map(|c| {
+                    let (f, l) = (c.first_token_ns?, c.last_token_ns?);
+                    (c.output_tokens > 1).then(|| l.saturating_sub(f) / (c.output_tokens - 1))
+                })
+                .collect();
+            return (!per.is_empty()).then(|| per.iter().sum::<u64>() / per.len() as u64);
+        }
         let first = self.first_token_ns?;
         let last = *self.token_ns.last()?;
         let tokens = self.output_tokens?;
@@ -162,19 +220,10 @@ impl RequestRecord {
     /// first, at most `max` of them. One definition of a "slow token" for every consumer (GPU
     /// correlation, CPU attribution, metrics).
     pub fn slow_gaps(&self, factor: f64, max: usize) -> SlowGaps {
-        let t = &self.token_ns;
-        if t.len() < 2 {
+        let gaps: Vec<TokenGap> = self.gaps().collect();
+        if gaps.is_empty() {
             return SlowGaps::default();
         }
-        let gaps: Vec<TokenGap> = t
-            .windows(2)
-            .enumerate()
-            .map(|(i, w)| TokenGap {
-                token_index: i + 1,
-                start_ns: w[0],
-                end_ns: w[1].max(w[0]),
-            })
-            .collect();
         let mut sorted: Vec<u64> = gaps.iter().map(TokenGap::gap_ns).collect();
         sorted.sort_unstable();
         let n = sorted.len();
@@ -199,7 +248,43 @@ impl RequestRecord {
     }
 }
 
-/// The gap before content event `token_index` (1-based: the gap between events i-1 and i).
+/// Iterator over [`RequestRecord::gaps`].
+pub struct Gaps<'a> {
+    token_ns: &'a [u64],
+    token_choice: &'a [u32],
+    next: usize,
+    /// Last event time per choice seen so far.
+    last: Vec<(u32, u64)>,
+}
+
+impl Iterator for Gaps<'_> {
+    type Item = TokenGap;
+
+    fn next(&mut self) -> Option<TokenGap> {
+        while self.next < self.token_ns.len() {
+            let i = self.next;
+            self.next += 1;
+            let choice = self.token_choice.get(i).copied().unwrap_or(0);
+            let t = self.token_ns[i];
+            match self.last.iter_mut().find(|(c, _)| *c == choice) {
+                Some(slot) => {
+                    let start = slot.1;
+                    slot.1 = t;
+                    return Some(TokenGap {
+                        token_index: i,
+                        start_ns: start,
+                        end_ns: t.max(start),
+                    });
+                }
+                None => self.last.push((choice, t)),
+            }
+        }
+        None
+    }
+}
+
+/// The gap before content event `token_index` (the gap between that event and the previous
+/// event of the same choice).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenGap {
     pub token_index: usize,
@@ -256,6 +341,7 @@ mod tests {
             request_bytes: 10,
             response_bytes: 20,
             error: None,
+            ..Default::default()
         }
     }
 
@@ -280,5 +366,40 @@ mod tests {
         assert_eq!(r.slow_gaps(3.0, 1).slow.len(), 1);
         r.token_ns = vec![5];
         assert_eq!(r.slow_gaps(3.0, 5), SlowGaps::default());
+    }
+
+    #[test]
+    fn parallel_choices_have_their_own_gaps() {
+        let mut r = rec();
+        // Two choices interleaved: 0 at 0, 10, 30; 1 at 2, 22.
+        r.token_ns = vec![0, 2, 10, 22, 30];
+        r.tokens_per_event = vec![1; 5];
+        r.token_choice = vec![0, 1, 0, 1, 0];
+        let gaps: Vec<(usize, u64)> = r.gaps().map(|g| (g.token_index, g.gap_ns())).collect();
+        assert_eq!(gaps, vec![(2, 10), (3, 20), (4, 20)]);
+        assert_eq!(r.choice_itl_ns(0).collect::<Vec<_>>(), vec![10, 20]);
+        assert_eq!(r.choice_itl_ns(1).collect::<Vec<_>>(), vec![20]);
+        r.choices = vec![
+            ChoiceRecord {
+                index: 0,
+                output_tokens: 3,
+                content_events: 3,
+                first_token_ns: Some(0),
+                last_token_ns: Some(30),
+                finish_reason: None,
+            },
+            ChoiceRecord {
+                index: 1,
+                output_tokens: 2,
+                content_events: 2,
+                first_token_ns: Some(2),
+                last_token_ns: Some(22),
+                finish_reason: None,
+            },
+        ];
+        assert_eq!(r.tpot_ns(), Some((15 + 20) / 2));
+        let g = r.slow_gaps(1.2, 5);
+        assert_eq!(g.median_ns, Some(20));
+        assert!(g.slow.is_empty());
     }
 }

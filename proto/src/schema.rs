@@ -213,6 +213,18 @@ pub static REQUESTS: MetricDef = MetricDef {
     bounds: &[],
 };
 
+/// The API shape a response spoke (`openai_chat`, `anthropic_messages`, ..., `unknown`: the
+/// agent's closed `stream_kind` vocabulary).
+pub const LABEL_STREAM_KIND: &str = "stream_kind";
+
+pub static REQUESTS_BY_STREAM_KIND: MetricDef = MetricDef {
+    name: "infertap_requests_by_stream_kind_total",
+    help: "Requests observed, by the API shape of the response (stream_kind)",
+    kind: Kind::Counter,
+    labels: &[LABEL_STREAM_KIND],
+    bounds: &[],
+};
+
 pub static OUTPUT_TOKENS: MetricDef = MetricDef {
     name: "infertap_output_tokens_total",
     help: "Output tokens generated, all outcomes",
@@ -413,6 +425,7 @@ pub static ALL: &[&MetricDef] = &[
     &REQUEST_OUTPUT_TOKENS,
     &REQUEST_PROMPT_TOKENS,
     &REQUESTS,
+    &REQUESTS_BY_STREAM_KIND,
     &OUTPUT_TOKENS,
     &PROMPT_TOKENS,
     &EVENTS_DROPPED,

@@ -32,6 +32,13 @@ SCENARIO keys (defaults in brackets):
                   content events of this response                              [null]
   keep_alive      honour keep-alive                                             [true]
   chunked         json/error mode: chunked body instead of Content-Length      [false]
+  shape           stream mode: the API shape spoken, whatever the path           ["openai"]
+                  "openai" (chat or completions by path) | "responses" (OpenAI Responses
+                  events) | "anthropic" (Messages events) | "ollama_generate" | "ollama_chat"
+                  (NDJSON) | "tgi" | "llamacpp" (native SSE) | "json_lines" (chunked
+                  application/json lines of no known shape) | "unknown_sse" (SSE of no known
+                  shape)
+  n               "openai" shape: parallel choices, events interleaved choice by choice [1]
 
 Overload options (command line): --max-conns N serves at most N connections at once; further
 connections stay un-accepted in the listen backlog (their requests wait in the kernel) until a
@@ -42,7 +49,11 @@ Emission log line: {"peer": "ip:port" (the client's address), "seq_on_conn", "me
   "scenario", "status", "stream", "request_unix_ns" (first request byte read),
   "response_start_unix_ns", "events_unix_ns" [after the send completing each content event],
   "events_send_start_unix_ns" [before that send: the kernel's send lies between the two],
-  "tokens_per_event" [...], "output_tokens", "end_unix_ns", "completed" (false when cut off)}
+  "tokens_per_event" [...], "output_tokens", "end_unix_ns", "completed" (false when cut off),
+  "shape", "stream_kind" (what the agent must report), "finish_reason" (in the agent's closed
+  vocabulary, null when the shape has none), "usage_output_tokens" (the usage the stream
+  reported, null when none), "tokens_known" (false for shapes with no token semantics),
+  "choice_per_event" [choice index of each content event]}
 """
 
 import argparse
@@ -62,6 +73,7 @@ DEFAULTS = {
     "tokens_per_event": 1, "role_chunk": True, "usage": True, "done": True, "split": "none",
     "fragment_gap_ms": 1, "coalesce": 3, "close_after": None, "reset": False,
     "exit_after": None, "truncate_after": None, "keep_alive": True, "chunked": False,
+    "shape": "openai", "n": 1,
 }
 
 
@@ -299,27 +311,31 @@ class Conn:
 
     def stream(self, sc, chat, model, conn_hdr, log):
         """Streams the scripted events; returns False when the connection was cut."""
-        log["response_start_unix_ns"] = self.send(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-            b"Connection: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % conn_hdr)
-        base = {"id": "cmpl-scripted", "object": "chat.completion.chunk" if chat
-                else "text_completion", "model": model}
-        if chat and sc["role_chunk"]:
-            self.send(chunk(sse(dict(base, choices=[{"index": 0, "delta": {"role": "assistant"},
-                                                     "finish_reason": None}]))))
         n, per = int(sc["tokens"]), int(sc["tokens_per_event"])
+        shape = Shape(sc["shape"], chat, model, n, per, int(sc["n"]), sc)
+        log.update(shape="%s" % sc["shape"], stream_kind=shape.kind, finish_reason=shape.finish,
+                   usage_output_tokens=shape.usage_tokens, tokens_known=shape.tokens_known,
+                   choice_per_event=[])
+        log["response_start_unix_ns"] = self.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n"
+            b"Connection: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
+            % (shape.content_type, conn_hdr))
+        for pre in shape.preamble():
+            self.send(chunk(pre))
+        # Content events: token i of every choice, choice by choice.
+        events = [(i, c) for i in range(n) for c in range(shape.choices)]
         # Group events into sends: each group is written by one send (or fragmented).
         groups = []
         step = int(sc["coalesce"]) if sc["split"] == "coalesce" else 1
-        for start in range(0, n, step):
-            groups.append(list(range(start, min(n, start + step))))
+        for start in range(0, len(events), step):
+            groups.append(events[start:start + step])
         for group in groups:
-            time.sleep(self.gap(sc, group[0]))
-            data = b"".join(chunk(sse(content_event(chat, model, i, per))) for i in group)
-            if sc["close_after"] is not None and group[0] >= int(sc["close_after"]):
+            time.sleep(self.gap(sc, group[0][0] if group[0][1] == 0 else 1))
+            data = b"".join(chunk(shape.event(i, c)) for i, c in group)
+            if sc["close_after"] is not None and group[0][0] >= int(sc["close_after"]):
                 self.abort(sc["reset"])
                 return False
-            if sc["truncate_after"] is not None and group[0] >= int(sc["truncate_after"]):
+            if sc["truncate_after"] is not None and group[0][0] >= int(sc["truncate_after"]):
                 # Half an event (cut inside its JSON), then the connection ends.
                 self.send(data[: len(data) // 2])
                 self.abort(sc["reset"])
@@ -336,29 +352,213 @@ class Conn:
                 t = self.send(data[prev:])
             else:
                 t = self.send(data)
-            for _ in group:
+            for _, c in group:
                 log["events_unix_ns"].append(t)
                 log["events_send_start_unix_ns"].append(self.last_send_start)
-                log["tokens_per_event"].append(per)
-                log["output_tokens"] += per
+                log["tokens_per_event"].append(shape.per)
+                log["output_tokens"] += shape.per
+                log["choice_per_event"].append(c)
             if sc["exit_after"] is not None and len(log["events_unix_ns"]) >= int(sc["exit_after"]):
                 self.server.emit.write(dict(log, end_unix_ns=time.time_ns()))
                 os._exit(3)
         if sc["close_after"] is not None and n >= int(sc["close_after"]):
             self.abort(sc["reset"])
             return False
-        tail = b""
-        fin = dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "length"}] if chat
-                   else [{"index": 0, "text": "", "finish_reason": "length"}])
-        tail += chunk(sse(fin))
-        if sc["usage"]:
-            tail += chunk(sse(dict(base, choices=[], usage={
-                "prompt_tokens": 5, "completion_tokens": n * per, "total_tokens": 5 + n * per})))
-        if sc["done"]:
-            tail += chunk(b"data: [DONE]\n\n")
-        tail += b"0\r\n\r\n"
-        self.send(tail)
+        self.send(b"".join(chunk(t) for t in shape.tail()) + b"0\r\n\r\n")
         return True
+
+
+def sse_named(name, obj):
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def ndjson(obj):
+    return json.dumps(obj).encode() + b"\n"
+
+
+class Shape:
+    """The bytes of one API shape's stream, as each API's public docs describe it."""
+
+    def __init__(self, name, chat, model, n, per, choices, sc):
+        if name not in ("openai", "responses", "anthropic", "ollama_generate", "ollama_chat",
+                        "tgi", "llamacpp", "json_lines", "unknown_sse"):
+            raise ValueError("unknown shape %r" % name)
+        self.name, self.chat, self.model, self.n = name, chat, model, n
+        self.choices = choices if name == "openai" else 1
+        # Shapes without per-token logprobs carry one token per event.
+        self.per = per if name in ("openai", "responses") else 1
+        self.usage, self.done, self.role_chunk = sc["usage"], sc["done"], sc["role_chunk"]
+        self.total = n * self.per * self.choices
+        self.content_type = b"text/event-stream"
+        if name.startswith("ollama"):
+            self.content_type = b"application/x-ndjson"
+        elif name == "json_lines":
+            self.content_type = b"application/json"
+        self.kind = {"openai": "openai_chat" if chat else "openai_completion",
+                     "responses": "openai_responses", "anthropic": "anthropic_messages",
+                     "ollama_generate": "ollama", "ollama_chat": "ollama", "tgi": "tgi",
+                     "llamacpp": "llamacpp", "json_lines": "json_lines",
+                     "unknown_sse": "unknown"}[name]
+        self.tokens_known = name not in ("json_lines", "unknown_sse")
+        # The finish each shape reports, in the agent's closed vocabulary.
+        self.finish = None if not self.tokens_known else (
+            "stop" if name == "responses" else "length")
+        has_usage = self.usage and self.tokens_known
+        if name == "openai":
+            has_usage = self.usage
+        self.usage_tokens = self.total if has_usage else None
+        self.seq = 0
+
+    def text(self, i):
+        return "".join("tok%d " % (i * self.per + k) for k in range(self.per))
+
+    def preamble(self):
+        m = self.model
+        if self.name == "openai":
+            if not (self.chat and self.role_chunk):
+                return []
+            if self.choices == 1:
+                return [sse({"id": "cmpl-scripted", "object": "chat.completion.chunk",
+                             "model": m, "choices": [{"index": 0, "delta": {"role": "assistant"},
+                                                      "finish_reason": None}]})]
+            else:
+                return [sse({"id": "cmpl-scripted", "object": "chat.completion.chunk", "model": m,
+                             "choices": [{"index": c, "delta": {"role": "assistant",
+                                                                "content": ""},
+                                          "finish_reason": None}]})
+                        for c in range(self.choices)]
+        if self.name == "responses":
+            resp = self.response("in_progress", None)
+            return [self.responses_event("response.created", {"response": resp}),
+                    self.responses_event("response.in_progress", {"response": resp}),
+                    self.responses_event("response.output_item.added", {
+                        "output_index": 0, "item": {"id": "msg_1", "type": "message",
+                                                    "status": "in_progress",
+                                                    "role": "assistant", "content": []}}),
+                    self.responses_event("response.content_part.added", {
+                        "item_id": "msg_1", "output_index": 0, "content_index": 0,
+                        "part": {"type": "output_text", "text": "", "annotations": []}})]
+        if self.name == "anthropic":
+            return [sse_named("message_start", {"type": "message_start", "message": {
+                        "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                        "model": m, "stop_reason": None, "stop_sequence": None,
+                        "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+                    sse_named("content_block_start", {"type": "content_block_start", "index": 0,
+                                                      "content_block": {"type": "text",
+                                                                        "text": ""}}),
+                    sse_named("ping", {"type": "ping"})]
+        return []
+
+    def response(self, status, usage):
+        return {"id": "resp_1", "object": "response", "created_at": int(time.time()),
+                "status": status, "error": None, "incomplete_details": None, "model": self.model,
+                "output": [], "usage": usage}
+
+    def responses_event(self, ty, fields):
+        obj = dict({"type": ty, "sequence_number": self.seq}, **fields)
+        self.seq += 1
+        return sse_named(ty, obj)
+
+    def event(self, i, c):
+        m, text = self.model, self.text(i)
+        if self.name == "openai":
+            ev = content_event(self.chat, m, i, self.per)
+            ev["choices"][0]["index"] = c
+            return sse(ev)
+        if self.name == "responses":
+            fields = {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": text}
+            if self.per > 1:
+                fields["logprobs"] = [{"token": "t", "logprob": -0.1} for _ in range(self.per)]
+            return self.responses_event("response.output_text.delta", fields)
+        if self.name == "anthropic":
+            return sse_named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                     "delta": {"type": "text_delta",
+                                                               "text": text}})
+        created = "2026-12-02T00:00:00.%06dZ" % i
+        if self.name == "ollama_generate":
+            return ndjson({"model": m, "created_at": created, "response": text, "done": False})
+        if self.name == "ollama_chat":
+            return ndjson({"model": m, "created_at": created,
+                           "message": {"role": "assistant", "content": text}, "done": False})
+        if self.name == "tgi":
+            return b"data:" + json.dumps({"index": i, "token": {
+                "id": 100 + i, "text": text, "logprob": -0.1, "special": False},
+                "generated_text": None, "details": None}).encode() + b"\n\n"
+        if self.name == "llamacpp":
+            return sse({"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": 0,
+                        "tokens_predicted": i + 1, "tokens_evaluated": 5})
+        if self.name == "json_lines":
+            return ndjson({"seq": i, "piece": text})
+        return sse_named("chunk", {"piece": text})
+
+    def tail(self):
+        m, total = self.model, self.total
+        out = []
+        if self.name == "openai":
+            for c in range(self.choices):
+                fin = {"index": c, "delta": {}, "finish_reason": "length"} if self.chat else \
+                    {"index": c, "text": "", "finish_reason": "length"}
+                out.append(sse({"id": "cmpl-scripted", "object": "chat.completion.chunk"
+                                if self.chat else "text_completion", "model": m,
+                                "choices": [fin]}))
+            if self.usage:
+                out.append(sse({"id": "cmpl-scripted", "object": "chat.completion.chunk"
+                                if self.chat else "text_completion", "model": m, "choices": [],
+                                "usage": {"prompt_tokens": 5, "completion_tokens": total,
+                                          "total_tokens": 5 + total}}))
+            if self.done:
+                out.append(b"data: [DONE]\n\n")
+        elif self.name == "responses":
+            full = "".join(self.text(i) for i in range(self.n))
+            out.append(self.responses_event("response.output_text.done", {
+                "item_id": "msg_1", "output_index": 0, "content_index": 0, "text": full}))
+            out.append(self.responses_event("response.output_item.done", {
+                "output_index": 0, "item": {"id": "msg_1", "type": "message",
+                                            "status": "completed", "role": "assistant",
+                                            "content": [{"type": "output_text", "text": full,
+                                                         "annotations": []}]}}))
+            if self.done:
+                usage = {"input_tokens": 5, "output_tokens": total,
+                         "total_tokens": 5 + total} if self.usage else None
+                out.append(self.responses_event("response.completed", {
+                    "response": self.response("completed", usage)}))
+        elif self.name == "anthropic":
+            out.append(sse_named("content_block_stop", {"type": "content_block_stop",
+                                                        "index": 0}))
+            if self.done:
+                delta = {"type": "message_delta", "delta": {"stop_reason": "max_tokens",
+                                                            "stop_sequence": None}}
+                if self.usage:
+                    delta["usage"] = {"output_tokens": total}
+                out.append(sse_named("message_delta", delta))
+                out.append(sse_named("message_stop", {"type": "message_stop"}))
+        elif self.name.startswith("ollama"):
+            if self.done:
+                last = {"model": m, "created_at": "2026-12-02T00:00:01Z", "done": True,
+                        "done_reason": "length", "total_duration": 1000, "load_duration": 10}
+                if self.name == "ollama_generate":
+                    last["response"] = ""
+                else:
+                    last["message"] = {"role": "assistant", "content": ""}
+                if self.usage:
+                    last.update(prompt_eval_count=5, eval_count=total)
+                out.append(ndjson(last))
+        elif self.name == "tgi":
+            if self.done:
+                details = {"finish_reason": "length", "seed": None}
+                if self.usage:
+                    details["generated_tokens"] = total
+                out.append(b"data:" + json.dumps({"index": self.n, "token": {
+                    "id": 2, "text": "</s>", "logprob": -0.1, "special": True},
+                    "generated_text": "x", "details": details}).encode() + b"\n\n")
+        elif self.name == "llamacpp":
+            if self.done:
+                last = {"index": 0, "content": "", "tokens": [], "stop": True, "model": m,
+                        "stop_type": "limit", "stopping_word": "", "tokens_cached": 5}
+                if self.usage:
+                    last.update(tokens_predicted=total, tokens_evaluated=5)
+                out.append(sse(last))
+        return out
 
 
 class Server:

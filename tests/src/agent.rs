@@ -52,6 +52,25 @@ pub struct AgentRecord {
     pub prompt_tokens: Option<u64>,
     pub finish_reason: Option<String>,
     pub error: Option<String>,
+    pub stream_kind: Option<String>,
+    /// Choice index of each `token_unix_ns` entry (only with parallel choices).
+    pub token_choice: Vec<u32>,
+    /// Per-choice figures (only with parallel choices).
+    pub choices: Vec<AgentChoice>,
+}
+
+/// One entry of a request line's `choices`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentChoice {
+    pub index: u32,
+    pub output_tokens: u64,
+    pub content_events: u64,
+    pub first_token_unix_ns: Option<u64>,
+    pub ttft_ms: Option<f64>,
+    pub itl_ms_median: Option<f64>,
+    pub itl_ms_max: Option<f64>,
+    pub finish_reason: Option<String>,
 }
 
 impl AgentRecord {

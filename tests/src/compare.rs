@@ -389,7 +389,45 @@ pub fn check_against_emissions(
                 ));
             }
         }
-        if e.completed && a.output_tokens != Some(e.output_tokens) {
+        if let Some(k) = &e.stream_kind {
+            if a.stream_kind.as_deref() != Some(k.as_str()) {
+                out.problems
+                    .push(format!("{who}: stream_kind {:?} != {k}", a.stream_kind));
+            }
+        }
+        if e.completed && e.stream_kind.is_some() && a.finish_reason != e.finish_reason {
+            out.problems.push(format!(
+                "{who}: finish_reason {:?} != {:?}",
+                a.finish_reason, e.finish_reason
+            ));
+        }
+        if e.completed && e.stream_kind.is_some() {
+            let source = e
+                .usage_output_tokens
+                .map(|_| "usage")
+                .or(e.tokens_known.then_some("counted"));
+            if a.token_count_source.as_deref() != source {
+                out.problems.push(format!(
+                    "{who}: token_count_source {:?} != {source:?}",
+                    a.token_count_source
+                ));
+            }
+        }
+        let parallel = e.choice_per_event.iter().any(|&c| c != 0);
+        if parallel && a.token_choice != e.choice_per_event {
+            out.problems.push(format!(
+                "{who}: token_choice {:?} != {:?}",
+                a.token_choice, e.choice_per_event
+            ));
+        }
+        if !e.tokens_known {
+            if a.output_tokens.is_some() {
+                out.problems.push(format!(
+                    "{who}: output_tokens {:?} for a shape without tokens",
+                    a.output_tokens
+                ));
+            }
+        } else if e.completed && a.output_tokens != Some(e.output_tokens) {
             out.problems.push(format!(
                 "{who}: output_tokens {:?} != {}",
                 a.output_tokens, e.output_tokens

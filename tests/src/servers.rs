@@ -96,6 +96,28 @@ pub struct Emission {
     pub output_tokens: u64,
     pub end_unix_ns: u64,
     pub completed: bool,
+    /// Streams: the shape spoken (`--script` `shape`).
+    #[serde(default)]
+    pub shape: Option<String>,
+    /// The `stream_kind` the agent must report.
+    #[serde(default)]
+    pub stream_kind: Option<String>,
+    /// The finish reason the agent must report (closed vocabulary), when the shape has one.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    /// The output-token usage the stream reported, when it did.
+    #[serde(default)]
+    pub usage_output_tokens: Option<u64>,
+    /// False for shapes without token semantics (the agent must then report no token count).
+    #[serde(default = "yes")]
+    pub tokens_known: bool,
+    /// Choice index of each content event.
+    #[serde(default)]
+    pub choice_per_event: Vec<u32>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The scripted OpenAI-compatible server (python3, stdlib only).

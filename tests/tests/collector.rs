@@ -54,6 +54,7 @@ fn record(model: &str, events_us: &[u64], error: Option<RequestError>) -> Reques
         request_bytes: 200,
         response_bytes: 2_000,
         error,
+        ..Default::default()
     }
 }
 

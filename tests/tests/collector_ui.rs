@@ -64,6 +64,7 @@ fn record(model: &str, events_us: &[u64]) -> RequestRecord {
         request_bytes: 100,
         response_bytes: 1_000,
         error: None,
+        ..Default::default()
     }
 }
 

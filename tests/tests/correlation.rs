@@ -46,6 +46,7 @@ fn record(conn_id: u64, start: u64, end: u64, tokens: &[u64]) -> RequestRecord {
         request_bytes: 300,
         response_bytes: 3000,
         error: None,
+        ..Default::default()
     }
 }
 

@@ -57,6 +57,17 @@ fn real_server_concurrent_streams() {
         assert_eq!(a.path, c.path);
         assert_eq!(a.output_tokens, Some(c.output_tokens), "{a:?}\n{c:?}");
         assert_eq!(a.token_unix_ns.len(), c.event_unix_ns.len(), "{a:?}\n{c:?}");
+        // The shape as the bytes say it, and the stop in the closed vocabulary.
+        let kind = if c.path.ends_with("/chat/completions") {
+            "openai_chat"
+        } else {
+            "openai_completion"
+        };
+        assert_eq!(a.stream_kind.as_deref(), Some(kind), "{a:?}");
+        assert!(
+            matches!(a.finish_reason.as_deref(), Some("stop" | "length")),
+            "{a:?}"
+        );
     }
     // The model may stop at once for a prompt (0 tokens is legitimate); most requests stream.
     let streamed = client.iter().filter(|c| c.output_tokens > 1).count();

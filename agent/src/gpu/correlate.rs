@@ -1187,6 +1187,7 @@ pub(crate) mod tests {
             request_bytes: 100,
             response_bytes: 1000,
             error: None,
+            ..Default::default()
         }
     }
 

@@ -49,9 +49,23 @@ pub enum Framing {
 pub enum ContentType {
     Absent,
     EventStream,
+    /// Newline-delimited JSON (`application/x-ndjson`, `application/jsonl`, ...): one event per
+    /// line.
+    NdJson,
     Json,
     Other,
 }
+
+/// Media types of newline-delimited JSON streams.
+const NDJSON_TYPES: [&[u8]; 7] = [
+    b"application/x-ndjson",
+    b"application/ndjson",
+    b"application/jsonl",
+    b"application/x-jsonlines",
+    b"application/jsonlines",
+    b"application/json-lines",
+    b"application/stream+json",
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead<'a> {
@@ -726,9 +740,10 @@ impl HeaderInfo {
                 let essence = v.split(|&b| b == b';').next().unwrap_or(b"").trim_ascii();
                 info.content_type = Some(if essence.eq_ignore_ascii_case(b"text/event-stream") {
                     ContentType::EventStream
+                } else if NDJSON_TYPES.iter().any(|t| essence.eq_ignore_ascii_case(t)) {
+                    ContentType::NdJson
                 } else if essence.len() >= 4
-                    && (essence[essence.len() - 4..].eq_ignore_ascii_case(b"json")
-                        || essence.eq_ignore_ascii_case(b"application/x-ndjson"))
+                    && essence[essence.len() - 4..].eq_ignore_ascii_case(b"json")
                 {
                     ContentType::Json
                 } else {

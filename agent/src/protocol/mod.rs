@@ -3,5 +3,7 @@
 //! gaps (bytes known to exist but not captured).
 
 pub mod http;
+pub mod ndjson;
 pub mod openai;
+pub mod shape;
 pub mod sse;

@@ -1,7 +1,8 @@
 //! Server-sent events splitter over a de-chunked response body (WHATWG HTML §9.2 event stream).
 //!
-//! Only `data` fields are kept (joined with `\n` across lines); `event`, `id`, `retry` and
-//! comments are skipped. An event is dispatched at the blank line that ends it, inside the
+//! `data` fields are kept (joined with `\n` across lines) and the `event` name is handed over with
+//! them (API shapes such as the OpenAI Responses and Anthropic Messages streams name their
+//! events); `id`, `retry` and comments are skipped. An event is dispatched at the blank line that ends it, inside the
 //! `feed` call that delivered that byte, so the caller can stamp it with that syscall's time.
 //!
 //! Gaps (uncaptured bytes): an event whose tail is in a gap is dispatched at once with
@@ -24,13 +25,20 @@ pub struct SseEvent<'a> {
     /// The payload came in `error:` lines instead of `data:` (llama.cpp server reports stream
     /// errors that way).
     pub error_field: bool,
+    /// The event's `event:` name (empty when it has none), at most [`MAX_EVENT_NAME_BYTES`].
+    pub name: &'a [u8],
 }
+
+/// Bound on a kept `event:` name (longer names are cut; every name a known API uses fits).
+pub const MAX_EVENT_NAME_BYTES: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Field {
     Data,
     /// `error:` lines, kept like data.
     Error,
+    /// `event:` line: the event's name.
+    Event,
     Other,
 }
 
@@ -59,6 +67,8 @@ pub struct SseSplitter {
     pending_cr: bool,
     has_data: bool,
     error_field: bool,
+    event_name: [u8; MAX_EVENT_NAME_BYTES],
+    event_name_len: usize,
     /// Some field line was seen in the current event.
     event_open: bool,
     overflowed: bool,
@@ -86,6 +96,8 @@ impl SseSplitter {
             pending_cr: false,
             has_data: false,
             error_field: false,
+            event_name: [0; MAX_EVENT_NAME_BYTES],
+            event_name_len: 0,
             event_open: false,
             overflowed: false,
             after_gap: false,
@@ -107,6 +119,7 @@ impl SseSplitter {
         self.data.clear();
         self.has_data = false;
         self.error_field = false;
+        self.event_name_len = 0;
         self.event_open = false;
         self.overflowed = false;
     }
@@ -121,6 +134,7 @@ impl SseSplitter {
                 data: &self.data,
                 truncated,
                 error_field: self.error_field,
+                name: &self.event_name[..self.event_name_len],
             });
         }
         self.clear_event();
@@ -196,10 +210,14 @@ impl SseSplitter {
                     let field = match &self.name[..self.name_len.min(self.name.len())] {
                         b"data" if self.name_len == 4 => Field::Data,
                         b"error" if self.name_len == 5 => Field::Error,
+                        b"event" if self.name_len == 5 => Field::Event,
                         _ => Field::Other,
                     };
                     self.event_open = true;
-                    if field != Field::Other {
+                    if field == Field::Event {
+                        // The last `event:` line of an event names it.
+                        self.event_name_len = 0;
+                    } else if field != Field::Other {
                         self.error_field |= field == Field::Error;
                         self.start_data_line();
                     }
@@ -221,16 +239,12 @@ impl SseSplitter {
                     let rest = &bytes[i..];
                     match memchr2(b'\r', b'\n', rest) {
                         Some(j) => {
-                            if field != Field::Other {
-                                self.push_data(&rest[..j]);
-                            }
+                            self.push_value(field, &rest[..j]);
                             i += j + 1;
                             self.end_line(rest[j]);
                         }
                         None => {
-                            if field != Field::Other {
-                                self.push_data(rest);
-                            }
+                            self.push_value(field, rest);
                             i = bytes.len();
                         }
                     }
@@ -244,6 +258,20 @@ impl SseSplitter {
                     None => i = bytes.len(),
                 },
             }
+        }
+    }
+
+    fn push_value(&mut self, field: Field, bytes: &[u8]) {
+        match field {
+            Field::Data | Field::Error => self.push_data(bytes),
+            Field::Event => {
+                let room = MAX_EVENT_NAME_BYTES - self.event_name_len;
+                let n = bytes.len().min(room);
+                self.event_name[self.event_name_len..self.event_name_len + n]
+                    .copy_from_slice(&bytes[..n]);
+                self.event_name_len += n;
+            }
+            Field::Other => {}
         }
     }
 
@@ -422,6 +450,37 @@ mod tests {
         assert_eq!(
             out,
             vec![(b"{\"code\":500}".to_vec(), true), (b"x".to_vec(), false)]
+        );
+    }
+
+    #[test]
+    fn event_names_are_handed_over_and_bounded() {
+        let mut sp = SseSplitter::default();
+        let mut out = Vec::new();
+        let long = format!("event: {}\ndata: x\n\n", "n".repeat(500));
+        for part in [
+            &b"event: response.output_text.delta\ndata: {\"a\":1}\n\n"[..],
+            b"data: {}\n\n",
+            b"event: ping\nevent: message_stop\r\ndata: {}\r\n\r\n",
+            b"event:error\ndata: 1\n\n",
+            long.as_bytes(),
+        ] {
+            // Byte at a time: the name survives being split anywhere.
+            for b in part.chunks(1) {
+                sp.feed(b, &mut |e| {
+                    out.push(String::from_utf8_lossy(e.name).into_owned())
+                });
+            }
+        }
+        assert_eq!(
+            out,
+            vec![
+                "response.output_text.delta".to_owned(),
+                String::new(),
+                "message_stop".into(),
+                "error".into(),
+                "n".repeat(MAX_EVENT_NAME_BYTES),
+            ]
         );
     }
 

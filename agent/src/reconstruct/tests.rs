@@ -212,7 +212,9 @@ fn tgi_keep_alive() {
             (r.output_tokens, r.token_count_source),
             (Some(2), Some(TokenCountSource::Usage))
         );
-        assert_eq!(r.finish_reason.as_deref(), Some("eos_token"));
+        // TGI's `eos_token` in the closed vocabulary.
+        assert_eq!(r.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(r.stream_kind, StreamKind::Tgi);
         assert_eq!(r.error, None);
     }
 }
@@ -899,3 +901,5 @@ fn llama_cpp_error_event() {
         (Some(RequestError::Http5xx), Some(1))
     );
 }
+
+mod shapes;

@@ -19,6 +19,8 @@ pub struct RequestLine<'a> {
     pub status: Option<u16>,
     pub model: Option<&'a str>,
     pub stream: bool,
+    /// The API shape of the response (closed vocabulary, README).
+    pub stream_kind: &'static str,
     /// The request's start (its arrival when the kernel stamped it, else its read).
     pub start_unix_ns: u64,
     /// When the request's first byte reached the server's socket.
@@ -53,14 +55,39 @@ pub struct RequestLine<'a> {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub error: Option<&'static str>,
+    /// Every content event of every choice, in emission order.
     pub token_unix_ns: Vec<u64>,
+    /// Choice index of each `token_unix_ns` entry (only with parallel choices, `n > 1`).
+    #[serde(skip_serializing_if = "<[u32]>::is_empty")]
+    pub token_choice: &'a [u32],
+    /// Per-choice figures (only with parallel choices, `n > 1`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<ChoiceLine<'a>>,
     /// GPU attribution (present when GPU data sources are active).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<serde_json::Value>,
 }
 
+/// One choice of a response with parallel choices.
+#[derive(Serialize)]
+pub struct ChoiceLine<'a> {
+    pub index: u32,
+    pub output_tokens: u64,
+    pub content_events: u64,
+    pub first_token_unix_ns: Option<u64>,
+    pub ttft_ms: Option<f64>,
+    pub itl_ms_median: Option<f64>,
+    pub itl_ms_max: Option<f64>,
+    pub finish_reason: Option<&'a str>,
+}
+
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
+}
+
+/// The median of sorted gaps (the upper one for an even count), in ms.
+fn median_ms(sorted: &[u64]) -> Option<f64> {
+    (!sorted.is_empty()).then(|| ms(sorted[sorted.len() / 2]))
 }
 
 impl<'a> RequestLine<'a> {
@@ -77,6 +104,7 @@ impl<'a> RequestLine<'a> {
             status: r.status,
             model: r.model.as_deref(),
             stream: r.stream,
+            stream_kind: r.stream_kind.as_str(),
             start_unix_ns: clock.to_unix_ns(r.start_ns),
             arrival_unix_ns: r.arrival_ns.map(|t| clock.to_unix_ns(t)),
             read_unix_ns: clock.to_unix_ns(r.read_ns),
@@ -89,7 +117,7 @@ impl<'a> RequestLine<'a> {
             ttft_ms: r.ttft_ns().map(ms),
             e2e_ms: ms(r.e2e_ns()),
             tpot_ms: r.tpot_ns().map(ms),
-            itl_ms_median: (!itl.is_empty()).then(|| ms(itl[itl.len() / 2])),
+            itl_ms_median: median_ms(&itl),
             itl_ms_max: itl.last().copied().map(ms),
             output_tokens: r.output_tokens,
             token_count_source: r.token_count_source,
@@ -100,6 +128,25 @@ impl<'a> RequestLine<'a> {
             response_bytes: r.response_bytes,
             error: r.error.map(|e| e.as_str()),
             token_unix_ns: r.token_ns.iter().map(|t| clock.to_unix_ns(*t)).collect(),
+            token_choice: &r.token_choice,
+            choices: r
+                .choices
+                .iter()
+                .map(|c| {
+                    let mut gaps: Vec<u64> = r.choice_itl_ns(c.index).collect();
+                    gaps.sort_unstable();
+                    ChoiceLine {
+                        index: c.index,
+                        output_tokens: c.output_tokens,
+                        content_events: c.content_events,
+                        first_token_unix_ns: c.first_token_ns.map(|t| clock.to_unix_ns(t)),
+                        ttft_ms: c.first_token_ns.map(|t| ms(t.saturating_sub(r.start_ns))),
+                        itl_ms_median: median_ms(&gaps),
+                        itl_ms_max: gaps.last().copied().map(ms),
+                        finish_reason: c.finish_reason.as_deref(),
+                    }
+                })
+                .collect(),
             gpu: None,
         }
     }
@@ -167,4 +214,79 @@ pub fn human_line(r: &RequestRecord) -> String {
             .unwrap_or_else(|| "-".into()),
         r.error.map(|e| e.as_str()).unwrap_or("ok"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{ChoiceRecord, StreamKind};
+
+    fn record() -> RequestRecord {
+        RequestRecord {
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            stream: true,
+            start_ns: 1_000_000,
+            first_token_ns: Some(2_000_000),
+            end_ns: 9_000_000,
+            output_tokens: Some(5),
+            stream_kind: StreamKind::OpenaiChat,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn single_choice_lines_carry_the_kind_and_no_choice_fields() {
+        let clock = Clock::measure();
+        let mut r = record();
+        r.token_ns = vec![2_000_000, 3_000_000, 5_000_000];
+        r.tokens_per_event = vec![1; 3];
+        let v = serde_json::to_value(RequestLine::new(&r, &clock)).unwrap();
+        assert_eq!(v["stream_kind"], "openai_chat");
+        assert!(v.get("choices").is_none() && v.get("token_choice").is_none());
+        assert_eq!(v["itl_ms_median"], 2.0);
+        assert_eq!(v["content_events"], 3);
+    }
+
+    #[test]
+    fn parallel_choices_get_per_choice_figures() {
+        let clock = Clock::measure();
+        let mut r = record();
+        // Choice 0 at 2, 3, 4 ms; choice 1 at 2.5, 6 ms.
+        r.token_ns = vec![2_000_000, 2_500_000, 3_000_000, 4_000_000, 6_000_000];
+        r.tokens_per_event = vec![1; 5];
+        r.token_choice = vec![0, 1, 0, 0, 1];
+        r.choices = vec![
+            ChoiceRecord {
+                index: 0,
+                output_tokens: 3,
+                content_events: 3,
+                first_token_ns: Some(2_000_000),
+                last_token_ns: Some(4_000_000),
+                finish_reason: Some("stop".into()),
+            },
+            ChoiceRecord {
+                index: 1,
+                output_tokens: 2,
+                content_events: 2,
+                first_token_ns: Some(2_500_000),
+                last_token_ns: Some(6_000_000),
+                finish_reason: Some("length".into()),
+            },
+        ];
+        let v = serde_json::to_value(RequestLine::new(&r, &clock)).unwrap();
+        assert_eq!(v["token_choice"], serde_json::json!([0, 1, 0, 0, 1]));
+        let c = v["choices"].as_array().unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0]["itl_ms_median"], 1.0);
+        assert_eq!(c[0]["itl_ms_max"], 1.0);
+        assert_eq!(c[1]["itl_ms_median"], 3.5);
+        assert_eq!(c[1]["ttft_ms"], 1.5);
+        assert_eq!(c[1]["finish_reason"], "length");
+        assert_eq!(c[1]["first_token_unix_ns"], clock.to_unix_ns(2_500_000));
+        // Request-level gaps are per choice too: 1, 1 (choice 0) and 3.5 (choice 1).
+        assert_eq!(v["itl_ms_max"], 3.5);
+        assert_eq!(v["itl_ms_median"], 1.0);
+        assert_eq!(v["output_tokens"], 5);
+    }
 }
