@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use infertap_tests::agent::{Agent, AgentOptions, AgentRecord};
 use infertap_tests::client::{Endpoint, RequestSpec};
-use infertap_tests::compare::check_against_emissions;
+use infertap_tests::compare::{check_against_emissions, wire_fidelity};
 use infertap_tests::load::run_sequences_blocking;
 use infertap_tests::prereq;
 use infertap_tests::servers::{Emission, ScriptedServer};
+use infertap_tests::wire::WireCapture;
 use serde_json::{json, Map, Value};
 
 const TOL_NS: u64 = 1_000_000;
@@ -73,6 +74,7 @@ fn every_api_shape_matches_emissions() {
     }))
     .unwrap();
     let agent = Agent::spawn(&AgentOptions::pid(server.pid())).unwrap();
+    let cap = WireCapture::start(server.port).unwrap();
     // Two keep-alive connections, each taking half the shapes and their variants in sequence
     // (few concurrent streams, so the Python server's own clock readings stay within the
     // tolerance on a loaded machine).
@@ -97,11 +99,26 @@ fn every_api_shape_matches_emissions() {
     assert!(client.iter().all(|c| c.error.is_none()), "{client:#?}");
     let em = server.wait_emissions(total, WAIT).unwrap();
     let recs = agent.wait_records(total, WAIT).unwrap();
+    let wire = cap.finish().unwrap();
+    assert_eq!(wire.losses(), 0, "capture lost data: {:?}", wire.stats);
     let check = check_against_emissions(&recs, &em, TOL_NS);
     eprintln!(
         "agent vs server emissions over {} shapes: {:#?}",
         SHAPES.len(),
         check
+    );
+    // The wire, parsing each shape on its own, is the stricter reference for the times.
+    let w = wire_fidelity(&recs, &wire, Some(&client));
+    eprintln!("agent vs the wire over every shape: {}", w.summary());
+    if !w.problems.is_empty() {
+        eprintln!("wire problems: {:#?}", w.problems);
+    }
+    assert_eq!(w.joined, total, "{}", w.summary());
+    let misses = w.target_misses();
+    assert!(
+        misses.is_empty(),
+        "misses the wire targets: {misses:#?}\n{}",
+        w.summary()
     );
     assert!(check.problems.is_empty(), "{:#?}", check.problems);
     assert_eq!(check.matched, total);

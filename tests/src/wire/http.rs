@@ -75,6 +75,8 @@ pub struct WireEvent {
     pub content: bool,
     /// Tokens it carries (per-token logprobs when present, else 1; 0 for non-content).
     pub tokens: u32,
+    /// Its payload has a shape this reference knows (see [`classify_known`]).
+    pub recognised: bool,
 }
 
 /// A response as the wire saw it.
@@ -96,6 +98,8 @@ pub struct WireResponse {
     pub usage_tokens: Option<u64>,
     /// Tokens counted from the content events.
     pub counted_tokens: u64,
+    /// False for a stream of no known shape: it has events but no token semantics.
+    pub tokens_known: bool,
 }
 
 impl WireResponse {
@@ -282,8 +286,14 @@ fn sse_events(b: &[u8]) -> Vec<(usize, usize, Option<String>, Option<String>)> {
 /// Classifies one event's payload: (content, tokens it carries, output tokens from usage).
 /// Independent of the agent's parsers on purpose.
 pub fn classify(event: Option<&str>, data: &str) -> (bool, u32, Option<u64>) {
+    classify_known(event, data).unwrap_or((false, 0, None))
+}
+
+/// [`classify`], or `None` when the payload is of no shape this reference knows (a stream of
+/// such events has no token semantics: every event is timed as a content event).
+pub fn classify_known(event: Option<&str>, data: &str) -> Option<(bool, u32, Option<u64>)> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
-        return (false, 0, None);
+        return None;
     };
     let kind = event
         .map(str::to_string)
@@ -296,22 +306,30 @@ pub fn classify(event: Option<&str>, data: &str) -> (bool, u32, Option<u64>) {
     let u = |p: &str| v.pointer(p).and_then(|x| x.as_u64());
     match kind.as_deref() {
         // OpenAI Responses API.
-        Some("response.output_text.delta") => return (nonempty("/delta"), 1, None),
-        Some("response.completed") => return (false, 0, u("/response/usage/output_tokens")),
+        Some("response.output_text.delta") => {
+            let n = v
+                .get("logprobs")
+                .and_then(|l| l.as_array())
+                .map(|l| l.len() as u32)
+                .filter(|&n| n > 0)
+                .unwrap_or(1);
+            return Some((nonempty("/delta"), n, None));
+        }
+        Some("response.completed") => return Some((false, 0, u("/response/usage/output_tokens"))),
         // Anthropic Messages API.
         Some("content_block_delta") => {
-            return (
+            return Some((
                 nonempty("/delta/text") || nonempty("/delta/thinking"),
                 1,
                 None,
-            )
+            ))
         }
-        Some("message_delta") => return (false, 0, u("/usage/output_tokens")),
+        Some("message_delta") => return Some((false, 0, u("/usage/output_tokens"))),
         Some(k) if k.starts_with("response.") || k.starts_with("message_") => {
-            return (false, 0, None)
+            return Some((false, 0, None))
         }
         Some("content_block_start") | Some("content_block_stop") | Some("ping") => {
-            return (false, 0, None)
+            return Some((false, 0, None))
         }
         _ => {}
     }
@@ -336,12 +354,12 @@ pub fn classify(event: Option<&str>, data: &str) -> (bool, u32, Option<u64>) {
                 .unwrap_or(1);
             tokens += n;
         }
-        return (tokens > 0, tokens, u("/usage/completion_tokens"));
+        return Some((tokens > 0, tokens, u("/usage/completion_tokens")));
     }
     // Ollama NDJSON (`/api/generate`: response, `/api/chat`: message.content).
     if v.get("done").is_some() && (v.get("response").is_some() || v.get("message").is_some()) {
         let content = nonempty("/response") || nonempty("/message/content");
-        return (content, u32::from(content), u("/eval_count"));
+        return Some((content, u32::from(content), u("/eval_count")));
     }
     // TGI `/generate_stream`.
     if v.get("token").is_some() {
@@ -350,14 +368,27 @@ pub fn classify(event: Option<&str>, data: &str) -> (bool, u32, Option<u64>) {
             .and_then(|s| s.as_bool())
             .unwrap_or(false);
         let content = !special && nonempty("/token/text");
-        return (content, u32::from(content), u("/details/generated_tokens"));
+        return Some((content, u32::from(content), u("/details/generated_tokens")));
     }
     // llama.cpp native `/completion`.
     if v.get("content").is_some() {
         let content = nonempty("/content");
-        return (content, u32::from(content), u("/tokens_predicted"));
+        return Some((content, u32::from(content), u("/tokens_predicted")));
     }
-    (false, 0, None)
+    None
+}
+
+/// At least two non-empty lines, each a JSON value.
+fn json_lines(b: &[u8]) -> bool {
+    let lines: Vec<&[u8]> = b
+        .split(|&c| c == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.len() >= 2
+        && lines
+            .iter()
+            .all(|l| serde_json::from_slice::<serde_json::Value>(l).is_ok())
 }
 
 fn events(body: &Body, kind: BodyKind, s: &Stream) -> Vec<WireEvent> {
@@ -386,16 +417,18 @@ fn events(body: &Body, kind: BodyKind, s: &Stream) -> Vec<WireEvent> {
         .filter_map(|(a, e, name, data)| {
             let (sa, se) = (body.stream_off(a), body.stream_off(e - 1) + 1);
             let t = s.time_of(sa, se)?;
-            let (content, tokens, _) = if data == "[DONE]" {
-                (false, 0, None)
+            let known = if data == "[DONE]" {
+                Some((false, 0, None))
             } else {
-                classify(name.as_deref(), &data)
+                classify_known(name.as_deref(), &data)
             };
+            let (content, tokens, _) = known.unwrap_or((false, 0, None));
             Some(WireEvent {
                 unix_ns: t,
                 bytes: e - a,
                 content,
                 tokens: if content { tokens } else { 0 },
+                recognised: known.is_some(),
             })
         })
         .collect()
@@ -492,7 +525,20 @@ pub fn exchanges(c: &TcpConn) -> WireConn {
             } else {
                 None
             };
-            let evs = events(&body, kind, r);
+            // Chunked `application/json` whose lines are each a JSON value is a JSON-lines
+            // stream (a single, possibly pretty-printed, document is not).
+            let kind = if kind == BodyKind::Plain && h.chunked && json_lines(&body.bytes) {
+                BodyKind::Ndjson
+            } else {
+                kind
+            };
+            let mut evs = events(&body, kind, r);
+            // A stream of no known shape: every event is timed as a content event and its
+            // tokens are unknown (what a reader without the shape can say).
+            let tokens_known = evs.is_empty() || evs.iter().any(|e| e.recognised);
+            if !tokens_known {
+                evs.iter_mut().for_each(|e| e.content = true);
+            }
             let content_unix_ns: Vec<u64> = evs
                 .iter()
                 .filter(|e| e.content)
@@ -509,6 +555,7 @@ pub fn exchanges(c: &TcpConn) -> WireConn {
                 body_bytes: body.bytes.len() as u64,
                 usage_tokens: usage_tokens(&body, kind),
                 counted_tokens: counted,
+                tokens_known,
                 events: evs,
             });
             pos = end;

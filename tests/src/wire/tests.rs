@@ -323,6 +323,17 @@ fn other_api_shapes_are_classified() {
     let multi = "{\"choices\":[{\"text\":\"ab\",\"logprobs\":{\"tokens\":[\"a\",\"b\"]}}]}";
     assert_eq!(classify(None, multi), (true, 2, None));
     assert_eq!(classify(None, "not json"), (false, 0, None));
+    // Responses deltas with per-token logprobs carry that many tokens.
+    let lp = "{\"type\":\"response.output_text.delta\",\"delta\":\"abc\",\"logprobs\":[{},{},{}]}";
+    assert_eq!(
+        classify(Some("response.output_text.delta"), lp),
+        (true, 3, None)
+    );
+    // No known shape: `classify_known` says so, and [`classify`] calls it non-content.
+    use super::http::classify_known;
+    assert_eq!(classify_known(Some("chunk"), "{\"piece\":\"x\"}"), None);
+    assert_eq!(classify_known(None, "{\"seq\":1,\"piece\":\"x\"}"), None);
+    assert_eq!(classify_known(None, tgi), Some((true, 1, None)));
 }
 
 #[test]
