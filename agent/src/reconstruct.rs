@@ -45,7 +45,9 @@ pub struct ReconstructConfig {
     pub max_connections: usize,
     /// A connection silent this long is dropped by [`Reconstructor::expire_idle`].
     pub idle_timeout_ns: u64,
-    /// Bound on one header block.
+    /// Bound on one header block: a longer head is counted as
+    /// [`ReconstructStats::header_overflow`] and the connection resyncs at the next message.
+    /// Defaults to what the kernel captures of a request's start (`HEAD_CAPTURE`).
     pub max_header_bytes: usize,
     /// Requests received but not yet answered, per connection (pipelining depth).
     pub max_pending_per_conn: usize,
@@ -63,7 +65,8 @@ impl Default for ReconstructConfig {
         ReconstructConfig {
             max_connections: 16 * 1024,
             idle_timeout_ns: 15 * 60 * 1_000_000_000,
-            max_header_bytes: http::DEFAULT_MAX_HEADER_BYTES,
+            // What the kernel captures of every request's start, whatever `--capture-bytes`.
+            max_header_bytes: infertap_common::HEAD_CAPTURE,
             max_pending_per_conn: 64,
             max_body_scan_bytes: 16 * 1024,
             max_event_bytes: crate::protocol::sse::DEFAULT_MAX_EVENT_BYTES,

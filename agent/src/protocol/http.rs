@@ -873,8 +873,10 @@ pub fn first_bytes(data: &[u8]) -> FirstBytes {
         return FirstBytes::Other;
     }
     let line = &s[method + 1..];
+    if line.first() == Some(&b' ') {
+        return FirstBytes::Other;
+    }
     match memchr(b'\n', line) {
-        None if line.first() == Some(&b' ') => FirstBytes::Other,
         None => FirstBytes::Http,
         Some(end) => {
             let line = line[..end].strip_suffix(b"\r").unwrap_or(&line[..end]);
