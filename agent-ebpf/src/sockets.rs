@@ -286,7 +286,7 @@ pub fn exit_accept(ctx: TracePointContext) -> u32 {
     };
     // The peer address, if the caller asked for it (sockaddr_in6 is the largest we decode).
     let addr = syscall_args().map_or(0, |a| a[1]);
-    if addr != 0 && copy_user(rec.data.as_mut_ptr(), 0, addr, 28) {
+    if addr != 0 && copy_user::<1>(rec.data.as_mut_ptr(), 0, addr, 28) {
         rec.header.captured = 28;
     }
     emit_record(rec)
@@ -396,7 +396,13 @@ fn capture_payload(
         }
         return;
     }
-    let got = copy_span(rec, flat, iov, iovcnt, 0, want, 0);
+    // Only reads have a head window: a write's prefix (≤ MAX_CAPTURE) is one piece, which keeps
+    // the verifier's walk of the iovec loops small.
+    let got = if kind == kind::READ {
+        copy_span::<MAX_CHUNKS>(rec, flat, iov, iovcnt, 0, want, 0)
+    } else {
+        copy_span::<1>(rec, flat, iov, iovcnt, 0, want, 0)
+    };
     if got < want {
         if got == 0 {
             bump(counter::PAYLOAD_FAULT);
@@ -413,7 +419,7 @@ fn capture_payload(
         };
         let rest = total - want;
         let tail = if rest < max_tail { rest } else { max_tail };
-        if tail > 0 && copy_span(rec, flat, iov, iovcnt, total - tail, tail, want) == tail {
+        if tail > 0 && copy_span::<1>(rec, flat, iov, iovcnt, total - tail, tail, want) == tail {
             rec.header.flags |= flag::TAIL;
             rec.header.aux = tail as u32;
             captured += tail;
@@ -444,9 +450,10 @@ exit_program!(exit_sendmmsg, kind::WRITE, sc::SENDMMSG, LAYOUT_MMSG);
 
 /// Copies bytes `[from, from + len)` of the syscall's payload (a flat buffer at `iov` when
 /// `flat`, else an array of `iovcnt` iovecs) to `rec.data[dst..]`; returns the bytes copied
-/// (fewer than `len` when user memory faulted or the iovecs ran out).
+/// (fewer than `len` when user memory faulted or the iovecs ran out). `CHUNKS` pieces of
+/// `COPY_CHUNK` at most are copied per iovec.
 #[inline(always)]
-fn copy_span(
+fn copy_span<const CHUNKS: u64>(
     rec: &mut Record,
     flat: bool,
     iov: u64,
@@ -457,7 +464,7 @@ fn copy_span(
 ) -> u64 {
     let base = rec.data.as_mut_ptr();
     if flat {
-        return if copy_user(base, dst, iov + from, len) {
+        return if copy_user::<CHUNKS>(base, dst, iov + from, len) {
             len
         } else {
             0
@@ -481,7 +488,8 @@ fn copy_span(
             let start = if pos > from { pos } else { from };
             let stop = if v_end < end { v_end } else { end };
             let n = stop - start;
-            if n > 0 && !copy_user(base, dst + (start - from), v.base + (start - pos), n) {
+            if n > 0 && !copy_user::<CHUNKS>(base, dst + (start - from), v.base + (start - pos), n)
+            {
                 break;
             }
             copied += n;
@@ -497,13 +505,13 @@ unsafe fn read_user<T>(ptr: u64) -> Option<T> {
     unsafe { aya_ebpf::helpers::bpf_probe_read_user(ptr as *const T).ok() }
 }
 
-/// Copies `len` (≤ `HEAD_CAPTURE`) user bytes to `base + off`, in pieces of `COPY_CHUNK` whose
-/// offsets and lengths have bounds the verifier can follow.
+/// Copies `len` (≤ `CHUNKS * COPY_CHUNK`) user bytes to `base + off`, in pieces of
+/// `COPY_CHUNK` whose offsets and lengths have bounds the verifier can follow.
 #[inline(always)]
-fn copy_user(base: *mut u8, off: u64, src: u64, len: u64) -> bool {
+fn copy_user<const CHUNKS: u64>(base: *mut u8, off: u64, src: u64, len: u64) -> bool {
     let mut done: u64 = 0;
     let mut i: u64 = 0;
-    while i < MAX_CHUNKS {
+    while i < CHUNKS {
         if done >= len {
             break;
         }
