@@ -39,6 +39,11 @@ pub struct AgentRecord {
     pub prompt_tokens: Option<u64>,
     pub finish_reason: Option<String>,
     pub error: Option<String>,
+    /// Whole request / response sizes (head, framing, body), bytes.
+    #[serde(default)]
+    pub request_bytes: u64,
+    #[serde(default)]
+    pub response_bytes: u64,
 }
 
 impl AgentRecord {

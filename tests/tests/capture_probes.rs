@@ -240,13 +240,11 @@ while True:
 /// exchange (the server answers every request), so each is captured in the head window.
 fn read_cost(probes: &Probes, client: &mut TcpStream, size: usize, n: usize) -> (f64, u64) {
     let before = probes.program_info("exit_recvfrom").unwrap();
-    let body = vec![b'x'; size];
+    let mut msg = format!("{size:08}").into_bytes();
+    msg.resize(8 + size, b'x');
     let mut k = [0u8; 1];
     for _ in 0..n {
-        client
-            .write_all(format!("{size:08}").as_bytes())
-            .and_then(|_| client.write_all(&body))
-            .unwrap();
+        client.write_all(&msg).unwrap();
         client.read_exact(&mut k).unwrap();
     }
     let after = probes.program_info("exit_recvfrom").unwrap();
@@ -271,16 +269,23 @@ fn head_window_cost_per_read() {
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     client.set_nodelay(true).unwrap();
     let mut sink = Vec::new();
-    let mut results = Vec::new();
-    for size in [100usize, 1024, 4096, 16 * 1024 - 8] {
-        let (ns, runs) = read_cost(&probes, &mut client, size, 2000);
-        drain(&mut ring, pid, &mut sink);
-        sink.clear();
-        results.push((size, ns, runs));
+    // Interleaved rounds, the cheapest of each size kept: the machine's other load only adds.
+    let sizes = [100usize, 1024, 4096, 16 * 1024 - 8];
+    let mut results: Vec<(usize, f64, u64)> = sizes.iter().map(|&s| (s, f64::MAX, 0)).collect();
+    for _round in 0..3 {
+        for (i, &size) in sizes.iter().enumerate() {
+            let (ns, runs) = read_cost(&probes, &mut client, size, 1000);
+            drain(&mut ring, pid, &mut sink);
+            sink.clear();
+            if ns < results[i].1 {
+                results[i].1 = ns;
+            }
+            results[i].2 += runs;
+        }
     }
     for (size, ns, runs) in &results {
         eprintln!(
-            "exit_recvfrom, {size:>5}-byte request read in its head window: {ns:.0} ns per run ({runs} runs)"
+            "exit_recvfrom, {size:>5}-byte request read in its head window: {ns:.0} ns per run (best of 3 rounds; {runs} runs: the 8-byte length read and the request read)"
         );
     }
     let small = results[0].1;
@@ -290,7 +295,7 @@ fn head_window_cost_per_read() {
         head - small
     );
     assert!(
-        results.iter().all(|r| r.2 >= 4000),
+        results.iter().all(|r| r.2 >= 6000),
         "every request's reads ran the program: {results:?}"
     );
     // Copying 16 KiB of user memory into the ring costs a few µs at most.
