@@ -100,7 +100,10 @@ struct Record {
 }
 
 const _: () = assert!(MAX_CAPTURE as u64 <= HEAD_CAPTURE as u64);
-const _: () = assert!(core::mem::size_of::<Record>() <= 32 * 1024, "per-CPU value limit");
+const _: () = assert!(
+    core::mem::size_of::<Record>() <= 32 * 1024,
+    "per-CPU value limit"
+);
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -192,7 +192,9 @@ pub fn accept_family(record: &[u8]) -> Option<i32> {
     if h.kind != kind::ACCEPT {
         return None;
     }
-    Some(i32::from(u16::from_ne_bytes(payload.get(0..2)?.try_into().ok()?)))
+    Some(i32::from(u16::from_ne_bytes(
+        payload.get(0..2)?.try_into().ok()?,
+    )))
 }
 
 /// Splits a record into its header and payload.
@@ -243,7 +245,11 @@ fn decode_cuda(h: &EventHeader, payload: &[u8]) -> Result<CudaCall, DecodeError>
 fn tail_len(h: &EventHeader, payload: &[u8]) -> usize {
     let io = h.kind == kind::READ || h.kind == kind::WRITE;
     let n = h.aux as usize;
-    if io && h.flags & flag::TAIL != 0 && h.ret > 0 && n <= payload.len() && (n as u64) < h.ret as u64
+    if io
+        && h.flags & flag::TAIL != 0
+        && h.ret > 0
+        && n <= payload.len()
+        && (n as u64) < h.ret as u64
     {
         n
     } else {
@@ -429,7 +435,10 @@ mod tests {
         assert_eq!((len, payload), (10_000, &b"abcdyz"[..]));
         assert_eq!(decode_tail(&bad), None);
         // No flag, no tail.
-        assert_eq!(decode_tail(&record(EventHeader { flags: 0, ..h }, b"abcdyz")), None);
+        assert_eq!(
+            decode_tail(&record(EventHeader { flags: 0, ..h }, b"abcdyz")),
+            None
+        );
     }
 
     #[test]

@@ -293,7 +293,8 @@ impl Pipeline {
                 if self.is_unix_accept(raw, conn.pid, fd) =>
             {
                 // A unix-domain socket (ZMQ IPC, a torch store): never HTTP over TCP.
-                self.recon.untrace(conn, Some(fd), UntracedKind::Unix);
+                self.recon
+                    .untrace(conn, Some(fd), UntracedKind::Unix, &mut self.records);
             }
             Ok(Some(Event::Conn(ev))) => {
                 if let ConnEvent::Open {

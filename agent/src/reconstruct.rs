@@ -395,12 +395,19 @@ impl Reconstructor {
     /// Stops following `conn`, which does not speak HTTP/1.x (or is a unix-domain socket):
     /// its state is dropped, its later events ignored, and it is queued for
     /// [`Reconstructor::take_untraced`]. `fd` is needed when the connection was never seen here.
-    pub fn untrace(&mut self, conn: ConnKey, fd: Option<i32>, kind: UntracedKind) {
+    /// Exchanges in progress on it (none when its first bytes decided) end as `truncated`.
+    pub fn untrace(
+        &mut self,
+        conn: ConnKey,
+        fd: Option<i32>,
+        kind: UntracedKind,
+        out: &mut Vec<RequestRecord>,
+    ) {
         let fd = match self.conns.remove(&conn) {
             Some(c) => {
-                // Nothing was parsed yet (the first bytes decided), so nothing is pending.
-                debug_assert!(c.side.pending.is_empty());
-                fd.or(c.side.fd)
+                let (ts, known) = (c.side.last_ts, c.side.fd);
+                self.flush(c, ts, RequestError::Truncated, out);
+                fd.or(known)
             }
             None => fd,
         };
@@ -502,7 +509,7 @@ impl Reconstructor {
         if let Some(c) = self.conns.get_mut(&key) {
             if c.side.judging && (!payload.is_empty() || gap > 0) {
                 if let Some(kind) = Self::judge(&mut c.side, dir, payload, gap) {
-                    self.untrace(key, None, kind);
+                    self.untrace(key, None, kind, out);
                     return;
                 }
             }
@@ -551,9 +558,9 @@ impl Reconstructor {
         side.last_ts = ts;
         match dir {
             Direction::In => req.feed_tail(payload, &mut |ev| side.on_request(ev, ts, cfg, stats)),
-            Direction::Out => resp.feed_tail(payload, &mut |ev| {
-                side.on_response(ev, ts, cfg, stats, out)
-            }),
+            Direction::Out => {
+                resp.feed_tail(payload, &mut |ev| side.on_response(ev, ts, cfg, stats, out))
+            }
         }
         if side.upgraded {
             req.set_opaque();

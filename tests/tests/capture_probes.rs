@@ -386,7 +386,7 @@ fn non_http_connections_leave_the_kernel_map() {
                 ConnEvent::Open { conn, fd, .. }
                     if events::accept_family(&item) == Some(libc::AF_UNIX) =>
                 {
-                    recon.untrace(conn, Some(fd), UntracedKind::Unix)
+                    recon.untrace(conn, Some(fd), UntracedKind::Unix, &mut records)
                 }
                 ev => recon.on_event(&ev, &mut records),
             }
@@ -410,7 +410,10 @@ fn non_http_connections_leave_the_kernel_map() {
             (Some(fds[4]), UntracedKind::Unix),
         ]
     );
-    assert!(probes.traced_connection(pid, fds[0]).is_some(), "HTTP stays");
+    assert!(
+        probes.traced_connection(pid, fds[0]).is_some(),
+        "HTTP stays"
+    );
     for fd in &fds[1..] {
         assert_eq!(probes.traced_connection(pid, *fd), None, "fd {fd}");
     }

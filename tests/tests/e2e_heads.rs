@@ -109,7 +109,10 @@ fn long_heads_and_bodies_through_the_agent() {
     assert_eq!((auth.error.as_deref(), auth.output_tokens), (None, Some(6)));
     assert!(auth.request_bytes > 3000, "{auth:?}");
     let padded = find(&recs, peer, 1);
-    assert_eq!((padded.error.as_deref(), padded.output_tokens), (None, Some(6)));
+    assert_eq!(
+        (padded.error.as_deref(), padded.output_tokens),
+        (None, Some(6))
+    );
     assert!(padded.request_bytes > 15 * 1024, "{padded:?}");
     let long = find(&recs, peer, 2);
     assert_eq!(long.error, None, "{long:?}");
@@ -314,7 +317,11 @@ fn non_http_connections_are_counted_and_untraced() {
     let mut next_fd = || {
         let mut l = String::new();
         stdout.read_line(&mut l).unwrap();
-        l.trim().strip_prefix("fd ").unwrap().parse::<i32>().unwrap()
+        l.trim()
+            .strip_prefix("fd ")
+            .unwrap()
+            .parse::<i32>()
+            .unwrap()
     };
     let firsts: [&[u8]; 4] = [
         b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",

@@ -257,8 +257,8 @@ impl Parser {
         while !rest.is_empty() {
             let offset = payload.len() - rest.len();
             // Syscall boundaries count as line starts.
-            let line_start = (offset == 0 && !self.mid_syscall)
-                || (offset > 0 && payload[offset - 1] == b'\n');
+            let line_start =
+                (offset == 0 && !self.mid_syscall) || (offset > 0 && payload[offset - 1] == b'\n');
             rest = match self.state {
                 State::Start => {
                     // Stray CR/LF between messages is allowed (RFC 9112 §2.2).
@@ -839,7 +839,10 @@ const MAX_METHOD_LEN: usize = 24;
 /// only the common ones; when the whole request line is visible its version must be HTTP/1.0
 /// or HTTP/1.1.
 pub fn first_bytes(data: &[u8]) -> FirstBytes {
-    let skip = data.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    let skip = data
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
     let s = &data[skip..];
     let Some(&b0) = s.first() else {
         return FirstBytes::Undecided;

@@ -1059,7 +1059,11 @@ fn json_response(body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn head_up_to_16k_is_parsed_whatever_the_capture() {
-    for (head, read_size) in [(3 * 1024, 64 * 1024), (16 * 1024 - 64, 8192), (16 * 1024 - 64, 1000)] {
+    for (head, read_size) in [
+        (3 * 1024, 64 * 1024),
+        (16 * 1024 - 64, 8192),
+        (16 * 1024 - 64, 1000),
+    ] {
         let mut sim = Sim::new();
         sim.cap = 1024;
         let mut k = Kernel::new();
@@ -1069,8 +1073,14 @@ fn head_up_to_16k_is_parsed_whatever_the_capture() {
         read_in(&mut k, &mut sim, 10, &req, read_size);
         k.write(&mut sim, 100, &json_response(br#"{"choices":[{"text":"x","finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":3}}"#));
         let r = sim.one();
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/v1/completions"));
-        assert_eq!((r.error, r.status, r.output_tokens), (None, Some(200), Some(3)));
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str()),
+            ("POST", "/v1/completions")
+        );
+        assert_eq!(
+            (r.error, r.status, r.output_tokens),
+            (None, Some(200), Some(3))
+        );
         assert_eq!(r.model.as_deref(), Some("m"));
         assert_eq!(r.request_bytes, req.len() as u64);
         assert_eq!(sim.r.stats().malformed, 0);
@@ -1115,7 +1125,10 @@ fn bodies_larger_than_capture_are_counted_and_usage_is_found_in_the_tail() {
     let mut k = Kernel::new();
     sim.open(0);
     let prompt = "p".repeat(100_000);
-    let req = post("/v1/chat/completions", &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{prompt}"}}]}}"#));
+    let req = post(
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{prompt}"}}]}}"#),
+    );
     read_in(&mut k, &mut sim, 10, &req, 65536);
     let content = "w".repeat(30_000);
     let body = format!(
@@ -1141,7 +1154,11 @@ fn bodies_larger_than_capture_are_counted_and_usage_is_found_in_the_tail() {
     assert_eq!((r.output_tokens, r.error), (Some(7501), None));
     // A chunked JSON body, one chunk per write (h11), is read the same way.
     read_in(&mut k, &mut sim, 400, &req, 65536);
-    k.write(&mut sim, 500, b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n");
+    k.write(
+        &mut sim,
+        500,
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
     k.write(&mut sim, 501, &chunk(body.as_bytes()));
     k.write(&mut sim, 502, b"0\r\n\r\n");
     let r = sim.one();
@@ -1155,7 +1172,11 @@ fn tail_after_lost_chunk_framing_is_not_malformed() {
     let mut k = Kernel::new();
     sim.open(0);
     k.read(&mut sim, 10, &post("/v1/completions", r#"{"model":"m"}"#));
-    k.write(&mut sim, 20, b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n");
+    k.write(
+        &mut sim,
+        20,
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
     // Several chunks in one write: the gap hides their framing; the tail cannot restore it.
     let mut w = Vec::new();
     for _ in 0..5 {
@@ -1173,15 +1194,36 @@ fn tail_after_lost_chunk_framing_is_not_malformed() {
 #[test]
 fn non_http_connections_are_untraced_by_kind() {
     let cases: [(&[&[u8]], Option<UntracedKind>); 8] = [
-        (&[b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"], Some(UntracedKind::Tls)),
-        (&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], Some(UntracedKind::H2)),
+        (
+            &[b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
+            Some(UntracedKind::Tls),
+        ),
+        (
+            &[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"],
+            Some(UntracedKind::H2),
+        ),
         // The preface split over reads: undecided until it is visible.
-        (&[b"PRI", b" * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n"], Some(UntracedKind::H2)),
-        (&[b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f"], Some(UntracedKind::Other)),
+        (
+            &[b"PRI", b" * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n"],
+            Some(UntracedKind::H2),
+        ),
+        (
+            &[b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f"],
+            Some(UntracedKind::Other),
+        ),
         (&[b"*3\r\n$3\r\nSET\r\n"], Some(UntracedKind::Other)),
-        (&[b"GET /metrics HTTP/2.0\r\n\r\n"], Some(UntracedKind::Other)),
+        (
+            &[b"GET /metrics HTTP/2.0\r\n\r\n"],
+            Some(UntracedKind::Other),
+        ),
         // HTTP/1.x stays traced, even split and with an uncommon method.
-        (&[b"PO", b"ST /v1/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n"], None),
+        (
+            &[
+                b"PO",
+                b"ST /v1/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            ],
+            None,
+        ),
         (&[b"PROPFIND /x HTTP/1.1\r\n\r\n"], None),
     ];
     for (reads, want) in cases {
@@ -1231,7 +1273,8 @@ fn non_http_connections_are_untraced_by_kind() {
     assert!(sim.r.take_untraced().is_empty());
     // Unix sockets are untraced from their accept, before any event.
     let mut sim = Sim::new();
-    sim.r.untrace(KEY, Some(4), UntracedKind::Unix);
+    sim.r
+        .untrace(KEY, Some(4), UntracedKind::Unix, &mut sim.out);
     sim.read(10, b"\x01\x02");
     assert_eq!(sim.r.stats().events_after_untrace, 1);
     assert_eq!(sim.r.stats().connections_adopted, 0);

@@ -406,7 +406,12 @@ fn first_bytes_tell_http1_from_other_protocols() {
         (b"\xffSMB", Other),
     ];
     for (data, want) in cases {
-        assert_eq!(first_bytes(data), *want, "{:?}", String::from_utf8_lossy(data));
+        assert_eq!(
+            first_bytes(data),
+            *want,
+            "{:?}",
+            String::from_utf8_lossy(data)
+        );
     }
 }
 
@@ -425,7 +430,9 @@ fn a_tail_continues_its_syscall() {
         Flow::Continue
     });
     assert_eq!(evs.last().unwrap(), "MessageEnd { bytes: 140 }", "{evs:?}");
-    assert!(evs.iter().any(|e| e == "Body([48, 49, 50, 51, 52, 53, 54, 55, 56, 57])"));
+    assert!(evs
+        .iter()
+        .any(|e| e == "Body([48, 49, 50, 51, 52, 53, 54, 55, 56, 57])"));
     // Lost chunk framing: the tail is counted as body, and the next syscall may restore it.
     let mut p = Parser::new(Role::Response, 1024, true);
     let mut evs = Vec::new();
@@ -433,7 +440,11 @@ fn a_tail_continues_its_syscall() {
         evs.push(format!("{e:?}"));
         Flow::Continue
     };
-    p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0, &mut f);
+    p.feed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        0,
+        &mut f,
+    );
     p.feed(b"5\r\nhello\r\n", 30, &mut f);
     p.feed_tail(b"lo\r\n5\r\nhe", &mut f);
     p.feed(b"0\r\n\r\n", 0, &mut f);
