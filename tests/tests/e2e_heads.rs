@@ -335,9 +335,9 @@ fn non_http_connections_are_counted_and_untraced() {
         let mut c = TcpStream::connect(addr).unwrap();
         fds.push(next_fd());
         c.write_all(f).unwrap();
+        // The HTTP one gets a 40-byte answer, the others their bytes echoed.
         let mut echo = vec![0u8; if f.starts_with(b"GET") { 40 } else { f.len() }];
-        c.read_exact(&mut echo[..if f.starts_with(b"GET") { 40 } else { f.len() }])
-            .unwrap();
+        c.read_exact(&mut echo).unwrap();
         tcp.push(c);
     }
     let mut ux = UnixStream::connect(&path).unwrap();
@@ -383,4 +383,49 @@ fn non_http_connections_are_counted_and_untraced() {
     assert_eq!(recs[0].path, "/health");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The real llama.cpp server (uvicorn) and a client that half-closes after its request: the
+/// agent's verdict is what the client lived through. A full stream (`[DONE]` read) must be a
+/// success with the client's token count; a stream the server gave up on (uvicorn may take the
+/// EOF for a disconnect) must be `client_disconnect`, never a success.
+#[test]
+fn half_close_against_the_real_server() {
+    let name = "half_close_against_the_real_server";
+    if !prereq::agent_test(name) || !prereq::check(name, prereq::missing_real_server()) {
+        return;
+    }
+    let _g = prereq::e2e_lock();
+    let server = infertap_tests::servers::LlamaServer::start(2).unwrap();
+    let agent = Agent::spawn(&AgentOptions::pid(server.pid())).unwrap();
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    let local = s.local_addr().unwrap().to_string();
+    let body = json!({
+        "model": infertap_tests::servers::MODEL_ALIAS,
+        "prompt": "Once upon a time",
+        "max_tokens": 12,
+        "stream": true,
+    })
+    .to_string();
+    s.write_all(&post("/v1/completions", "", &body)).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    let complete = text.contains("data: [DONE]");
+    let events = text.matches("data: {").count();
+    let recs = agent.wait_records(1, WAIT).unwrap();
+    let r = find(&recs, &local, 0);
+    eprintln!(
+        "llama.cpp server after the client's SHUT_WR: {} ({events} data events); agent: {:?}",
+        if complete { "complete stream" } else { "cut" },
+        r.error
+    );
+    if complete {
+        assert_eq!(r.error, None, "{r:#?}");
+        assert_eq!(r.token_unix_ns.len(), events, "{r:#?}");
+    } else {
+        assert_eq!(r.error.as_deref(), Some("client_disconnect"), "{r:#?}");
+    }
 }
