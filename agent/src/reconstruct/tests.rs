@@ -1280,3 +1280,40 @@ fn non_http_connections_are_untraced_by_kind() {
     assert_eq!(sim.r.stats().connections_adopted, 0);
     assert_eq!(sim.r.take_untraced()[0].fd, Some(4));
 }
+
+proptest! {
+    /// Streams whose writes are longer than the capture (several events coalesced into one
+    /// write, one chunk each) with the tails the kernel adds: tokens are never invented, the
+    /// record is never malformed, and the final usage chunk (in the last write's tail) is read.
+    #[test]
+    fn tails_of_coalesced_stream_writes_never_inflate(cap in 160usize..1500, per_write in 2usize..40) {
+        // (Response heads longer than the capture are lost as before: cap ≥ the 150-byte head.)
+        prop_assume!(cap >= UVICORN_SSE_HEAD.len());
+        let mut sim = Sim::new();
+        sim.cap = cap;
+        let mut k = Kernel::new();
+        sim.open(0);
+        k.read(&mut sim, 1, &post("/v1/chat/completions", r#"{"model":"m","stream":true}"#));
+        k.write(&mut sim, 2, UVICORN_SSE_HEAD);
+        let events: Vec<String> = (0..60).map(|_| vllm_chunk(Some("tok"), None)).collect();
+        for (i, group) in events.chunks(per_write).enumerate() {
+            k.write(&mut sim, 10 + i as u64, &chunk(group.concat().as_bytes()));
+        }
+        let usage = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":60}}\n\n";
+        let end = [vllm_chunk(Some(""), Some("stop")), usage.to_owned(), "data: [DONE]\n\n".to_owned()].concat();
+        k.write(&mut sim, 100, &chunk(end.as_bytes()));
+        k.write(&mut sim, 101, b"0\r\n\r\n");
+        prop_assert_eq!(sim.out.len(), 1);
+        let r = sim.out.pop().unwrap();
+        prop_assert!(r.error != Some(RequestError::Malformed), "{:?}", r);
+        prop_assert!(r.token_ns.len() <= 60, "{:?}", r.token_ns.len());
+        let tail = cap.min(infertap_common::TAIL_CAPTURE);
+        if tail >= usage.len() + "data: [DONE]\n\n\r\n".len() {
+            // The usage chunk lies inside the last write's prefix or tail: the count is exact.
+            prop_assert_eq!(r.output_tokens, Some(60), "{:?}", r);
+            prop_assert_eq!(r.token_count_source, Some(TokenCountSource::Usage));
+        } else {
+            prop_assert!(r.output_tokens.unwrap_or(0) <= 60);
+        }
+    }
+}
