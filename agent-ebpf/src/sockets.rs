@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use infertap_common::{
-    conn_flag, counter, kind, syscall as sc, ConnInfo, ConnKey, EventHeader, HEADER_LEN,
-    MAX_CAPTURE,
+    conn_flag, counter, flag, kind, syscall as sc, ConnInfo, ConnKey, EventHeader, HEADER_LEN,
+    HEAD_CAPTURE, MAX_CAPTURE, TAIL_CAPTURE,
 };
 
 use crate::arrival;
@@ -81,13 +81,31 @@ const LAYOUT_MMSG: u8 = 4;
 /// Most iovecs walked per syscall (bounded loop for the verifier).
 const MAX_IOV: u64 = 8;
 
+/// Bytes copied per `bpf_probe_read_user` call: longer spans are copied in pieces so each
+/// call's length has a small bound the verifier can add to its destination offset.
+const COPY_CHUNK: u64 = 4096;
+/// Pieces per span: enough for the longest span (a head-window prefix of `HEAD_CAPTURE`).
+const MAX_CHUNKS: u64 = (HEAD_CAPTURE as u64) / COPY_CHUNK;
+/// Largest destination offset of a piece: the prefix ends at `HEAD_CAPTURE` at most and a tail
+/// follows it.
+const MAX_COPY_OFFSET: u64 = (HEAD_CAPTURE + TAIL_CAPTURE) as u64;
+/// Payload room of a record: any piece (offset ≤ `MAX_COPY_OFFSET`, length masked below
+/// `2 * COPY_CHUNK`) fits.
+const RECORD_DATA: usize = HEAD_CAPTURE + TAIL_CAPTURE + 2 * COPY_CHUNK as usize;
+
 #[repr(C)]
 struct Record {
     header: EventHeader,
-    // Offsets are masked below MAX_CAPTURE and lengths below 2*MAX_CAPTURE so every copy is
-    // provably inside this buffer.
-    data: [u8; 3 * MAX_CAPTURE],
+    // Every copy into it is bounded by `MAX_COPY_OFFSET` and `2 * COPY_CHUNK` (see
+    // `copy_user`), so it is provably inside this buffer. 25 KiB per CPU.
+    data: [u8; RECORD_DATA],
 }
+
+const _: () = assert!(MAX_CAPTURE as u64 <= HEAD_CAPTURE as u64);
+const _: () = assert!(
+    core::mem::size_of::<Record>() <= 32 * 1024,
+    "per-CPU value limit"
+);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -258,6 +276,7 @@ pub fn exit_accept(ctx: TracePointContext) -> u32 {
     };
     let mut info = ConnInfo {
         conn_id: now,
+        flags: conn_flag::HEAD,
         ..Default::default()
     };
     let mut established = 0;
@@ -280,7 +299,7 @@ pub fn exit_accept(ctx: TracePointContext) -> u32 {
     rec.header.arrival_ns = established;
     // The peer address, if the caller asked for it (sockaddr_in6 is the largest we decode).
     let addr = syscall_args().map_or(0, |a| a[1]);
-    if addr != 0 && copy_user(rec.data.as_mut_ptr(), 0, addr, 28) {
+    if addr != 0 && copy_user::<1>(rec.data.as_mut_ptr(), 0, addr, 28) {
         rec.header.captured = 28;
     }
     emit_record(rec)
@@ -303,12 +322,12 @@ fn exit_io(ctx: &TracePointContext, kind: u8, syscall: u8, layout: u8) -> u32 {
         return 0;
     };
     let fd = args[0] as i32;
-    let Some(conn) = CONNS.get_ptr_mut(&ConnKey { tgid, fd }) else {
+    let Some(conn_ptr) = CONNS.get_ptr_mut(&ConnKey { tgid, fd }) else {
         return 0;
     };
     // SAFETY: map value pointer, valid for this program run; only this connection's own
     // syscalls (serialised by the server) write it.
-    let conn = unsafe { &mut *conn };
+    let conn = unsafe { &mut *conn_ptr };
     let now = unsafe { bpf_ktime_get_ns() };
     let mut arrival_ns = 0;
     if kind == kind::READ && ret > 0 && arrival::enabled() {
@@ -333,49 +352,113 @@ fn exit_io(ctx: &TracePointContext, kind: u8, syscall: u8, layout: u8) -> u32 {
     };
     rec.header.arrival_ns = arrival_ns;
     if ret > 0 {
-        let limit = config(&CAPTURE_BYTES) as u64;
-        let want = if (ret as u64) < limit {
-            ret as u64
-        } else {
-            limit
-        };
-        let (ptr, count) = (args[1], args[2]);
-        let got = match layout {
-            LAYOUT_BUF => {
-                if copy_user(rec.data.as_mut_ptr(), 0, ptr, want) {
-                    want
-                } else {
-                    0
-                }
+        capture_payload(rec, conn_ptr, kind, layout, ret as u64, args[1], args[2]);
+    }
+    emit_record(rec)
+}
+
+/// Copies the payload of a successful read/write into the record: a prefix of the per-syscall
+/// capture (or, for reads in the connection's head window, of what is left of `HEAD_CAPTURE`),
+/// and for writes longer than that, also their last bytes (`flag::TAIL`). Updates the
+/// connection's head window.
+#[inline(always)]
+fn capture_payload(
+    rec: &mut Record,
+    conn: *mut ConnInfo,
+    kind: u8,
+    layout: u8,
+    ret: u64,
+    ptr: u64,
+    count: u64,
+) {
+    // Where the bytes are (a flat buffer or an iovec array) and how many the syscall moved.
+    let (iov, iovcnt, total) = match layout {
+        LAYOUT_BUF => (ptr, 0, ret),
+        LAYOUT_IOV => (ptr, count, ret),
+        LAYOUT_MSG => match unsafe { read_user::<MsgHdr>(ptr) } {
+            Some(m) => (m.iov, m.iovlen, ret),
+            // Counted as a payload fault below (nothing can be copied).
+            None => (0, 0, ret),
+        },
+        // ret counts messages: report the first message's bytes (the common case is one).
+        LAYOUT_MMSG => match unsafe { read_user::<MMsgHdr>(ptr) } {
+            Some(m) => {
+                rec.header.ret = m.len as i64;
+                (m.hdr.iov, m.hdr.iovlen, m.len as u64)
             }
-            LAYOUT_IOV => copy_iov(rec, ptr, count, want),
-            LAYOUT_MSG => match unsafe { read_user::<MsgHdr>(ptr) } {
-                Some(m) => copy_iov(rec, m.iov, m.iovlen, want),
-                None => 0,
-            },
-            LAYOUT_MMSG => {
-                // ret counts messages: report the first message's bytes (the common case is one).
-                match unsafe { read_user::<MMsgHdr>(ptr) } {
-                    Some(m) => {
-                        rec.header.ret = m.len as i64;
-                        let want = if (m.len as u64) < limit {
-                            m.len as u64
-                        } else {
-                            limit
-                        };
-                        copy_iov(rec, m.hdr.iov, m.hdr.iovlen, want)
-                    }
-                    None => 0,
-                }
+            None => (0, 0, ret),
+        },
+        _ => (0, 0, 0),
+    };
+    let flat = layout == LAYOUT_BUF;
+    let capture = config(&CAPTURE_BYTES) as u64;
+    let mut limit = capture;
+    // SAFETY: map value pointer, valid for this program run; only `flags` is written, by the
+    // program handling this fd's syscall (a race with a concurrent syscall on the same fd only
+    // mis-sizes one capture).
+    let flags = unsafe { (*conn).flags };
+    if kind == kind::READ {
+        if flags & conn_flag::HEAD != 0 {
+            let read = (flags >> conn_flag::HEAD_READ_SHIFT) as u64;
+            let room = (HEAD_CAPTURE as u64).saturating_sub(read);
+            if room > limit {
+                limit = room;
+                rec.header.flags |= flag::HEAD_WINDOW;
             }
-            _ => 0,
-        };
-        if got == 0 && want > 0 {
+            let read = read + total;
+            let low = flags & ((1 << conn_flag::HEAD_READ_SHIFT) - 1);
+            let new = if read >= HEAD_CAPTURE as u64 {
+                low & !conn_flag::HEAD
+            } else {
+                low | ((read as u32) << conn_flag::HEAD_READ_SHIFT)
+            };
+            unsafe { (*conn).flags = new };
+        }
+    } else if flags & conn_flag::HEAD == 0 || flags >> conn_flag::HEAD_READ_SHIFT != 0 {
+        // The server answered: the next read begins a new request.
+        let low = flags & ((1 << conn_flag::HEAD_READ_SHIFT) - 1);
+        unsafe { (*conn).flags = low | conn_flag::HEAD };
+    }
+    if limit > HEAD_CAPTURE as u64 {
+        limit = HEAD_CAPTURE as u64;
+    }
+    let want = if total < limit { total } else { limit };
+    if want == 0 {
+        if total > 0 {
+            bump(counter::PAYLOAD_FAULT);
+        }
+        return;
+    }
+    // Only reads have a head window: a write's prefix (≤ MAX_CAPTURE) is one piece, which keeps
+    // the verifier's walk of the iovec loops small.
+    let got = if kind == kind::READ {
+        copy_span::<MAX_CHUNKS>(rec, flat, iov, iovcnt, 0, want, 0)
+    } else {
+        copy_span::<1>(rec, flat, iov, iovcnt, 0, want, 0)
+    };
+    if got < want {
+        if got == 0 {
             bump(counter::PAYLOAD_FAULT);
         }
         rec.header.captured = got as u16;
+        return;
     }
-    emit_record(rec)
+    let mut captured = got;
+    if kind == kind::WRITE && total > want {
+        let max_tail = if capture < TAIL_CAPTURE as u64 {
+            capture
+        } else {
+            TAIL_CAPTURE as u64
+        };
+        let rest = total - want;
+        let tail = if rest < max_tail { rest } else { max_tail };
+        if tail > 0 && copy_span::<1>(rec, flat, iov, iovcnt, total - tail, tail, want) == tail {
+            rec.header.flags |= flag::TAIL;
+            rec.header.aux = tail as u32;
+            captured += tail;
+        }
+    }
+    rec.header.captured = captured as u16;
 }
 
 macro_rules! exit_program {
@@ -398,13 +481,34 @@ exit_program!(exit_sendto, kind::WRITE, sc::SENDTO, LAYOUT_BUF);
 exit_program!(exit_sendmsg, kind::WRITE, sc::SENDMSG, LAYOUT_MSG);
 exit_program!(exit_sendmmsg, kind::WRITE, sc::SENDMMSG, LAYOUT_MMSG);
 
-/// Copies up to `want` bytes spread over an iovec array into the record; returns bytes copied.
+/// Copies bytes `[from, from + len)` of the syscall's payload (a flat buffer at `iov` when
+/// `flat`, else an array of `iovcnt` iovecs) to `rec.data[dst..]`; returns the bytes copied
+/// (fewer than `len` when user memory faulted or the iovecs ran out). `CHUNKS` pieces of
+/// `COPY_CHUNK` at most are copied per iovec.
 #[inline(always)]
-fn copy_iov(rec: &mut Record, iov: u64, iovcnt: u64, want: u64) -> u64 {
-    let mut off: u64 = 0;
+fn copy_span<const CHUNKS: u64>(
+    rec: &mut Record,
+    flat: bool,
+    iov: u64,
+    iovcnt: u64,
+    from: u64,
+    len: u64,
+    dst: u64,
+) -> u64 {
+    let base = rec.data.as_mut_ptr();
+    if flat {
+        return if copy_user::<CHUNKS>(base, dst, iov + from, len) {
+            len
+        } else {
+            0
+        };
+    }
+    let end = from + len;
+    let mut pos: u64 = 0;
+    let mut copied: u64 = 0;
     let mut i: u64 = 0;
     while i < MAX_IOV {
-        if i >= iovcnt || off >= want {
+        if i >= iovcnt || pos >= end {
             break;
         }
         let Some(v) =
@@ -412,15 +516,21 @@ fn copy_iov(rec: &mut Record, iov: u64, iovcnt: u64, want: u64) -> u64 {
         else {
             break;
         };
-        let rest = want - off;
-        let n = if v.len < rest { v.len } else { rest };
-        if n > 0 && !copy_user(rec.data.as_mut_ptr(), off, v.base, n) {
-            break;
+        let v_end = pos + v.len;
+        if v_end > from {
+            let start = if pos > from { pos } else { from };
+            let stop = if v_end < end { v_end } else { end };
+            let n = stop - start;
+            if n > 0 && !copy_user::<CHUNKS>(base, dst + (start - from), v.base + (start - pos), n)
+            {
+                break;
+            }
+            copied += n;
         }
-        off += n;
+        pos = v_end;
         i += 1;
     }
-    off
+    copied
 }
 
 #[inline(always)]
@@ -428,22 +538,39 @@ unsafe fn read_user<T>(ptr: u64) -> Option<T> {
     unsafe { aya_ebpf::helpers::bpf_probe_read_user(ptr as *const T).ok() }
 }
 
-/// Copies `len` user bytes to `base + off`, with both bounded by masks the verifier can follow.
+/// Copies `len` (≤ `CHUNKS * COPY_CHUNK`) user bytes to `base + off`, in pieces of
+/// `COPY_CHUNK` whose offsets and lengths have bounds the verifier can follow.
 #[inline(always)]
-fn copy_user(base: *mut u8, off: u64, src: u64, len: u64) -> bool {
-    let off = (off as usize) & (MAX_CAPTURE - 1);
-    let len = (len as usize) & (2 * MAX_CAPTURE - 1);
-    if len == 0 {
-        return true;
+fn copy_user<const CHUNKS: u64>(base: *mut u8, off: u64, src: u64, len: u64) -> bool {
+    let mut done: u64 = 0;
+    let mut i: u64 = 0;
+    while i < CHUNKS {
+        if done >= len {
+            break;
+        }
+        let left = len - done;
+        let n = if left < COPY_CHUNK { left } else { COPY_CHUNK };
+        let at = off + done;
+        if at > MAX_COPY_OFFSET {
+            return false;
+        }
+        let n = (n as usize) & (2 * COPY_CHUNK as usize - 1);
+        // SAFETY: at ≤ MAX_COPY_OFFSET and n < 2*COPY_CHUNK keep the write inside
+        // `Record::data` (RECORD_DATA = MAX_COPY_OFFSET + 2*COPY_CHUNK).
+        let r = unsafe {
+            gen::bpf_probe_read_user(
+                base.add(at as usize) as *mut c_void,
+                n as u32,
+                (src + done) as *const c_void,
+            )
+        };
+        if r != 0 {
+            return false;
+        }
+        done += n as u64;
+        i += 1;
     }
-    // SAFETY: off < MAX_CAPTURE and len < 2*MAX_CAPTURE keep the write inside `Record::data`.
-    unsafe {
-        gen::bpf_probe_read_user(
-            base.add(off) as *mut c_void,
-            len as u32,
-            src as *const c_void,
-        ) == 0
-    }
+    done >= len
 }
 
 /// Records are written without waking the consumer (a wake-up costs 1–2 µs per event); the
@@ -461,8 +588,12 @@ fn wakeup_flags() -> u64 {
 
 #[inline(always)]
 fn emit_record(rec: &mut Record) -> u32 {
-    let len = HEADER_LEN + ((rec.header.captured as usize) & (2 * MAX_CAPTURE - 1));
-    // SAFETY: `len` ≤ size_of::<Record>() by the mask above.
+    let mut data = rec.header.captured as usize;
+    if data > RECORD_DATA {
+        data = RECORD_DATA;
+    }
+    let len = HEADER_LEN + data;
+    // SAFETY: `len` ≤ size_of::<Record>() by the bound above.
     let r = unsafe {
         gen::bpf_ringbuf_output(
             &EVENTS as *const RingBuf as *mut c_void,

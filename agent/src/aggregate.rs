@@ -338,6 +338,15 @@ impl Aggregator {
             .set_counter(&schema::EVENTS_DROPPED, labels, cumulative_total);
     }
 
+    /// Sets `infertap_connections_untraced_total{kind}` to a cumulative count kept by the
+    /// reconstruction (`kind`: `unix`, `tls`, `h2`, `other`).
+    pub fn set_untraced(&mut self, kind: &str, cumulative_total: u64) {
+        let labels = vec![(schema::LABEL_KIND.to_owned(), kind.to_owned())];
+        self.cumulative
+            .lock()
+            .set_counter(&schema::CONNECTIONS_UNTRACED, labels, cumulative_total);
+    }
+
     /// Ends the current interval at `now_unix_ns` and returns what changed during it (histogram
     /// and counter deltas, current gauges). `sequence` is 0: the gRPC exporter assigns it.
     pub fn take_interval(&mut self, now_unix_ns: u64) -> IntervalReport {

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use infertap_common::{cuda, kind, EventHeader, HEADER_LEN};
+use infertap_common::{cuda, flag, kind, EventHeader, HEADER_LEN};
 
 /// Identifies one traced connection: the process and the kernel's connection id (which survives
 /// fd reuse, unlike the fd).
@@ -51,7 +51,19 @@ pub enum ConnEvent<'a> {
         /// time, before the read), if the kernel saw it. `None` for writes and when unknown.
         arrival_ns: Option<u64>,
     },
-    /// A read returned 0: the client closed its side.
+    /// The last bytes of the syscall of the `Data` event just before it (same connection,
+    /// direction and time), captured in addition to its prefix because the syscall was longer
+    /// than the capture. The bytes between that prefix and this tail were not captured: the
+    /// `Data` event counts them as its uncaptured remainder (its `len` stops where the tail
+    /// begins, so the two lengths add up to the syscall's byte count).
+    DataTail {
+        conn: ConnKey,
+        dir: Direction,
+        ts_ns: u64,
+        payload: &'a [u8],
+    },
+    /// A read returned 0: the client shut down its sending side (it may still be reading: a
+    /// half-close, `shutdown(SHUT_WR)`), or closed the connection.
     PeerClosed { conn: ConnKey, ts_ns: u64 },
     /// A read or write failed with a connection error (ECONNRESET, EPIPE, ...).
     Error {
@@ -69,6 +81,7 @@ impl ConnEvent<'_> {
         match self {
             ConnEvent::Open { conn, .. }
             | ConnEvent::Data { conn, .. }
+            | ConnEvent::DataTail { conn, .. }
             | ConnEvent::PeerClosed { conn, .. }
             | ConnEvent::Error { conn, .. }
             | ConnEvent::Close { conn, .. } => *conn,
@@ -79,6 +92,7 @@ impl ConnEvent<'_> {
         match self {
             ConnEvent::Open { ts_ns, .. }
             | ConnEvent::Data { ts_ns, .. }
+            | ConnEvent::DataTail { ts_ns, .. }
             | ConnEvent::PeerClosed { ts_ns, .. }
             | ConnEvent::Error { ts_ns, .. }
             | ConnEvent::Close { ts_ns, .. } => *ts_ns,
@@ -173,6 +187,18 @@ pub fn parse_sockaddr(raw: &[u8]) -> Option<SocketAddr> {
     }
 }
 
+/// The address family of an ACCEPT record's peer `sockaddr` (e.g. `AF_UNIX`), when the caller
+/// of accept passed an address buffer.
+pub fn accept_family(record: &[u8]) -> Option<i32> {
+    let (h, payload) = split(record).ok()?;
+    if h.kind != kind::ACCEPT {
+        return None;
+    }
+    Some(i32::from(u16::from_ne_bytes(
+        payload.get(0..2)?.try_into().ok()?,
+    )))
+}
+
 /// Splits a record into its header and payload.
 pub fn split(record: &[u8]) -> Result<(EventHeader, &[u8]), DecodeError> {
     if record.len() < HEADER_LEN {
@@ -215,9 +241,62 @@ fn decode_cuda(h: &EventHeader, payload: &[u8]) -> Result<CudaCall, DecodeError>
     })
 }
 
-/// Decodes one ring-buffer record.
+/// Length of the tail a READ/WRITE record carries after its prefix (`flag::TAIL`), when its
+/// header is consistent (a tail longer than the payload or the byte count is ignored: the whole
+/// payload is then taken as the prefix).
+fn tail_len(h: &EventHeader, payload: &[u8]) -> usize {
+    let io = h.kind == kind::READ || h.kind == kind::WRITE;
+    let n = h.aux as usize;
+    if io
+        && h.flags & flag::TAIL != 0
+        && h.ret > 0
+        && n <= payload.len()
+        && (n as u64) < h.ret as u64
+    {
+        n
+    } else {
+        0
+    }
+}
+
+/// The tail of a READ/WRITE record that carries one ([`ConnEvent::DataTail`]), to be handled
+/// right after the record's [`decode`]d `Data` event.
+pub fn decode_tail(record: &[u8]) -> Option<ConnEvent<'_>> {
+    let (h, payload) = split(record).ok()?;
+    let n = tail_len(&h, payload);
+    if n == 0 {
+        return None;
+    }
+    Some(ConnEvent::DataTail {
+        conn: ConnKey {
+            pid: (h.pid_tgid >> 32) as u32,
+            conn_id: h.conn_id,
+        },
+        dir: if h.kind == kind::READ {
+            Direction::In
+        } else {
+            Direction::Out
+        },
+        ts_ns: data_ts(&h),
+        payload: &payload[payload.len() - n..],
+    })
+}
+
+/// The time of a READ/WRITE record's bytes: a read's exit; a write's last byte's departure
+/// when the kernel knows it (`arrival_ns` of a WRITE), else its exit.
+fn data_ts(h: &EventHeader) -> u64 {
+    if h.kind == kind::WRITE && h.arrival_ns != 0 {
+        h.arrival_ns
+    } else {
+        h.ts_exit_ns
+    }
+}
+
+/// Decodes one ring-buffer record. A READ/WRITE record with a tail yields its `Data` event here
+/// (prefix only) and its tail from [`decode_tail`].
 pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
     let (h, payload) = split(record)?;
+    let tail = tail_len(&h, payload);
     let pid = (h.pid_tgid >> 32) as u32;
     let conn = ConnKey {
         pid,
@@ -234,14 +313,9 @@ pub fn decode(record: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
                 Event::Conn(ConnEvent::Data {
                     conn,
                     dir,
-                    // A write's time is its last byte's departure when the kernel knows it.
-                    ts_ns: if dir == Direction::Out && h.arrival_ns != 0 {
-                        h.arrival_ns
-                    } else {
-                        h.ts_exit_ns
-                    },
-                    len: h.ret as u64,
-                    payload,
+                    ts_ns: data_ts(&h),
+                    len: h.ret as u64 - tail as u64,
+                    payload: &payload[..payload.len() - tail],
                     arrival_ns: (dir == Direction::In && h.arrival_ns != 0).then_some(h.arrival_ns),
                 })
             } else if h.ret == 0 && dir == Direction::In {
@@ -331,6 +405,51 @@ mod tests {
                 payload: b"abc",
                 arrival_ns: None,
             })
+        );
+    }
+
+    #[test]
+    fn splits_a_tail_from_its_prefix() {
+        let h = EventHeader {
+            ts_exit_ns: 20,
+            pid_tgid: 42u64 << 32,
+            conn_id: 7,
+            ret: 10_000,
+            captured: 6,
+            flags: flag::TAIL,
+            aux: 2,
+            kind: kind::WRITE,
+            ..Default::default()
+        };
+        let rec = record(h, b"abcdyz");
+        let conn = ConnKey {
+            pid: 42,
+            conn_id: 7,
+        };
+        let Some(Event::Conn(ConnEvent::Data { len, payload, .. })) = decode(&rec).unwrap() else {
+            panic!()
+        };
+        assert_eq!((len, payload), (9_998, &b"abcd"[..]));
+        assert_eq!(
+            decode_tail(&rec),
+            Some(ConnEvent::DataTail {
+                conn,
+                dir: Direction::Out,
+                ts_ns: 20,
+                payload: b"yz"
+            })
+        );
+        // A tail longer than the payload is inconsistent: the payload is all prefix.
+        let bad = record(EventHeader { aux: 9, ..h }, b"abcdyz");
+        let Some(Event::Conn(ConnEvent::Data { len, payload, .. })) = decode(&bad).unwrap() else {
+            panic!()
+        };
+        assert_eq!((len, payload), (10_000, &b"abcdyz"[..]));
+        assert_eq!(decode_tail(&bad), None);
+        // No flag, no tail.
+        assert_eq!(
+            decode_tail(&record(EventHeader { flags: 0, ..h }, b"abcdyz")),
+            None
         );
     }
 

@@ -28,7 +28,7 @@ use crate::{
     },
     probes::{ProbeConfig, Probes},
     profiling::stage::{Profiler, ProfilerOptions, ProfilerReport},
-    reconstruct::{ReconstructConfig, Reconstructor},
+    reconstruct::{ReconstructConfig, Reconstructor, UntracedKind},
     record::RequestRecord,
     sinks::jsonl::{self, JsonLines, RequestLine},
     sinks::{
@@ -260,6 +260,7 @@ impl Pipeline {
                     established_ns: None,
                 };
                 self.recon.on_event(&ev, &mut self.records);
+                self.recon.mark_adopted(ev.conn());
             }
             info!(
                 "tracing pid {pid} ({} open connection(s) adopted)",
@@ -295,6 +296,13 @@ impl Pipeline {
     fn handle_record(&mut self, raw: &[u8]) {
         self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
         match events::decode(raw) {
+            Ok(Some(Event::Conn(ConnEvent::Open { conn, fd, .. })))
+                if self.is_unix_accept(raw, conn.pid, fd) =>
+            {
+                // A unix-domain socket (ZMQ IPC, a torch store): never HTTP over TCP.
+                self.recon
+                    .untrace(conn, Some(fd), UntracedKind::Unix, &mut self.records);
+            }
             Ok(Some(Event::Conn(ev))) => {
                 if let ConnEvent::Open {
                     conn,
@@ -318,6 +326,9 @@ impl Pipeline {
                     );
                 } else {
                     self.recon.on_event(&ev, &mut self.records);
+                    if let Some(tail) = events::decode_tail(raw) {
+                        self.recon.on_event(&tail, &mut self.records);
+                    }
                 }
             }
             Ok(Some(Event::Proc(ProcEvent::Exit { pid, ts_ns }))) => {
@@ -345,6 +356,35 @@ impl Pipeline {
                 self.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
                 warn!("undecodable event record: {e}");
             }
+        }
+        if self.recon.has_untraced() {
+            self.apply_untraced();
+        }
+    }
+
+    /// An accepted connection is a unix-domain socket: its peer address says so, or, when the
+    /// caller of accept passed no address buffer, the process's socket table.
+    fn is_unix_accept(&self, raw: &[u8], pid: u32, fd: i32) -> bool {
+        match events::accept_family(raw) {
+            Some(family) => family == libc::AF_UNIX,
+            None => targets::is_unix_socket(pid, fd).unwrap_or(false),
+        }
+    }
+
+    /// Removes the connections the reconstruction found not to speak HTTP/1.x from the
+    /// kernel's map: from now on their syscalls are filtered out by one failed lookup.
+    fn apply_untraced(&mut self) {
+        for u in self.recon.take_untraced() {
+            let removed = self
+                .probes
+                .untrace_connection(u.conn.pid, u.conn.conn_id, u.fd);
+            tracing::debug!(
+                "connection {} of pid {} is {}, not HTTP/1.x: untraced (kernel entry {})",
+                u.conn.conn_id,
+                u.conn.pid,
+                u.kind.name(),
+                if removed { "removed" } else { "already gone" }
+            );
         }
     }
 
@@ -436,7 +476,8 @@ impl Pipeline {
                     .as_ref()
                     .map_or(0, |a| a.counters().map_full()),
             ),
-            ("malformed_http", rs.malformed),
+            ("malformed_http", rs.malformed - rs.header_overflow),
+            ("http_head_too_large", rs.header_overflow),
             ("pending_overflow", rs.pending_overflow),
             ("connections_evicted", rs.connections_evicted),
             ("token_events_over_limit", rs.token_events_dropped),
@@ -479,6 +520,10 @@ impl Pipeline {
         }
         for (reason, n) in drops {
             self.aggregator.set_drops(reason, n);
+        }
+        for kind in UntracedKind::ALL {
+            self.aggregator
+                .set_untraced(kind.name(), rs.untraced[kind as usize]);
         }
     }
 

@@ -21,6 +21,19 @@
 //! Every request whose head was parsed yields exactly one record, whatever happens to the
 //! connection. Request heads that never parse are counted in [`ReconstructStats::malformed`] and
 //! yield no record (there is no method or path to report).
+//!
+//! Half-close: a read returning 0 ([`ConnEvent::PeerClosed`]) only says the client will send
+//! nothing more (`shutdown(SHUT_WR)` looks the same as a full close from the server's side), so
+//! pending responses go on and complete normally. A failed write or read (`Error`: EPIPE,
+//! ECONNRESET) ends them as `client_disconnect`; the server's close with a response unfinished
+//! ends it as `client_disconnect` when the client had closed its side first, else as
+//! `server_close`.
+//!
+//! Only HTTP/1.x stays traced: a connection accepted by the server whose first bytes are a TLS
+//! record, the HTTP/2 preface or anything else that is not an HTTP/1.x request
+//! ([`http::first_bytes`]) is dropped here and queued in [`Reconstructor::take_untraced`] so the
+//! pipeline removes it from the kernel's connection map; its later events (already in the ring)
+//! are ignored ([`ReconstructStats::events_after_untrace`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -40,7 +53,9 @@ pub struct ReconstructConfig {
     pub max_connections: usize,
     /// A connection silent this long is dropped by [`Reconstructor::expire_idle`].
     pub idle_timeout_ns: u64,
-    /// Bound on one header block.
+    /// Bound on one header block: a longer head is counted as
+    /// [`ReconstructStats::header_overflow`] and the connection resyncs at the next message.
+    /// Defaults to what the kernel captures of a request's start (`HEAD_CAPTURE`).
     pub max_header_bytes: usize,
     /// Requests received but not yet answered, per connection (pipelining depth).
     pub max_pending_per_conn: usize,
@@ -58,7 +73,8 @@ impl Default for ReconstructConfig {
         ReconstructConfig {
             max_connections: 16 * 1024,
             idle_timeout_ns: 15 * 60 * 1_000_000_000,
-            max_header_bytes: http::DEFAULT_MAX_HEADER_BYTES,
+            // What the kernel captures of every request's start, whatever `--capture-bytes`.
+            max_header_bytes: infertap_common::HEAD_CAPTURE,
             max_pending_per_conn: 64,
             max_body_scan_bytes: 16 * 1024,
             max_event_bytes: crate::protocol::sse::DEFAULT_MAX_EVENT_BYTES,
@@ -128,16 +144,74 @@ pub struct ReconstructStats {
     pub token_events_dropped: u64,
     /// Choices beyond [`MAX_CHOICES`] in one exchange (their tokens count in the totals only).
     pub choices_overflow: u64,
+    /// Connections no longer traced because they do not speak HTTP/1.x, by
+    /// [`UntracedKind`] (index `kind as usize`).
+    pub untraced: [u64; UntracedKind::COUNT],
+    /// Events of connections dropped as not HTTP/1.x that were already on their way.
+    pub events_after_untrace: u64,
+    /// Syscall tails (last bytes of a syscall longer than the capture) fed to the parsers.
+    pub tails: u64,
 }
 
 /// Parallel choices tracked individually per exchange.
 pub const MAX_CHOICES: usize = 128;
+
+/// Why a connection stopped being traced: it does not speak HTTP/1.x.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UntracedKind {
+    /// A unix-domain socket (ZMQ IPC, torch distributed stores, local RPC).
+    Unix = 0,
+    /// TLS (the first byte is a handshake record).
+    Tls = 1,
+    /// HTTP/2 with prior knowledge (the connection preface `PRI * HTTP/2.0`).
+    H2 = 2,
+    /// Any other first bytes that are not an HTTP/1.x request.
+    Other = 3,
+}
+
+impl UntracedKind {
+    pub const COUNT: usize = 4;
+    pub const ALL: [UntracedKind; Self::COUNT] = [Self::Unix, Self::Tls, Self::H2, Self::Other];
+
+    /// Label value (`kind`) of `infertap_connections_untraced_total`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unix => "unix",
+            Self::Tls => "tls",
+            Self::H2 => "h2",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A connection the kernel should stop tracing (see [`Reconstructor::take_untraced`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Untrace {
+    pub conn: ConnKey,
+    /// Its fd, when the accept was seen.
+    pub fd: Option<i32>,
+    pub kind: UntracedKind,
+}
+
+/// Connections dropped as not HTTP/1.x that are remembered, so events already in flight for
+/// them are ignored instead of adopting them again.
+const MAX_UNTRACED_REMEMBERED: usize = 4096;
+/// Bytes kept from the end of a response body that was not captured whole (what follows the
+/// last uncaptured bytes), for the fields a JSON body ends with (`usage`).
+const MAX_BODY_TAIL_BYTES: usize = 4096;
+/// First bytes of a connection kept until they show whether it speaks HTTP/1.x.
+const MAX_FIRST_BYTES: usize = 32;
 
 /// Rebuilds exchanges from connection events.
 pub struct Reconstructor {
     cfg: ReconstructConfig,
     conns: HashMap<ConnKey, Conn>,
     stats: ReconstructStats,
+    /// Connections dropped as not HTTP/1.x, oldest first (bounded).
+    untraced: VecDeque<ConnKey>,
+    untraced_set: std::collections::HashSet<ConnKey>,
+    /// Decisions the pipeline has not applied to the kernel map yet.
+    to_untrace: Vec<Untrace>,
 }
 
 struct Conn {
@@ -179,6 +253,18 @@ struct Side {
     resp_body_cut: bool,
     /// A 101 response switched protocols: stop parsing both directions.
     upgraded: bool,
+    /// The fd, when the connection was seen opening.
+    fd: Option<i32>,
+    /// The first bytes have not yet shown whether this connection speaks HTTP/1.x (only
+    /// connections seen from their accept are judged; adopted ones may be mid-message).
+    judging: bool,
+    /// First bytes kept while `judging` (at most `MAX_FIRST_BYTES`).
+    first_bytes: Vec<u8>,
+    /// The client closed its sending side (a read returned 0).
+    peer_closed: bool,
+    /// Bytes of the current non-SSE response body after its last uncaptured bytes (bounded to
+    /// its last `MAX_BODY_TAIL_BYTES`).
+    resp_tail: Vec<u8>,
 }
 
 /// How a response body is read.
@@ -267,6 +353,9 @@ impl Reconstructor {
             cfg,
             conns: HashMap::new(),
             stats: ReconstructStats::default(),
+            untraced: VecDeque::new(),
+            untraced_set: std::collections::HashSet::new(),
+            to_untrace: Vec::new(),
         }
     }
 
@@ -281,9 +370,25 @@ impl Reconstructor {
     /// Consumes one event; pushes the exchanges it completed.
     pub fn on_event(&mut self, ev: &ConnEvent<'_>, out: &mut Vec<RequestRecord>) {
         self.stats.events += 1;
+        if !self.untraced_set.is_empty() && self.untraced_set.contains(&ev.conn()) {
+            match ev {
+                // The id is reused only if the kernel's clock repeats: start afresh.
+                ConnEvent::Open { .. } => self.forget_untraced(ev.conn()),
+                ConnEvent::Close { .. } => {
+                    self.stats.events_after_untrace += 1;
+                    self.forget_untraced(ev.conn());
+                    return;
+                }
+                _ => {
+                    self.stats.events_after_untrace += 1;
+                    return;
+                }
+            }
+        }
         match *ev {
             ConnEvent::Open {
                 conn,
+                fd,
                 ts_ns,
                 peer,
                 established_ns,
@@ -297,6 +402,8 @@ impl Reconstructor {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.side.established_ns = established_ns.filter(|&e| e <= ts_ns);
                     c.side.accepted_ns = Some(ts_ns);
+                    c.side.fd = Some(fd);
+                    c.side.judging = true;
                 }
             }
             ConnEvent::Data {
@@ -307,7 +414,22 @@ impl Reconstructor {
                 payload,
                 arrival_ns,
             } => self.on_data(conn, dir, ts_ns, len, payload, arrival_ns, out),
-            ConnEvent::PeerClosed { conn, ts_ns } | ConnEvent::Error { conn, ts_ns, .. } => {
+            ConnEvent::DataTail {
+                conn,
+                dir,
+                ts_ns,
+                payload,
+            } => self.on_tail(conn, dir, ts_ns, payload, out),
+            ConnEvent::PeerClosed { conn, ts_ns } => {
+                // Maybe only a half-close: the client may still be reading its answers.
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    self.stats.events_for_unknown_conn += 1;
+                    return;
+                };
+                c.side.last_ts = ts_ns;
+                c.side.peer_closed = true;
+            }
+            ConnEvent::Error { conn, ts_ns, .. } => {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     self.stats.events_for_unknown_conn += 1;
                     return;
@@ -324,10 +446,114 @@ impl Reconstructor {
                 let Conn { resp, side, .. } = &mut c;
                 let (cfg, stats) = (&self.cfg, &mut self.stats);
                 resp.on_close(&mut |ev| side.on_response(ev, ts_ns, cfg, stats, out));
-                self.flush(c, ts_ns, RequestError::ServerClose, out);
+                // The client left first (or half-closed and the server gave up): its disconnect
+                // cut what was still unanswered.
+                let error = if c.side.peer_closed {
+                    RequestError::ClientDisconnect
+                } else {
+                    RequestError::ServerClose
+                };
+                self.flush(c, ts_ns, error, out);
             }
         }
         self.stats.connections_open = self.conns.len() as u64;
+    }
+
+    /// Stops following `conn`, which does not speak HTTP/1.x (or is a unix-domain socket):
+    /// its state is dropped, its later events ignored, and it is queued for
+    /// [`Reconstructor::take_untraced`]. `fd` is needed when the connection was never seen here.
+    /// Exchanges in progress on it (none when its first bytes decided) end as `truncated`.
+    pub fn untrace(
+        &mut self,
+        conn: ConnKey,
+        fd: Option<i32>,
+        kind: UntracedKind,
+        out: &mut Vec<RequestRecord>,
+    ) {
+        let fd = match self.conns.remove(&conn) {
+            Some(c) => {
+                let (ts, known) = (c.side.last_ts, c.side.fd);
+                self.flush(c, ts, RequestError::Truncated, out);
+                fd.or(known)
+            }
+            None => fd,
+        };
+        self.stats.untraced[kind as usize] += 1;
+        if self.untraced_set.insert(conn) {
+            self.untraced.push_back(conn);
+            if self.untraced.len() > MAX_UNTRACED_REMEMBERED {
+                if let Some(old) = self.untraced.pop_front() {
+                    self.untraced_set.remove(&old);
+                }
+            }
+        }
+        self.to_untrace.push(Untrace { conn, fd, kind });
+        self.stats.connections_open = self.conns.len() as u64;
+    }
+
+    fn forget_untraced(&mut self, conn: ConnKey) {
+        if self.untraced_set.remove(&conn) {
+            self.untraced.retain(|k| *k != conn);
+        }
+    }
+
+    /// Connections found not to speak HTTP/1.x since the last call: the pipeline removes them
+    /// from the kernel's connection map so their syscalls cost nothing more.
+    pub fn take_untraced(&mut self) -> Vec<Untrace> {
+        std::mem::take(&mut self.to_untrace)
+    }
+
+    /// Whether decisions are waiting for [`Reconstructor::take_untraced`].
+    pub fn has_untraced(&self) -> bool {
+        !self.to_untrace.is_empty()
+    }
+
+    /// Marks a connection that was open before tracing began (opened with `ConnEvent::Open` by
+    /// adoption): its first bytes may be the middle of a message, so they do not decide whether
+    /// it speaks HTTP/1.x.
+    pub fn mark_adopted(&mut self, conn: ConnKey) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.side.judging = false;
+            c.side.first_bytes = Vec::new();
+        }
+    }
+
+    /// Judges a fresh connection's first bytes; returns the kind when it is not HTTP/1.x.
+    fn judge(side: &mut Side, dir: Direction, payload: &[u8], gap: u64) -> Option<UntracedKind> {
+        use http::FirstBytes;
+        let room = MAX_FIRST_BYTES.saturating_sub(side.first_bytes.len());
+        side.first_bytes
+            .extend_from_slice(&payload[..payload.len().min(room)]);
+        let verdict = match dir {
+            Direction::In => http::first_bytes(&side.first_bytes),
+            // A server that speaks first: an HTTP/1.x server only ever sends a response.
+            Direction::Out => {
+                if http::looks_like_response_start(&side.first_bytes) {
+                    FirstBytes::Http
+                } else if b"HTTP/1.".starts_with(&side.first_bytes) {
+                    FirstBytes::Undecided
+                } else {
+                    FirstBytes::Other
+                }
+            }
+        };
+        let verdict = match verdict {
+            // Out of bytes to look at: leave it to the parser.
+            FirstBytes::Undecided if gap > 0 || side.first_bytes.len() >= MAX_FIRST_BYTES => {
+                FirstBytes::Http
+            }
+            v => v,
+        };
+        let kind = match verdict {
+            FirstBytes::Undecided => return None,
+            FirstBytes::Http => None,
+            FirstBytes::Tls => Some(UntracedKind::Tls),
+            FirstBytes::H2 => Some(UntracedKind::H2),
+            FirstBytes::Other => Some(UntracedKind::Other),
+        };
+        side.judging = false;
+        side.first_bytes = Vec::new();
+        kind
     }
 
     fn on_data(
@@ -344,12 +570,22 @@ impl Reconstructor {
             self.stats.connections_adopted += 1;
             self.insert(key, ts, None, false, out);
         }
-        let Self { cfg, conns, stats } = self;
-        let Some(c) = conns.get_mut(&key) else { return };
         let payload = &payload[..payload
             .len()
             .min(usize::try_from(len).unwrap_or(usize::MAX))];
         let gap = len - payload.len() as u64;
+        if let Some(c) = self.conns.get_mut(&key) {
+            if c.side.judging && (!payload.is_empty() || gap > 0) {
+                if let Some(kind) = Self::judge(&mut c.side, dir, payload, gap) {
+                    self.untrace(key, None, kind, out);
+                    return;
+                }
+            }
+        }
+        let Self {
+            cfg, conns, stats, ..
+        } = self;
+        let Some(c) = conns.get_mut(&key) else { return };
         if gap > 0 {
             stats.gaps += 1;
             stats.gap_bytes += gap;
@@ -362,6 +598,38 @@ impl Reconstructor {
             Direction::Out => resp.feed(payload, gap, &mut |ev| {
                 side.on_response(ev, ts, cfg, stats, out)
             }),
+        }
+        if side.upgraded {
+            req.set_opaque();
+            resp.set_opaque();
+        }
+    }
+
+    /// The last bytes of the syscall just fed (see [`ConnEvent::DataTail`]).
+    fn on_tail(
+        &mut self,
+        key: ConnKey,
+        dir: Direction,
+        ts: u64,
+        payload: &[u8],
+        out: &mut Vec<RequestRecord>,
+    ) {
+        let Self {
+            cfg, conns, stats, ..
+        } = self;
+        // A tail follows its prefix's event, which created the connection if needed.
+        let Some(c) = conns.get_mut(&key) else {
+            stats.events_for_unknown_conn += 1;
+            return;
+        };
+        stats.tails += 1;
+        let Conn { req, resp, side } = c;
+        side.last_ts = ts;
+        match dir {
+            Direction::In => req.feed_tail(payload, &mut |ev| side.on_request(ev, ts, cfg, stats)),
+            Direction::Out => {
+                resp.feed_tail(payload, &mut |ev| side.on_response(ev, ts, cfg, stats, out))
+            }
         }
         if side.upgraded {
             req.set_opaque();
@@ -410,6 +678,11 @@ impl Reconstructor {
                     resp_body: Vec::new(),
                     resp_body_cut: false,
                     upgraded: false,
+                    fd: None,
+                    judging: false,
+                    first_bytes: Vec::new(),
+                    peer_closed: false,
+                    resp_tail: Vec::new(),
                 },
             },
         );
@@ -500,6 +773,7 @@ impl Reconstructor {
         // Prompt bytes must not outlive their use.
         c.side.req_body.clear();
         c.side.resp_body.clear();
+        c.side.resp_tail.clear();
     }
 }
 
@@ -550,6 +824,7 @@ impl Side {
         self.sse.reset();
         self.lines.reset();
         self.resp_body.clear();
+        self.resp_tail.clear();
         self.held_line.clear();
         self.held_ts = None;
     }
@@ -708,11 +983,18 @@ impl Side {
                         .lines
                         .feed(b, &mut |l| apply_line(ex, l.data, ts, max_ev, stats)),
                     BodyMode::MaybeLines | BodyMode::Buffer => {
-                        let room = cfg.max_body_scan_bytes.saturating_sub(self.resp_body.len());
-                        if b.len() > room {
-                            self.resp_body_cut = true;
+                        if self.resp_body_cut {
+                            // Past a gap (or the scan bound): keep the body's last bytes.
+                            keep_tail(&mut self.resp_tail, b);
+                        } else {
+                            let room = cfg.max_body_scan_bytes.saturating_sub(self.resp_body.len());
+                            let n = b.len().min(room);
+                            self.resp_body.extend_from_slice(&b[..n]);
+                            if b.len() > room {
+                                self.resp_body_cut = true;
+                                keep_tail(&mut self.resp_tail, &b[n..]);
+                            }
                         }
-                        self.resp_body.extend_from_slice(&b[..b.len().min(room)]);
                         if self.resp_mode == BodyMode::MaybeLines {
                             let (held, held_ts) = (&mut self.held_line, &mut self.held_ts);
                             let mut mode = BodyMode::MaybeLines;
@@ -742,6 +1024,8 @@ impl Side {
                         .gap(n, &mut |l| apply_line(ex, l.data, ts, max_ev, stats)),
                     BodyMode::MaybeLines | BodyMode::Buffer => {
                         self.resp_body_cut = true;
+                        // Only bytes after this gap are contiguous with the body's end.
+                        self.resp_tail.clear();
                         // A gap before JSON lines are confirmed: read the body as one.
                         self.resp_mode = BodyMode::Buffer;
                     }
@@ -780,6 +1064,14 @@ impl Side {
                                     let info = openai::classify(&self.resp_body);
                                     apply_body(&mut ex, info);
                                     self.resp_body.clear();
+                                }
+                                // A body not captured whole ends with its last bytes: the
+                                // fields a JSON answer puts last (`usage`, the stop reason)
+                                // are read there.
+                                if !self.resp_tail.is_empty() {
+                                    let info = openai::classify(&self.resp_tail);
+                                    apply_body(&mut ex, info);
+                                    self.resp_tail.clear();
                                 }
                                 false
                             }
@@ -1183,6 +1475,18 @@ fn apply_body(ex: &mut Exchange, info: EventInfo<'_>) {
     if info.error.is_some() {
         ex.stream_error = info.error;
     }
+}
+
+/// Appends `b` to `tail`, keeping only its last `MAX_BODY_TAIL_BYTES`.
+fn keep_tail(tail: &mut Vec<u8>, b: &[u8]) {
+    if b.len() >= MAX_BODY_TAIL_BYTES {
+        tail.clear();
+        tail.extend_from_slice(&b[b.len() - MAX_BODY_TAIL_BYTES..]);
+        return;
+    }
+    let excess = (tail.len() + b.len()).saturating_sub(MAX_BODY_TAIL_BYTES);
+    tail.drain(..excess);
+    tail.extend_from_slice(b);
 }
 
 fn count_malformed(stats: &mut ReconstructStats, kind: MalformedKind) {

@@ -143,6 +143,16 @@ pub fn peer_of(pid: u32, fd: i32) -> Option<SocketAddr> {
     tcp_table(&proc_).get(&inode).map(|e| e.remote_address)
 }
 
+/// Whether a process's fd is a unix-domain socket (from its socket inode and the process's
+/// `/proc/<pid>/net/unix`), for accepts whose caller passed no address buffer. `None` when the
+/// process or fd is gone.
+pub fn is_unix_socket(pid: u32, fd: i32) -> Option<bool> {
+    let proc_ = Process::new(pid as i32).ok()?;
+    let inode = socket_fds(&proc_).into_iter().find(|(f, _)| *f == fd)?.1;
+    let table = proc_.unix().ok()?;
+    Some(table.iter().any(|e| e.inode == inode))
+}
+
 /// A region of a process's address space backed by a file (from /proc/<pid>/maps).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileMapping {

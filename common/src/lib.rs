@@ -16,6 +16,14 @@ pub mod profile;
 pub const MAX_CAPTURE: usize = 4096;
 /// Default per-syscall capture when the user does not choose one.
 pub const DEFAULT_CAPTURE: u32 = 1024;
+/// Bytes captured from the start of every request, whatever the per-syscall capture is: the
+/// reads that begin an exchange (see [`conn_flag::HEAD`]) are copied up to this many bytes in
+/// total, so a request head up to this size (long `Authorization` tokens, cookies) is parsed. A
+/// power of two.
+pub const HEAD_CAPTURE: usize = 16 * 1024;
+/// Most bytes copied from the end of a syscall whose payload is longer than its capture (see
+/// [`flag::TAIL`]): where a non-streaming response keeps its `usage`.
+pub const TAIL_CAPTURE: usize = 1024;
 
 /// What an event describes (`EventHeader::kind`).
 pub mod kind {
@@ -115,13 +123,30 @@ pub struct EventHeader {
 pub const HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
 /// Bits of [`EventHeader::flags`].
-pub mod flag {}
+pub mod flag {
+    /// READ/WRITE: the payload ends with the last [`super::EventHeader::aux`] bytes of the
+    /// syscall (its tail); the bytes between the captured prefix
+    /// (`captured - aux` bytes) and the tail were not copied.
+    pub const TAIL: u32 = 1 << 0;
+    /// READ: the read fell in the connection's head window ([`super::conn_flag::HEAD`]) and was
+    /// captured up to [`super::HEAD_CAPTURE`] bytes instead of the per-syscall capture.
+    pub const HEAD_WINDOW: u32 = 1 << 1;
+}
 
-/// Bits of [`ConnInfo::flags`] owned by the arrival tracking (`agent-ebpf/src/arrival.rs`).
+/// Bits of [`ConnInfo::flags`] (kernel per-connection state).
 pub mod conn_flag {
-    /// The connection's `struct sock` could not be found (not a TCP socket, or the fd walk
-    /// failed): the programs do not try again for this connection.
-    pub const NO_SOCK: u32 = 1 << 31;
+    /// The next reads begin a request: set when the connection is accepted or adopted and after
+    /// every write by the server (an answer ends an exchange), cleared once
+    /// [`super::HEAD_CAPTURE`] bytes were read in the window. While set, reads are captured up
+    /// to what is left of `HEAD_CAPTURE` (at least the per-syscall capture).
+    pub const HEAD: u32 = 1 << 0;
+    /// Bits 16..32 count the bytes read since [`HEAD`] was set (saturating at
+    /// [`super::HEAD_CAPTURE`]).
+    pub const HEAD_READ_SHIFT: u32 = 16;
+    /// Arrival tracking (`agent-ebpf/src/arrival.rs`): the connection's `struct sock` could not
+    /// be found (not a TCP socket, or the fd walk failed), so the programs do not try again. A
+    /// low bit, which the head window's updates keep.
+    pub const NO_SOCK: u32 = 1 << 1;
 }
 
 /// When data reached a traced TCP socket, kept per socket by the kernel (`SOCKS` map, keyed by

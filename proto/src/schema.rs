@@ -249,6 +249,15 @@ pub static EVENTS_DROPPED: MetricDef = MetricDef {
     bounds: &[],
 };
 
+pub static CONNECTIONS_UNTRACED: MetricDef = MetricDef {
+    name: "infertap_connections_untraced_total",
+    help: "Connections accepted by traced processes that stopped being traced because they do \
+           not speak HTTP/1.x, by kind (unix, tls, h2, other)",
+    kind: Kind::Counter,
+    labels: &[LABEL_KIND],
+    bounds: &[],
+};
+
 pub static REQUESTS_RUNNING: MetricDef = MetricDef {
     name: "infertap_requests_running",
     help: "Requests in flight whose response has started",
@@ -371,7 +380,8 @@ pub static CUDA_CALL_DURATION: MetricDef = MetricDef {
     bounds: CUDA_DURATION_BOUNDS,
 };
 
-/// Profiler: which kind of stack sample (`cpu`, `offcpu`, `launch`).
+/// Profiler: which kind of stack sample (`cpu`, `offcpu`, `launch`); connections: why one is
+/// not traced (`unix`, `tls`, `h2`, `other`).
 pub const LABEL_KIND: &str = "kind";
 /// Profiler: how a native unwind ended (`complete` or the reason it was cut).
 pub const LABEL_RESULT: &str = "result";
@@ -429,6 +439,7 @@ pub static ALL: &[&MetricDef] = &[
     &OUTPUT_TOKENS,
     &PROMPT_TOKENS,
     &EVENTS_DROPPED,
+    &CONNECTIONS_UNTRACED,
     &REQUESTS_RUNNING,
     &REQUESTS_WAITING,
     &TIME_TO_FIRST_TOKEN_AFTER_READ,

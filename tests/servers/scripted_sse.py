@@ -39,6 +39,10 @@ SCENARIO keys (defaults in brackets):
                   application/json lines of no known shape) | "unknown_sse" (SSE of no known
                   shape)
   n               "openai" shape: parallel choices, events interleaved choice by choice [1]
+  await_eof_ms    before responding, wait up to this long for the client to shut down its
+                  sending side (a read returning 0, as a server watching for disconnects
+                  does); a half-closed client is still answered in full, then the
+                  connection is closed                                          [0]
 
 Overload options (command line): --max-conns N serves at most N connections at once; further
 connections stay un-accepted in the listen backlog (their requests wait in the kernel) until a
@@ -73,7 +77,7 @@ DEFAULTS = {
     "tokens_per_event": 1, "role_chunk": True, "usage": True, "done": True, "split": "none",
     "fragment_gap_ms": 1, "coalesce": 3, "close_after": None, "reset": False,
     "exit_after": None, "truncate_after": None, "keep_alive": True, "chunked": False,
-    "shape": "openai", "n": 1,
+    "shape": "openai", "n": 1, "await_eof_ms": 0,
 }
 
 
@@ -198,6 +202,7 @@ class Conn:
         self.sock = sock
         self.peer = "%s:%d" % (addr[0], addr[1])
         self.last_send_start = 0
+        self.eof = False
 
     def send(self, data):
         """Sends all of data; returns the time right after. The time right before is kept in
@@ -221,6 +226,8 @@ class Conn:
                     return
                 method, path, headers, body, first_ns, keep, buf = req
                 if not self.respond(seq, method, path, headers, body, first_ns, keep):
+                    return
+                if self.eof:
                     return
                 seq += 1
         except (Closed, ConnectionError, OSError, ValueError):
@@ -251,6 +258,17 @@ class Conn:
                "scenario": name, "stream": stream, "request_unix_ns": first_ns,
                "events_unix_ns": [], "events_send_start_unix_ns": [], "tokens_per_event": [], "output_tokens": 0,
                "completed": False}
+        if sc["await_eof_ms"] and not self.eof:
+            self.sock.settimeout(sc["await_eof_ms"] / 1000.0)
+            try:
+                if self.sock.recv(1, socket.MSG_PEEK) == b"":
+                    self.sock.recv(1)          # the EOF, as the server's own read sees it
+                    self.eof = True
+            except socket.timeout:
+                pass
+            finally:
+                self.sock.settimeout(None)
+        keep = keep and not self.eof
         conn_hdr = b"keep-alive" if keep else b"close"
         try:
             if sc["mode"] == "error":

@@ -57,6 +57,11 @@ pub struct AgentRecord {
     pub token_choice: Vec<u32>,
     /// Per-choice figures (only with parallel choices).
     pub choices: Vec<AgentChoice>,
+    /// Whole request / response sizes (head, framing, body), bytes.
+    #[serde(default)]
+    pub request_bytes: u64,
+    #[serde(default)]
+    pub response_bytes: u64,
 }
 
 /// One entry of a request line's `choices`.

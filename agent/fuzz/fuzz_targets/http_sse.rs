@@ -3,7 +3,8 @@
 #![no_main]
 
 use infertap::events::{ConnEvent, ConnKey, Direction};
-use infertap::reconstruct::{ReconstructConfig, Reconstructor};
+use infertap::protocol::http;
+use infertap::reconstruct::{ReconstructConfig, Reconstructor, UntracedKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -37,6 +38,28 @@ fuzz_target!(|data: &[u8]| {
                 // Arrival up to 255 ns before the read, or unknown.
                 arrival_ns: (gap & 0x10 != 0).then(|| ts.saturating_sub(u64::from(*gap))),
             },
+            3..=5 if gap & 0x20 != 0 && n > 1 => {
+                // A long write: its prefix, uncaptured middle bytes, then its tail.
+                let k = (usize::from(*gap & 0x0f) + 1).min(n - 1);
+                let (prefix, tail) = payload.split_at(n - k);
+                r.on_event(
+                    &ConnEvent::Data {
+                        conn,
+                        dir: Direction::Out,
+                        ts_ns: ts,
+                        len: (prefix.len() + 1 + usize::from(*gap >> 6)) as u64,
+                        payload: prefix,
+                        arrival_ns: None,
+                    },
+                    &mut out,
+                );
+                ConnEvent::DataTail {
+                    conn,
+                    dir: Direction::Out,
+                    ts_ns: ts,
+                    payload: tail,
+                }
+            }
             3..=5 => ConnEvent::Data {
                 conn,
                 dir: Direction::Out,
@@ -62,12 +85,28 @@ fuzz_target!(|data: &[u8]| {
                     established_ns: (gap & 4 != 0).then(|| ts.saturating_sub(u64::from(*gap))),
                 },
             },
+            _ if gap & 0x80 != 0 => {
+                // A unix socket decided at its accept (or any connection decided by its kind).
+                r.untrace(
+                    conn,
+                    Some(3),
+                    UntracedKind::ALL[usize::from(gap & 3)],
+                    &mut out,
+                );
+                assert!(!r.take_untraced().is_empty());
+                let _ = http::first_bytes(payload);
+                continue;
+            }
             _ => {
                 r.expire_idle(ts, &mut out);
                 continue;
             }
         };
         r.on_event(&ev, &mut out);
+        // Decisions about non-HTTP/1.x connections are handed out (the pipeline applies them).
+        for u in r.take_untraced() {
+            assert_eq!(u.conn, conn);
+        }
         assert!(r.stats().connections_open <= 3);
         let _ = r.in_flight();
     }

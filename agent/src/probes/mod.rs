@@ -242,11 +242,41 @@ impl Probes {
                 ConnKey { tgid: pid, fd },
                 ConnInfo {
                     conn_id,
+                    // Its next read may begin a request: capture it like a new connection's.
+                    flags: infertap_common::conn_flag::HEAD,
                     ..Default::default()
                 },
                 0,
             )
             .with_context(|| format!("adopting fd {fd} of pid {pid}"))
+    }
+
+    /// Stops tracing one connection (it does not speak HTTP/1.x): its kernel map entry is
+    /// removed, so its syscalls cost one failed lookup from now on and emit nothing (its close
+    /// included). The entry is removed only if it still holds `conn_id` (the fd may have been
+    /// closed and reused by a newer connection); without `fd`, the process's entries are
+    /// searched for it. Returns whether an entry was removed.
+    pub fn untrace_connection(&mut self, pid: u32, conn_id: u64, fd: Option<i32>) -> bool {
+        let holds = |conns: &HashMap<MapData, ConnKey, ConnInfo>, k: &ConnKey| {
+            conns.get(k, 0).is_ok_and(|v| v.conn_id == conn_id)
+        };
+        let key = match fd {
+            Some(fd) => Some(ConnKey { tgid: pid, fd }).filter(|k| holds(&self.conns, k)),
+            None => self
+                .conns
+                .keys()
+                .filter_map(|k| k.ok())
+                .find(|k| k.tgid == pid && holds(&self.conns, k)),
+        };
+        key.is_some_and(|k| self.conns.remove(&k).is_ok())
+    }
+
+    /// Whether the kernel traces `(pid, fd)` now, and under which connection id.
+    pub fn traced_connection(&self, pid: u32, fd: i32) -> Option<u64> {
+        self.conns
+            .get(&ConnKey { tgid: pid, fd }, 0)
+            .ok()
+            .map(|v| v.conn_id)
     }
 
     /// Finds the CUDA libraries the traced processes have mapped and probes new ones.

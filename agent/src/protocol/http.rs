@@ -188,6 +188,9 @@ pub struct Parser {
     max_header_bytes: usize,
     msg_bytes: u64,
     in_message: bool,
+    /// The bytes being fed continue a syscall after uncaptured ones ([`Parser::feed_tail`]):
+    /// their start is no line start and no framing boundary.
+    mid_syscall: bool,
 }
 
 enum HeadOutcome {
@@ -211,6 +214,7 @@ impl Parser {
             max_header_bytes: max_header_bytes.max(64),
             msg_bytes: 0,
             in_message: false,
+            mid_syscall: false,
         }
     }
 
@@ -251,13 +255,24 @@ impl Parser {
         }
     }
 
+    /// Feeds the last bytes of the syscall fed just before, which was fed with a `gap`: they
+    /// follow uncaptured bytes, so their first byte is neither a line start nor a place where
+    /// lost chunk framing can be found again. Inside a body they are body bytes (a non-streaming
+    /// response's `usage` is there); anywhere else they are scanned like any bytes.
+    pub fn feed_tail(&mut self, payload: &[u8], f: &mut impl FnMut(HttpEvent<'_>) -> Flow) {
+        self.mid_syscall = true;
+        self.feed(payload, 0, f);
+        self.mid_syscall = false;
+    }
+
     /// Feeds one syscall: `payload` captured bytes followed by `gap` uncaptured ones.
     pub fn feed(&mut self, payload: &[u8], gap: u64, f: &mut impl FnMut(HttpEvent<'_>) -> Flow) {
         let mut rest = payload;
         while !rest.is_empty() {
             let offset = payload.len() - rest.len();
             // Syscall boundaries count as line starts.
-            let line_start = offset == 0 || payload[offset - 1] == b'\n';
+            let line_start =
+                (offset == 0 && !self.mid_syscall) || (offset > 0 && payload[offset - 1] == b'\n');
             rest = match self.state {
                 State::Start => {
                     // Stray CR/LF between messages is allowed (RFC 9112 §2.2).
@@ -318,6 +333,13 @@ impl Parser {
                         _ => self.malformed(MalformedKind::BadChunk, f),
                     }
                     &rest[1..]
+                }
+                State::ChunkLost if self.mid_syscall => {
+                    // Framing was lost in the gap just before: these bytes are somewhere in the
+                    // body (most likely chunk data), but where its chunks end is unknown.
+                    f(HttpEvent::BodyGap(rest.len() as u64));
+                    self.msg_bytes += rest.len() as u64;
+                    &[]
                 }
                 State::ChunkLost => {
                     if offset == 0 {
@@ -805,6 +827,98 @@ fn chunk_line_at_start(data: &[u8]) -> Option<(usize, u64)> {
     let window = &data[..data.len().min(MAX_CHUNK_LINE)];
     let nl = memchr(b'\n', window)?;
     Some((nl + 1, parse_chunk_line(&data[..nl])?))
+}
+
+/// What the first bytes a client sent on a connection say about its protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstBytes {
+    /// An HTTP/1.x request line (or the start of one whose end is not visible yet).
+    Http,
+    /// Too few bytes to tell.
+    Undecided,
+    /// A TLS handshake record (content type 22, version major 3).
+    Tls,
+    /// The HTTP/2 connection preface (`PRI * HTTP/2.0`, prior knowledge).
+    H2,
+    /// Anything else.
+    Other,
+}
+
+/// The HTTP/2 connection preface's request line (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// Longest method token accepted at a connection's start.
+const MAX_METHOD_LEN: usize = 24;
+
+/// Judges the first bytes a client sent on a fresh connection (RFC 9112 §3: `method SP
+/// request-target SP HTTP-version CRLF`, after optional empty lines). Methods are any token, not
+/// only the common ones; when the whole request line is visible its version must be HTTP/1.0
+/// or HTTP/1.1.
+pub fn first_bytes(data: &[u8]) -> FirstBytes {
+    let skip = data
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let s = &data[skip..];
+    let Some(&b0) = s.first() else {
+        return FirstBytes::Undecided;
+    };
+    if b0 == 0x16 {
+        return match s.get(1) {
+            None => FirstBytes::Undecided,
+            Some(3) => FirstBytes::Tls,
+            Some(_) => FirstBytes::Other,
+        };
+    }
+    let n = s.len().min(H2_PREFACE.len());
+    if s[..n] == H2_PREFACE[..n] {
+        if n == H2_PREFACE.len() {
+            return FirstBytes::H2;
+        }
+        // "P", "PR", "PRI": also the start of POST, PUT, PATCH or other methods.
+        if n > 3 {
+            return FirstBytes::Undecided;
+        }
+    }
+    let method = s.iter().take_while(|&&b| is_tchar(b)).count();
+    if method == s.len() {
+        return if method <= MAX_METHOD_LEN {
+            FirstBytes::Undecided
+        } else {
+            FirstBytes::Other
+        };
+    }
+    if method == 0 || method > MAX_METHOD_LEN || s[method] != b' ' {
+        return FirstBytes::Other;
+    }
+    let line = &s[method + 1..];
+    if line.first() == Some(&b' ') {
+        return FirstBytes::Other;
+    }
+    match memchr(b'\n', line) {
+        None => FirstBytes::Http,
+        Some(end) => {
+            let line = line[..end].strip_suffix(b"\r").unwrap_or(&line[..end]);
+            let ok = line.len() > 9
+                && line[line.len() - 9] == b' '
+                && line[line.len() - 8..line.len() - 1] == *b"HTTP/1."
+                && matches!(line[line.len() - 1], b'0' | b'1');
+            if ok {
+                FirstBytes::Http
+            } else {
+                FirstBytes::Other
+            }
+        }
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `data` starts with an HTTP/1.x status line (`HTTP/1.x NNN`).
+pub fn looks_like_response_start(data: &[u8]) -> bool {
+    looks_like_start(Role::Response, data)
 }
 
 /// Position of the first line in `data` that looks like the start of a message of `role`.

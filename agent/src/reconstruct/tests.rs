@@ -62,6 +62,79 @@ impl Sim {
     }
 }
 
+/// The kernel's capture rules (agent-ebpf `capture_payload`), to drive the reconstruction the
+/// way the probes do: reads in the head window (opened at accept and by every write, closed
+/// after `HEAD_CAPTURE` bytes) are captured up to what is left of it, other syscalls up to `cap`,
+/// and writes longer than that also send their last `min(cap, TAIL_CAPTURE)` bytes.
+struct Kernel {
+    head: bool,
+    head_read: usize,
+}
+
+impl Kernel {
+    fn new() -> Self {
+        Kernel {
+            head: true,
+            head_read: 0,
+        }
+    }
+
+    fn read(&mut self, sim: &mut Sim, ts: u64, bytes: &[u8]) {
+        let mut limit = sim.cap;
+        if self.head {
+            limit = limit.max(infertap_common::HEAD_CAPTURE - self.head_read);
+            self.head_read += bytes.len();
+            if self.head_read >= infertap_common::HEAD_CAPTURE {
+                self.head = false;
+                self.head_read = 0;
+            }
+        }
+        let n = bytes.len().min(limit);
+        sim.ev(ConnEvent::Data {
+            conn: KEY,
+            dir: Direction::In,
+            ts_ns: ts,
+            len: bytes.len() as u64,
+            payload: &bytes[..n],
+            arrival_ns: None,
+        });
+    }
+
+    fn write(&mut self, sim: &mut Sim, ts: u64, bytes: &[u8]) {
+        self.head = true;
+        self.head_read = 0;
+        let n = bytes.len().min(sim.cap);
+        let tail = (bytes.len() - n).min(sim.cap.min(infertap_common::TAIL_CAPTURE));
+        sim.ev(ConnEvent::Data {
+            conn: KEY,
+            dir: Direction::Out,
+            ts_ns: ts,
+            len: (bytes.len() - tail) as u64,
+            payload: &bytes[..n],
+            arrival_ns: None,
+        });
+        if tail > 0 {
+            sim.ev(ConnEvent::DataTail {
+                conn: KEY,
+                dir: Direction::Out,
+                ts_ns: ts,
+                payload: &bytes[bytes.len() - tail..],
+            });
+        }
+    }
+}
+
+/// A request head of about `size` bytes (a long bearer token, as gateways send) and its body.
+fn post_with_token(path: &str, body: &str, size: usize) -> Vec<u8> {
+    let base = post(path, body).len();
+    let token = "t".repeat(size.saturating_sub(base + "Authorization: Bearer \r\n".len()));
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept: application/json\r\nContent-Type: application/json\r\nUser-Agent: OpenAI/Python 1.51.0\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 fn chunk(data: &[u8]) -> Vec<u8> {
     let mut v = format!("{:x}\r\n", data.len()).into_bytes();
     v.extend_from_slice(data);
@@ -371,20 +444,87 @@ fn client_disconnect_mid_stream() {
             tokens: 1
         }]
     );
+    // The client's EOF alone may be a half-close: the response goes on.
     sim.ev(ConnEvent::PeerClosed {
         conn: KEY,
         ts_ns: 40,
     });
+    assert!(sim.out.is_empty(), "{:#?}", sim.out);
+    assert_eq!(sim.r.in_flight().running, 1);
+    sim.write(50, &chunk(vllm_chunk(Some("b"), None).as_bytes()));
+    // The server gives up (uvicorn cancels on EOF) and closes: the client's leaving cut it.
+    sim.close(60);
     let r = sim.one();
     assert_eq!(
         (r.error, r.end_ns, r.output_tokens),
-        (Some(RequestError::ClientDisconnect), 40, Some(1))
+        (Some(RequestError::ClientDisconnect), 60, Some(2))
     );
     assert!(r.response_bytes > 0);
-    // The server's late writes go nowhere; its close ends the connection quietly.
-    sim.write(50, &chunk(vllm_chunk(Some("b"), None).as_bytes()));
+}
+
+#[test]
+fn half_closed_client_gets_a_complete_response() {
+    let mut sim = Sim::new();
+    sim.open(0);
+    sim.read(
+        10,
+        &post("/v1/chat/completions", r#"{"model":"m","stream":true}"#),
+    );
+    // shutdown(SHUT_WR) right after the request: the server's next read returns 0.
+    sim.ev(ConnEvent::PeerClosed {
+        conn: KEY,
+        ts_ns: 12,
+    });
+    sim.write(20, UVICORN_SSE_HEAD);
+    sim.write(30, &chunk(vllm_chunk(Some("a"), None).as_bytes()));
+    sim.write(40, &chunk(vllm_chunk(Some("b"), Some("stop")).as_bytes()));
+    sim.write(50, &chunk(b"data: [DONE]\n\n"));
+    sim.write(51, b"0\r\n\r\n");
+    let r = sim.one();
+    assert_eq!(r.error, None, "{r:#?}");
+    assert_eq!((r.end_ns, r.output_tokens), (51, Some(2)));
+    assert_eq!(r.finish_reason.as_deref(), Some("stop"));
+    // Then the server closes the connection: nothing else to report.
     sim.close(60);
     assert!(sim.out.is_empty());
+
+    // A non-streaming answer after a half-close, with Content-Length, completes too.
+    let mut sim = Sim::new();
+    sim.open(0);
+    sim.read(10, &post("/v1/completions", r#"{"model":"m"}"#));
+    sim.ev(ConnEvent::PeerClosed {
+        conn: KEY,
+        ts_ns: 11,
+    });
+    let body = br#"{"choices":[{"text":"hi","finish_reason":"length"}],"usage":{"prompt_tokens":2,"completion_tokens":4}}"#;
+    let mut resp = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    resp.extend_from_slice(body);
+    sim.write(30, &resp);
+    let r = sim.one();
+    assert_eq!((r.error, r.output_tokens), (None, Some(4)));
+    // A half-closed client whose response the server abandons (closes mid-body) is a
+    // disconnect; a server that closes mid-body on its own is a server close.
+    for (peer_closed, want) in [
+        (true, RequestError::ClientDisconnect),
+        (false, RequestError::ServerClose),
+    ] {
+        let mut sim = Sim::new();
+        sim.open(0);
+        sim.read(10, &post("/v1/completions", r#"{"model":"m"}"#));
+        if peer_closed {
+            sim.ev(ConnEvent::PeerClosed {
+                conn: KEY,
+                ts_ns: 11,
+            });
+        }
+        sim.write(30, &resp[..resp.len() - 10]);
+        sim.close(40);
+        assert_eq!(sim.one().error, Some(want));
+    }
 }
 
 #[test]
@@ -835,6 +975,7 @@ fn client_leaving_after_done_is_success() {
         conn: KEY,
         ts_ns: 90,
     });
+    sim.close(95);
     assert_eq!(sim.one().error, Some(RequestError::ClientDisconnect));
 }
 
@@ -900,6 +1041,284 @@ fn llama_cpp_error_event() {
         (r.error, r.output_tokens),
         (Some(RequestError::Http5xx), Some(1))
     );
+}
+
+/// Reads of at most `n` bytes each, as a buffered server reads (Python's rfile: 8 KiB).
+fn read_in(k: &mut Kernel, sim: &mut Sim, ts: u64, bytes: &[u8], n: usize) {
+    for (i, piece) in bytes.chunks(n).enumerate() {
+        k.read(sim, ts + i as u64, piece);
+    }
+}
+
+fn json_response(body: &[u8]) -> Vec<u8> {
+    let mut v = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    v.extend_from_slice(body);
+    v
+}
+
+#[test]
+fn head_up_to_16k_is_parsed_whatever_the_capture() {
+    for (head, read_size) in [
+        (3 * 1024, 64 * 1024),
+        (16 * 1024 - 64, 8192),
+        (16 * 1024 - 64, 1000),
+    ] {
+        let mut sim = Sim::new();
+        sim.cap = 1024;
+        let mut k = Kernel::new();
+        sim.open(0);
+        let req = post_with_token("/v1/completions", r#"{"model":"m","prompt":"hi"}"#, head);
+        assert!(req.len() <= infertap_common::HEAD_CAPTURE, "{}", req.len());
+        read_in(&mut k, &mut sim, 10, &req, read_size);
+        k.write(&mut sim, 100, &json_response(br#"{"choices":[{"text":"x","finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":3}}"#));
+        let r = sim.one();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str()),
+            ("POST", "/v1/completions")
+        );
+        assert_eq!(
+            (r.error, r.status, r.output_tokens),
+            (None, Some(200), Some(3))
+        );
+        assert_eq!(r.model.as_deref(), Some("m"));
+        assert_eq!(r.request_bytes, req.len() as u64);
+        assert_eq!(sim.r.stats().malformed, 0);
+        // The next request on the connection gets the head window again.
+        read_in(&mut k, &mut sim, 200, &req, read_size);
+        k.write(&mut sim, 300, &json_response(b"{}"));
+        assert_eq!(sim.one().error, None);
+    }
+}
+
+#[test]
+fn head_over_16k_is_rejected_counted_and_the_connection_resyncs() {
+    let mut sim = Sim::new();
+    sim.cap = 1024;
+    let mut k = Kernel::new();
+    sim.open(0);
+    let big = post_with_token("/v1/completions", r#"{"model":"m"}"#, 64 * 1024);
+    read_in(&mut k, &mut sim, 10, &big, 8192);
+    assert_eq!(sim.r.stats().header_overflow, 1, "{:?}", sim.r.stats());
+    assert_eq!(sim.r.stats().malformed, 1);
+    // The server refuses it; the answer pairs with nothing (counted as an orphan).
+    k.write(
+        &mut sim,
+        100,
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n",
+    );
+    assert!(sim.out.is_empty(), "{:#?}", sim.out);
+    assert_eq!(sim.r.stats().orphan_responses, 1);
+    // The next request parses normally.
+    let req = post("/v1/completions", r#"{"model":"m"}"#);
+    k.read(&mut sim, 200, &req);
+    k.write(&mut sim, 300, &json_response(b"{}"));
+    let r = sim.one();
+    assert_eq!((r.error, r.status), (None, Some(200)), "{r:#?}");
+    assert_eq!(sim.r.stats().resyncs, 1);
+}
+
+#[test]
+fn bodies_larger_than_capture_are_counted_and_usage_is_found_in_the_tail() {
+    let mut sim = Sim::new();
+    sim.cap = 1024;
+    let mut k = Kernel::new();
+    sim.open(0);
+    let prompt = "p".repeat(100_000);
+    let req = post(
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{prompt}"}}]}}"#),
+    );
+    read_in(&mut k, &mut sim, 10, &req, 65536);
+    let content = "w".repeat(30_000);
+    let body = format!(
+        r#"{{"id":"c","object":"chat.completion","model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"length"}}],"usage":{{"prompt_tokens":25001,"completion_tokens":7501,"total_tokens":32502}},"prompt_logprobs":null}}"#
+    );
+    let resp = json_response(body.as_bytes());
+    // One write of head and body (uvicorn), then the same split over several writes.
+    k.write(&mut sim, 100, &resp);
+    let r = sim.one();
+    assert_eq!(r.request_bytes, req.len() as u64);
+    assert_eq!(r.response_bytes, resp.len() as u64);
+    assert_eq!(r.output_tokens, Some(7501), "{r:#?}");
+    assert_eq!(r.prompt_tokens, Some(25001));
+    assert_eq!(r.finish_reason.as_deref(), Some("length"));
+    assert_eq!(r.error, None);
+    assert!(sim.r.stats().tails >= 1);
+    read_in(&mut k, &mut sim, 200, &req, 65536);
+    for (i, piece) in resp.chunks(8000).enumerate() {
+        k.write(&mut sim, 300 + i as u64, piece);
+    }
+    let r = sim.one();
+    assert_eq!(r.response_bytes, resp.len() as u64);
+    assert_eq!((r.output_tokens, r.error), (Some(7501), None));
+    // A chunked JSON body, one chunk per write (h11), is read the same way.
+    read_in(&mut k, &mut sim, 400, &req, 65536);
+    k.write(
+        &mut sim,
+        500,
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    k.write(&mut sim, 501, &chunk(body.as_bytes()));
+    k.write(&mut sim, 502, b"0\r\n\r\n");
+    let r = sim.one();
+    assert_eq!((r.output_tokens, r.error), (Some(7501), None), "{r:#?}");
+}
+
+#[test]
+fn tail_after_lost_chunk_framing_is_not_malformed() {
+    let mut sim = Sim::new();
+    sim.cap = 64;
+    let mut k = Kernel::new();
+    sim.open(0);
+    k.read(&mut sim, 10, &post("/v1/completions", r#"{"model":"m"}"#));
+    k.write(
+        &mut sim,
+        20,
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    // Several chunks in one write: the gap hides their framing; the tail cannot restore it.
+    let mut w = Vec::new();
+    for _ in 0..5 {
+        w.extend_from_slice(&chunk(&[b'x'; 100]));
+    }
+    k.write(&mut sim, 30, &w);
+    assert!(sim.out.is_empty());
+    k.write(&mut sim, 40, &chunk(b"{}"));
+    k.write(&mut sim, 41, b"0\r\n\r\n");
+    let r = sim.one();
+    assert_ne!(r.error, Some(RequestError::Malformed), "{r:#?}");
+    assert_eq!(sim.r.stats().chunk_resyncs, 1);
+}
+
+#[test]
+fn non_http_connections_are_untraced_by_kind() {
+    let cases: [(&[&[u8]], Option<UntracedKind>); 8] = [
+        (
+            &[b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
+            Some(UntracedKind::Tls),
+        ),
+        (
+            &[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"],
+            Some(UntracedKind::H2),
+        ),
+        // The preface split over reads: undecided until it is visible.
+        (
+            &[b"PRI", b" * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n"],
+            Some(UntracedKind::H2),
+        ),
+        (
+            &[b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f"],
+            Some(UntracedKind::Other),
+        ),
+        (&[b"*3\r\n$3\r\nSET\r\n"], Some(UntracedKind::Other)),
+        (
+            &[b"GET /metrics HTTP/2.0\r\n\r\n"],
+            Some(UntracedKind::Other),
+        ),
+        // HTTP/1.x stays traced, even split and with an uncommon method.
+        (
+            &[
+                b"PO",
+                b"ST /v1/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            ],
+            None,
+        ),
+        (&[b"PROPFIND /x HTTP/1.1\r\n\r\n"], None),
+    ];
+    for (reads, want) in cases {
+        let mut sim = Sim::new();
+        sim.open(0);
+        for (i, r) in reads.iter().enumerate() {
+            sim.read(10 + i as u64, r);
+        }
+        let untraced = sim.r.take_untraced();
+        match want {
+            Some(kind) => {
+                assert_eq!(
+                    untraced,
+                    vec![Untrace {
+                        conn: KEY,
+                        fd: Some(9),
+                        kind
+                    }],
+                    "{reads:?}"
+                );
+                assert_eq!(sim.r.stats().untraced[kind as usize], 1);
+                assert_eq!(sim.r.stats().connections_open, 0);
+                // Events already on their way are ignored, not adopted.
+                sim.read(50, b"GET / HTTP/1.1\r\n\r\n");
+                sim.write(60, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                sim.close(70);
+                assert!(sim.out.is_empty());
+                assert_eq!(sim.r.stats().events_after_untrace, 3);
+                assert_eq!(sim.r.stats().connections_adopted, 0);
+            }
+            None => {
+                assert!(untraced.is_empty(), "{reads:?}: {untraced:?}");
+                assert_eq!(sim.r.stats().untraced, [0; UntracedKind::COUNT]);
+            }
+        }
+    }
+    // A server that speaks first with something else than a response.
+    let mut sim = Sim::new();
+    sim.open(0);
+    sim.write(10, b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f\x03\x00NULL");
+    assert_eq!(sim.r.take_untraced()[0].kind, UntracedKind::Other);
+    // Adopted connections (open before tracing) are never judged by their first bytes.
+    let mut sim = Sim::new();
+    sim.open(0);
+    sim.r.mark_adopted(KEY);
+    sim.read(10, b"\x16\x03\x01 mid-body bytes");
+    assert!(sim.r.take_untraced().is_empty());
+    // Unix sockets are untraced from their accept, before any event.
+    let mut sim = Sim::new();
+    sim.r
+        .untrace(KEY, Some(4), UntracedKind::Unix, &mut sim.out);
+    sim.read(10, b"\x01\x02");
+    assert_eq!(sim.r.stats().events_after_untrace, 1);
+    assert_eq!(sim.r.stats().connections_adopted, 0);
+    assert_eq!(sim.r.take_untraced()[0].fd, Some(4));
+}
+
+proptest! {
+    /// Streams whose writes are longer than the capture (several events coalesced into one
+    /// write, one chunk each) with the tails the kernel adds: tokens are never invented, the
+    /// record is never malformed, and the final usage chunk (in the last write's tail) is read.
+    #[test]
+    fn tails_of_coalesced_stream_writes_never_inflate(cap in 160usize..1500, per_write in 2usize..40) {
+        // (Response heads longer than the capture are lost as before: cap ≥ the 150-byte head.)
+        prop_assume!(cap >= UVICORN_SSE_HEAD.len());
+        let mut sim = Sim::new();
+        sim.cap = cap;
+        let mut k = Kernel::new();
+        sim.open(0);
+        k.read(&mut sim, 1, &post("/v1/chat/completions", r#"{"model":"m","stream":true}"#));
+        k.write(&mut sim, 2, UVICORN_SSE_HEAD);
+        let events: Vec<String> = (0..60).map(|_| vllm_chunk(Some("tok"), None)).collect();
+        for (i, group) in events.chunks(per_write).enumerate() {
+            k.write(&mut sim, 10 + i as u64, &chunk(group.concat().as_bytes()));
+        }
+        let usage = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":60}}\n\n";
+        let end = [vllm_chunk(Some(""), Some("stop")), usage.to_owned(), "data: [DONE]\n\n".to_owned()].concat();
+        k.write(&mut sim, 100, &chunk(end.as_bytes()));
+        k.write(&mut sim, 101, b"0\r\n\r\n");
+        prop_assert_eq!(sim.out.len(), 1);
+        let r = sim.out.pop().unwrap();
+        prop_assert!(r.error != Some(RequestError::Malformed), "{:?}", r);
+        prop_assert!(r.token_ns.len() <= 60, "{:?}", r.token_ns.len());
+        let tail = cap.min(infertap_common::TAIL_CAPTURE);
+        if tail >= usage.len() + "data: [DONE]\n\n\r\n".len() {
+            // The usage chunk lies inside the last write's prefix or tail: the count is exact.
+            prop_assert_eq!(r.output_tokens, Some(60), "{:?}", r);
+            prop_assert_eq!(r.token_count_source, Some(TokenCountSource::Usage));
+        } else {
+            prop_assert!(r.output_tokens.unwrap_or(0) <= 60);
+        }
+    }
 }
 
 mod shapes;

@@ -376,3 +376,87 @@ proptest! {
         prop_assert_eq!(run(Role::Request, &segs), expect);
     }
 }
+
+#[test]
+fn first_bytes_tell_http1_from_other_protocols() {
+    use FirstBytes::*;
+    let cases: &[(&[u8], FirstBytes)] = &[
+        (b"", Undecided),
+        (b"\r\n", Undecided),
+        (b"G", Undecided),
+        (b"GET", Undecided),
+        (b"GET ", Http),
+        (b"GET /v1/models HTTP/1.1\r\n", Http),
+        (b"\r\nPOST / HTTP/1.0\r\n", Http),
+        (b"M-SEARCH * HTTP/1.1\r\n", Http),
+        (b"GET / HTTP/2.0\r\n", Other),
+        (b"GET / SIP/2.0\r\n", Other),
+        (b"GET  / HTTP/1.1\r\n", Other),
+        (b"\x16", Undecided),
+        (b"\x16\x03\x01\x00\xa5\x01", Tls),
+        (b"\x16\x00", Other),
+        (b"P", Undecided),
+        (b"PRI", Undecided),
+        (b"PRI *", Undecided),
+        (b"PRI * HTTP/2.0\r\n", H2),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2),
+        (b"\x00\x00\x00\x01", Other),
+        (b"{\"op\":1}", Other),
+        (b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", Other),
+        (b"\xffSMB", Other),
+    ];
+    for (data, want) in cases {
+        assert_eq!(
+            first_bytes(data),
+            *want,
+            "{:?}",
+            String::from_utf8_lossy(data)
+        );
+    }
+}
+
+#[test]
+fn a_tail_continues_its_syscall() {
+    // Content-Length body: the tail after a gap is body, and the message ends with it.
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+    let mut p = Parser::new(Role::Response, 1024, true);
+    let mut evs = Vec::new();
+    p.feed(&head[..], 90, &mut |e| {
+        evs.push(format!("{e:?}"));
+        Flow::Continue
+    });
+    p.feed_tail(b"0123456789", &mut |e| {
+        evs.push(format!("{e:?}"));
+        Flow::Continue
+    });
+    assert_eq!(evs.last().unwrap(), "MessageEnd { bytes: 140 }", "{evs:?}");
+    assert!(evs
+        .iter()
+        .any(|e| e == "Body([48, 49, 50, 51, 52, 53, 54, 55, 56, 57])"));
+    // Lost chunk framing: the tail is counted as body, and the next syscall may restore it.
+    let mut p = Parser::new(Role::Response, 1024, true);
+    let mut evs = Vec::new();
+    let mut f = |e: HttpEvent<'_>| {
+        evs.push(format!("{e:?}"));
+        Flow::Continue
+    };
+    p.feed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        0,
+        &mut f,
+    );
+    p.feed(b"5\r\nhello\r\n", 30, &mut f);
+    p.feed_tail(b"lo\r\n5\r\nhe", &mut f);
+    p.feed(b"0\r\n\r\n", 0, &mut f);
+    assert!(!evs.iter().any(|e| e.starts_with("Malformed")), "{evs:?}");
+    assert!(evs.iter().any(|e| e == "BodyGap(9)"), "{evs:?}");
+    assert!(evs.last().unwrap().starts_with("MessageEnd"), "{evs:?}");
+    // A tail is no line start: a request line at its very beginning is not taken as a resync.
+    let mut p = Parser::new(Role::Request, 1024, false);
+    let mut evs = Vec::new();
+    p.feed_tail(b"GET / HTTP/1.1\r\n\r\n", &mut |e| {
+        evs.push(format!("{e:?}"));
+        Flow::Continue
+    });
+    assert!(evs.is_empty(), "{evs:?}");
+}

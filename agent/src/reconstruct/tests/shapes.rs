@@ -666,9 +666,18 @@ fn n_greater_than_one_finishes_when_all_choices_have() {
     sim.write(1_100, &ev(0, "null"));
     sim.write(1_110, &ev(1, "null"));
     sim.write(1_200, &ev(0, "\"stop\""));
+    // A half-close is not the end: the client may still read choice 1.
     sim.ev(ConnEvent::PeerClosed {
         conn: KEY,
+        ts_ns: 1_250,
+    });
+    assert!(sim.out.is_empty(), "{:#?}", sim.out);
+    // The client is gone for good: the next write fails.
+    sim.ev(ConnEvent::Error {
+        conn: KEY,
+        dir: Direction::Out,
         ts_ns: 1_300,
+        errno: 32,
     });
     let r = sim.one();
     assert_eq!(r.error, Some(RequestError::ClientDisconnect));
