@@ -1,5 +1,6 @@
 //! Arbitrary byte sequences, cut into syscall-sized events on a few connections, through the
-//! Reconstructor: it must never panic, and its state must stay bounded.
+//! Reconstructor (every body framing: SSE, NDJSON, chunked JSON lines, whole bodies; seeds for
+//! every API shape): it must never panic, and its state must stay bounded.
 #![no_main]
 
 use infertap::events::{ConnEvent, ConnKey, Direction};
@@ -115,6 +116,12 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(records, r.stats().records);
     for rec in &out {
         assert_eq!(rec.token_ns.len(), rec.tokens_per_event.len());
+        // Per-choice bookkeeping (n > 1) stays consistent and bounded.
+        assert!(rec.token_choice.is_empty() || rec.token_choice.len() == rec.token_ns.len());
+        assert!(rec.choices.len() <= infertap::reconstruct::MAX_CHOICES);
+        if let Some(fr) = &rec.finish_reason {
+            assert!(infertap::protocol::shape::FINISH_REASONS.contains(&fr.as_str()));
+        }
         assert!(rec.end_ns >= rec.start_ns);
     }
 });
