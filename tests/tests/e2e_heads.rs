@@ -231,7 +231,9 @@ def serve(c):
         d = c.recv(4096)
         if not d:
             break
-        if d.startswith(b"GET "):
+        if d.startswith(b"GET /ws "):
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        elif d.startswith(b"GET "):
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         else:
             c.sendall(d)
@@ -323,11 +325,15 @@ fn non_http_connections_are_counted_and_untraced() {
             .parse::<i32>()
             .unwrap()
     };
-    let firsts: [&[u8]; 4] = [
+    let ws: &[u8] = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let switched =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let firsts: [&[u8]; 5] = [
         b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
         b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03",
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         b"\x00\x00\x00\x0cset mystore",
+        ws,
     ];
     let mut tcp = Vec::new();
     let mut fds = Vec::new();
@@ -336,7 +342,14 @@ fn non_http_connections_are_counted_and_untraced() {
         fds.push(next_fd());
         c.write_all(f).unwrap();
         // The HTTP one gets a 40-byte answer, the others their bytes echoed.
-        let mut echo = vec![0u8; if f.starts_with(b"GET") { 40 } else { f.len() }];
+        let answer = if f == ws {
+            switched.len()
+        } else if f.starts_with(b"GET") {
+            40
+        } else {
+            f.len()
+        };
+        let mut echo = vec![0u8; answer];
         c.read_exact(&mut echo).unwrap();
         tcp.push(c);
     }
@@ -349,10 +362,10 @@ fn non_http_connections_are_counted_and_untraced() {
     let m = wait_for(WAIT, "untraced connections counted", || {
         let m = agent.metrics().ok()?;
         let n = |k| m.sum("infertap_connections_untraced_total", &[("kind", k)]);
-        (n("unix") + n("tls") + n("h2") + n("other") >= 4.0).then_some(m)
+        (n("unix") + n("tls") + n("h2") + n("other") + n("upgraded") >= 5.0).then_some(m)
     })
     .unwrap();
-    for kind in ["unix", "tls", "h2", "other"] {
+    for kind in ["unix", "tls", "h2", "other", "upgraded"] {
         assert_eq!(
             m.sum("infertap_connections_untraced_total", &[("kind", kind)]),
             1.0,
@@ -378,9 +391,11 @@ fn non_http_connections_are_counted_and_untraced() {
         let mut b = [0u8; 10];
         c.read_exact(&mut b).unwrap();
     }
-    let recs = agent.wait_records(1, WAIT).unwrap();
-    assert_eq!(recs.len(), 1, "{recs:#?}");
-    assert_eq!(recs[0].path, "/health");
+    let recs = agent.wait_records(2, WAIT).unwrap();
+    let mut paths: Vec<(&str, Option<u16>)> =
+        recs.iter().map(|r| (r.path.as_str(), r.status)).collect();
+    paths.sort();
+    assert_eq!(paths, vec![("/health", Some(200)), ("/ws", Some(101))]);
     let _ = child.kill();
     let _ = child.wait();
 }
