@@ -297,7 +297,7 @@ impl Pipeline {
         self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
         match events::decode(raw) {
             Ok(Some(Event::Conn(ConnEvent::Open { conn, fd, .. })))
-                if self.is_unix_accept(raw, conn.pid, fd) =>
+                if events::accept_family(raw) == Some(libc::AF_UNIX) =>
             {
                 // A unix-domain socket (ZMQ IPC, a torch store): never HTTP over TCP.
                 self.recon
@@ -314,6 +314,12 @@ impl Pipeline {
                 {
                     // The caller of accept passed no address buffer: ask /proc.
                     let peer = targets::peer_of(conn.pid, fd);
+                    if peer.is_none() && targets::is_unix_socket(conn.pid, fd) == Some(true) {
+                        self.recon
+                            .untrace(conn, Some(fd), UntracedKind::Unix, &mut self.records);
+                        self.apply_untraced();
+                        return;
+                    }
                     self.recon.on_event(
                         &ConnEvent::Open {
                             conn,
@@ -359,15 +365,6 @@ impl Pipeline {
         }
         if self.recon.has_untraced() {
             self.apply_untraced();
-        }
-    }
-
-    /// An accepted connection is a unix-domain socket: its peer address says so, or, when the
-    /// caller of accept passed no address buffer, the process's socket table.
-    fn is_unix_accept(&self, raw: &[u8], pid: u32, fd: i32) -> bool {
-        match events::accept_family(raw) {
-            Some(family) => family == libc::AF_UNIX,
-            None => targets::is_unix_socket(pid, fd).unwrap_or(false),
         }
     }
 

@@ -167,11 +167,14 @@ pub enum UntracedKind {
     H2 = 2,
     /// Any other first bytes that are not an HTTP/1.x request.
     Other = 3,
+    /// HTTP/1.1 that switched protocols (`101`: WebSocket, h2c), after its switch.
+    Upgraded = 4,
 }
 
 impl UntracedKind {
-    pub const COUNT: usize = 4;
-    pub const ALL: [UntracedKind; Self::COUNT] = [Self::Unix, Self::Tls, Self::H2, Self::Other];
+    pub const COUNT: usize = 5;
+    pub const ALL: [UntracedKind; Self::COUNT] =
+        [Self::Unix, Self::Tls, Self::H2, Self::Other, Self::Upgraded];
 
     /// Label value (`kind`) of `infertap_connections_untraced_total`.
     pub fn name(self) -> &'static str {
@@ -180,6 +183,7 @@ impl UntracedKind {
             Self::Tls => "tls",
             Self::H2 => "h2",
             Self::Other => "other",
+            Self::Upgraded => "upgraded",
         }
     }
 }
@@ -602,6 +606,10 @@ impl Reconstructor {
         if side.upgraded {
             req.set_opaque();
             resp.set_opaque();
+            if side.pending.is_empty() {
+                // Switched protocols (WebSocket, h2c): nothing more to parse here.
+                self.untrace(key, None, UntracedKind::Upgraded, out);
+            }
         }
     }
 
@@ -634,6 +642,10 @@ impl Reconstructor {
         if side.upgraded {
             req.set_opaque();
             resp.set_opaque();
+            if side.pending.is_empty() {
+                // Switched protocols (WebSocket, h2c): nothing more to parse here.
+                self.untrace(key, None, UntracedKind::Upgraded, out);
+            }
         }
     }
 

@@ -252,7 +252,7 @@ pub static EVENTS_DROPPED: MetricDef = MetricDef {
 pub static CONNECTIONS_UNTRACED: MetricDef = MetricDef {
     name: "infertap_connections_untraced_total",
     help: "Connections accepted by traced processes that stopped being traced because they do \
-           not speak HTTP/1.x, by kind (unix, tls, h2, other)",
+           not speak HTTP/1.x, by kind (unix, tls, h2, other; upgraded: after a 101 switch)",
     kind: Kind::Counter,
     labels: &[LABEL_KIND],
     bounds: &[],
@@ -381,7 +381,7 @@ pub static CUDA_CALL_DURATION: MetricDef = MetricDef {
 };
 
 /// Profiler: which kind of stack sample (`cpu`, `offcpu`, `launch`); connections: why one is
-/// not traced (`unix`, `tls`, `h2`, `other`).
+/// not traced (`unix`, `tls`, `h2`, `other`, `upgraded`).
 pub const LABEL_KIND: &str = "kind";
 /// Profiler: how a native unwind ended (`complete` or the reason it was cut).
 pub const LABEL_RESULT: &str = "result";

@@ -220,10 +220,14 @@ fn half_closed_client_is_answered_in_full() {
 }
 
 const MIXED_SERVER: &str = r#"
-import socket, sys, threading
+import ctypes, socket, sys, threading
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(("127.0.0.1", 0)); ls.listen(8)
 us = socket.socket(socket.AF_UNIX); us.bind(sys.argv[1]); us.listen(4)
+# A second unix listener accepted with accept(fd, NULL, NULL), as C servers often do: the
+# accept's record carries no address and the agent asks /proc.
+us2 = socket.socket(socket.AF_UNIX); us2.bind(sys.argv[1] + ".2"); us2.listen(4)
+libc = ctypes.CDLL(None, use_errno=True)
 print(ls.getsockname()[1], flush=True)
 def serve(c):
     # Echo what the client sends: every read and write is a traced syscall unless untraced.
@@ -231,7 +235,9 @@ def serve(c):
         d = c.recv(4096)
         if not d:
             break
-        if d.startswith(b"GET "):
+        if d.startswith(b"GET /ws "):
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        elif d.startswith(b"GET "):
             c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         else:
             c.sendall(d)
@@ -242,7 +248,14 @@ def accept(l):
         c, _ = l.accept()
         print("fd", c.fileno(), flush=True)
         threading.Thread(target=serve, args=(c,), daemon=True).start()
+def accept_noaddr(l):
+    while True:
+        fd = libc.accept(l.fileno(), None, None)
+        c = socket.socket(fileno=fd)
+        print("fd", fd, flush=True)
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
 threading.Thread(target=accept, args=(us,), daemon=True).start()
+threading.Thread(target=accept_noaddr, args=(us2,), daemon=True).start()
 accept(ls)
 "#;
 
@@ -323,11 +336,15 @@ fn non_http_connections_are_counted_and_untraced() {
             .parse::<i32>()
             .unwrap()
     };
-    let firsts: [&[u8]; 4] = [
+    let ws: &[u8] = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let switched =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let firsts: [&[u8]; 5] = [
         b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
         b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03",
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         b"\x00\x00\x00\x0cset mystore",
+        ws,
     ];
     let mut tcp = Vec::new();
     let mut fds = Vec::new();
@@ -336,7 +353,14 @@ fn non_http_connections_are_counted_and_untraced() {
         fds.push(next_fd());
         c.write_all(f).unwrap();
         // The HTTP one gets a 40-byte answer, the others their bytes echoed.
-        let mut echo = vec![0u8; if f.starts_with(b"GET") { 40 } else { f.len() }];
+        let answer = if f == ws {
+            switched.len()
+        } else if f.starts_with(b"GET") {
+            40
+        } else {
+            f.len()
+        };
+        let mut echo = vec![0u8; answer];
         c.read_exact(&mut echo).unwrap();
         tcp.push(c);
     }
@@ -345,17 +369,27 @@ fn non_http_connections_are_counted_and_untraced() {
     ux.write_all(b"\x01\x02zmq").unwrap();
     let mut e = [0u8; 5];
     ux.read_exact(&mut e).unwrap();
+    let mut ux2 = UnixStream::connect(path.with_extension("ipc.2")).unwrap();
+    fds.push(next_fd());
+    ux2.write_all(b"\x01\x02zmq").unwrap();
+    ux2.read_exact(&mut e).unwrap();
 
     let m = wait_for(WAIT, "untraced connections counted", || {
         let m = agent.metrics().ok()?;
         let n = |k| m.sum("infertap_connections_untraced_total", &[("kind", k)]);
-        (n("unix") + n("tls") + n("h2") + n("other") >= 4.0).then_some(m)
+        (n("unix") + n("tls") + n("h2") + n("other") + n("upgraded") >= 6.0).then_some(m)
     })
     .unwrap();
-    for kind in ["unix", "tls", "h2", "other"] {
+    for (kind, n) in [
+        ("unix", 2.0),
+        ("tls", 1.0),
+        ("h2", 1.0),
+        ("other", 1.0),
+        ("upgraded", 1.0),
+    ] {
         assert_eq!(
             m.sum("infertap_connections_untraced_total", &[("kind", kind)]),
-            1.0,
+            n,
             "{kind}"
         );
     }
@@ -378,9 +412,11 @@ fn non_http_connections_are_counted_and_untraced() {
         let mut b = [0u8; 10];
         c.read_exact(&mut b).unwrap();
     }
-    let recs = agent.wait_records(1, WAIT).unwrap();
-    assert_eq!(recs.len(), 1, "{recs:#?}");
-    assert_eq!(recs[0].path, "/health");
+    let recs = agent.wait_records(2, WAIT).unwrap();
+    let mut paths: Vec<(&str, Option<u16>)> =
+        recs.iter().map(|r| (r.path.as_str(), r.status)).collect();
+    paths.sort();
+    assert_eq!(paths, vec![("/health", Some(200)), ("/ws", Some(101))]);
     let _ = child.kill();
     let _ = child.wait();
 }

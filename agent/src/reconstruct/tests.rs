@@ -877,12 +877,21 @@ fn head_request_and_upgrade() {
     );
     let r = sim.one();
     assert_eq!((r.status, r.error), (Some(101), None));
-    // Frames after the switch are not HTTP and produce nothing.
+    // The switched connection is untraced; frames already on their way produce nothing.
+    assert_eq!(
+        sim.r.take_untraced(),
+        vec![Untrace {
+            conn: KEY,
+            fd: Some(9),
+            kind: UntracedKind::Upgraded
+        }]
+    );
     sim.read(50, b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58");
     sim.write(60, b"HTTP/1.1 200 OK\r\n\r\n");
     sim.close(70);
     assert!(sim.out.is_empty());
     assert_eq!(sim.r.stats().malformed, 0);
+    assert_eq!(sim.r.stats().events_after_untrace, 3);
 }
 
 /// Throughput of the hot path (run with `--release -- --ignored --nocapture`).
