@@ -206,6 +206,16 @@ const MAX_BODY_TAIL_BYTES: usize = 4096;
 /// First bytes of a connection kept until they show whether it speaks HTTP/1.x.
 const MAX_FIRST_BYTES: usize = 32;
 
+/// The fields of a [`ConnEvent::Data`].
+struct DataEv<'a> {
+    key: ConnKey,
+    dir: Direction,
+    ts: u64,
+    len: u64,
+    payload: &'a [u8],
+    arrival: Option<u64>,
+}
+
 /// Rebuilds exchanges from connection events.
 pub struct Reconstructor {
     cfg: ReconstructConfig,
@@ -417,7 +427,17 @@ impl Reconstructor {
                 len,
                 payload,
                 arrival_ns,
-            } => self.on_data(conn, dir, ts_ns, len, payload, arrival_ns, out),
+            } => self.on_data(
+                DataEv {
+                    key: conn,
+                    dir,
+                    ts: ts_ns,
+                    len,
+                    payload,
+                    arrival: arrival_ns,
+                },
+                out,
+            ),
             ConnEvent::DataTail {
                 conn,
                 dir,
@@ -560,16 +580,15 @@ impl Reconstructor {
         kind
     }
 
-    fn on_data(
-        &mut self,
-        key: ConnKey,
-        dir: Direction,
-        ts: u64,
-        len: u64,
-        payload: &[u8],
-        arrival: Option<u64>,
-        out: &mut Vec<RequestRecord>,
-    ) {
+    fn on_data(&mut self, ev: DataEv<'_>, out: &mut Vec<RequestRecord>) {
+        let DataEv {
+            key,
+            dir,
+            ts,
+            len,
+            payload,
+            arrival,
+        } = ev;
         if !self.conns.contains_key(&key) {
             self.stats.connections_adopted += 1;
             self.insert(key, ts, None, false, out);
