@@ -122,8 +122,12 @@ fn requests_carry_gpu_energy_from_nvml() {
 /// stdout.
 fn run_subcommand(args: &[&str], server: &ScriptedServer, nvml: &Path, dir: &Path) -> String {
     let bin = infertap_tests::paths::agent_binary().expect("agent binary");
+    let ready = dir.join(format!("{}-ready", args[0]));
+    let _ = std::fs::remove_file(&ready);
     let child = Command::new(bin)
         .args(args)
+        .arg("--ready-file")
+        .arg(&ready)
         .args([
             "--pid",
             &server.pid().to_string(),
@@ -138,7 +142,11 @@ fn run_subcommand(args: &[&str], server: &ScriptedServer, nvml: &Path, dir: &Pat
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Requests only once the probes are attached (loading takes longer on a busy machine).
+    wait_for(Duration::from_secs(30), "subcommand ready", || {
+        ready.exists().then_some(())
+    })
+    .unwrap();
     let seqs = vec![vec![
         RequestSpec::new(Endpoint::Chat, 6),
         RequestSpec::new(Endpoint::Chat, 6),

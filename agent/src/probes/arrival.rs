@@ -217,8 +217,9 @@ impl ArrivalProbes {
     }
 }
 
-/// The offsets for this kernel, or why arrival tracking is off.
-pub fn plan(enabled: bool) -> Result<ArrivalOffsets> {
+/// The offsets for this kernel (`btf`: its BTF, parsed once by the loader), or why arrival
+/// tracking is off.
+pub fn plan(enabled: bool, btf: &Result<Btf, String>) -> Result<ArrivalOffsets> {
     if !enabled {
         bail!("turned off (--no-arrival)");
     }
@@ -236,8 +237,10 @@ pub fn plan(enabled: bool) -> Result<ArrivalOffsets> {
             bail!("the kernel has no {tp} tracepoint");
         }
     }
-    let btf = Btf::vmlinux().context("reading the kernel's BTF")?;
-    ArrivalOffsets::from_btf(&btf)
+    let btf = btf
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("reading the kernel's BTF: {e}"))?;
+    ArrivalOffsets::from_btf(btf)
 }
 
 #[cfg(test)]

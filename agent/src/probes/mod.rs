@@ -123,8 +123,11 @@ impl Probes {
             warn!("could not read sched_process_fork's format ({e:#}); assuming the 6.x layout");
             20
         });
-        let plan = profile::LoadPlan::new(&cfg.profile);
-        let arrival_plan = arrival::plan(cfg.arrival);
+        // Several MB: parsed once for every plan that needs offsets, dropped after loading.
+        let btf = btf::Btf::vmlinux().map_err(|e| e.to_string());
+        let plan = profile::LoadPlan::new(&cfg.profile, &btf);
+        let arrival_plan = arrival::plan(cfg.arrival, &btf);
+        drop(btf);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("CAPTURE_BYTES", &cfg.capture_bytes, true)

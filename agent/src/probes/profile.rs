@@ -223,10 +223,12 @@ impl RawSwitchOffsets {
         })
     }
 
-    /// From the running kernel's BTF.
-    fn read() -> Result<Self> {
-        let btf = Btf::vmlinux().context("reading the kernel's BTF")?;
-        Self::from_btf(&btf, kernel_release())
+    /// From the running kernel's BTF (`btf`: parsed once by the loader for every plan).
+    fn read(btf: &Result<Btf, String>) -> Result<Self> {
+        let btf = btf
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("reading the kernel's BTF: {e}"))?;
+        Self::from_btf(btf, kernel_release())
     }
 }
 
@@ -279,7 +281,8 @@ pub(super) struct LoadPlan {
 }
 
 impl LoadPlan {
-    pub(super) fn new(cfg: &ProfileConfig) -> Self {
+    /// `btf`: the running kernel's BTF (or why it could not be read).
+    pub(super) fn new(cfg: &ProfileConfig, btf: &Result<Btf, String>) -> Self {
         let classic = matches!(cfg.switch_hook, SwitchHook::Auto | SwitchHook::Tracepoint);
         let raw = cfg.switch_hook != SwitchHook::Tracepoint;
         let mut plan = Self {
@@ -290,7 +293,7 @@ impl LoadPlan {
                 Err(anyhow::anyhow!("not wanted"))
             },
             raw: if raw {
-                RawSwitchOffsets::read().map(|mut o| {
+                RawSwitchOffsets::read(btf).map(|mut o| {
                     if cfg.switch_hook == SwitchHook::RawTracepointTaskState {
                         o.state_arg = false;
                     }
@@ -1345,7 +1348,7 @@ mod tests {
             );
             return;
         }
-        let o = RawSwitchOffsets::read().unwrap();
+        let o = RawSwitchOffsets::read(&Btf::vmlinux().map_err(|e| e.to_string())).unwrap();
         // The state is the first field after thread_info; pid and tgid sit far later.
         assert!(
             o.state < 64 && o.pid > o.state && o.exit_state < o.pid,
