@@ -236,15 +236,17 @@ impl Pipeline {
             p.add_root(pid);
         }
         if self.known_pids.insert(pid) {
-            // The ports it listens on now (one /proc read per process: the kernel's listen()
-            // hook adds later ones), so requests' arrival is stamped from their handshake.
+            // One /proc read per process: the ports it listens on now (the kernel's listen()
+            // hook adds later ones), so requests' arrival is stamped from their handshake, and
+            // the connections it already has, to adopt.
+            let sockets = targets::server_sockets(pid);
             if let Some(a) = &mut self.probes.arrival {
-                let mut ports = targets::listening_ports(pid);
+                let mut ports = sockets.listening_ports.clone();
                 ports.extend(self.opts.ports.iter().copied());
                 a.add_listen_ports(&ports);
             }
             let now = clock::monotonic_ns();
-            let existing = targets::existing_server_connections(pid);
+            let existing = sockets.connections;
             for c in &existing {
                 let conn_id = self.next_adopted_id;
                 self.next_adopted_id += 1;
@@ -444,18 +446,20 @@ impl Pipeline {
         }
         let f = self.recon.in_flight();
         self.aggregator.set_in_flight(f.running, f.waiting);
-        if let Some(a) = &self.probes.arrival {
-            let c = a.counters();
-            self.aggregator.set_queue_depths(c.unread(), c.unaccepted());
-        }
         self.update_drops();
     }
 
     /// Publishes every component's cumulative drop counts as
-    /// `infertap_events_dropped_total{reason}`.
+    /// `infertap_events_dropped_total{reason}`, and the queue gauges kept from the same kernel
+    /// arrival counters.
     fn update_drops(&mut self) {
         use infertap_common::counter as k;
         let kc = self.probes.counters();
+        // One read of the arrival counters serves its drop reason and the queue gauges.
+        let arrival = self.probes.arrival.as_ref().map(|a| a.counters());
+        if let Some(c) = arrival {
+            self.aggregator.set_queue_depths(c.unread(), c.unaccepted());
+        }
         let rs = self.recon.stats().clone();
         let mut drops: Vec<(&str, u64)> = vec![
             ("ringbuf_full", kc.get(k::RINGBUF_FULL)),
@@ -466,13 +470,7 @@ impl Pipeline {
             ("sample_failed", kc.get(k::SAMPLE_FAILED)),
             ("profile_map_full", kc.get(k::PROFILE_MAP_FULL)),
             ("sample_busy", kc.get(k::SAMPLE_BUSY)),
-            (
-                "sock_map_full",
-                self.probes
-                    .arrival
-                    .as_ref()
-                    .map_or(0, |a| a.counters().map_full()),
-            ),
+            ("sock_map_full", arrival.map_or(0, |c| c.map_full())),
             ("malformed_http", rs.malformed - rs.header_overflow),
             ("http_head_too_large", rs.header_overflow),
             ("pending_overflow", rs.pending_overflow),

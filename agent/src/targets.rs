@@ -93,47 +93,55 @@ pub struct ExistingConn {
     pub peer: SocketAddr,
 }
 
-/// Local ports `pid` listens on (TCP, IPv4 or IPv6).
-pub fn listening_ports(pid: u32) -> Vec<u16> {
-    let Ok(proc_) = Process::new(pid as i32) else {
-        return Vec::new();
-    };
-    let table = tcp_table(&proc_);
-    let mut ports: Vec<u16> = socket_fds(&proc_)
-        .iter()
-        .filter_map(|(_, inode)| table.get(inode))
-        .filter(|e| e.state == TcpState::Listen)
-        .map(|e| e.local_address.port())
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
+/// A server process's TCP sockets, from one walk of its fd table and TCP tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerSockets {
+    /// Local ports it listens on (IPv4 or IPv6), sorted, without duplicates.
+    pub listening_ports: Vec<u16>,
+    /// Established connections accepted on one of those ports (outbound connections, e.g. to
+    /// a database, are left alone).
+    pub connections: Vec<ExistingConn>,
 }
 
-/// Established TCP connections of `pid` that were accepted on one of its listening ports
-/// (outbound connections, e.g. to a database, are left alone).
-pub fn existing_server_connections(pid: u32) -> Vec<ExistingConn> {
+/// `pid`'s listening ports and the connections it accepted on them. Reading a TCP table walks
+/// the kernel's whole connection hash, so callers read it once per process.
+pub fn server_sockets(pid: u32) -> ServerSockets {
     let Ok(proc_) = Process::new(pid as i32) else {
-        return Vec::new();
+        return ServerSockets::default();
     };
     let table = tcp_table(&proc_);
     let fds = socket_fds(&proc_);
-    let listen_ports: HashSet<u16> = fds
+    let mut listening_ports: Vec<u16> = fds
         .iter()
         .filter_map(|(_, inode)| table.get(inode))
         .filter(|e| e.state == TcpState::Listen)
         .map(|e| e.local_address.port())
         .collect();
-    fds.iter()
+    listening_ports.sort_unstable();
+    listening_ports.dedup();
+    let connections = fds
+        .iter()
         .filter_map(|(fd, inode)| {
             let e = table.get(inode)?;
-            (e.state == TcpState::Established && listen_ports.contains(&e.local_address.port()))
-                .then_some(ExistingConn {
-                    fd: *fd,
-                    peer: e.remote_address,
-                })
+            (e.state == TcpState::Established
+                && listening_ports
+                    .binary_search(&e.local_address.port())
+                    .is_ok())
+            .then_some(ExistingConn {
+                fd: *fd,
+                peer: e.remote_address,
+            })
         })
-        .collect()
+        .collect();
+    ServerSockets {
+        listening_ports,
+        connections,
+    }
+}
+
+/// Established TCP connections of `pid` that were accepted on one of its listening ports.
+pub fn existing_server_connections(pid: u32) -> Vec<ExistingConn> {
+    server_sockets(pid).connections
 }
 
 /// The peer of a traced fd, for accepts whose caller passed no address buffer.
@@ -226,7 +234,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let me = std::process::id();
         assert!(port_owners(port).contains(&me));
-        assert!(listening_ports(me).contains(&port));
+        assert!(server_sockets(me).listening_ports.contains(&port));
         let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_server_side, _) = listener.accept().unwrap();
         let conns = existing_server_connections(me);
