@@ -157,6 +157,24 @@ pub fn proc_usage(pid: u32) -> Option<ProcUsage> {
     })
 }
 
+/// Run count and run time (ns) of the loaded eBPF programs named in `names`, summed over their
+/// instances (`kernel.bpf_stats_enabled` must be on for run times). Benchmarks take the
+/// difference of two readings around a run.
+pub fn program_stats(names: &[&str]) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for p in aya::programs::loaded_programs().flatten() {
+        let Some(name) = p.name_as_str() else {
+            continue;
+        };
+        if names.contains(&name) {
+            let e = out.entry(name.to_owned()).or_insert((0, 0));
+            e.0 += p.run_count();
+            e.1 += p.run_time().as_nanos() as u64;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use clap::Parser;
 use infertap_tests::agent::{Agent, AgentOptions};
 use infertap_tests::compare::{fidelity, wire_fidelity, Fidelity, WireFidelity};
 use infertap_tests::load::{run_load_blocking, EndpointMix, LoadConfig};
-use infertap_tests::report::{proc_usage, ProcUsage};
+use infertap_tests::report::{proc_usage, program_stats, ProcUsage};
 use infertap_tests::servers::{LlamaServer, ScriptedServer, MODEL_ALIAS};
 use infertap_tests::wire::WireCapture;
 use infertap_tests::{paths, prereq};
@@ -139,22 +139,6 @@ const COSTED_PROGRAMS: &[&str] = &[
     "on_tcp_probe",
     "on_sock_state",
 ];
-
-/// (run count, run time ns) of the costed programs, summed over loaded instances.
-fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
-    let mut out = std::collections::BTreeMap::new();
-    for p in aya::programs::loaded_programs().flatten() {
-        let Some(name) = p.name_as_str() else {
-            continue;
-        };
-        if COSTED_PROGRAMS.contains(&name) {
-            let e = out.entry(name.to_owned()).or_insert((0, 0));
-            e.0 += p.run_count();
-            e.1 += p.run_time().as_nanos() as u64;
-        }
-    }
-    out
-}
 
 fn program_costs(
     before: &std::collections::BTreeMap<String, (u64, u64)>,
@@ -485,7 +469,7 @@ fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>, Vec<Pro
         Tracing::Traced => Some(Agent::spawn(&AgentOptions::pid(child.0.id()))?),
         Tracing::OtherPid => Some(Agent::spawn(&AgentOptions::pid(other.0.id()))?),
     };
-    let stats_before = program_stats();
+    let stats_before = program_stats(COSTED_PROGRAMS);
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     let resp_len = HEAD.len() + TAIL.len();
     let mut buf = vec![0u8; 1 << 20];
@@ -506,7 +490,7 @@ fn send_run(n: u64, tracing: Tracing) -> Result<(f64, Option<ProcUsage>, Vec<Pro
     line.clear();
     out.read_line(&mut line)?;
     let spent: f64 = line.trim().parse().context("child timing")?;
-    let costs = program_costs(&stats_before, &program_stats());
+    let costs = program_costs(&stats_before, &program_stats(COSTED_PROGRAMS));
     let _ = child.0.wait();
     let usage = agent.as_ref().and_then(|a| a.pid()).and_then(proc_usage);
     if let Some(a) = agent {

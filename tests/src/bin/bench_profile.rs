@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use infertap_tests::agent::{Agent, AgentOptions};
 use infertap_tests::load::{run_load_blocking, EndpointMix, LoadConfig};
-use infertap_tests::report::proc_usage;
+use infertap_tests::report::{proc_usage, program_stats};
 use infertap_tests::servers::{LlamaServer, MODEL_ALIAS};
 use infertap_tests::{paths, prereq};
 use serde::Serialize;
@@ -196,14 +196,14 @@ fn run(
     let before = proc_usage(pid).unwrap_or_default();
     let prof_before = profiler_threads_cpu_s(pid);
     let samples_before = samples_so_far(&agent);
-    let k0 = program_stats();
+    let k0 = program_stats(PROFILER_PROGRAMS);
     let t = Instant::now();
     let recs = run_load_blocking(&cfg)?;
     let wall = t.elapsed().as_secs_f64();
     let after = proc_usage(pid).unwrap_or_default();
     let prof_cpu = profiler_threads_cpu_s(pid) - prof_before;
     // The agent's programs live as long as it does: their statistics are read before it stops.
-    for (name, (runs, ns)) in program_stats() {
+    for (name, (runs, ns)) in program_stats(PROFILER_PROGRAMS) {
         let (r0, n0) = k0.get(&name).copied().unwrap_or_default();
         let e = kernel.entry(name).or_default();
         e.0 += runs.saturating_sub(r0);
@@ -260,28 +260,13 @@ fn profiler_threads_cpu_s(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-/// Run count and run time (ns) of the profiler's programs, summed over their instances.
-fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
-    let mut out = std::collections::BTreeMap::new();
-    for p in aya::programs::loaded_programs().flatten() {
-        let Some(name) = p.name_as_str() else {
-            continue;
-        };
-        if [
-            "profile_cpu",
-            "on_sched_switch",
-            "on_switch_raw",
-            "cuda_enter",
-        ]
-        .contains(&name)
-        {
-            let e = out.entry(name.to_owned()).or_insert((0, 0));
-            e.0 += p.run_count();
-            e.1 += p.run_time().as_nanos() as u64;
-        }
-    }
-    out
-}
+/// The profiler's programs whose per-run cost is reported.
+const PROFILER_PROGRAMS: &[&str] = &[
+    "profile_cpu",
+    "on_sched_switch",
+    "on_switch_raw",
+    "cuda_enter",
+];
 
 /// Unwind success from the CPU profiles the profiling runs wrote.
 fn unwind_shares(dir: &Path, r: &mut Report) -> Result<()> {
