@@ -430,6 +430,31 @@ impl BodyReader {
 }
 
 /// Handles one SSE event's data payload.
+/// Tokens an OpenAI Chat Completions / Completions event carries over its `choices`: for each
+/// choice with text, its per-token logprobs entries, else one. The client's and the wire
+/// reference's reading of a chunk (both independent of the agent's parsers).
+pub fn openai_choice_tokens(choices: &[serde_json::Value]) -> u32 {
+    choices
+        .iter()
+        .map(|c| {
+            let text = c
+                .pointer("/delta/content")
+                .or_else(|| c.get("text"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("");
+            if text.is_empty() {
+                return 0;
+            }
+            c.pointer("/logprobs/content")
+                .or_else(|| c.pointer("/logprobs/tokens"))
+                .and_then(|l| l.as_array())
+                .map(|a| a.len() as u32)
+                .filter(|&n| n > 0)
+                .unwrap_or(1)
+        })
+        .sum()
+}
+
 fn on_event(data: &str, at: u64, rec: &mut ClientRecord) {
     if data.trim() == "[DONE]" {
         rec.saw_done = true;
@@ -444,26 +469,9 @@ fn on_event(data: &str, at: u64, rec: &mut ClientRecord) {
     {
         rec.usage_completion_tokens = Some(u);
     }
-    let mut tokens = 0u32;
-    for c in v["choices"].as_array().into_iter().flatten() {
-        let text = c
-            .pointer("/delta/content")
-            .or_else(|| c.get("text"))
-            .and_then(|t| t.as_str())
-            .unwrap_or("");
-        if text.is_empty() {
-            continue;
-        }
-        // Per-token logprobs tell how many tokens the event carries; else one per event.
-        let n = c
-            .pointer("/logprobs/content")
-            .or_else(|| c.pointer("/logprobs/tokens"))
-            .and_then(|l| l.as_array())
-            .map(|a| a.len() as u32)
-            .filter(|&n| n > 0)
-            .unwrap_or(1);
-        tokens += n;
-    }
+    let tokens = v["choices"]
+        .as_array()
+        .map_or(0, |c| openai_choice_tokens(c));
     if tokens > 0 {
         if rec.first_token_unix_ns.is_none() {
             rec.first_token_unix_ns = Some(at);

@@ -335,25 +335,7 @@ pub fn classify_known(event: Option<&str>, data: &str) -> Option<(bool, u32, Opt
     }
     if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
         // OpenAI Chat Completions / Completions.
-        let mut tokens = 0u32;
-        for c in choices {
-            let text = c
-                .pointer("/delta/content")
-                .or_else(|| c.get("text"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("");
-            if text.is_empty() {
-                continue;
-            }
-            let n = c
-                .pointer("/logprobs/content")
-                .or_else(|| c.pointer("/logprobs/tokens"))
-                .and_then(|l| l.as_array())
-                .map(|l| l.len() as u32)
-                .filter(|&n| n > 0)
-                .unwrap_or(1);
-            tokens += n;
-        }
+        let tokens = crate::client::openai_choice_tokens(choices);
         return Some((tokens > 0, tokens, u("/usage/completion_tokens")));
     }
     // Ollama NDJSON (`/api/generate`: response, `/api/chat`: message.content).
