@@ -82,6 +82,23 @@ struct Server {
 }
 
 impl Server {
+    /// Runs `script` with python3, its stdin and stdout piped to the test.
+    fn spawn(script: &str) -> Self {
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Server {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
     fn line(&mut self) -> String {
         let mut l = String::new();
         self.stdout.read_line(&mut l).unwrap();
@@ -148,19 +165,7 @@ fn arrivals_are_stamped_at_the_socket_not_at_the_read() {
     if !require_root() {
         return;
     }
-    let mut child = Command::new("python3")
-        .args(["-c", SERVER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let stdin = child.stdin.take().unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut server = Server {
-        child,
-        stdin,
-        stdout,
-    };
+    let mut server = Server::spawn(SERVER);
     let pid = server.child.id();
     let port: u16 = server.line().parse().unwrap();
     let mut old = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -293,19 +298,7 @@ fn a_port_opened_after_attach_is_followed_from_its_handshakes() {
     if !require_root() {
         return;
     }
-    let mut child = Command::new("python3")
-        .args(["-c", LATE_LISTENER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let stdin = child.stdin.take().unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut server = Server {
-        child,
-        stdin,
-        stdout,
-    };
+    let mut server = Server::spawn(LATE_LISTENER);
     let pid = server.child.id();
     let mut probes = Probes::load(&ProbeConfig::default()).expect("load probes");
     assert!(
