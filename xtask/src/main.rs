@@ -292,11 +292,16 @@ fn setup(args: &SetupArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reference tools of the profile tests: `go tool pprof` reads the pprof files the collector
-/// serves, headless Chromium loads its web page.
+/// Reference tools of the tests: `go tool pprof` reads the pprof files the collector serves,
+/// headless Chromium loads its web page, `bpftool` lists the kernel's connection map for
+/// `e2e_heads` (untraced connections must be gone from it).
 fn setup_reference_tools() -> Result<()> {
     let mut missing = Vec::new();
-    for (tool, pkg) in [("go", "golang-go"), ("chromium", "chromium")] {
+    for (tool, pkg) in [
+        ("go", "golang-go"),
+        ("chromium", "chromium"),
+        ("bpftool", "bpftool"),
+    ] {
         if probe(Command::new(tool).arg("--version")) || probe(Command::new(tool).arg("version")) {
             step(&format!("{pkg}: present"));
         } else {
