@@ -294,17 +294,21 @@ fn setup(args: &SetupArgs) -> Result<()> {
 
 /// Reference tools of the tests: `go tool pprof` reads the pprof files the collector serves,
 /// headless Chromium loads its web page, `bpftool` lists the kernel's connection map for
-/// `e2e_heads` (untraced connections must be gone from it).
+/// `e2e_heads` (untraced connections must be gone from it), Prometheus and promtool (scraping,
+/// remote-write receiving, alert-rule unit tests) and VictoriaMetrics (remote-write store).
 fn setup_reference_tools() -> Result<()> {
     let mut missing = Vec::new();
     for (tool, pkg) in [
         ("go", "golang-go"),
         ("chromium", "chromium"),
         ("bpftool", "bpftool"),
+        ("prometheus", "prometheus"),
+        ("promtool", "prometheus"),
+        ("victoria-metrics", "victoria-metrics"),
     ] {
         if probe(Command::new(tool).arg("--version")) || probe(Command::new(tool).arg("version")) {
-            step(&format!("{pkg}: present"));
-        } else {
+            step(&format!("{tool}: present"));
+        } else if !missing.contains(&pkg) {
             missing.push(pkg);
         }
     }
