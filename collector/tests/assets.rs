@@ -171,3 +171,110 @@ fn pending_names_are_not_known_yet() {
         "these names exist now: remove them from PENDING in collector/tests/assets.rs: {landed:?}"
     );
 }
+
+/// What Grafana 10/11 needs to import the dashboard as it is: every query on the `${datasource}`
+/// variable, the template variables the panels use, unique panel ids, unique refIds per panel,
+/// panels inside the 24-column grid without overlapping, and the four rows.
+#[test]
+fn dashboard_is_importable() {
+    let text = std::fs::read_to_string(manifest_dir().join("grafana/infertap.json")).unwrap();
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(d["uid"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty() && u.len() <= 40));
+    assert!(d["schemaVersion"].as_u64().is_some_and(|v| v >= 36));
+    let vars = d["templating"]["list"].as_array().unwrap();
+    let var = |name: &str| vars.iter().find(|v| v["name"] == name);
+    let ds = var("datasource").expect("a datasource variable");
+    assert_eq!(ds["type"], "datasource");
+    assert_eq!(ds["query"], "prometheus");
+    for name in ["node", "model_name", "namespace", "pod"] {
+        let v = var(name).unwrap_or_else(|| panic!("no {name} variable"));
+        assert_eq!(v["type"], "query", "{name}");
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}");
+        assert!(
+            v["definition"].as_str().is_some_and(
+                |q| q.starts_with("label_values(") && q.ends_with(&format!(", {name})"))
+            ),
+            "{name}: {}",
+            v["definition"]
+        );
+        assert_eq!(v["includeAll"], true, "{name}");
+        assert_eq!(v["multi"], true, "{name}");
+        // "All" must also match series without the label (agents scraped directly have no
+        // node; off Kubernetes there is no namespace or pod).
+        assert_eq!(v["allValue"], ".*", "{name}");
+    }
+
+    let panels = d["panels"].as_array().unwrap();
+    let mut ids = BTreeSet::new();
+    let mut rows = Vec::new();
+    let mut cells: BTreeSet<(u64, u64)> = BTreeSet::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or_default();
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "duplicate id: {title}"
+        );
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(w > 0 && h > 0 && x + w <= 24, "{title}: {g}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{title} overlaps another panel at {cx},{cy}"
+                );
+            }
+        }
+        if p["type"] == "row" {
+            rows.push(title.to_owned());
+            continue;
+        }
+        assert!(
+            ["timeseries", "table", "stat", "gauge"].contains(&p["type"].as_str().unwrap()),
+            "{title}: type {}",
+            p["type"]
+        );
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title} has no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
+            assert!(
+                refs.insert(t["refId"].as_str().unwrap()),
+                "{title}: duplicate refId"
+            );
+            let expr = t["expr"].as_str().unwrap();
+            // Only the dashboard's own variables and Grafana's rate interval.
+            let mut rest = expr;
+            while let Some(i) = rest.find('$') {
+                let tail = &rest[i + 1..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = &tail[..end];
+                assert!(
+                    name == "__rate_interval" || var(name).is_some(),
+                    "{title}: unknown variable ${name} in {expr}"
+                );
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert_eq!(
+        rows,
+        [
+            "User experience",
+            "GPU health",
+            "KV cache and scheduling",
+            "Diagnostics"
+        ]
+    );
+}
