@@ -21,9 +21,9 @@ const PENDING: &[&str] = &[
     "infertap_gpu_temperature_celsius",
     "infertap_gpu_sm_clock_hertz",
     "infertap_gpu_memory_clock_hertz",
-    "infertap_gpu_clock_throttle_reasons",
-    "infertap_gpu_ecc_corrected_errors",
-    "infertap_gpu_ecc_uncorrected_errors",
+    "infertap_gpu_throttled",
+    "infertap_gpu_ecc_corrected_errors_total",
+    "infertap_gpu_ecc_uncorrected_errors_total",
     "infertap_gpu_pcie_tx_bytes_per_second",
     "infertap_gpu_pcie_rx_bytes_per_second",
     "infertap_server_kv_cache_usage_ratio",
@@ -160,6 +160,25 @@ fn alert_rules_use_known_metrics() {
     for f in &files {
         check(f, &collector);
     }
+}
+
+#[test]
+fn pending_names_are_used() {
+    let mut used = BTreeSet::new();
+    for f in alert_files()
+        .iter()
+        .map(String::as_str)
+        .chain(["grafana/infertap.json"])
+    {
+        used.extend(referenced_metrics(
+            &std::fs::read_to_string(manifest_dir().join(f)).unwrap(),
+        ));
+    }
+    let unused: Vec<_> = PENDING.iter().filter(|n| !used.contains(**n)).collect();
+    assert!(
+        unused.is_empty(),
+        "PENDING lists names nothing uses: {unused:?}"
+    );
 }
 
 #[test]
