@@ -60,6 +60,8 @@ struct ApiAnswer {
 #[derive(Clone, Debug, Deserialize)]
 pub struct RuleState {
     pub name: String,
+    /// The rule's expression as Prometheus parsed and printed it.
+    pub query: String,
     /// `ok`, `err` or `unknown` (not evaluated yet).
     pub health: String,
     #[serde(default, rename = "lastError")]

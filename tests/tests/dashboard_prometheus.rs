@@ -76,6 +76,39 @@ fn referenced_metrics(expr: &str) -> BTreeSet<String> {
     out
 }
 
+/// `expr` with every comparison against a number (`> 0.5`, `>= 0.1`, `< 30`) turned into
+/// `>= -Inf`: true for every finite sample, so the result holds exactly the series the rule
+/// looks at.
+fn open_thresholds(expr: &str) -> String {
+    let b = expr.as_bytes();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'>' || b[i] == b'<' {
+            let mut j = i + 1;
+            if j < b.len() && b[j] == b'=' {
+                j += 1;
+            }
+            let mut k = j;
+            while k < b.len() && b[k] == b' ' {
+                k += 1;
+            }
+            let start = k;
+            while k < b.len() && (b[k].is_ascii_digit() || b[k] == b'.') {
+                k += 1;
+            }
+            if k > start {
+                out.push_str(">= -Inf");
+                i = k;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
 /// The dashboard's variables as this test selects them: this node, this model, and "All"
 /// (`.*`, the variables' allValue) for the Kubernetes ones, which have no values here.
 fn substitute(expr: &str) -> String {
@@ -170,8 +203,42 @@ fn dashboard_and_alert_rules_on_real_prometheus() {
         let _ = s.read(&mut [0u8; 512]);
     }
 
-    // Streaming load on both endpoints, then a few non-streaming requests (their responses
-    // carry usage: prompt tokens).
+    // Requests the server refuses (messages not a list: a validation error) so the error panels
+    // and the error-rate rule have failures (an outcome other than ok) to divide: one before the
+    // load creates the series, one after it makes it grow (a counter's first value is no rate).
+    let refuse = || {
+        let mut s = std::net::TcpStream::connect(server.addr()).unwrap();
+        let body = format!("{{\"model\": \"{MODEL_ALIAS}\", \"messages\": 5}}");
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            server.addr(),
+            body.len()
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        let status: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            (400..600).contains(&status),
+            "refused request answered {answer:?}"
+        );
+    };
+    refuse();
+
+    // Non-streaming requests (their responses carry usage: prompt tokens) before and after
+    // streaming load on both endpoints: the prompt-token counter exists before it grows.
+    let mut plain = LoadConfig::new(server.addr());
+    plain.model = Some(MODEL_ALIAS.into());
+    plain.max_tokens = 4;
+    plain.stream = false;
+    plain.requests = Some(2);
+    let mut client = run_load_blocking(&plain).unwrap();
     let mut cfg = LoadConfig::new(server.addr());
     cfg.model = Some(MODEL_ALIAS.into());
     cfg.concurrency = 2;
@@ -179,21 +246,23 @@ fn dashboard_and_alert_rules_on_real_prometheus() {
     cfg.duration = Some(Duration::from_secs(20));
     cfg.max_tokens = 16;
     cfg.endpoint = EndpointMix::Mixed;
-    let mut client = run_load_blocking(&cfg).unwrap();
-    cfg.stream = false;
-    cfg.duration = None;
-    cfg.requests = Some(4);
     client.extend(run_load_blocking(&cfg).unwrap());
+    refuse();
+    let refused = 2;
+    client.extend(run_load_blocking(&plain).unwrap());
     assert!(
         client
             .iter()
             .all(|c| c.error.is_none() && c.status == Some(200)),
         "{client:#?}"
     );
-    log(&format!("{} requests done", client.len()));
+    log(&format!(
+        "{} requests done, {refused} refused",
+        client.len()
+    ));
 
     // Every request reached Prometheus through the collector.
-    let total = client.len() as f64;
+    let total = (client.len() + refused) as f64;
     let counted = |job: &str| {
         prom.query(&format!(
             "sum(infertap_requests_total{{job=\"{job}\", node=~\"{NODE}|\"}})"
@@ -332,6 +401,32 @@ fn dashboard_and_alert_rules_on_real_prometheus() {
             ));
         }
     }
+    // With every threshold (and the traffic floor) opened up, each rule whose metrics exist here
+    // selects live series: its metric names, labels and grouping match what agent and collector
+    // export (a wrong label would leave an alert that can never fire).
+    let mut shaped = 0;
+    for (group, r) in &rules {
+        let metrics = referenced_metrics(&r.query);
+        if EXEMPT
+            .iter()
+            .any(|(p, _)| metrics.iter().any(|m| m.starts_with(p)))
+        {
+            continue;
+        }
+        let open = open_thresholds(&r.query);
+        match prom.query(&open) {
+            Ok(v) if v.iter().any(|s| s.value.is_finite()) => shaped += 1,
+            Ok(v) => problems.push(format!(
+                "rule {group}/{} selects no live series: {open} -> {v:?}",
+                r.name
+            )),
+            Err(e) => problems.push(format!("rule {group}/{}: {e:#}", r.name)),
+        }
+    }
+    log(&format!(
+        "{shaped} rules select live series with their thresholds opened"
+    ));
+
     let active: Vec<_> = rules
         .iter()
         .filter(|(_, r)| r.state.as_deref() != Some("inactive"))
