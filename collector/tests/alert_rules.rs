@@ -324,3 +324,39 @@ fn every_alert_has_severity_runbook_and_unit_tests() {
     assert!(alerts.len() >= 15, "only {} alerts", alerts.len());
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The runbook sends operators to dashboard panels as `*Row → Panel*`: each named row and panel
+/// exists on the dashboard, so a renamed panel cannot leave the runbook pointing nowhere.
+#[test]
+fn runbook_panel_references_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let runbook = std::fs::read_to_string(root.join("../docs/runbook.md")).unwrap();
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("grafana/infertap.json")).unwrap())
+            .unwrap();
+    let titles: BTreeSet<&str> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    let mut refs = 0;
+    let mut missing = Vec::new();
+    // Emphasis spans (between single asterisks; `**bold**` keeps the count even), which may
+    // wrap across lines within a paragraph.
+    let text = runbook.replace('\n', " ");
+    for span in text.split('*').skip(1).step_by(2) {
+        if !span.contains('→') {
+            continue;
+        }
+        refs += 1;
+        for part in span.split('→') {
+            let part = part.split_whitespace().collect::<Vec<_>>().join(" ");
+            if !titles.contains(part.as_str()) {
+                missing.push(format!("{part:?} (in *{span}*)"));
+            }
+        }
+    }
+    assert!(refs >= 10, "only {refs} panel references in the runbook");
+    assert!(missing.is_empty(), "not on the dashboard: {missing:#?}");
+}
