@@ -21,6 +21,7 @@ pub mod compare;
 pub mod load;
 pub mod paths;
 pub mod prereq;
+pub mod prometheus;
 pub mod report;
 pub mod servers;
 pub mod tools;
