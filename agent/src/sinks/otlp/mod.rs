@@ -1,0 +1,572 @@
+//! OTLP/gRPC exporter (`--otlp-endpoint`): one span per completed request and the Prometheus
+//! endpoint's metrics, to any OpenTelemetry collector or backend.
+//!
+//! The pipeline hands spans over with [`OtlpExporter::submit`], which never blocks: a bounded
+//! channel (`try_send`); a full channel drops the span and counts it
+//! (`infertap_events_dropped_total{reason="otlp_queue_full"}`). A background task batches spans
+//! (up to [`OtlpConfig::batch_size`], or after [`OtlpConfig::batch_timeout`]), groups them by
+//! traced process into resources, and exports them with `TraceService/Export`; retryable
+//! failures (the OTLP spec's list: `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...) are retried with
+//! exponential backoff and jitter up to [`OtlpConfig::max_attempts`], after which the batch's
+//! spans are dropped and counted (`reason="otlp_export_failed"`); spans the receiver reports as
+//! rejected (partial success) count as `reason="otlp_rejected"`. While the task waits on a slow
+//! or absent receiver the channel fills and further spans are dropped at the door, so memory
+//! stays bounded and the ring-buffer drain never waits.
+//!
+//! Every [`OtlpConfig::metrics_interval`] the task also exports the cumulative metric store
+//! (see [`metrics`]) with `MetricsService/Export`; a failed metrics export loses nothing (the
+//! next one carries the totals). Export attempts are counted by signal and result
+//! ([`OtlpExporter::exports`], `infertap_otlp_exports_total{signal,result}`).
+
+pub mod metrics;
+pub mod span;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::aggregate::SharedMetrics;
+pub use span::{request_span, RequestSpan};
+
+/// Drop reason: the span queue was full (the exporter is behind or the receiver is away).
+pub const DROP_REASON_QUEUE_FULL: &str = "otlp_queue_full";
+/// Drop reason: spans of a batch that failed every export attempt.
+pub const DROP_REASON_EXPORT_FAILED: &str = "otlp_export_failed";
+/// Drop reason: spans the receiver accepted the batch of but rejected (OTLP partial success).
+pub const DROP_REASON_REJECTED: &str = "otlp_rejected";
+
+/// Exporter settings; [`OtlpConfig::new`] fills in defaults.
+#[derive(Clone, Debug)]
+pub struct OtlpConfig {
+    /// OTLP/gRPC endpoint, e.g. `http://otel-collector:4317` (`http://` assumed when missing).
+    pub endpoint: String,
+    /// Extra gRPC metadata sent with every export (auth headers), validated at start.
+    pub headers: Vec<(String, String)>,
+    /// `service.name` of the resources.
+    pub service_name: String,
+    /// `host.name` of the resources (the agent's node name).
+    pub node: String,
+    /// Spans held between the pipeline and the export task; beyond it spans are dropped.
+    pub queue_capacity: usize,
+    /// Most spans per export.
+    pub batch_size: usize,
+    /// A partial batch is exported this long after its first span arrived.
+    pub batch_timeout: Duration,
+    /// How often the metrics are exported; `None`: no metrics.
+    pub metrics_interval: Option<Duration>,
+    /// Attempts per export (the first included) before the batch is given up.
+    pub max_attempts: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Deadline of one export call.
+    pub export_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl OtlpConfig {
+    /// Defaults: 4096 queued spans, batches of 512 or 1 s, metrics every 10 s, 5 attempts with
+    /// backoff 100 ms → 5 s, 10 s per export.
+    pub fn new(endpoint: impl Into<String>, node: impl Into<String>) -> Self {
+        OtlpConfig {
+            endpoint: endpoint.into(),
+            headers: Vec::new(),
+            service_name: "infertap".into(),
+            node: node.into(),
+            queue_capacity: 4096,
+            batch_size: 512,
+            batch_timeout: Duration::from_secs(1),
+            metrics_interval: Some(Duration::from_secs(10)),
+            max_attempts: 5,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            export_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Parses a `--otlp-header K=V` value.
+pub fn parse_header(s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("--otlp-header {s:?}: expected KEY=VALUE"))?;
+    let k = k.trim().to_ascii_lowercase();
+    AsciiMetadataKey::from_str(&k).with_context(|| format!("--otlp-header: bad key {k:?}"))?;
+    AsciiMetadataValue::from_str(v.trim())
+        .with_context(|| format!("--otlp-header {k}: value is not printable ASCII"))?;
+    Ok((k, v.trim().to_owned()))
+}
+
+/// The exporter's cumulative counts.
+#[derive(Debug, Default)]
+pub struct OtlpStats {
+    /// Spans dropped because the queue was full (or the task had stopped).
+    pub queue_full: AtomicU64,
+    /// Spans given up after every export attempt failed.
+    pub export_failed_spans: AtomicU64,
+    /// Spans the receiver rejected (partial success).
+    pub rejected_spans: AtomicU64,
+    /// Spans the receiver accepted.
+    pub exported_spans: AtomicU64,
+    /// Export calls by outcome.
+    pub trace_exports_ok: AtomicU64,
+    pub trace_exports_failed: AtomicU64,
+    pub metrics_exports_ok: AtomicU64,
+    pub metrics_exports_failed: AtomicU64,
+}
+
+/// Handle to the export task.
+#[derive(Debug)]
+pub struct OtlpExporter {
+    tx: mpsc::Sender<RequestSpan>,
+    stats: Arc<OtlpStats>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The instrumentation scope of everything infertap exports.
+pub fn scope() -> opentelemetry_proto::tonic::common::v1::InstrumentationScope {
+    metrics::instrumentation_scope()
+}
+
+impl OtlpExporter {
+    /// Starts the export task on the current tokio runtime. `metrics` is the cumulative store
+    /// (with the time it started counting) to export every `metrics_interval`. Fails only on an
+    /// invalid URL or header; an unreachable receiver is retried in the background.
+    pub fn spawn(
+        cfg: OtlpConfig,
+        metrics: Option<(SharedMetrics, u64)>,
+    ) -> anyhow::Result<OtlpExporter> {
+        if cfg.queue_capacity == 0 || cfg.batch_size == 0 || cfg.max_attempts == 0 {
+            bail!("OTLP queue capacity, batch size and attempts must be at least 1");
+        }
+        let url = if cfg.endpoint.contains("://") {
+            cfg.endpoint.clone()
+        } else {
+            format!("http://{}", cfg.endpoint)
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("invalid OTLP endpoint {url:?}"))?
+            .connect_timeout(cfg.connect_timeout)
+            .tcp_nodelay(true);
+        let mut headers = MetadataMap::new();
+        for (k, v) in &cfg.headers {
+            let key = AsciiMetadataKey::from_str(k)
+                .with_context(|| format!("--otlp-header: bad key {k:?}"))?;
+            let value = AsciiMetadataValue::from_str(v)
+                .with_context(|| format!("--otlp-header {k}: bad value"))?;
+            headers.append(key, value);
+        }
+        let channel = endpoint.connect_lazy();
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let stats = Arc::new(OtlpStats::default());
+        let worker = Worker {
+            traces: TraceServiceClient::new(channel.clone()),
+            metrics_client: MetricsServiceClient::new(channel),
+            headers,
+            base_resource: base_resource(&cfg),
+            server_ports: HashMap::new(),
+            metrics,
+            stats: stats.clone(),
+            url,
+            cfg,
+        };
+        let task = tokio::spawn(worker.run(rx, stop_rx));
+        Ok(OtlpExporter {
+            tx,
+            stats,
+            stop,
+            task,
+        })
+    }
+
+    /// Queues a span for export without blocking; false (a counted drop) when the queue is full.
+    pub fn submit(&self, span: RequestSpan) -> bool {
+        match self.tx.try_send(span) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &OtlpStats {
+        &self.stats
+    }
+
+    /// The drop counts by `infertap_events_dropped_total` reason.
+    pub fn drops(&self) -> [(&'static str, u64); 3] {
+        let s = &self.stats;
+        [
+            (DROP_REASON_QUEUE_FULL, s.queue_full.load(Ordering::Relaxed)),
+            (
+                DROP_REASON_EXPORT_FAILED,
+                s.export_failed_spans.load(Ordering::Relaxed),
+            ),
+            (
+                DROP_REASON_REJECTED,
+                s.rejected_spans.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+
+    /// Export calls as `(signal, result, count)`, for `infertap_otlp_exports_total`.
+    pub fn exports(&self) -> [(&'static str, &'static str, u64); 4] {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("traces", "ok", l(&s.trace_exports_ok)),
+            ("traces", "error", l(&s.trace_exports_failed)),
+            ("metrics", "ok", l(&s.metrics_exports_ok)),
+            ("metrics", "error", l(&s.metrics_exports_failed)),
+        ]
+    }
+
+    /// Exports what is queued and a last metrics snapshot (one attempt each), waiting at most
+    /// `timeout`; false when it had to give up (what was still queued is lost).
+    pub async fn shutdown(self, timeout: Duration) -> bool {
+        let OtlpExporter {
+            tx, stop, mut task, ..
+        } = self;
+        drop(tx);
+        let _ = stop.send(true);
+        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            task.abort();
+            return false;
+        }
+        true
+    }
+}
+
+fn base_resource(cfg: &OtlpConfig) -> Vec<KeyValue> {
+    vec![
+        span::kv_str("service.name", cfg.service_name.clone()),
+        span::kv_str("host.name", cfg.node.clone()),
+        span::kv_str("infertap.agent.version", env!("CARGO_PKG_VERSION")),
+        span::kv_i64("infertap.agent.pid", i64::from(std::process::id())),
+    ]
+}
+
+struct Worker {
+    traces: TraceServiceClient<Channel>,
+    metrics_client: MetricsServiceClient<Channel>,
+    headers: MetadataMap,
+    base_resource: Vec<KeyValue>,
+    /// The traced server's listening port, when it has exactly one (`server.port`).
+    server_ports: HashMap<u32, Option<u16>>,
+    metrics: Option<(SharedMetrics, u64)>,
+    stats: Arc<OtlpStats>,
+    url: String,
+    cfg: OtlpConfig,
+}
+
+/// gRPC codes the OTLP specification lists as retryable.
+fn retryable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Cancelled
+            | DeadlineExceeded
+            | Aborted
+            | OutOfRange
+            | Unavailable
+            | DataLoss
+            | ResourceExhausted
+    )
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<RequestSpan>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut batch: Vec<RequestSpan> = Vec::new();
+        let mut batch_deadline: Option<tokio::time::Instant> = None;
+        let mut metrics_tick = self.cfg.metrics_interval.map(|d| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                msg = rx.recv() => match msg {
+                    Some(s) => {
+                        batch.push(s);
+                        batch_deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.cfg.batch_timeout);
+                        if batch.len() >= self.cfg.batch_size {
+                            self.export_spans(std::mem::take(&mut batch), &mut warned, false).await;
+                            batch_deadline = None;
+                        }
+                    }
+                    None => break,
+                },
+                _ = async { tokio::time::sleep_until(batch_deadline.unwrap()).await }, if batch_deadline.is_some() => {
+                    self.export_spans(std::mem::take(&mut batch), &mut warned, false).await;
+                    batch_deadline = None;
+                }
+                _ = async { metrics_tick.as_mut().unwrap().tick().await }, if metrics_tick.is_some() => {
+                    self.export_metrics(&mut warned, false).await;
+                }
+            }
+        }
+        // Shutdown: what is still queued, then the final totals, one attempt each.
+        while let Ok(s) = rx.try_recv() {
+            batch.push(s);
+            if batch.len() >= self.cfg.batch_size {
+                self.export_spans(std::mem::take(&mut batch), &mut warned, true)
+                    .await;
+            }
+        }
+        if !batch.is_empty() {
+            self.export_spans(batch, &mut warned, true).await;
+        }
+        if self.metrics.is_some() {
+            self.export_metrics(&mut warned, true).await;
+        }
+    }
+
+    fn server_port(&mut self, pid: u32) -> Option<u16> {
+        *self.server_ports.entry(pid).or_insert_with(|| {
+            let ports = crate::targets::server_sockets(pid).listening_ports;
+            (ports.len() == 1).then(|| ports[0])
+        })
+    }
+
+    fn resource(&self, pid: Option<u32>) -> Resource {
+        let mut attributes = self.base_resource.clone();
+        if let Some(pid) = pid {
+            attributes.push(span::kv_i64("process.pid", i64::from(pid)));
+        }
+        Resource {
+            attributes,
+            ..Default::default()
+        }
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        *req.metadata_mut() = self.headers.clone();
+        req.set_timeout(self.cfg.export_timeout);
+        req
+    }
+
+    async fn export_spans(&mut self, batch: Vec<RequestSpan>, warned: &mut bool, last: bool) {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        let mut by_pid: Vec<(u32, Vec<_>)> = Vec::new();
+        for mut s in batch {
+            // The server as the agent sees it: this node, and its port when it has only one.
+            s.span
+                .attributes
+                .push(span::kv_str("server.address", self.cfg.node.clone()));
+            if let Some(port) = self.server_port(s.pid) {
+                s.span
+                    .attributes
+                    .push(span::kv_i64("server.port", i64::from(port)));
+            }
+            match by_pid.iter_mut().find(|(p, _)| *p == s.pid) {
+                Some((_, v)) => v.push(s.span),
+                None => by_pid.push((s.pid, vec![s.span])),
+            }
+        }
+        let msg = ExportTraceServiceRequest {
+            resource_spans: by_pid
+                .into_iter()
+                .map(|(pid, spans)| ResourceSpans {
+                    resource: Some(self.resource(Some(pid))),
+                    scope_spans: vec![ScopeSpans {
+                        scope: Some(scope()),
+                        spans,
+                        schema_url: String::new(),
+                    }],
+                    schema_url: String::new(),
+                })
+                .collect(),
+        };
+        let attempts = if last { 1 } else { self.cfg.max_attempts };
+        let mut backoff = self.cfg.backoff_min;
+        for attempt in 1..=attempts {
+            let mut client = self.traces.clone();
+            let res = client.export(self.request(msg.clone())).await;
+            match res {
+                Ok(resp) => {
+                    self.stats.trace_exports_ok.fetch_add(1, Ordering::Relaxed);
+                    let rejected = resp
+                        .into_inner()
+                        .partial_success
+                        .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
+                        .min(n);
+                    self.stats
+                        .rejected_spans
+                        .fetch_add(rejected, Ordering::Relaxed);
+                    self.stats
+                        .exported_spans
+                        .fetch_add(n - rejected, Ordering::Relaxed);
+                    if *warned {
+                        tracing::info!("OTLP receiver {} reachable again", self.url);
+                        *warned = false;
+                    }
+                    return;
+                }
+                Err(status) => {
+                    self.stats
+                        .trace_exports_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    if !*warned {
+                        tracing::warn!(
+                            "OTLP trace export to {} failed: {} {}; retrying with backoff, spans are dropped (counted) while it fails",
+                            self.url,
+                            status.code(),
+                            status.message()
+                        );
+                        *warned = true;
+                    }
+                    if !retryable(status.code()) || attempt == attempts {
+                        break;
+                    }
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+                }
+            }
+        }
+        self.stats
+            .export_failed_spans
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    async fn export_metrics(&mut self, warned: &mut bool, last: bool) {
+        let Some((shared, start)) = &self.metrics else {
+            return;
+        };
+        let store = shared.snapshot();
+        let rm =
+            metrics::resource_metrics(&store, *start, crate::clock::unix_ns(), self.resource(None));
+        let msg = ExportMetricsServiceRequest {
+            resource_metrics: vec![rm],
+        };
+        // The next export carries the same totals: a short retry suffices.
+        let attempts = if last {
+            1
+        } else {
+            self.cfg.max_attempts.min(3)
+        };
+        let mut backoff = self.cfg.backoff_min;
+        for attempt in 1..=attempts {
+            let mut client = self.metrics_client.clone();
+            match client.export(self.request(msg.clone())).await {
+                Ok(_) => {
+                    self.stats
+                        .metrics_exports_ok
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(status) => {
+                    self.stats
+                        .metrics_exports_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    if !*warned {
+                        tracing::warn!(
+                            "OTLP metrics export to {} failed: {} {}",
+                            self.url,
+                            status.code(),
+                            status.message()
+                        );
+                        *warned = true;
+                    }
+                    if !retryable(status.code()) || attempt == attempts {
+                        return;
+                    }
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+                }
+            }
+        }
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.0) so agents that lost the same receiver do not
+/// retry in lockstep.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let r = std::collections::hash_map::RandomState::new().hash_one(0u8) % 1000;
+    d.mul_f64(0.5 + r as f64 / 2000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_validated() {
+        assert_eq!(
+            parse_header("Authorization=Bearer abc").unwrap(),
+            ("authorization".into(), "Bearer abc".into())
+        );
+        assert_eq!(
+            parse_header("x-tenant = a=b").unwrap(),
+            ("x-tenant".into(), "a=b".into())
+        );
+        assert!(parse_header("novalue").is_err());
+        assert!(parse_header("bad key=v").is_err());
+        assert!(parse_header("k=\u{7f}").is_err());
+    }
+
+    #[test]
+    fn only_the_spec_codes_are_retried() {
+        assert!(retryable(tonic::Code::Unavailable));
+        assert!(retryable(tonic::Code::ResourceExhausted));
+        assert!(!retryable(tonic::Code::InvalidArgument));
+        assert!(!retryable(tonic::Code::Unauthenticated));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_without_blocking() {
+        // Nothing listens on port 1 of loopback: every export fails; the queue of 2 fills.
+        let mut cfg = OtlpConfig::new("http://127.0.0.1:1", "node");
+        cfg.queue_capacity = 2;
+        cfg.batch_size = 1;
+        cfg.metrics_interval = None;
+        cfg.backoff_min = Duration::from_secs(5);
+        let e = OtlpExporter::spawn(cfg, None).unwrap();
+        let span = RequestSpan {
+            pid: 0,
+            span: Default::default(),
+        };
+        let t = std::time::Instant::now();
+        let accepted = (0..100).filter(|_| e.submit(span.clone())).count();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "submit must not block"
+        );
+        assert!(accepted <= 3, "{accepted} spans accepted into a queue of 2");
+        assert_eq!(
+            e.drops()[0].1,
+            100 - accepted as u64,
+            "every span not accepted is counted"
+        );
+        e.shutdown(Duration::from_secs(2)).await;
+    }
+}
