@@ -205,6 +205,10 @@ struct OtlpArgs {
     /// exports spans only).
     #[arg(long, value_parser = humantime::parse_duration)]
     otlp_interval: Option<Duration>,
+    /// Spans held for the OTLP exporter while it is busy; beyond it spans are dropped and
+    /// counted (`infertap_events_dropped_total{reason="otlp_queue_full"}`).
+    #[arg(long, default_value_t = 4096, value_name = "SPANS")]
+    otlp_queue_size: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -440,6 +444,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         let mut cfg = OtlpConfig::new(url.clone(), opts.node.clone());
         cfg.headers = a.otlp.otlp_headers.clone();
         cfg.service_name = a.otlp.otlp_service_name.clone();
+        cfg.queue_capacity = a.otlp.otlp_queue_size;
         let every = a.otlp.otlp_interval.unwrap_or(a.interval);
         cfg.metrics_interval = (!every.is_zero()).then_some(every);
         opts.otlp = Some(cfg);

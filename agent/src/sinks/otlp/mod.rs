@@ -160,6 +160,9 @@ impl OtlpExporter {
         } else {
             format!("http://{}", cfg.endpoint)
         };
+        if !url.starts_with("http://") {
+            bail!("OTLP endpoint {url:?}: only plain http:// gRPC is supported (no TLS in this build)");
+        }
         let endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("invalid OTLP endpoint {url:?}"))?
             .connect_timeout(cfg.connect_timeout)
