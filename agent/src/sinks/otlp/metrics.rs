@@ -80,12 +80,10 @@ pub fn resource_metrics_from_report(
                         ..Default::default()
                     })
                     .collect();
-                (!points.is_empty()).then(|| {
-                    metric::Data::Histogram(Histogram {
-                        data_points: points,
-                        aggregation_temporality: cumulative,
-                    })
-                })
+                (!points.is_empty()).then_some(metric::Data::Histogram(Histogram {
+                    data_points: points,
+                    aggregation_temporality: cumulative,
+                }))
             }
             Kind::Counter => {
                 let points: Vec<NumberDataPoint> = totals
@@ -102,13 +100,11 @@ pub fn resource_metrics_from_report(
                         ..Default::default()
                     })
                     .collect();
-                (!points.is_empty()).then(|| {
-                    metric::Data::Sum(Sum {
-                        data_points: points,
-                        aggregation_temporality: cumulative,
-                        is_monotonic: true,
-                    })
-                })
+                (!points.is_empty()).then_some(metric::Data::Sum(Sum {
+                    data_points: points,
+                    aggregation_temporality: cumulative,
+                    is_monotonic: true,
+                }))
             }
             Kind::Gauge => {
                 let points: Vec<NumberDataPoint> = totals

@@ -293,13 +293,10 @@ pub fn request_span(
         }
     }
 
-    let status = match &error_type {
-        Some(t) => Some(Status {
-            message: t.clone(),
-            code: status::StatusCode::Error as i32,
-        }),
-        None => None,
-    };
+    let status = error_type.as_ref().map(|t| Status {
+        message: t.clone(),
+        code: status::StatusCode::Error as i32,
+    });
     RequestSpan {
         pid: r.pid,
         span: Span {
