@@ -419,7 +419,7 @@ impl Pipeline {
             // One line for both: the span reuses the line's times and figures.
             let mut line = RequestLine::new(&r, &self.clock);
             if let Some(o) = &self.otlp {
-                o.submit(otlp::request_span(&r, &line, gpu.as_ref(), &self.clock));
+                o.submit_with(|| otlp::request_span(&r, &line, gpu.as_ref(), &self.clock));
             }
             if let Some(out) = self.jsonl.as_mut() {
                 line.gpu = gpu.as_ref().and_then(|g| serde_json::to_value(g).ok());

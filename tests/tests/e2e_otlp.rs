@@ -293,6 +293,24 @@ fn otlp_spans_and_metrics_match_json_lines_and_prometheus() {
             }
         }
     }
+    // And the other way round: every histogram series of the endpoint was exported.
+    for sample in prom.samples.iter().filter(|s| s.name.ends_with("_count")) {
+        let name = sample.name.trim_end_matches("_count");
+        let points = array(&m[name]["histogram"]["dataPoints"]);
+        assert!(
+            points.iter().any(|p| {
+                let a = attributes(&p["attributes"]);
+                a.len() == sample.labels.len()
+                    && sample
+                        .labels
+                        .iter()
+                        .all(|(k, v)| a.get(k) == Some(&json!(v)))
+            }),
+            "{} {:?} not exported over OTLP",
+            sample.name,
+            sample.labels
+        );
+    }
     for name in [
         "infertap_time_to_first_token_seconds",
         "infertap_inter_token_latency_seconds",

@@ -210,6 +210,21 @@ impl OtlpExporter {
         }
     }
 
+    /// Like [`OtlpExporter::submit`], building the span only when the queue has room (a full
+    /// queue costs the pipeline one counter increment, not a span).
+    pub fn submit_with(&self, build: impl FnOnce() -> RequestSpan) -> bool {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(build());
+                true
+            }
+            Err(_) => {
+                self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
     pub fn stats(&self) -> &OtlpStats {
         &self.stats
     }
