@@ -442,7 +442,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     }
     if let Some(url) = &a.otlp.otlp_endpoint {
         let mut cfg = OtlpConfig::new(url.clone(), opts.node.clone());
-        cfg.headers = a.otlp.otlp_headers.clone();
+        cfg.client.headers = a.otlp.otlp_headers.clone();
         cfg.service_name = a.otlp.otlp_service_name.clone();
         cfg.queue_capacity = a.otlp.otlp_queue_size;
         let every = a.otlp.otlp_interval.unwrap_or(a.interval);

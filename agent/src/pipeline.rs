@@ -172,7 +172,7 @@ impl Pipeline {
         let otlp = match &opts.otlp {
             Some(cfg) => Some(
                 OtlpExporter::spawn(cfg.clone(), Some((aggregator.shared(), started_unix_ns)))
-                    .with_context(|| format!("--otlp-endpoint {}", cfg.endpoint))?,
+                    .with_context(|| format!("--otlp-endpoint {}", cfg.client.endpoint))?,
             ),
             None => None,
         };

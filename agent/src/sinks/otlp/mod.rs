@@ -14,33 +14,29 @@
 //! stays bounded and the ring-buffer drain never waits.
 //!
 //! Every [`OtlpConfig::metrics_interval`] the task also exports the cumulative metric store
-//! (see [`metrics`]) with `MetricsService/Export`; a failed metrics export loses nothing (the
+//! (converted by [`infertap_proto::otlp::resource_metrics`], shared with the collector) with `MetricsService/Export`; a failed metrics export loses nothing (the
 //! next one carries the totals). Export attempts are counted by signal and result
 //! ([`OtlpExporter::exports`], `infertap_otlp_exports_total{signal,result}`).
 
-pub mod metrics;
 pub mod span;
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use anyhow::bail;
+use infertap_proto::otlp::{self as potlp, ClientConfig, OtlpClient};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
-use tonic::transport::{Channel, Endpoint};
 
 use crate::aggregate::SharedMetrics;
+pub use infertap_proto::otlp::parse_header;
 pub use span::{request_span, RequestSpan};
 
 /// Drop reason: the span queue was full (the exporter is behind or the receiver is away).
@@ -53,10 +49,8 @@ pub const DROP_REASON_REJECTED: &str = "otlp_rejected";
 /// Exporter settings; [`OtlpConfig::new`] fills in defaults.
 #[derive(Clone, Debug)]
 pub struct OtlpConfig {
-    /// OTLP/gRPC endpoint, e.g. `http://otel-collector:4317` (`http://` assumed when missing).
-    pub endpoint: String,
-    /// Extra gRPC metadata sent with every export (auth headers), validated at start.
-    pub headers: Vec<(String, String)>,
+    /// Endpoint, headers, timeouts and backoff of the OTLP/gRPC client.
+    pub client: ClientConfig,
     /// `service.name` of the resources.
     pub service_name: String,
     /// `host.name` of the resources (the agent's node name).
@@ -69,22 +63,16 @@ pub struct OtlpConfig {
     pub batch_timeout: Duration,
     /// How often the metrics are exported; `None`: no metrics.
     pub metrics_interval: Option<Duration>,
-    /// Attempts per export (the first included) before the batch is given up.
+    /// Attempts per span export (the first included) before the batch is given up.
     pub max_attempts: u32,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
-    /// Deadline of one export call.
-    pub export_timeout: Duration,
-    pub connect_timeout: Duration,
 }
 
 impl OtlpConfig {
-    /// Defaults: 4096 queued spans, batches of 512 or 1 s, metrics every 10 s, 5 attempts with
-    /// backoff 100 ms → 5 s, 10 s per export.
+    /// Defaults: 4096 queued spans, batches of 512 or 1 s, metrics every 10 s, 5 attempts
+    /// (the client's backoff: 100 ms → 5 s; 10 s per export).
     pub fn new(endpoint: impl Into<String>, node: impl Into<String>) -> Self {
         OtlpConfig {
-            endpoint: endpoint.into(),
-            headers: Vec::new(),
+            client: ClientConfig::new(endpoint),
             service_name: "infertap".into(),
             node: node.into(),
             queue_capacity: 4096,
@@ -92,24 +80,8 @@ impl OtlpConfig {
             batch_timeout: Duration::from_secs(1),
             metrics_interval: Some(Duration::from_secs(10)),
             max_attempts: 5,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-            export_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
         }
     }
-}
-
-/// Parses a `--otlp-header K=V` value.
-pub fn parse_header(s: &str) -> anyhow::Result<(String, String)> {
-    let (k, v) = s
-        .split_once('=')
-        .with_context(|| format!("--otlp-header {s:?}: expected KEY=VALUE"))?;
-    let k = k.trim().to_ascii_lowercase();
-    AsciiMetadataKey::from_str(&k).with_context(|| format!("--otlp-header: bad key {k:?}"))?;
-    AsciiMetadataValue::from_str(v.trim())
-        .with_context(|| format!("--otlp-header {k}: value is not printable ASCII"))?;
-    Ok((k, v.trim().to_owned()))
 }
 
 /// The exporter's cumulative counts.
@@ -139,11 +111,6 @@ pub struct OtlpExporter {
     task: JoinHandle<()>,
 }
 
-/// The instrumentation scope of everything infertap exports.
-pub fn scope() -> opentelemetry_proto::tonic::common::v1::InstrumentationScope {
-    metrics::instrumentation_scope()
-}
-
 impl OtlpExporter {
     /// Starts the export task on the current tokio runtime. `metrics` is the cumulative store
     /// (with the time it started counting) to export every `metrics_interval`. Fails only on an
@@ -155,39 +122,16 @@ impl OtlpExporter {
         if cfg.queue_capacity == 0 || cfg.batch_size == 0 || cfg.max_attempts == 0 {
             bail!("OTLP queue capacity, batch size and attempts must be at least 1");
         }
-        let url = if cfg.endpoint.contains("://") {
-            cfg.endpoint.clone()
-        } else {
-            format!("http://{}", cfg.endpoint)
-        };
-        if !url.starts_with("http://") {
-            bail!("OTLP endpoint {url:?}: only plain http:// gRPC is supported (no TLS in this build)");
-        }
-        let endpoint = Endpoint::from_shared(url.clone())
-            .with_context(|| format!("invalid OTLP endpoint {url:?}"))?
-            .connect_timeout(cfg.connect_timeout)
-            .tcp_nodelay(true);
-        let mut headers = MetadataMap::new();
-        for (k, v) in &cfg.headers {
-            let key = AsciiMetadataKey::from_str(k)
-                .with_context(|| format!("--otlp-header: bad key {k:?}"))?;
-            let value = AsciiMetadataValue::from_str(v)
-                .with_context(|| format!("--otlp-header {k}: bad value"))?;
-            headers.append(key, value);
-        }
-        let channel = endpoint.connect_lazy();
+        let client = OtlpClient::new(cfg.client.clone())?;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let stats = Arc::new(OtlpStats::default());
         let worker = Worker {
-            traces: TraceServiceClient::new(channel.clone()),
-            metrics_client: MetricsServiceClient::new(channel),
-            headers,
+            client,
             base_resource: base_resource(&cfg),
             server_ports: HashMap::new(),
             metrics,
             stats: stats.clone(),
-            url,
             cfg,
         };
         let task = tokio::spawn(worker.run(rx, stop_rx));
@@ -275,39 +219,21 @@ impl OtlpExporter {
 
 fn base_resource(cfg: &OtlpConfig) -> Vec<KeyValue> {
     vec![
-        span::kv_str("service.name", cfg.service_name.clone()),
-        span::kv_str("host.name", cfg.node.clone()),
-        span::kv_str("infertap.agent.version", env!("CARGO_PKG_VERSION")),
-        span::kv_i64("infertap.agent.pid", i64::from(std::process::id())),
+        potlp::kv_str("service.name", cfg.service_name.clone()),
+        potlp::kv_str("host.name", cfg.node.clone()),
+        potlp::kv_str("infertap.agent.version", env!("CARGO_PKG_VERSION")),
+        potlp::kv_i64("infertap.agent.pid", i64::from(std::process::id())),
     ]
 }
 
 struct Worker {
-    traces: TraceServiceClient<Channel>,
-    metrics_client: MetricsServiceClient<Channel>,
-    headers: MetadataMap,
+    client: OtlpClient,
     base_resource: Vec<KeyValue>,
     /// The traced server's listening port, when it has exactly one (`server.port`).
     server_ports: HashMap<u32, Option<u16>>,
     metrics: Option<(SharedMetrics, u64)>,
     stats: Arc<OtlpStats>,
-    url: String,
     cfg: OtlpConfig,
-}
-
-/// gRPC codes the OTLP specification lists as retryable.
-fn retryable(code: tonic::Code) -> bool {
-    use tonic::Code::*;
-    matches!(
-        code,
-        Cancelled
-            | DeadlineExceeded
-            | Aborted
-            | OutOfRange
-            | Unavailable
-            | DataLoss
-            | ResourceExhausted
-    )
 }
 
 impl Worker {
@@ -374,19 +300,12 @@ impl Worker {
     fn resource(&self, pid: Option<u32>) -> Resource {
         let mut attributes = self.base_resource.clone();
         if let Some(pid) = pid {
-            attributes.push(span::kv_i64("process.pid", i64::from(pid)));
+            attributes.push(potlp::kv_i64("process.pid", i64::from(pid)));
         }
         Resource {
             attributes,
             ..Default::default()
         }
-    }
-
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        *req.metadata_mut() = self.headers.clone();
-        req.set_timeout(self.cfg.export_timeout);
-        req
     }
 
     async fn export_spans(&mut self, batch: Vec<RequestSpan>, warned: &mut bool, last: bool) {
@@ -399,11 +318,11 @@ impl Worker {
             // The server as the agent sees it: this node, and its port when it has only one.
             s.span
                 .attributes
-                .push(span::kv_str("server.address", self.cfg.node.clone()));
+                .push(potlp::kv_str("server.address", self.cfg.node.clone()));
             if let Some(port) = self.server_port(s.pid) {
                 s.span
                     .attributes
-                    .push(span::kv_i64("server.port", i64::from(port)));
+                    .push(potlp::kv_i64("server.port", i64::from(port)));
             }
             match by_pid.iter_mut().find(|(p, _)| *p == s.pid) {
                 Some((_, v)) => v.push(s.span),
@@ -416,7 +335,7 @@ impl Worker {
                 .map(|(pid, spans)| ResourceSpans {
                     resource: Some(self.resource(Some(pid))),
                     scope_spans: vec![ScopeSpans {
-                        scope: Some(scope()),
+                        scope: Some(potlp::instrumentation_scope()),
                         spans,
                         schema_url: String::new(),
                     }],
@@ -425,54 +344,47 @@ impl Worker {
                 .collect(),
         };
         let attempts = if last { 1 } else { self.cfg.max_attempts };
-        let mut backoff = self.cfg.backoff_min;
-        for attempt in 1..=attempts {
-            let mut client = self.traces.clone();
-            let res = client.export(self.request(msg.clone())).await;
-            match res {
-                Ok(resp) => {
-                    self.stats.trace_exports_ok.fetch_add(1, Ordering::Relaxed);
-                    let rejected = resp
-                        .into_inner()
-                        .partial_success
-                        .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
-                        .min(n);
-                    self.stats
-                        .rejected_spans
-                        .fetch_add(rejected, Ordering::Relaxed);
-                    self.stats
-                        .exported_spans
-                        .fetch_add(n - rejected, Ordering::Relaxed);
-                    if *warned {
-                        tracing::info!("OTLP receiver {} reachable again", self.url);
-                        *warned = false;
-                    }
-                    return;
-                }
-                Err(status) => {
-                    self.stats
-                        .trace_exports_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    if !*warned {
-                        tracing::warn!(
-                            "OTLP trace export to {} failed: {} {}; retrying with backoff, spans are dropped (counted) while it fails",
-                            self.url,
-                            status.code(),
-                            status.message()
-                        );
-                        *warned = true;
-                    }
-                    if !retryable(status.code()) || attempt == attempts {
-                        break;
-                    }
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+        let stats = self.stats.clone();
+        let url = self.client.url().to_owned();
+        let mut on_failure = |status: &tonic::Status| {
+            stats.trace_exports_failed.fetch_add(1, Ordering::Relaxed);
+            if !*warned {
+                tracing::warn!(
+                    "OTLP trace export to {url} failed: {} {}; retrying with backoff, spans are dropped (counted) while it fails",
+                    status.code(),
+                    status.message()
+                );
+                *warned = true;
+            }
+        };
+        match self
+            .client
+            .export_traces(msg, attempts, &mut on_failure)
+            .await
+        {
+            Some(resp) => {
+                self.stats.trace_exports_ok.fetch_add(1, Ordering::Relaxed);
+                let rejected = resp
+                    .partial_success
+                    .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
+                    .min(n);
+                self.stats
+                    .rejected_spans
+                    .fetch_add(rejected, Ordering::Relaxed);
+                self.stats
+                    .exported_spans
+                    .fetch_add(n - rejected, Ordering::Relaxed);
+                if *warned {
+                    tracing::info!("OTLP receiver {} reachable again", self.client.url());
+                    *warned = false;
                 }
             }
+            None => {
+                self.stats
+                    .export_failed_spans
+                    .fetch_add(n, Ordering::Relaxed);
+            }
         }
-        self.stats
-            .export_failed_spans
-            .fetch_add(n, Ordering::Relaxed);
     }
 
     async fn export_metrics(&mut self, warned: &mut bool, last: bool) {
@@ -481,7 +393,7 @@ impl Worker {
         };
         let store = shared.snapshot();
         let rm =
-            metrics::resource_metrics(&store, *start, crate::clock::unix_ns(), self.resource(None));
+            potlp::resource_metrics(&store, *start, crate::clock::unix_ns(), self.resource(None));
         let msg = ExportMetricsServiceRequest {
             resource_metrics: vec![rm],
         };
@@ -491,74 +403,35 @@ impl Worker {
         } else {
             self.cfg.max_attempts.min(3)
         };
-        let mut backoff = self.cfg.backoff_min;
-        for attempt in 1..=attempts {
-            let mut client = self.metrics_client.clone();
-            match client.export(self.request(msg.clone())).await {
-                Ok(_) => {
-                    self.stats
-                        .metrics_exports_ok
-                        .fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Err(status) => {
-                    self.stats
-                        .metrics_exports_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    if !*warned {
-                        tracing::warn!(
-                            "OTLP metrics export to {} failed: {} {}",
-                            self.url,
-                            status.code(),
-                            status.message()
-                        );
-                        *warned = true;
-                    }
-                    if !retryable(status.code()) || attempt == attempts {
-                        return;
-                    }
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(self.cfg.backoff_max);
-                }
+        let stats = self.stats.clone();
+        let url = self.client.url().to_owned();
+        let mut on_failure = |status: &tonic::Status| {
+            stats.metrics_exports_failed.fetch_add(1, Ordering::Relaxed);
+            if !*warned {
+                tracing::warn!(
+                    "OTLP metrics export to {url} failed: {} {}",
+                    status.code(),
+                    status.message()
+                );
+                *warned = true;
             }
+        };
+        if self
+            .client
+            .export_metrics(msg, attempts, &mut on_failure)
+            .await
+            .is_some()
+        {
+            self.stats
+                .metrics_exports_ok
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
-}
-
-/// `d` scaled by a random factor in [0.5, 1.0) so agents that lost the same receiver do not
-/// retry in lockstep.
-fn jitter(d: Duration) -> Duration {
-    use std::hash::BuildHasher;
-    let r = std::collections::hash_map::RandomState::new().hash_one(0u8) % 1000;
-    d.mul_f64(0.5 + r as f64 / 2000.0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn headers_are_validated() {
-        assert_eq!(
-            parse_header("Authorization=Bearer abc").unwrap(),
-            ("authorization".into(), "Bearer abc".into())
-        );
-        assert_eq!(
-            parse_header("x-tenant = a=b").unwrap(),
-            ("x-tenant".into(), "a=b".into())
-        );
-        assert!(parse_header("novalue").is_err());
-        assert!(parse_header("bad key=v").is_err());
-        assert!(parse_header("k=\u{7f}").is_err());
-    }
-
-    #[test]
-    fn only_the_spec_codes_are_retried() {
-        assert!(retryable(tonic::Code::Unavailable));
-        assert!(retryable(tonic::Code::ResourceExhausted));
-        assert!(!retryable(tonic::Code::InvalidArgument));
-        assert!(!retryable(tonic::Code::Unauthenticated));
-    }
 
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_without_blocking() {
@@ -567,7 +440,7 @@ mod tests {
         cfg.queue_capacity = 2;
         cfg.batch_size = 1;
         cfg.metrics_interval = None;
-        cfg.backoff_min = Duration::from_secs(5);
+        cfg.client.backoff_min = Duration::from_secs(5);
         let e = OtlpExporter::spawn(cfg, None).unwrap();
         let span = RequestSpan {
             pid: 0,

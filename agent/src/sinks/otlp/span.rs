@@ -44,22 +44,7 @@ pub struct RequestSpan {
     pub span: Span,
 }
 
-/// Key-value helpers for the generated OTLP types.
-pub(crate) fn kv(key: &str, value: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..Default::default()
-    }
-}
-
-pub(crate) fn kv_str(key: &str, v: impl Into<String>) -> KeyValue {
-    kv(key, any_value::Value::StringValue(v.into()))
-}
-
-pub(crate) fn kv_i64(key: &str, v: i64) -> KeyValue {
-    kv(key, any_value::Value::IntValue(v))
-}
+pub(crate) use infertap_proto::otlp::{kv, kv_i64, kv_str};
 
 fn kv_u64(key: &str, v: u64) -> KeyValue {
     kv_i64(key, i64::try_from(v).unwrap_or(i64::MAX))
