@@ -20,6 +20,7 @@
 
 pub mod forward;
 mod http;
+pub mod otlp;
 pub mod profiles;
 pub mod query;
 mod ui;

@@ -4,13 +4,15 @@
 //! agent's code. Checked per request against the agent's own JSON line: span times, GenAI
 //! attributes, TTFT and its event, slow-token events, error spans; the metrics against the
 //! Prometheus endpoint; a privacy marker in prompts and completions never reaches the receiver;
-//! a receiver that is down or slow costs counted drops, never the drain.
+//! a receiver that is down or slow costs counted drops, never the drain; the collector's
+//! `--otlp-endpoint` exports the merged fleet metrics equal to its own `/metrics`.
 //! Needs root, a built agent and the receiver venv (skips locally, fails in CI when missing).
 
 use std::time::Duration;
 
 use infertap_tests::agent::{Agent, AgentOptions, AgentRecord, Metrics};
 use infertap_tests::client::{Endpoint, RequestSpec};
+use infertap_tests::collector_support::{self, CollectorProcess};
 use infertap_tests::load::run_sequences_blocking;
 use infertap_tests::otlp::{self, array, as_u64, attributes, OtlpReceiver, ReceivedSpan};
 use infertap_tests::prereq;
@@ -463,4 +465,109 @@ fn otlp_receiver_down_or_slow_costs_counted_drops_not_the_drain() {
     assert!(received > 0);
     let exit = agent.stop().unwrap();
     assert!(exit.status.success(), "{}", exit.log);
+}
+
+#[test]
+fn collector_exports_the_merged_metrics_over_otlp() {
+    let test = "collector_exports_the_merged_metrics_over_otlp";
+    if !gate(test) || !prereq::check(test, prereq::missing_collector()) {
+        return;
+    }
+    let _g = prereq::e2e_lock();
+    let receiver = OtlpReceiver::start(0, &[]).unwrap();
+    let grpc = collector_support::free_port().unwrap();
+    let collector = CollectorProcess::start(
+        grpc,
+        &[
+            "--otlp-endpoint",
+            &receiver.url(),
+            "--otlp-interval",
+            "1s",
+            "--otlp-header",
+            "x-tenant=fleet-a",
+        ],
+    )
+    .unwrap();
+    let server = ScriptedServer::start(&json!({
+        "default": {"ttft_ms": 10, "itl_ms": 3, "tokens": 6},
+    }))
+    .unwrap();
+    let mut o = AgentOptions::pid(server.pid());
+    o.node = Some("otlp-fleet-node".into());
+    o.collector = Some(format!("http://{grpc}"));
+    o.interval = Some("1s".into());
+    let agent = Agent::spawn(&o).unwrap();
+    let n = 6;
+    let seqs = vec![(0..n)
+        .map(|_| {
+            let mut s = RequestSpec::new(Endpoint::Chat, 6);
+            s.model = Some(MODEL.into());
+            s
+        })
+        .collect()];
+    run_sequences_blocking(server.addr(), seqs).unwrap();
+    agent.wait_records(n, WAIT).unwrap();
+    let exit = agent.stop().unwrap();
+    assert!(exit.status.success(), "{}", exit.log);
+    // Every request merged, then an OTLP export that carries them all.
+    wait_for(WAIT, "the requests on the collector", || {
+        let m = collector.scrape().ok()?;
+        (m.sum("infertap_requests_total", &[]) == n as f64).then_some(())
+    })
+    .unwrap();
+    let requests_in = |m: &serde_json::Map<String, Value>| -> u64 {
+        array(&m["infertap_requests_total"]["sum"]["dataPoints"])
+            .iter()
+            .map(|p| as_u64(&p["asInt"]).unwrap_or(0))
+            .sum()
+    };
+    let m = wait_for(WAIT, "an OTLP export with every request", || {
+        receiver
+            .last_metrics()
+            .ok()
+            .flatten()
+            .filter(|m| requests_in(m) == n as u64)
+    })
+    .unwrap();
+    let prom = collector.scrape().unwrap();
+    let mut compared = 0;
+    for (name, metric) in &m {
+        let Some(h) = metric.get("histogram") else {
+            continue;
+        };
+        for p in array(&h["dataPoints"]) {
+            let labels = attributes(&p["attributes"]);
+            assert_eq!(
+                labels["node"], "otlp-fleet-node",
+                "{name}: identity attributes"
+            );
+            let l: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or("")))
+                .collect();
+            assert_eq!(
+                prom.get(&format!("{name}_count"), &l),
+                Some(as_u64(&p["count"]).unwrap_or(0) as f64),
+                "{name}{l:?}"
+            );
+            compared += 1;
+        }
+    }
+    assert!(
+        m.contains_key("infertap_time_to_first_token_seconds"),
+        "{:?}",
+        m.keys().collect::<Vec<_>>()
+    );
+    assert!(compared >= 4, "{compared} histogram series compared");
+    let exports = receiver.exports().unwrap();
+    let e = exports
+        .iter()
+        .rev()
+        .find(|e| e.signal == "metrics")
+        .unwrap();
+    assert_eq!(e.metadata["x-tenant"], "fleet-a");
+    let res = attributes(&e.request["resourceMetrics"][0]["resource"]["attributes"]);
+    assert_eq!(res["service.name"], "infertap-collector");
+    eprintln!("collector: {compared} histogram series over OTLP equal to its /metrics");
+    assert!(collector.terminate().unwrap(), "collector exits cleanly");
 }
