@@ -683,8 +683,9 @@ impl Pipeline {
             }
         }
         if let Some(o) = self.otlp.take() {
-            if !o.shutdown(Duration::from_secs(5)).await {
-                warn!("the OTLP exporter did not finish in time; its last spans are lost");
+            let lost = o.shutdown(Duration::from_secs(5)).await;
+            if lost > 0 {
+                warn!("the OTLP exporter did not finish in time: {lost} span(s) lost");
             }
         }
         if let Some(m) = self.metrics_server.take() {

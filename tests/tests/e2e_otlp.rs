@@ -337,9 +337,15 @@ fn otlp_spans_and_metrics_match_json_lines_and_prometheus() {
     }
     assert_eq!(m["infertap_requests_total"]["sum"]["isMonotonic"], true);
     assert!(compared >= 8, "{compared} series compared");
+    let trace_bytes: usize = exports
+        .iter()
+        .filter(|e| e.signal == "traces")
+        .map(|e| e.raw.len())
+        .sum();
     eprintln!(
-        "{} spans, {} metrics exports, {compared} metric series equal to Prometheus",
+        "{} spans ({} bytes per span on the wire), {} metrics exports, {compared} metric series equal to Prometheus",
         spans.len(),
+        trace_bytes / spans.len(),
         exports.iter().filter(|e| e.signal == "metrics").count()
     );
 

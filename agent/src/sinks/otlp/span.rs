@@ -72,13 +72,15 @@ fn kv_str_array(key: &str, values: Vec<String>) -> KeyValue {
     )
 }
 
-/// `gen_ai.operation.name` for the API shapes whose operation is known.
-pub fn operation_name(kind: StreamKind) -> Option<&'static str> {
+/// `gen_ai.operation.name` for the API shapes whose operation is known (Ollama speaks one
+/// shape for `/api/chat` and `/api/generate`: the path tells them apart).
+pub fn operation_name(kind: StreamKind, path: &str) -> Option<&'static str> {
     match kind {
-        StreamKind::OpenaiChat
-        | StreamKind::OpenaiResponses
-        | StreamKind::AnthropicMessages
-        | StreamKind::Ollama => Some("chat"),
+        StreamKind::Ollama if path.ends_with("/chat") => Some("chat"),
+        StreamKind::Ollama => Some("text_completion"),
+        StreamKind::OpenaiChat | StreamKind::OpenaiResponses | StreamKind::AnthropicMessages => {
+            Some("chat")
+        }
         StreamKind::OpenaiCompletion | StreamKind::Tgi | StreamKind::Llamacpp => {
             Some("text_completion")
         }
@@ -110,7 +112,7 @@ pub fn request_span(
     gpu: Option<&RequestGpuStats>,
     clock: &Clock,
 ) -> RequestSpan {
-    let op = operation_name(r.stream_kind);
+    let op = operation_name(r.stream_kind, &r.path);
     let name = match (op, r.model.as_deref()) {
         (Some(op), Some(model)) => format!("{op} {model}"),
         (Some(op), None) => op.to_owned(),
@@ -451,6 +453,22 @@ mod tests {
             panic!("finish reasons missing")
         };
         assert_eq!(fr.values.len(), 2);
+    }
+
+    #[test]
+    fn ollama_operation_follows_the_path() {
+        assert_eq!(
+            operation_name(StreamKind::Ollama, "/api/chat"),
+            Some("chat")
+        );
+        assert_eq!(
+            operation_name(StreamKind::Ollama, "/api/generate"),
+            Some("text_completion")
+        );
+        assert_eq!(
+            operation_name(StreamKind::JsonLines, "/v1/chat/completions"),
+            None
+        );
     }
 
     #[test]
