@@ -14,8 +14,9 @@
 //! stays bounded and the ring-buffer drain never waits.
 //!
 //! Every [`OtlpConfig::metrics_interval`] the task also exports the cumulative metric store
-//! (converted by [`infertap_proto::otlp::resource_metrics`], shared with the collector) with `MetricsService/Export`; a failed metrics export loses nothing (the
-//! next one carries the totals). Export attempts are counted by signal and result
+//! (converted by [`infertap_proto::otlp::resource_metrics`], shared with the collector) with
+//! `MetricsService/Export`; a failed metrics export loses nothing (the next one carries the
+//! totals). Export attempts are counted by signal and result
 //! ([`OtlpExporter::exports`], `infertap_otlp_exports_total{signal,result}`).
 
 pub mod span;
@@ -303,6 +304,10 @@ impl Worker {
     }
 
     fn server_port(&mut self, pid: u32) -> Option<u16> {
+        // One /proc read per traced process; the cache is bounded (pids of exited servers).
+        if self.server_ports.len() >= 4096 && !self.server_ports.contains_key(&pid) {
+            self.server_ports.clear();
+        }
         *self.server_ports.entry(pid).or_insert_with(|| {
             let ports = crate::targets::server_sockets(pid).listening_ports;
             (ports.len() == 1).then(|| ports[0])
