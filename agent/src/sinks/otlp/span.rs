@@ -456,6 +456,58 @@ mod tests {
     }
 
     #[test]
+    fn gpu_attribution_becomes_attributes_and_explained_slow_token_events() {
+        use crate::gpu::correlate::TokenGapExplanation;
+        let clock = Clock::measure();
+        let r = chat();
+        let gpu = RequestGpuStats {
+            gpu_busy_ms: 12.5,
+            kernel_count: 40,
+            energy_j: Some(3.0),
+            energy_j_per_token: Some(0.5),
+            median_itl_ns: Some(1_000_000),
+            slow_tokens: vec![TokenGapExplanation {
+                token_index: 4,
+                start_ns: 8_000_000,
+                gap_ns: 10_000_000,
+                gpu_busy_ns: 1_000_000,
+                sync_wait_ns: 8_000_000,
+                launch_ns: 0,
+                idle_ns: 1_000_000,
+                top: Vec::new(),
+            }],
+            ..Default::default()
+        };
+        let line = RequestLine::new(&r, &clock);
+        let s = request_span(&r, &line, Some(&gpu), &clock).span;
+        assert_eq!(
+            attr(&s, "infertap.gpu.busy_ms"),
+            Some(&any_value::Value::DoubleValue(12.5))
+        );
+        assert_eq!(
+            attr(&s, "infertap.gpu.energy_j_per_token"),
+            Some(&any_value::Value::DoubleValue(0.5))
+        );
+        let slow: Vec<_> = s
+            .events
+            .iter()
+            .filter(|e| e.name == EVENT_SLOW_TOKEN)
+            .collect();
+        assert_eq!(slow.len(), 1);
+        assert_eq!(slow[0].time_unix_nano, line.token_unix_ns[4]);
+        let cause = slow[0]
+            .attributes
+            .iter()
+            .find(|k| k.key == "infertap.slow_token.cause")
+            .and_then(|k| k.value.as_ref())
+            .and_then(|v| v.value.as_ref());
+        assert_eq!(
+            cause,
+            Some(&any_value::Value::StringValue("sync_wait".into()))
+        );
+    }
+
+    #[test]
     fn ollama_operation_follows_the_path() {
         assert_eq!(
             operation_name(StreamKind::Ollama, "/api/chat"),
