@@ -4,15 +4,20 @@
 //! The conversion and the client are the agent's (`infertap_proto::otlp`): explicit-bucket
 //! histograms with the schema's bounds, monotonic sums, gauges, cumulative temporality since the
 //! collector started, OTLP's retryable codes retried with backoff. A failed export loses
-//! nothing (the next one carries the totals); failures are counted and logged.
+//! nothing (the next one carries the totals); every call is counted on the collector's own
+//! `/metrics` as `infertap_collector_otlp_exports_total{result="ok|error"}` and failures are
+//! logged.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use infertap_proto::otlp::{self as potlp, ClientConfig, OtlpClient};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -45,11 +50,40 @@ impl OtlpMetricsConfig {
     }
 }
 
-/// Export calls by result, cumulative.
-#[derive(Debug, Default)]
-pub struct OtlpExportCounts {
-    pub ok: AtomicU64,
-    pub failed: AtomicU64,
+/// Export calls by result, for the collector's own `/metrics` (registered once an exporter
+/// runs).
+#[derive(Clone, Debug, Default)]
+pub struct OtlpExportMetrics {
+    enabled: Arc<AtomicBool>,
+    exports: Family<Vec<(String, String)>, Counter>,
+}
+
+impl OtlpExportMetrics {
+    /// Counts one call; returns the new total for `result`.
+    fn count(&self, result: &str) -> u64 {
+        self.exports
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc()
+            + 1
+    }
+
+    /// Export calls with `result` (`ok`, `error`) so far.
+    pub fn get(&self, result: &str) -> u64 {
+        self.exports
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .get()
+    }
+
+    /// Adds the family to `registry` when an exporter runs.
+    pub fn register(&self, registry: &mut Registry) {
+        if self.enabled.load(Ordering::Relaxed) {
+            registry.register(
+                "infertap_collector_otlp_exports",
+                "OTLP metrics export calls (--otlp-endpoint), by result (ok, error; each retry counted)",
+                self.exports.clone(),
+            );
+        }
+    }
 }
 
 /// The running export task.
@@ -57,7 +91,6 @@ pub struct OtlpExportCounts {
 pub struct OtlpMetricsExporter {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
-    counts: Arc<OtlpExportCounts>,
 }
 
 impl OtlpMetricsExporter {
@@ -65,15 +98,12 @@ impl OtlpMetricsExporter {
     pub fn spawn(cfg: OtlpMetricsConfig, fleet: Arc<Fleet>) -> anyhow::Result<Self> {
         anyhow::ensure!(!cfg.interval.is_zero(), "--otlp-interval must be positive");
         let client = OtlpClient::new(cfg.client.clone())?;
-        let counts = Arc::new(OtlpExportCounts::default());
+        let counts = fleet.otlp_metrics();
+        counts.enabled.store(true, Ordering::Relaxed);
         let (stop, stopped) = watch::channel(false);
         let started = crate::unix_now_ns();
-        let task = tokio::spawn(run(cfg, client, fleet, started, counts.clone(), stopped));
-        Ok(OtlpMetricsExporter { stop, task, counts })
-    }
-
-    pub fn counts(&self) -> &OtlpExportCounts {
-        &self.counts
+        let task = tokio::spawn(run(cfg, client, fleet, started, counts, stopped));
+        Ok(OtlpMetricsExporter { stop, task })
     }
 
     /// Exports the final totals once and stops, waiting at most `timeout`; false when it had
@@ -94,7 +124,7 @@ async fn run(
     client: OtlpClient,
     fleet: Arc<Fleet>,
     started: u64,
-    counts: Arc<OtlpExportCounts>,
+    counts: OtlpExportMetrics,
     mut stopped: watch::Receiver<bool>,
 ) {
     let resource = Resource {
@@ -126,8 +156,9 @@ async fn run(
         let attempts = if last { 1 } else { cfg.max_attempts };
         let c = counts.clone();
         let mut first_failure = None;
+        let mut failed_total = 0;
         let mut on_failure = |s: &tonic::Status| {
-            c.failed.fetch_add(1, Ordering::Relaxed);
+            failed_total = c.count("error");
             first_failure.get_or_insert_with(|| format!("{} {}", s.code(), s.message()));
         };
         let ok = client
@@ -135,7 +166,7 @@ async fn run(
             .await
             .is_some();
         if ok {
-            counts.ok.fetch_add(1, Ordering::Relaxed);
+            counts.count("ok");
             if failing {
                 tracing::info!("OTLP metrics export to {} works again", client.url());
                 failing = false;
@@ -145,7 +176,7 @@ async fn run(
                 "OTLP metrics export to {} failed ({}); {} failed calls so far, retrying every interval",
                 client.url(),
                 first_failure.unwrap_or_default(),
-                counts.failed.load(Ordering::Relaxed)
+                failed_total
             );
             failing = true;
         }

@@ -574,6 +574,10 @@ fn collector_exports_the_merged_metrics_over_otlp() {
     assert_eq!(e.metadata["x-tenant"], "fleet-a");
     let res = attributes(&e.request["resourceMetrics"][0]["resource"]["attributes"]);
     assert_eq!(res["service.name"], "infertap-collector");
+    assert!(
+        prom.sum("infertap_collector_otlp_exports_total", &[("result", "ok")]) >= 1.0,
+        "export calls counted on the collector's /metrics"
+    );
     eprintln!("collector: {compared} histogram series over OTLP equal to its /metrics");
     assert!(collector.terminate().unwrap(), "collector exits cleanly");
 }
