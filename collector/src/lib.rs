@@ -20,6 +20,7 @@
 
 pub mod forward;
 mod http;
+pub mod otlp;
 pub mod profiles;
 pub mod query;
 mod ui;
@@ -143,6 +144,7 @@ struct SelfMetrics {
     rejected_series: Family<Vec<(String, String)>, Counter>,
     profiles: ProfileMetrics,
     forward: ForwardMetrics,
+    otlp: otlp::OtlpExportMetrics,
 }
 
 /// The merged fleet state, shared by the gRPC service and the metrics endpoint.
@@ -201,6 +203,11 @@ impl Fleet {
         .await
         .context("profile task panicked")?;
         Ok(out)
+    }
+
+    /// The OTLP exporter's counters (`--otlp-endpoint`), on this fleet's `/metrics`.
+    pub fn otlp_metrics(&self) -> otlp::OtlpExportMetrics {
+        self.metrics.otlp.clone()
     }
 
     /// The profile store.
@@ -413,6 +420,7 @@ impl Fleet {
                 f.queued.clone(),
             );
         }
+        self.metrics.otlp.register(&mut registry);
         let mut out = String::new();
         encode(&mut out, &registry)?;
         Ok(out)
