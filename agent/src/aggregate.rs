@@ -319,6 +319,16 @@ impl Aggregator {
         }
     }
 
+    /// Publishes the latest NVML readings as the schema's `infertap_gpu_*` series (so they
+    /// travel in the interval reports like every other series).
+    pub fn set_gpu_devices(
+        &mut self,
+        export: &mut crate::gpu::nvml::NvmlExport,
+        snap: &crate::gpu::nvml::NvmlSnapshot,
+    ) {
+        export.publish(snap, &mut self.cumulative.lock());
+    }
+
     /// Current in-flight requests: `running` have a response started, `waiting` do not yet.
     pub fn set_in_flight(&mut self, running: u64, waiting: u64) {
         let mut store = self.cumulative.lock();

@@ -17,6 +17,7 @@
 pub mod aggregate;
 pub mod clock;
 pub mod events;
+pub mod external_counter;
 pub mod gpu;
 pub mod pipeline;
 pub mod probes;

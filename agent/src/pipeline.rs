@@ -23,7 +23,8 @@ use crate::{
     events::{self, ConnEvent, Event, ProcEvent},
     gpu::{
         correlate::{CorrelatedRequest, RequestGpuStats},
-        stage::{self, GpuOptions, GpuStage},
+        nvml::NvmlExport,
+        stage::{GpuOptions, GpuStage},
         trace::TraceWriter,
     },
     probes::{ProbeConfig, Probes},
@@ -117,6 +118,8 @@ pub struct Pipeline {
     exporter: Option<GrpcExporter>,
     metrics_server: Option<MetricsServer>,
     gpu: GpuStage,
+    /// NVML snapshots → `infertap_gpu_*` series (keeps the energy/ECC running totals).
+    nvml_export: NvmlExport,
     profiler: Option<Profiler>,
     /// What the profiler reported when it stopped (attributions, whole-run profiles).
     profiler_report: Option<ProfilerReport>,
@@ -144,15 +147,10 @@ impl Pipeline {
         if opts.trace {
             gpu.trace = Some(TraceWriter::new(clock.unix_offset_ns()));
         }
+        // NVML gauges are schema series in the aggregator's store (published on every tick),
+        // so the endpoint needs no extra families.
         let metrics_server = match opts.metrics_addr {
-            Some(addr) => {
-                let extra: Option<prometheus::ExtraMetrics> = gpu.nvml().map(|h| {
-                    let f: prometheus::ExtraMetrics =
-                        std::sync::Arc::new(move || Some(stage::nvml_metrics_text(&h)));
-                    f
-                });
-                Some(prometheus::serve_with(addr, aggregator.shared(), extra).await?)
-            }
+            Some(addr) => Some(prometheus::serve(addr, aggregator.shared()).await?),
             None => None,
         };
         let exporter = match &opts.collector {
@@ -188,6 +186,7 @@ impl Pipeline {
             exporter,
             metrics_server,
             gpu,
+            nvml_export: NvmlExport::default(),
             profiler,
             profiler_report: None,
             kept: Vec::new(),
@@ -446,6 +445,10 @@ impl Pipeline {
         }
         let f = self.recon.in_flight();
         self.aggregator.set_in_flight(f.running, f.waiting);
+        if let Some(h) = self.gpu.nvml() {
+            self.aggregator
+                .set_gpu_devices(&mut self.nvml_export, &h.snapshot());
+        }
         self.update_drops();
     }
 
