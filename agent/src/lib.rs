@@ -25,6 +25,7 @@ pub mod profiling;
 pub mod protocol;
 pub mod reconstruct;
 pub mod record;
+pub mod server_metrics;
 pub mod sinks;
 pub mod symbolize;
 pub mod targets;

@@ -31,6 +31,7 @@ use crate::{
     profiling::stage::{Profiler, ProfilerOptions, ProfilerReport},
     reconstruct::{ReconstructConfig, Reconstructor, UntracedKind},
     record::RequestRecord,
+    server_metrics::{ServerMetrics, ServerMetricsConfig},
     sinks::jsonl::{self, JsonLines, RequestLine},
     sinks::{
         grpc::{ExporterConfig, GrpcExporter},
@@ -70,6 +71,8 @@ pub struct AgentOptions {
     pub profiler: Option<ProfilerOptions>,
     /// Also write every interval's profiles as files into this directory.
     pub profile_dir: Option<PathBuf>,
+    /// Read the traced servers' own `/metrics` (`server_metrics`), once per `interval`.
+    pub server_metrics: bool,
 }
 
 /// CUDA launch-path probing.
@@ -120,6 +123,10 @@ pub struct Pipeline {
     gpu: GpuStage,
     /// NVML snapshots → `infertap_gpu_*` series (keeps the energy/ECC running totals).
     nvml_export: NvmlExport,
+    /// The traced servers' own metrics (`--no-server-metrics` turns it off).
+    server_metrics: Option<ServerMetrics>,
+    /// Records of our own scrapes of the servers (dropped: not user requests).
+    pub own_scrapes_dropped: u64,
     profiler: Option<Profiler>,
     /// What the profiler reported when it stopped (attributions, whole-run profiles).
     profiler_report: Option<ProfilerReport>,
@@ -187,6 +194,14 @@ impl Pipeline {
             metrics_server,
             gpu,
             nvml_export: NvmlExport::default(),
+            server_metrics: opts.server_metrics.then(|| {
+                ServerMetrics::spawn(ServerMetricsConfig {
+                    period: opts.interval,
+                    only_ports: opts.ports.clone(),
+                    ..ServerMetricsConfig::default()
+                })
+            }),
+            own_scrapes_dropped: 0,
             profiler,
             profiler_report: None,
             kept: Vec::new(),
@@ -390,6 +405,13 @@ impl Pipeline {
     /// or, with no GPU source active, straight to the sinks.
     fn flush_records(&mut self) {
         for r in std::mem::take(&mut self.records) {
+            if let (Some(sm), Some(peer)) = (&self.server_metrics, r.peer) {
+                if sm.own_scrapes().contains(peer) {
+                    // The agent's own GET /metrics: not a user request.
+                    self.own_scrapes_dropped += 1;
+                    continue;
+                }
+            }
             if let Some(r) = self.gpu.finish_request(r) {
                 self.emit(r, None);
             }
@@ -448,6 +470,10 @@ impl Pipeline {
         if let Some(h) = self.gpu.nvml() {
             self.aggregator
                 .set_gpu_devices(&mut self.nvml_export, &h.snapshot());
+        }
+        if let Some(sm) = &self.server_metrics {
+            sm.set_pids(self.known_pids.iter().copied().collect());
+            self.aggregator.set_server_series(&sm.series());
         }
         self.update_drops();
     }
