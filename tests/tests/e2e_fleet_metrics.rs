@@ -268,7 +268,7 @@ fn server_metrics_from_recorded_vllm_body_reach_agent_and_collector() {
         return;
     }
     let _g = prereq::e2e_lock();
-    let body_path = fixture("server_metrics/vllm-0.32.0-cpu-under-load.prom");
+    let body_path = fixture("server_metrics/vllm-0.32.0-cpu-preempting.prom");
     let body = std::fs::read_to_string(&body_path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("scrapes.jsonl");
@@ -395,8 +395,8 @@ fn server_metrics_from_recorded_vllm_body_reach_agent_and_collector() {
 }
 
 #[test]
-fn server_metrics_of_a_live_agent_equal_at_the_collector() {
-    let name = "server_metrics_of_a_live_agent_equal_at_the_collector";
+fn server_metrics_of_two_nodes_stay_apart_at_the_collector() {
+    let name = "server_metrics_of_two_nodes_stay_apart_at_the_collector";
     if !prereq::agent_test(name) || !prereq::check(name, prereq::missing_collector()) {
         return;
     }
