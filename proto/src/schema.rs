@@ -637,7 +637,11 @@ pub static MAX_MERGED_GAUGES: &[&MetricDef] = &[
 
 /// How gauge `name` merges across agents.
 pub fn gauge_merge(name: &str) -> GaugeMerge {
-    if MAX_MERGED_GAUGES.iter().any(|d| d.name == name) {
+    // Called for every gauge of every agent on each collector scrape: a set, not a scan.
+    static MAX: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+        std::sync::OnceLock::new();
+    let max = MAX.get_or_init(|| MAX_MERGED_GAUGES.iter().map(|d| d.name).collect());
+    if max.contains(name) {
         GaugeMerge::Max
     } else {
         GaugeMerge::Sum

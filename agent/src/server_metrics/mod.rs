@@ -13,8 +13,9 @@
 //! a short-lived thread of its own; needs CAP_SYS_ADMIN, else that server is skipped with a debug line).
 //!
 //! Its own scrape connections reach the traced server like any client, so the local address of
-//! every scrape is recorded in [`OwnScrapes`] before the request is sent; the pipeline drops
-//! the records whose peer is one of them (they are not user requests).
+//! every scrape connection is recorded in [`OwnScrapes`] before a request is sent; the pipeline
+//! drops the records whose peer is one of them (they are not user requests). One kept-alive
+//! connection per server carries the scrapes (see [`ScrapeConn`] for why it stays open).
 //!
 //! Counters (preemptions) are counted from the first scrape on with [`ExternalCounter`], so a
 //! server restart (its counter back to 0) or an agent restart never shows up as a burst.
@@ -210,6 +211,8 @@ struct Server {
     /// Last computed hit ratio per model (kept while no query happens).
     prefix_ratio: HashMap<String, f64>,
     last_ok: Option<Instant>,
+    /// The kept-alive scrape connection.
+    conn: Option<ScrapeConn>,
 }
 
 struct Runner {
@@ -291,6 +294,7 @@ impl Runner {
                 prefix_last: HashMap::new(),
                 prefix_ratio: HashMap::new(),
                 last_ok: None,
+                conn: None,
             });
         }
         self.servers.retain(|a, _| seen.contains(a));
@@ -307,9 +311,11 @@ impl Runner {
         };
         let (pid, listen) = (server.pid, server.listen);
         let netns = netns_of(&pid.to_string()).filter(|ns| Some(*ns) != self.own_netns);
+        let mut slot = self.servers.get_mut(&addr).and_then(|s| s.conn.take());
         let result = tokio::time::timeout(
             self.cfg.timeout,
             fetch(
+                &mut slot,
                 pid,
                 connect_addr(listen),
                 netns.is_some(),
@@ -329,6 +335,8 @@ impl Runner {
         let Some(server) = self.servers.get_mut(&addr) else {
             return;
         };
+        // A timed-out scrape left nothing in the slot: the next one reconnects.
+        server.conn = slot;
         match result {
             Ok(reading) => {
                 self.stats.scrapes_ok.fetch_add(1, Relaxed);
@@ -515,8 +523,66 @@ fn enter_netns_of(pid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// `GET /metrics` over a fresh connection (`Connection: close`); the body as text.
+/// A kept-alive HTTP/1.1 connection to one server. Kept between scrapes on purpose: a server
+/// that accepts without asking for the peer address (uvloop: vLLM, SGLang) has its peer looked
+/// up in `/proc` when the agent processes the accept, which only finds a connection that is
+/// still open; a connection closed right after its one scrape would go unrecognised.
+struct ScrapeConn {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    task: JoinHandle<()>,
+    local: SocketAddr,
+}
+
+impl Drop for ScrapeConn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for ScrapeConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScrapeConn")
+            .field("local", &self.local)
+            .finish()
+    }
+}
+
+async fn open_conn(
+    pid: u32,
+    addr: SocketAddr,
+    enter_netns: bool,
+    timeout: Duration,
+    own: &OwnScrapes,
+) -> Result<ScrapeConn, String> {
+    let std_stream = connect(pid, addr, enter_netns, timeout).await?;
+    let local = std_stream
+        .local_addr()
+        .map_err(|e| format!("socket: {e}"))?;
+    // Known before any request is sent, so the server's records of it are always recognised.
+    own.insert(local);
+    std_stream
+        .set_nonblocking(true)
+        .map_err(|e| format!("socket: {e}"))?;
+    let stream = tokio::net::TcpStream::from_std(std_stream).map_err(|e| format!("socket: {e}"))?;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(ScrapeConn {
+        sender,
+        task,
+        local,
+    })
+}
+
+/// `GET /metrics` over the server's kept-alive connection (opened, or re-opened when the
+/// server closed it); the body as text. The connection is put back into `slot` when it can
+/// carry the next scrape.
 async fn fetch(
+    slot: &mut Option<ScrapeConn>,
     pid: u32,
     addr: SocketAddr,
     enter_netns: bool,
@@ -524,32 +590,28 @@ async fn fetch(
     timeout: Duration,
     own: &OwnScrapes,
 ) -> Result<String, String> {
-    let std_stream = connect(pid, addr, enter_netns, timeout).await?;
-    // Known before the request is sent, so the server's record of it is always recognised.
-    if let Ok(local) = std_stream.local_addr() {
-        own.insert(local);
-    }
-    std_stream
-        .set_nonblocking(true)
-        .map_err(|e| format!("socket: {e}"))?;
-    let stream = tokio::net::TcpStream::from_std(std_stream).map_err(|e| format!("socket: {e}"))?;
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
-        .await
-        .map_err(|e| format!("http: {e}"))?;
-    let conn = tokio::spawn(conn);
+    let reused = match slot.take() {
+        Some(mut c) => c.sender.ready().await.is_ok().then_some(c),
+        None => None,
+    };
+    let mut conn = match reused {
+        Some(c) => c,
+        None => open_conn(pid, addr, enter_netns, timeout, own).await?,
+    };
+    // Still ours while it lives (the entry would otherwise expire).
+    own.insert(conn.local);
     let req = hyper::Request::get("/metrics")
         .header(hyper::header::HOST, addr.to_string())
         // Plain text format: no OpenMetrics negotiation (exemplars, `# EOF`).
         .header(hyper::header::ACCEPT, "text/plain;version=0.0.4")
-        .header(hyper::header::CONNECTION, "close")
         .header(
             hyper::header::USER_AGENT,
             concat!("infertap/", env!("CARGO_PKG_VERSION")),
         )
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("request: {e}"))?;
-    let resp = sender
+    let resp = conn
+        .sender
         .send_request(req)
         .await
         .map_err(|e| format!("http: {e}"))?;
@@ -566,13 +628,14 @@ async fn fetch(
         .await
         .map_err(|e| format!("body: {e}"))?
         .to_bytes();
-    conn.abort();
     if !status.is_success() {
+        // Not an engine's endpoint: no reason to hold a connection to it.
         return Err(format!("HTTP {status}"));
     }
     if !text_type {
         return Err("not text/plain".to_owned());
     }
+    *slot = Some(conn);
     String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_owned())
 }
 
@@ -616,6 +679,7 @@ mod tests {
             prefix_last: HashMap::new(),
             prefix_ratio: HashMap::new(),
             last_ok: None,
+            conn: None,
         }
     }
 
