@@ -563,23 +563,39 @@ fn live_vllm_server_metrics() {
         .map(|_| {
             (0..3)
                 .map(|_| {
-                    let mut s = RequestSpec::new(Endpoint::Chat, 32);
+                    let mut s = RequestSpec::new(Endpoint::Chat, 64);
                     s.model = Some("smollm2-135m".into());
                     s
                 })
                 .collect()
         })
         .collect();
-    run_sequences_blocking(addr, specs).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    let m = agent.metrics().unwrap();
-    let (_, body) = infertap_tests::servers::http_get(addr, "/metrics").unwrap();
     let p = port.to_string();
     let sel = [
         ("engine", "vllm"),
         ("model_name", "smollm2-135m"),
         ("server_port", p.as_str()),
     ];
+    // Under load: what the agent re-exports follows vLLM's own scheduler (4 sequences at once).
+    let load = std::thread::spawn(move || run_sequences_blocking(addr, specs));
+    let (mut max_running, mut max_kv, mut polls) = (0.0f64, 0.0f64, 0);
+    while !load.is_finished() {
+        if let Ok(m) = agent.metrics() {
+            polls += 1;
+            max_running =
+                max_running.max(one(&m, "infertap_server_requests_running", &sel).unwrap_or(0.0));
+            max_kv =
+                max_kv.max(one(&m, "infertap_server_kv_cache_usage_ratio", &sel).unwrap_or(0.0));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    load.join().unwrap().unwrap();
+    eprintln!("live vLLM under load ({polls} polls of the agent): requests running up to {max_running}, KV cache usage up to {max_kv}");
+    assert!((2.0..=4.0).contains(&max_running), "{max_running}");
+    assert!(max_kv > 0.0 && max_kv <= 1.0, "{max_kv}");
+    std::thread::sleep(Duration::from_secs(3));
+    let m = agent.metrics().unwrap();
+    let (_, body) = infertap_tests::servers::http_get(addr, "/metrics").unwrap();
     for (ours, theirs) in [
         (
             "infertap_server_kv_cache_usage_ratio",

@@ -42,7 +42,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// How long a scrape connection's local address is remembered (its record completes when the
 /// server has answered, well within this).
 const OWN_ADDR_TTL: Duration = Duration::from_secs(120);
-/// Distinct `model_name` values kept per server; more are folded into "other".
+/// Listening addresses whose counters are remembered after their process went away.
+const MAX_RETIRED: usize = 256;
+/// Distinct `model_name` values kept per server; further ones are left out (an engine serves
+/// one model, or a few LoRA adapters named by their own label).
 const MAX_MODELS_PER_SERVER: usize = 16;
 
 /// Settings of the source.
@@ -146,6 +149,7 @@ impl ServerMetrics {
             own: own.clone(),
             stats: stats.clone(),
             own_netns: netns_of("self"),
+            retired: HashMap::new(),
         };
         let task = tokio::spawn(async move { runner.run().await });
         ServerMetrics {
@@ -223,6 +227,9 @@ struct Runner {
     own: OwnScrapes,
     stats: Arc<ScrapeStats>,
     own_netns: Option<u64>,
+    /// Counters of servers whose process went away, by listening address, for the process
+    /// that takes its place.
+    retired: HashMap<SocketAddr, HashMap<String, ExternalCounter>>,
 }
 
 impl Runner {
@@ -284,20 +291,34 @@ impl Runner {
             }
             // Processes sharing one listening socket (pre-fork workers) are one server.
             seen.insert(listen);
+            let retired = &mut self.retired;
             self.servers.entry(listen).or_insert_with(|| Server {
                 pid,
                 listen,
                 known: Known::Unknown { failures: 0 },
                 next_try: Instant::now(),
                 reported: false,
-                preemptions: HashMap::new(),
+                // A server restarted on the same address (a new process) carries on counting.
+                preemptions: retired.remove(&listen).unwrap_or_default(),
                 prefix_last: HashMap::new(),
                 prefix_ratio: HashMap::new(),
                 last_ok: None,
                 conn: None,
             });
         }
-        self.servers.retain(|a, _| seen.contains(a));
+        let gone: Vec<SocketAddr> = self
+            .servers
+            .keys()
+            .filter(|a| !seen.contains(a))
+            .copied()
+            .collect();
+        for a in gone {
+            if let Some(s) = self.servers.remove(&a) {
+                if self.retired.len() < MAX_RETIRED {
+                    self.retired.insert(a, s.preemptions);
+                }
+            }
+        }
         self.latest
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
