@@ -319,6 +319,40 @@ impl Aggregator {
         }
     }
 
+    /// Publishes the latest NVML readings as the schema's `infertap_gpu_*` series (so they
+    /// travel in the interval reports like every other series).
+    pub fn set_gpu_devices(
+        &mut self,
+        export: &mut crate::gpu::nvml::NvmlExport,
+        snap: &crate::gpu::nvml::NvmlSnapshot,
+    ) {
+        export.publish(snap, &mut self.cumulative.lock());
+    }
+
+    /// Publishes the traced servers' own metrics (`infertap_server_*`): gauges replaced by the
+    /// latest reading (a server that stopped answering loses its gauges), counters set to their
+    /// totals.
+    pub fn set_server_series(&mut self, series: &[crate::server_metrics::ServerSeries]) {
+        let mut store = self.cumulative.lock();
+        for def in [
+            &schema::SERVER_KV_CACHE_USAGE,
+            &schema::SERVER_REQUESTS_RUNNING,
+            &schema::SERVER_REQUESTS_WAITING,
+            &schema::SERVER_PREFIX_CACHE_HIT_RATIO,
+            &schema::SERVER_BATCH_SIZE,
+        ] {
+            store.clear_gauge(def);
+        }
+        for s in series {
+            for (def, v) in &s.gauges {
+                store.set_gauge(def, s.labels.clone(), *v);
+            }
+            for (def, n) in &s.counters {
+                store.set_counter(def, s.labels.clone(), *n);
+            }
+        }
+    }
+
     /// Current in-flight requests: `running` have a response started, `waiting` do not yet.
     pub fn set_in_flight(&mut self, running: u64, waiting: u64) {
         let mut store = self.cumulative.lock();

@@ -17,6 +17,7 @@
 pub mod aggregate;
 pub mod clock;
 pub mod events;
+pub mod external_counter;
 pub mod gpu;
 pub mod pipeline;
 pub mod probes;
@@ -24,6 +25,7 @@ pub mod profiling;
 pub mod protocol;
 pub mod reconstruct;
 pub mod record;
+pub mod server_metrics;
 pub mod sinks;
 pub mod symbolize;
 pub mod targets;

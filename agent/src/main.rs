@@ -184,6 +184,10 @@ struct AgentArgs {
     /// <type>-<start unix ms>.pb.gz; the newest 360 per type are kept.
     #[arg(long, value_name = "DIR")]
     profile_dir: Option<PathBuf>,
+    /// Do not read the traced servers' own Prometheus `/metrics` (vLLM, SGLang, TGI,
+    /// llama.cpp) for the `infertap_server_*` series.
+    #[arg(long)]
+    no_server_metrics: bool,
     #[command(flatten)]
     otlp: OtlpArgs,
 }
@@ -391,6 +395,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
         profiler,
         profile_dir: None,
         otlp: None,
+        server_metrics: false,
     })
 }
 
@@ -434,6 +439,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     opts.collector = a.collector.clone();
     opts.interval = a.interval;
     opts.profile_dir = a.profile_dir.clone();
+    opts.server_metrics = !a.no_server_metrics;
     if let Some(n) = &a.node {
         opts.node = n.clone();
     }

@@ -23,13 +23,15 @@ use crate::{
     events::{self, ConnEvent, Event, ProcEvent},
     gpu::{
         correlate::{CorrelatedRequest, RequestGpuStats},
-        stage::{self, GpuOptions, GpuStage},
+        nvml::NvmlExport,
+        stage::{GpuOptions, GpuStage},
         trace::TraceWriter,
     },
     probes::{ProbeConfig, Probes},
     profiling::stage::{Profiler, ProfilerOptions, ProfilerReport},
     reconstruct::{ReconstructConfig, Reconstructor, UntracedKind},
     record::RequestRecord,
+    server_metrics::{ServerMetrics, ServerMetricsConfig},
     sinks::jsonl::{self, JsonLines, RequestLine},
     sinks::{
         grpc::{ExporterConfig, GrpcExporter},
@@ -72,6 +74,8 @@ pub struct AgentOptions {
     pub profile_dir: Option<PathBuf>,
     /// Export spans and metrics over OTLP/gRPC (`--otlp-endpoint`).
     pub otlp: Option<OtlpConfig>,
+    /// Read the traced servers' own `/metrics` (`server_metrics`), once per `interval`.
+    pub server_metrics: bool,
 }
 
 /// CUDA launch-path probing.
@@ -121,6 +125,12 @@ pub struct Pipeline {
     otlp: Option<OtlpExporter>,
     metrics_server: Option<MetricsServer>,
     gpu: GpuStage,
+    /// NVML snapshots → `infertap_gpu_*` series (keeps the energy/ECC running totals).
+    nvml_export: NvmlExport,
+    /// The traced servers' own metrics (`--no-server-metrics` turns it off).
+    server_metrics: Option<ServerMetrics>,
+    /// Records of our own scrapes of the servers (dropped: not user requests).
+    pub own_scrapes_dropped: u64,
     profiler: Option<Profiler>,
     /// What the profiler reported when it stopped (attributions, whole-run profiles).
     profiler_report: Option<ProfilerReport>,
@@ -149,15 +159,10 @@ impl Pipeline {
         if opts.trace {
             gpu.trace = Some(TraceWriter::new(clock.unix_offset_ns()));
         }
+        // NVML gauges are schema series in the aggregator's store (published on every tick),
+        // so the endpoint needs no extra families.
         let metrics_server = match opts.metrics_addr {
-            Some(addr) => {
-                let extra: Option<prometheus::ExtraMetrics> = gpu.nvml().map(|h| {
-                    let f: prometheus::ExtraMetrics =
-                        std::sync::Arc::new(move || Some(stage::nvml_metrics_text(&h)));
-                    f
-                });
-                Some(prometheus::serve_with(addr, aggregator.shared(), extra).await?)
-            }
+            Some(addr) => Some(prometheus::serve(addr, aggregator.shared()).await?),
             None => None,
         };
         let exporter = match &opts.collector {
@@ -201,6 +206,15 @@ impl Pipeline {
             otlp,
             metrics_server,
             gpu,
+            nvml_export: NvmlExport::default(),
+            server_metrics: opts.server_metrics.then(|| {
+                ServerMetrics::spawn(ServerMetricsConfig {
+                    period: opts.interval,
+                    only_ports: opts.ports.clone(),
+                    ..ServerMetricsConfig::default()
+                })
+            }),
+            own_scrapes_dropped: 0,
             profiler,
             profiler_report: None,
             kept: Vec::new(),
@@ -404,6 +418,13 @@ impl Pipeline {
     /// or, with no GPU source active, straight to the sinks.
     fn flush_records(&mut self) {
         for r in std::mem::take(&mut self.records) {
+            if let (Some(sm), Some(peer)) = (&self.server_metrics, r.peer) {
+                if sm.own_scrapes().contains(peer) {
+                    // The agent's own GET /metrics: not a user request.
+                    self.own_scrapes_dropped += 1;
+                    continue;
+                }
+            }
             if let Some(r) = self.gpu.finish_request(r) {
                 self.emit(r, None);
             }
@@ -465,6 +486,14 @@ impl Pipeline {
         }
         let f = self.recon.in_flight();
         self.aggregator.set_in_flight(f.running, f.waiting);
+        if let Some(h) = self.gpu.nvml() {
+            self.aggregator
+                .set_gpu_devices(&mut self.nvml_export, &h.snapshot());
+        }
+        if let Some(sm) = &self.server_metrics {
+            sm.set_pids(self.known_pids.iter().copied().collect());
+            self.aggregator.set_server_series(&sm.series());
+        }
         self.update_drops();
     }
 

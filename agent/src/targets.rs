@@ -139,6 +139,24 @@ pub fn server_sockets(pid: u32) -> ServerSockets {
     }
 }
 
+/// The local addresses `pid` listens on (TCP, IPv4 and IPv6, from its own network namespace's
+/// tables), sorted, without duplicates.
+pub fn listening_addrs(pid: u32) -> Vec<SocketAddr> {
+    let Ok(proc_) = Process::new(pid as i32) else {
+        return Vec::new();
+    };
+    let table = tcp_table(&proc_);
+    let mut addrs: Vec<SocketAddr> = socket_fds(&proc_)
+        .iter()
+        .filter_map(|(_, inode)| table.get(inode))
+        .filter(|e| e.state == TcpState::Listen)
+        .map(|e| e.local_address)
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
 /// Established TCP connections of `pid` that were accepted on one of its listening ports.
 pub fn existing_server_connections(pid: u32) -> Vec<ExistingConn> {
     server_sockets(pid).connections
@@ -235,6 +253,7 @@ mod tests {
         let me = std::process::id();
         assert!(port_owners(port).contains(&me));
         assert!(server_sockets(me).listening_ports.contains(&port));
+        assert!(listening_addrs(me).contains(&listener.local_addr().unwrap()));
         let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_server_side, _) = listener.accept().unwrap();
         let conns = existing_server_connections(me);

@@ -437,6 +437,228 @@ pub static OTLP_EXPORTS: MetricDef = MetricDef {
     bounds: &[],
 };
 
+// ---- GPU device metrics (NVML), per GPU -------------------------------------------------------
+//
+// Same quantities as NVIDIA's DCGM exporter (mapping in the README), in base units: watts,
+// joules, bytes, hertz. Series are per physical GPU: `gpu` (NVML index on its node), `gpu_uuid`
+// (globally unique) and `gpu_model` (product name). Readings a GPU does not support are absent,
+// never exported as 0.
+
+/// NVML device index on its node ("0", "1", ...), as `nvidia-smi` numbers GPUs.
+pub const LABEL_GPU: &str = "gpu";
+/// NVML UUID (`GPU-xxxxxxxx-...`): the same physical GPU on every node and after reboots; "" when
+/// the driver does not report it.
+pub const LABEL_GPU_UUID: &str = "gpu_uuid";
+/// NVML product name (e.g. `NVIDIA H100 80GB HBM3`).
+pub const LABEL_GPU_MODEL: &str = "gpu_model";
+/// Process id (GPU memory per process).
+pub const LABEL_PID: &str = "pid";
+
+const GPU: &[&str] = &[LABEL_GPU, LABEL_GPU_UUID, LABEL_GPU_MODEL];
+
+const fn gpu_gauge(name: &'static str, help: &'static str) -> MetricDef {
+    MetricDef {
+        name,
+        help,
+        kind: Kind::Gauge,
+        labels: GPU,
+        bounds: &[],
+    }
+}
+
+pub static GPU_POWER: MetricDef = gpu_gauge(
+    "infertap_gpu_power_watts",
+    "Board power draw, watts (instantaneous where the GPU supports it, else NVML's ~1 s average)",
+);
+/// A counter, as DCGM exporter types `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`: energy the GPU
+/// consumed while this agent watched it (the first reading is the zero point; a driver reload,
+/// which resets NVML's total, is carried over). Whole joules.
+pub static GPU_ENERGY: MetricDef = MetricDef {
+    name: "infertap_gpu_energy_joules_total",
+    help: "Energy consumed by the GPU since the agent started watching it, joules (whole joules; use rate() for watts)",
+    kind: Kind::Counter,
+    labels: GPU,
+    bounds: &[],
+};
+pub static GPU_UTILIZATION: MetricDef = gpu_gauge(
+    "infertap_gpu_utilization_percent",
+    "Percent of the last sample period during which a kernel was running (0-100)",
+);
+pub static GPU_MEMORY_COPY_UTILIZATION: MetricDef = gpu_gauge(
+    "infertap_gpu_memory_copy_utilization_percent",
+    "Percent of the last sample period during which device memory was read or written (0-100)",
+);
+pub static GPU_FB_USED: MetricDef = gpu_gauge(
+    "infertap_gpu_fb_used_bytes",
+    "Framebuffer memory used, bytes",
+);
+pub static GPU_FB_FREE: MetricDef = gpu_gauge(
+    "infertap_gpu_fb_free_bytes",
+    "Framebuffer memory free, bytes",
+);
+pub static GPU_FB_TOTAL: MetricDef = gpu_gauge(
+    "infertap_gpu_fb_total_bytes",
+    "Framebuffer memory total, bytes",
+);
+pub static GPU_SM_CLOCK: MetricDef = gpu_gauge("infertap_gpu_sm_clock_hertz", "SM clock, hertz");
+pub static GPU_MEMORY_CLOCK: MetricDef =
+    gpu_gauge("infertap_gpu_memory_clock_hertz", "Memory clock, hertz");
+pub static GPU_TEMPERATURE: MetricDef = gpu_gauge(
+    "infertap_gpu_temperature_celsius",
+    "GPU core temperature, degrees Celsius",
+);
+pub static GPU_THROTTLE_REASONS: MetricDef = gpu_gauge(
+    "infertap_gpu_clock_throttle_reasons",
+    "Clock throttle reasons as NVML's bitmask (nvmlClocksThrottleReasons; 0: not throttled); infertap_gpu_throttled has one 0/1 series per reason",
+);
+/// Reason label values of [`GPU_THROTTLED`], with their NVML bit, in bit order.
+pub const GPU_THROTTLE_REASON_BITS: &[(&str, u64)] = &[
+    ("gpu_idle", 0x1),
+    ("applications_clocks_setting", 0x2),
+    ("sw_power_cap", 0x4),
+    ("hw_slowdown", 0x8),
+    ("sync_boost", 0x10),
+    ("sw_thermal_slowdown", 0x20),
+    ("hw_thermal_slowdown", 0x40),
+    ("hw_power_brake_slowdown", 0x80),
+    ("display_clock_setting", 0x100),
+];
+pub static GPU_THROTTLED: MetricDef = MetricDef {
+    name: "infertap_gpu_throttled",
+    help: "1 while the GPU's clocks are held down for this reason, else 0 (one series per NVML throttle reason)",
+    kind: Kind::Gauge,
+    labels: &[LABEL_GPU, LABEL_GPU_UUID, LABEL_GPU_MODEL, LABEL_REASON],
+    bounds: &[],
+};
+pub static GPU_PCIE_TX: MetricDef = gpu_gauge(
+    "infertap_gpu_pcie_tx_bytes_per_second",
+    "PCIe transmit throughput over NVML's last 20 ms window, bytes per second",
+);
+pub static GPU_PCIE_RX: MetricDef = gpu_gauge(
+    "infertap_gpu_pcie_rx_bytes_per_second",
+    "PCIe receive throughput over NVML's last 20 ms window, bytes per second",
+);
+/// Counters, as DCGM exporter types `DCGM_FI_DEV_ECC_SBE_VOL_TOTAL`/`_DBE_VOL_TOTAL`; counted
+/// like [`GPU_ENERGY`] from the agent's first reading.
+pub static GPU_ECC_CORRECTED: MetricDef = MetricDef {
+    name: "infertap_gpu_ecc_corrected_errors_total",
+    help: "Corrected (single-bit) ECC errors (volatile count) since the agent started watching the GPU",
+    kind: Kind::Counter,
+    labels: GPU,
+    bounds: &[],
+};
+pub static GPU_ECC_UNCORRECTED: MetricDef = MetricDef {
+    name: "infertap_gpu_ecc_uncorrected_errors_total",
+    help: "Uncorrected (double-bit) ECC errors (volatile count) since the agent started watching the GPU",
+    kind: Kind::Counter,
+    labels: GPU,
+    bounds: &[],
+};
+pub static GPU_PROCESS_MEMORY: MetricDef = MetricDef {
+    name: "infertap_gpu_process_memory_bytes",
+    help: "GPU memory used by a process with a compute context on the GPU, bytes",
+    kind: Kind::Gauge,
+    labels: &[LABEL_GPU, LABEL_GPU_UUID, LABEL_GPU_MODEL, LABEL_PID],
+    bounds: &[],
+};
+
+// ---- The traced server's own metrics, re-exported ---------------------------------------------
+//
+// Read from the engine's own Prometheus endpoint on its serving port (mapping per engine in the
+// README). `engine`: vllm, sglang, tgi, llamacpp; `model_name`: the engine's own label where it
+// has one, else "unknown"; `server_port`: the serving port (two servers of one model on a node
+// stay apart).
+
+/// Which engine served the metrics: `vllm`, `sglang`, `tgi`, `llamacpp`.
+pub const LABEL_ENGINE: &str = "engine";
+/// The serving port the engine's metrics were read from.
+pub const LABEL_SERVER_PORT: &str = "server_port";
+
+const SERVER: &[&str] = &[LABEL_ENGINE, LABEL_MODEL, LABEL_SERVER_PORT];
+
+const fn server_gauge(name: &'static str, help: &'static str) -> MetricDef {
+    MetricDef {
+        name,
+        help,
+        kind: Kind::Gauge,
+        labels: SERVER,
+        bounds: &[],
+    }
+}
+
+pub static SERVER_KV_CACHE_USAGE: MetricDef = server_gauge(
+    "infertap_server_kv_cache_usage_ratio",
+    "Share of the engine's KV cache in use (0-1), as the engine reports it",
+);
+pub static SERVER_REQUESTS_RUNNING: MetricDef = server_gauge(
+    "infertap_server_requests_running",
+    "Requests the engine is executing (in its running batch), as the engine counts them",
+);
+pub static SERVER_REQUESTS_WAITING: MetricDef = server_gauge(
+    "infertap_server_requests_waiting",
+    "Requests waiting in the engine's scheduler queue, as the engine counts them",
+);
+pub static SERVER_PREEMPTIONS: MetricDef = MetricDef {
+    name: "infertap_server_preemptions_total",
+    help: "Requests the engine preempted (vLLM) or retracted (SGLang) to free KV cache, counted since the agent started reading the engine (server restarts carried over)",
+    kind: Kind::Counter,
+    labels: SERVER,
+    bounds: &[],
+};
+pub static SERVER_PREFIX_CACHE_HIT_RATIO: MetricDef = server_gauge(
+    "infertap_server_prefix_cache_hit_ratio",
+    "Prefix-cache hit ratio (0-1): the engine's own rate where it exports one, else cached/queried tokens between the agent's last two reads",
+);
+pub static SERVER_BATCH_SIZE: MetricDef = server_gauge(
+    "infertap_server_batch_size",
+    "Requests in the engine's current batch (engines that export it: TGI)",
+);
+
+/// How the collector combines one gauge series reported by several agents (`--aggregate-by
+/// node|fleet` folds agents together, and an agent restarted uncleanly overlaps its old instance
+/// until the agent timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GaugeMerge {
+    /// Counts of things (requests in flight): the fleet's value is the sum.
+    Sum,
+    /// Readings of one device or ratios (GPU temperature, KV-cache usage): summing is
+    /// meaningless and two agents watching one GPU would double it, so the largest is kept.
+    Max,
+}
+
+/// Gauges merged with [`GaugeMerge::Max`]; every other gauge sums.
+pub static MAX_MERGED_GAUGES: &[&MetricDef] = &[
+    &GPU_POWER,
+    &GPU_UTILIZATION,
+    &GPU_MEMORY_COPY_UTILIZATION,
+    &GPU_FB_USED,
+    &GPU_FB_FREE,
+    &GPU_FB_TOTAL,
+    &GPU_SM_CLOCK,
+    &GPU_MEMORY_CLOCK,
+    &GPU_TEMPERATURE,
+    &GPU_THROTTLE_REASONS,
+    &GPU_THROTTLED,
+    &GPU_PCIE_TX,
+    &GPU_PCIE_RX,
+    &GPU_PROCESS_MEMORY,
+    &SERVER_KV_CACHE_USAGE,
+    &SERVER_PREFIX_CACHE_HIT_RATIO,
+];
+
+/// How gauge `name` merges across agents.
+pub fn gauge_merge(name: &str) -> GaugeMerge {
+    // Called for every gauge of every agent on each collector scrape: a set, not a scan.
+    static MAX: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+        std::sync::OnceLock::new();
+    let max = MAX.get_or_init(|| MAX_MERGED_GAUGES.iter().map(|d| d.name).collect());
+    if max.contains(name) {
+        GaugeMerge::Max
+    } else {
+        GaugeMerge::Sum
+    }
+}
+
 /// Every metric, in exposition order.
 pub static ALL: &[&MetricDef] = &[
     &TIME_TO_FIRST_TOKEN,
@@ -472,6 +694,29 @@ pub static ALL: &[&MetricDef] = &[
     &PROFILE_PYTHON_PROCESSES,
     &PROFILE_OFFCPU_ONE_IN,
     &OTLP_EXPORTS,
+    &GPU_POWER,
+    &GPU_ENERGY,
+    &GPU_UTILIZATION,
+    &GPU_MEMORY_COPY_UTILIZATION,
+    &GPU_FB_USED,
+    &GPU_FB_FREE,
+    &GPU_FB_TOTAL,
+    &GPU_SM_CLOCK,
+    &GPU_MEMORY_CLOCK,
+    &GPU_TEMPERATURE,
+    &GPU_THROTTLE_REASONS,
+    &GPU_THROTTLED,
+    &GPU_PCIE_TX,
+    &GPU_PCIE_RX,
+    &GPU_ECC_CORRECTED,
+    &GPU_ECC_UNCORRECTED,
+    &GPU_PROCESS_MEMORY,
+    &SERVER_KV_CACHE_USAGE,
+    &SERVER_REQUESTS_RUNNING,
+    &SERVER_REQUESTS_WAITING,
+    &SERVER_PREEMPTIONS,
+    &SERVER_PREFIX_CACHE_HIT_RATIO,
+    &SERVER_BATCH_SIZE,
 ];
 
 /// The definition of a metric by its exposition name.
@@ -580,6 +825,19 @@ mod tests {
         assert_eq!(d.bucket_index(1e9), d.bounds.len());
         assert_eq!(d.bucket_index(f64::NAN), d.bounds.len());
         assert_eq!(d.bucket_count(), d.bounds.len() + 1);
+    }
+
+    #[test]
+    fn device_gauges_merge_by_max_and_are_listed() {
+        for d in MAX_MERGED_GAUGES {
+            assert_eq!(d.kind, Kind::Gauge, "{}", d.name);
+            assert_eq!(lookup(d.name), Some(*d), "{} not in ALL", d.name);
+            assert_eq!(gauge_merge(d.name), GaugeMerge::Max);
+        }
+        assert_eq!(gauge_merge(REQUESTS_RUNNING.name), GaugeMerge::Sum);
+        assert_eq!(gauge_merge(SERVER_REQUESTS_WAITING.name), GaugeMerge::Sum);
+        let bits: Vec<u64> = GPU_THROTTLE_REASON_BITS.iter().map(|r| r.1).collect();
+        assert!(bits.windows(2).all(|w| w[1] == w[0] << 1), "{bits:?}");
     }
 
     #[test]

@@ -221,12 +221,19 @@ impl MetricStore {
         self.gauges.clear();
     }
 
+    /// Removes every series of gauge `def` (before setting the current ones, so series of a
+    /// reading that went away disappear instead of keeping their last value).
+    pub fn clear_gauge(&mut self, def: &MetricDef) {
+        self.gauges.retain(|k, _| k.0 != def.name);
+    }
+
     pub fn series_count(&self) -> usize {
         self.histograms.len() + self.counters.len() + self.gauges.len()
     }
 
     /// Adds every series of `other` into `self`: histograms and counters are summed, and so are
-    /// gauges (the fleet view of "requests running" is the sum over agents).
+    /// gauges (the fleet view of "requests running" is the sum over agents), except device
+    /// readings and ratios, which keep the largest ([`schema::gauge_merge`]).
     pub fn merge(&mut self, other: &MetricStore) -> Result<(), StoreError> {
         for ((name, labels), h) in &other.histograms {
             match self.histograms.get_mut(&(*name, labels.clone())) {
@@ -241,7 +248,18 @@ impl MetricStore {
             *c = c.saturating_add(*v);
         }
         for ((name, labels), v) in &other.gauges {
-            *self.gauges.entry((name, labels.clone())).or_insert(0.0) += v;
+            match self.gauges.entry((name, labels.clone())) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(*v);
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    let mine = e.get_mut();
+                    match schema::gauge_merge(name) {
+                        schema::GaugeMerge::Sum => *mine += v,
+                        schema::GaugeMerge::Max => *mine = mine.max(*v),
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -484,6 +502,29 @@ mod tests {
     use crate::schema::{
         E2E_REQUEST_LATENCY, EVENTS_DROPPED, REQUESTS, REQUESTS_RUNNING, TIME_TO_FIRST_TOKEN,
     };
+
+    #[test]
+    fn device_gauges_merge_by_max_counts_by_sum() {
+        let gpu: Labels = vec![
+            (schema::LABEL_GPU.into(), "0".into()),
+            (schema::LABEL_GPU_UUID.into(), "GPU-1".into()),
+            (schema::LABEL_GPU_MODEL.into(), "H100".into()),
+        ];
+        let mut a = MetricStore::new();
+        a.set_gauge(&schema::GPU_TEMPERATURE, gpu.clone(), 61.0);
+        a.set_gauge(&REQUESTS_RUNNING, vec![], 2.0);
+        let mut b = MetricStore::new();
+        b.set_gauge(&schema::GPU_TEMPERATURE, gpu.clone(), 60.0);
+        b.set_gauge(&REQUESTS_RUNNING, vec![], 3.0);
+        let mut view = MetricStore::new();
+        view.merge(&a).unwrap();
+        view.merge(&b).unwrap();
+        assert_eq!(view.gauge(&schema::GPU_TEMPERATURE, &gpu), Some(61.0));
+        assert_eq!(view.gauge(&REQUESTS_RUNNING, &vec![]), Some(5.0));
+        view.clear_gauge(&schema::GPU_TEMPERATURE);
+        assert_eq!(view.gauge(&schema::GPU_TEMPERATURE, &gpu), None);
+        assert_eq!(view.gauge(&REQUESTS_RUNNING, &vec![]), Some(5.0));
+    }
 
     fn model(m: &str) -> Labels {
         vec![(schema::LABEL_MODEL.into(), m.into())]

@@ -51,6 +51,15 @@ connections stay un-accepted in the listen backlog (their requests wait in the k
 served connection ends. --accept-delay-ms D sleeps D ms before each accept (a slow acceptor).
 --backlog B sets listen()'s backlog [256].
 
+Engine metrics (command line): --metrics-file PATH serves that file's text on GET /metrics
+(text/plain; version=0.0.4, as vLLM's prometheus_client does), as a real engine serves its own
+Prometheus endpoint on the serving port. --metrics-advance NAME=STEP (repeatable) adds
+scrape_index * STEP to every sample of metric NAME, so counters advance between scrapes (and
+--metrics-reset-after K starts them over after K scrapes, like a restarted server).
+--metrics-log PATH appends one JSON line per scrape: {"peer", "scrape" (0-based index),
+"body" (the text served)}. Scrapes are not exchanges: they go to neither the script nor
+--emit-log. Without --metrics-file, /metrics is an ordinary scripted path.
+
 Emission log line: {"peer": "ip:port" (the client's address), "seq_on_conn", "method", "path",
   "scenario", "status", "stream", "request_unix_ns" (first request byte read),
   "response_start_unix_ns", "events_unix_ns" [after the send completing each content event],
@@ -242,6 +251,13 @@ class Conn:
 
     def respond(self, seq, method, path, headers, body, first_ns, keep):
         """Sends one response; returns False when the connection must end."""
+        if self.server.metrics is not None and method == "GET" and path == "/metrics":
+            text = self.server.metrics.scrape(self.peer)
+            conn_hdr = b"keep-alive" if keep else b"close"
+            self.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
+                      b"charset=utf-8\r\nContent-Length: " + str(len(text)).encode() +
+                      b"\r\nConnection: " + conn_hdr + b"\r\n\r\n" + text)
+            return keep
         try:
             name, sc = self.server.script.pick(headers.get("x-scenario"))
         except KeyError as e:
@@ -586,6 +602,40 @@ class Server:
     def __init__(self, script, emit):
         self.script = script
         self.emit = emit
+        self.metrics = None
+
+
+class EngineMetrics:
+    """The /metrics body of --metrics-file, with counters advanced per scrape."""
+
+    def __init__(self, path, advance, reset_after, log_path):
+        with open(path) as f:
+            self.lines = f.read().splitlines()
+        self.advance = {}
+        for a in advance:
+            name, _, step = a.rpartition("=")
+            self.advance[name] = float(step)
+        self.reset_after = reset_after
+        self.log = open(log_path, "a", buffering=1) if log_path else None
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def scrape(self, peer):
+        with self.lock:
+            i = self.n
+            self.n += 1
+            k = i % self.reset_after if self.reset_after else i
+            out = []
+            for line in self.lines:
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if not line.startswith("#") and name in self.advance:
+                    head, _, value = line.rpartition(" ")
+                    line = "%s %r" % (head, float(value) + k * self.advance[name])
+                out.append(line)
+            text = "\n".join(out) + "\n"
+            if self.log:
+                self.log.write(json.dumps({"peer": peer, "scrape": i, "body": text}) + "\n")
+            return text.encode()
 
 
 def main():
@@ -603,12 +653,21 @@ def main():
     ap.add_argument("--accept-delay-ms", type=float, default=0.0,
                     help="sleep this long before each accept()")
     ap.add_argument("--backlog", type=int, default=256, help="listen() backlog")
+    ap.add_argument("--metrics-file", help="serve this Prometheus text on GET /metrics")
+    ap.add_argument("--metrics-advance", action="append", default=[], metavar="NAME=STEP",
+                    help="add scrape_index*STEP to metric NAME's samples (repeatable)")
+    ap.add_argument("--metrics-reset-after", type=int, default=0,
+                    help="advanced counters start over after this many scrapes")
+    ap.add_argument("--metrics-log", help="append one JSON line per /metrics scrape here")
     args = ap.parse_args()
     doc = {}
     if args.script:
         with open(args.script) as f:
             doc = json.load(f)
     server = Server(Script(doc), EmitLog(args.emit_log))
+    server.metrics = (EngineMetrics(args.metrics_file, args.metrics_advance,
+                                    args.metrics_reset_after, args.metrics_log)
+                      if args.metrics_file else None)
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind((args.host, args.port))

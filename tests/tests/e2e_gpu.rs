@@ -106,7 +106,7 @@ fn requests_carry_gpu_energy_from_nvml() {
     let (status, metrics) = http_get(agent.metrics_addr, "/metrics").unwrap();
     assert_eq!(status, 200);
     assert!(
-        metrics.contains("infertap_gpu_power_watts{gpu=\"0\"}"),
+        metrics.contains("infertap_gpu_power_watts{gpu=\"0\",gpu_uuid=\"GPU-00000000-0000-0000-0000-000000000000\",gpu_model=\"Fake GPU\"}"),
         "NVML gauges on /metrics"
     );
     assert!(

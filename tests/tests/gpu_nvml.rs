@@ -123,20 +123,25 @@ fn sampler_reports_scripted_readings_exactly() {
         power: second,
         devices: devs,
     });
+    let g0 = r#"gpu="0",gpu_uuid="GPU-00000000-0000-0000-0000-000000000000",gpu_model="Fake GPU""#;
+    let g1 = r#"gpu="1",gpu_uuid="GPU-11111111-1111-1111-1111-111111111111",gpu_model="Fake GPU""#;
     for line in [
-        "infertap_gpu_power_watts{gpu=\"0\"} 160.01",
-        "infertap_gpu_power_watts{gpu=\"1\"} 151.01",
-        "infertap_gpu_energy_joules{gpu=\"1\"} 1001.5",
-        "infertap_gpu_fb_used_bytes{gpu=\"1\"} 2147483648.0",
-        "infertap_gpu_sm_clock_hertz{gpu=\"0\"} 1410000000.0",
-        "infertap_gpu_pcie_rx_bytes_per_second{gpu=\"1\"} 2001000.0",
-        "infertap_gpu_clock_throttle_reasons{gpu=\"0\"} 4.0",
-        "infertap_gpu_process_memory_bytes{gpu=\"0\",pid=\"4242\"} 3221225472.0",
+        format!("infertap_gpu_power_watts{{{g0}}} 160.01"),
+        format!("infertap_gpu_power_watts{{{g1}}} 151.01"),
+        // A counter from the first reading on (the device's own total is not re-exported).
+        format!("infertap_gpu_energy_joules_total{{{g1}}} 0"),
+        format!("infertap_gpu_fb_used_bytes{{{g1}}} 2147483648.0"),
+        format!("infertap_gpu_sm_clock_hertz{{{g0}}} 1410000000.0"),
+        format!("infertap_gpu_pcie_rx_bytes_per_second{{{g1}}} 2001000.0"),
+        format!("infertap_gpu_clock_throttle_reasons{{{g0}}} 4.0"),
+        format!("infertap_gpu_throttled{{{g0},reason=\"sw_power_cap\"}} 1.0"),
+        format!("infertap_gpu_throttled{{{g0},reason=\"hw_slowdown\"}} 0.0"),
+        format!("infertap_gpu_process_memory_bytes{{{g0},pid=\"4242\"}} 3221225472.0"),
     ] {
-        assert!(text.contains(line), "missing {line:?} in\n{text}");
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
     }
     assert!(
-        !text.contains("infertap_gpu_ecc_corrected_errors{"),
+        !text.contains("infertap_gpu_ecc_corrected_errors_total{"),
         "unsupported must not export 0"
     );
 }

@@ -8,7 +8,8 @@
 //! and counted in [`SkipCounts`], never failing the sample. Without NVML (no GPU, no driver)
 //! [`NvmlSampler::new`] returns a one-line error and the agent runs without GPU metrics.
 //!
-//! Exported metric names and their DCGM exporter equivalents: [`METRICS`].
+//! Exported metric names (the shared schema's `infertap_gpu_*`) and their DCGM exporter
+//! equivalents: [`DCGM_FIELDS`]; [`NvmlExport`] turns snapshots into those series.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -18,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use infertap_proto::schema;
+use infertap_proto::store::{Labels, MetricStore};
 use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
 };
@@ -25,10 +28,8 @@ use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::Nvml;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+
+use crate::external_counter::ExternalCounter;
 
 use super::timeline::{monotonic_now_ns, PowerSample, PowerSource};
 
@@ -403,194 +404,200 @@ pub fn spawn(
     })
 }
 
-/// One exported metric and the DCGM exporter field it corresponds to (same quantity; units are
-/// converted to base units: watts, joules, bytes, hertz).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MetricDef {
-    pub name: &'static str,
-    pub help: &'static str,
-    /// DCGM field, "" where DCGM has none.
-    pub dcgm: &'static str,
-}
-
-/// The NVML metrics, with their DCGM exporter equivalents.
-pub const METRICS: &[MetricDef] = &[
-    MetricDef {
-        name: "infertap_gpu_power_watts",
-        help: "Board power draw (instantaneous where supported, else NVML's ~1 s average)",
-        dcgm: "DCGM_FI_DEV_POWER_USAGE",
-    },
-    MetricDef {
-        name: "infertap_gpu_energy_joules",
-        help: "Energy consumed since the driver loaded",
-        dcgm: "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
-    },
-    MetricDef {
-        name: "infertap_gpu_utilization_percent",
-        help: "Percent of time a kernel was running",
-        dcgm: "DCGM_FI_DEV_GPU_UTIL",
-    },
-    MetricDef {
-        name: "infertap_gpu_memory_copy_utilization_percent",
-        help: "Percent of time device memory was read or written",
-        dcgm: "DCGM_FI_DEV_MEM_COPY_UTIL",
-    },
-    MetricDef {
-        name: "infertap_gpu_fb_used_bytes",
-        help: "Framebuffer memory used",
-        dcgm: "DCGM_FI_DEV_FB_USED",
-    },
-    MetricDef {
-        name: "infertap_gpu_fb_free_bytes",
-        help: "Framebuffer memory free",
-        dcgm: "DCGM_FI_DEV_FB_FREE",
-    },
-    MetricDef {
-        name: "infertap_gpu_fb_total_bytes",
-        help: "Framebuffer memory total",
-        dcgm: "DCGM_FI_DEV_FB_TOTAL",
-    },
-    MetricDef {
-        name: "infertap_gpu_sm_clock_hertz",
-        help: "SM clock",
-        dcgm: "DCGM_FI_DEV_SM_CLOCK",
-    },
-    MetricDef {
-        name: "infertap_gpu_memory_clock_hertz",
-        help: "Memory clock",
-        dcgm: "DCGM_FI_DEV_MEM_CLOCK",
-    },
-    MetricDef {
-        name: "infertap_gpu_temperature_celsius",
-        help: "GPU temperature",
-        dcgm: "DCGM_FI_DEV_GPU_TEMP",
-    },
-    MetricDef {
-        name: "infertap_gpu_clock_throttle_reasons",
-        help: "Clock throttle reasons bitmask (nvmlClocksThrottleReasons)",
-        dcgm: "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
-    },
-    MetricDef {
-        name: "infertap_gpu_pcie_tx_bytes_per_second",
-        help: "PCIe transmit throughput",
-        dcgm: "DCGM_FI_PROF_PCIE_TX_BYTES",
-    },
-    MetricDef {
-        name: "infertap_gpu_pcie_rx_bytes_per_second",
-        help: "PCIe receive throughput",
-        dcgm: "DCGM_FI_PROF_PCIE_RX_BYTES",
-    },
-    MetricDef {
-        name: "infertap_gpu_ecc_corrected_errors",
-        help: "Corrected (single-bit) ECC errors since driver load",
-        dcgm: "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
-    },
-    MetricDef {
-        name: "infertap_gpu_ecc_uncorrected_errors",
-        help: "Uncorrected (double-bit) ECC errors since driver load",
-        dcgm: "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
-    },
-    MetricDef {
-        name: "infertap_gpu_process_memory_bytes",
-        help: "GPU memory used by a process",
-        dcgm: "",
-    },
+/// Each exported GPU metric with the DCGM exporter field that measures the same quantity (""
+/// where DCGM has none). DCGM reports MHz, MiB, mJ and KB/s where infertap uses base units
+/// (hertz, bytes, joules, bytes/s); the README's table lists the conversions.
+pub const DCGM_FIELDS: &[(&schema::MetricDef, &str)] = &[
+    (&schema::GPU_POWER, "DCGM_FI_DEV_POWER_USAGE"),
+    (&schema::GPU_ENERGY, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"),
+    (&schema::GPU_UTILIZATION, "DCGM_FI_DEV_GPU_UTIL"),
+    (
+        &schema::GPU_MEMORY_COPY_UTILIZATION,
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+    ),
+    (&schema::GPU_FB_USED, "DCGM_FI_DEV_FB_USED"),
+    (&schema::GPU_FB_FREE, "DCGM_FI_DEV_FB_FREE"),
+    (&schema::GPU_FB_TOTAL, "DCGM_FI_DEV_FB_TOTAL"),
+    (&schema::GPU_SM_CLOCK, "DCGM_FI_DEV_SM_CLOCK"),
+    (&schema::GPU_MEMORY_CLOCK, "DCGM_FI_DEV_MEM_CLOCK"),
+    (&schema::GPU_TEMPERATURE, "DCGM_FI_DEV_GPU_TEMP"),
+    (
+        &schema::GPU_THROTTLE_REASONS,
+        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+    ),
+    (&schema::GPU_THROTTLED, ""),
+    (&schema::GPU_PCIE_TX, "DCGM_FI_DEV_PCIE_TX_THROUGHPUT"),
+    (&schema::GPU_PCIE_RX, "DCGM_FI_DEV_PCIE_RX_THROUGHPUT"),
+    (&schema::GPU_ECC_CORRECTED, "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"),
+    (
+        &schema::GPU_ECC_UNCORRECTED,
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+    ),
+    (&schema::GPU_PROCESS_MEMORY, ""),
 ];
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct GpuLabel {
-    gpu: String,
+/// Turns [`NvmlSnapshot`]s into the schema's GPU series (`infertap_gpu_*`, see
+/// [`DCGM_FIELDS`]) in a [`MetricStore`]: the agent's own endpoint and its interval reports to
+/// the collector read the same store. Keeps the energy and ECC readings' running totals (see
+/// [`ExternalCounter`]), so it lives as long as the sampler.
+#[derive(Debug, Default)]
+pub struct NvmlExport {
+    /// Per GPU index: energy (J), corrected and uncorrected ECC totals.
+    counters: BTreeMap<u32, [ExternalCounter; 3]>,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ProcLabel {
-    gpu: String,
-    pid: String,
-}
-
-type G = Family<GpuLabel, Gauge<f64, std::sync::atomic::AtomicU64>>;
-
-/// Prometheus gauges for [`NvmlSnapshot`]s, registered under the names of [`METRICS`].
-pub struct NvmlMetrics {
-    per_gpu: Vec<G>,
-    process_memory: Family<ProcLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
-}
-
-impl NvmlMetrics {
-    /// Registers the gauges (names without the registry prefix: pass an unprefixed registry).
-    pub fn register(registry: &mut Registry) -> NvmlMetrics {
-        let n = METRICS.len() - 1;
-        let per_gpu: Vec<G> = (0..n).map(|_| G::default()).collect();
-        for (def, fam) in METRICS.iter().zip(&per_gpu) {
-            registry.register(def.name, def.help, fam.clone());
-        }
-        let process_memory = Family::default();
-        let def = &METRICS[n];
-        registry.register(def.name, def.help, process_memory.clone());
-        NvmlMetrics {
-            per_gpu,
-            process_memory,
-        }
-    }
-
-    /// Sets the gauges to the snapshot's values; readings a GPU does not support are not
-    /// exported (rather than exported as 0), and processes that left are removed.
-    pub fn update(&self, snap: &NvmlSnapshot) {
-        for fam in &self.per_gpu {
-            fam.clear();
-        }
-        self.process_memory.clear();
-        let set = |idx: usize, gpu: u32, v: Option<f64>| {
-            if let Some(v) = v {
-                self.per_gpu[idx]
-                    .get_or_create(&GpuLabel {
-                        gpu: gpu.to_string(),
-                    })
-                    .set(v);
+impl NvmlExport {
+    /// Replaces the store's GPU gauges with the snapshot's (readings a GPU does not support
+    /// are absent, not 0; processes that left disappear) and advances the counters.
+    pub fn publish(&mut self, snap: &NvmlSnapshot, store: &mut MetricStore) {
+        for (def, _) in DCGM_FIELDS {
+            if def.kind == schema::Kind::Gauge {
+                store.clear_gauge(def);
             }
+        }
+        let labels = |gpu: u32| -> Labels {
+            let info = snap.gpus.iter().find(|g| g.index == gpu);
+            let text =
+                |v: Option<&String>| schema::clamp_label_value(v.map_or("", |s| s)).to_owned();
+            vec![
+                (schema::LABEL_GPU.to_owned(), gpu.to_string()),
+                (
+                    schema::LABEL_GPU_UUID.to_owned(),
+                    text(info.and_then(|g| g.uuid.as_ref())),
+                ),
+                (
+                    schema::LABEL_GPU_MODEL.to_owned(),
+                    text(info.and_then(|g| g.name.as_ref())),
+                ),
+            ]
         };
+        let gauge =
+            |store: &mut MetricStore, def: &'static schema::MetricDef, gpu: u32, v: Option<f64>| {
+                if let Some(v) = v.filter(|v| v.is_finite()) {
+                    store.set_gauge(def, labels(gpu), v);
+                }
+            };
         for p in &snap.power {
-            set(0, p.device, p.power_mw.map(|mw| mw as f64 / 1e3));
-            set(1, p.device, p.energy_mj.map(|mj| mj as f64 / 1e3));
-            set(2, p.device, p.gpu_util_pct.map(f64::from));
-            set(3, p.device, p.mem_util_pct.map(f64::from));
+            let g = p.device;
+            gauge(
+                store,
+                &schema::GPU_POWER,
+                g,
+                p.power_mw.map(|mw| mw as f64 / 1e3),
+            );
+            gauge(
+                store,
+                &schema::GPU_UTILIZATION,
+                g,
+                p.gpu_util_pct.map(f64::from),
+            );
+            gauge(
+                store,
+                &schema::GPU_MEMORY_COPY_UTILIZATION,
+                g,
+                p.mem_util_pct.map(f64::from),
+            );
         }
         for d in &snap.devices {
             let g = d.device;
-            set(4, g, d.fb_used_bytes.map(|v| v as f64));
-            set(5, g, d.fb_free_bytes.map(|v| v as f64));
-            set(6, g, d.fb_total_bytes.map(|v| v as f64));
-            set(7, g, d.sm_clock_mhz.map(|v| v as f64 * 1e6));
-            set(8, g, d.mem_clock_mhz.map(|v| v as f64 * 1e6));
-            set(9, g, d.temperature_c.map(f64::from));
-            set(10, g, d.throttle_reasons.map(|v| v as f64));
-            set(11, g, d.pcie_tx_kbps.map(|v| v as f64 * 1e3));
-            set(12, g, d.pcie_rx_kbps.map(|v| v as f64 * 1e3));
-            set(13, g, d.ecc_corrected.map(|v| v as f64));
-            set(14, g, d.ecc_uncorrected.map(|v| v as f64));
-            for p in d.processes.iter().flatten() {
-                if let Some(b) = p.used_bytes {
-                    self.process_memory
-                        .get_or_create(&ProcLabel {
-                            gpu: g.to_string(),
-                            pid: p.pid.to_string(),
-                        })
-                        .set(b as f64);
+            gauge(
+                store,
+                &schema::GPU_FB_USED,
+                g,
+                d.fb_used_bytes.map(|v| v as f64),
+            );
+            gauge(
+                store,
+                &schema::GPU_FB_FREE,
+                g,
+                d.fb_free_bytes.map(|v| v as f64),
+            );
+            gauge(
+                store,
+                &schema::GPU_FB_TOTAL,
+                g,
+                d.fb_total_bytes.map(|v| v as f64),
+            );
+            gauge(
+                store,
+                &schema::GPU_SM_CLOCK,
+                g,
+                d.sm_clock_mhz.map(|v| v as f64 * 1e6),
+            );
+            gauge(
+                store,
+                &schema::GPU_MEMORY_CLOCK,
+                g,
+                d.mem_clock_mhz.map(|v| v as f64 * 1e6),
+            );
+            gauge(
+                store,
+                &schema::GPU_TEMPERATURE,
+                g,
+                d.temperature_c.map(f64::from),
+            );
+            gauge(
+                store,
+                &schema::GPU_PCIE_TX,
+                g,
+                d.pcie_tx_kbps.map(|v| v as f64 * 1e3),
+            );
+            gauge(
+                store,
+                &schema::GPU_PCIE_RX,
+                g,
+                d.pcie_rx_kbps.map(|v| v as f64 * 1e3),
+            );
+            if let Some(mask) = d.throttle_reasons {
+                store.set_gauge(&schema::GPU_THROTTLE_REASONS, labels(g), mask as f64);
+                for (reason, bit) in schema::GPU_THROTTLE_REASON_BITS {
+                    let mut l = labels(g);
+                    l.push((schema::LABEL_REASON.to_owned(), (*reason).to_owned()));
+                    let on = if mask & bit != 0 { 1.0 } else { 0.0 };
+                    store.set_gauge(&schema::GPU_THROTTLED, l, on);
                 }
             }
+            for p in d.processes.iter().flatten() {
+                if let Some(b) = p.used_bytes {
+                    let mut l = labels(g);
+                    l.push((schema::LABEL_PID.to_owned(), p.pid.to_string()));
+                    store.set_gauge(&schema::GPU_PROCESS_MEMORY, l, b as f64);
+                }
+            }
+        }
+        // Counters: energy from the fast samples, ECC from the slow ones; a GPU's series
+        // appears with its first reading (at 0) and then grows.
+        let readings = snap
+            .power
+            .iter()
+            .map(|p| (p.device, 0, p.energy_mj.map(|mj| mj as f64 / 1e3)))
+            .chain(snap.devices.iter().flat_map(|d| {
+                [
+                    (d.device, 1, d.ecc_corrected.map(|v| v as f64)),
+                    (d.device, 2, d.ecc_uncorrected.map(|v| v as f64)),
+                ]
+            }));
+        for (gpu, which, reading) in readings {
+            let Some(reading) = reading else { continue };
+            let c = &mut self.counters.entry(gpu).or_default()[which];
+            c.observe(reading);
+            let def = [
+                &schema::GPU_ENERGY,
+                &schema::GPU_ECC_CORRECTED,
+                &schema::GPU_ECC_UNCORRECTED,
+            ][which];
+            // Whole units: the store's counters are integers (joules, error counts).
+            store.set_counter(def, labels(gpu), c.total().floor() as u64);
         }
     }
 }
 
-/// Renders a snapshot as Prometheus/OpenMetrics text.
+/// Renders one snapshot as OpenMetrics text, as the agent's endpoint shows it on a first
+/// publish (counters at 0).
 pub fn render_prometheus(snap: &NvmlSnapshot) -> String {
-    let mut registry = Registry::default();
-    let metrics = NvmlMetrics::register(&mut registry);
-    metrics.update(snap);
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
+    let mut store = MetricStore::new();
+    NvmlExport::default().publish(snap, &mut store);
+    store.encode_openmetrics().unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -598,43 +605,106 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metric_table_is_consistent() {
-        let mut names: Vec<_> = METRICS.iter().map(|m| m.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), METRICS.len());
-        assert!(METRICS.iter().all(|m| m.name.starts_with("infertap_gpu_")));
-        assert_eq!(METRICS[0].dcgm, "DCGM_FI_DEV_POWER_USAGE");
-        assert_eq!(
-            METRICS.last().unwrap().name,
-            "infertap_gpu_process_memory_bytes"
-        );
+    fn dcgm_table_covers_every_gpu_metric() {
+        let gpu_defs: Vec<_> = schema::ALL
+            .iter()
+            .filter(|d| d.name.starts_with("infertap_gpu_"))
+            .map(|d| d.name)
+            .collect();
+        let table: Vec<_> = DCGM_FIELDS.iter().map(|(d, _)| d.name).collect();
+        assert_eq!(gpu_defs, table);
+        assert_eq!(DCGM_FIELDS[0].1, "DCGM_FI_DEV_POWER_USAGE");
     }
 
-    #[test]
-    fn render_skips_unsupported_and_converts_units() {
-        let snap = NvmlSnapshot {
-            gpus: vec![],
+    fn snap(energy_mj: Option<u64>, throttle: Option<u64>) -> NvmlSnapshot {
+        NvmlSnapshot {
+            gpus: vec![GpuInfo {
+                index: 3,
+                name: Some("Fake GPU".into()),
+                uuid: Some("GPU-3".into()),
+            }],
             power: vec![PowerSample {
                 device: 3,
                 ts_ns: 1,
                 power_mw: Some(251_500),
                 power_source: Some(PowerSource::Instant),
-                energy_mj: None,
+                energy_mj,
                 gpu_util_pct: Some(97),
                 mem_util_pct: None,
             }],
-            devices: vec![],
+            devices: vec![DeviceSample {
+                device: 3,
+                ts_ns: 1,
+                fb_used_bytes: Some(1 << 30),
+                fb_free_bytes: None,
+                fb_total_bytes: None,
+                sm_clock_mhz: Some(1410),
+                mem_clock_mhz: None,
+                temperature_c: Some(60),
+                throttle_reasons: throttle,
+                pcie_tx_kbps: None,
+                pcie_rx_kbps: None,
+                ecc_corrected: None,
+                ecc_uncorrected: None,
+                processes: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn publish_converts_units_skips_unsupported_and_counts_energy() {
+        let labels: Labels = vec![
+            (schema::LABEL_GPU.into(), "3".into()),
+            (schema::LABEL_GPU_UUID.into(), "GPU-3".into()),
+            (schema::LABEL_GPU_MODEL.into(), "Fake GPU".into()),
+        ];
+        let mut store = MetricStore::new();
+        let mut export = NvmlExport::default();
+        export.publish(&snap(Some(5_000_000), Some(0x24)), &mut store);
+        assert_eq!(store.gauge(&schema::GPU_POWER, &labels), Some(251.5));
+        assert_eq!(store.gauge(&schema::GPU_UTILIZATION, &labels), Some(97.0));
+        assert_eq!(
+            store.gauge(&schema::GPU_MEMORY_COPY_UTILIZATION, &labels),
+            None
+        );
+        assert_eq!(store.gauge(&schema::GPU_SM_CLOCK, &labels), Some(1.41e9));
+        assert_eq!(
+            store.gauge(&schema::GPU_THROTTLE_REASONS, &labels),
+            Some(36.0)
+        );
+        let reason = |store: &MetricStore, r: &str| {
+            let mut l = labels.clone();
+            l.push((schema::LABEL_REASON.into(), r.into()));
+            store.gauge(&schema::GPU_THROTTLED, &l)
         };
-        let text = render_prometheus(&snap);
+        assert_eq!(reason(&store, "sw_power_cap"), Some(1.0));
+        assert_eq!(reason(&store, "sw_thermal_slowdown"), Some(1.0));
+        assert_eq!(reason(&store, "hw_slowdown"), Some(0.0));
+        // Energy counts from the first reading: 0, then +2.5 kJ; a driver reload carries on.
+        assert_eq!(store.counter(&schema::GPU_ENERGY, &labels), Some(0));
+        export.publish(&snap(Some(7_500_000), None), &mut store);
+        assert_eq!(store.counter(&schema::GPU_ENERGY, &labels), Some(2500));
+        export.publish(&snap(Some(1_000), None), &mut store);
+        assert_eq!(store.counter(&schema::GPU_ENERGY, &labels), Some(2501));
+        // Throttle reasons went unsupported: their series are gone, not stale.
+        assert_eq!(store.gauge(&schema::GPU_THROTTLE_REASONS, &labels), None);
+        assert_eq!(reason(&store, "sw_power_cap"), None);
+        let text = store.encode_openmetrics().unwrap();
         assert!(
-            text.contains("infertap_gpu_power_watts{gpu=\"3\"} 251.5"),
+            text.contains(
+                "infertap_gpu_power_watts{gpu=\"3\",gpu_uuid=\"GPU-3\",gpu_model=\"Fake GPU\"} 251.5"
+            ),
             "{text}"
         );
         assert!(
-            text.contains("infertap_gpu_utilization_percent{gpu=\"3\"} 97.0"),
+            text.contains("# TYPE infertap_gpu_energy_joules counter"),
             "{text}"
         );
-        assert!(!text.contains("infertap_gpu_energy_joules{"), "{text}");
+        assert!(
+            text.contains(
+                "infertap_gpu_energy_joules_total{gpu=\"3\",gpu_uuid=\"GPU-3\",gpu_model=\"Fake GPU\"} 2501"
+            ),
+            "{text}"
+        );
     }
 }

@@ -308,8 +308,3 @@ impl GpuStage {
         out
     }
 }
-
-/// The NVML families for the agent's `/metrics`, when NVML is active.
-pub fn nvml_metrics_text(handle: &NvmlHandle) -> String {
-    nvml::render_prometheus(&handle.snapshot())
-}
