@@ -183,6 +183,31 @@ struct AgentArgs {
     /// <type>-<start unix ms>.pb.gz; the newest 360 per type are kept.
     #[arg(long, value_name = "DIR")]
     profile_dir: Option<PathBuf>,
+    #[command(flatten)]
+    k8s: K8sArgs,
+}
+
+/// Kubernetes pod metadata on series and request lines.
+#[derive(Args, Debug, Clone)]
+struct K8sArgs {
+    /// Pod metadata: auto (on inside a pod, i.e. with KUBERNETES_SERVICE_HOST set, or with
+    /// --kubelet-url), on, off.
+    #[arg(long = "k8s", value_enum, default_value_t = infertap::metadata::K8sMode::Auto)]
+    mode: infertap::metadata::K8sMode,
+    /// Kubelet base URL for pod names (`/pods` is appended). Default: https://$NODE_IP:10250.
+    #[arg(long, value_name = "URL")]
+    kubelet_url: Option<String>,
+    /// Bearer token for the kubelet (re-read per request). Default: the pod's service-account
+    /// token when present.
+    #[arg(long, value_name = "PATH")]
+    kubelet_token_file: Option<PathBuf>,
+    /// CA bundle the kubelet's serving certificate must chain to. Default: the pod's
+    /// service-account CA when present.
+    #[arg(long, value_name = "PATH")]
+    kubelet_ca_file: Option<PathBuf>,
+    /// Do not verify the kubelet's certificate (self-signed kubelet serving certificates).
+    #[arg(long)]
+    kubelet_insecure_tls: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -364,6 +389,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
         trace: false,
         profiler,
         profile_dir: None,
+        k8s: None,
     })
 }
 
@@ -407,6 +433,13 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     opts.collector = a.collector.clone();
     opts.interval = a.interval;
     opts.profile_dir = a.profile_dir.clone();
+    opts.k8s = infertap::metadata::K8sOptions::resolve(
+        a.k8s.mode,
+        a.k8s.kubelet_url.clone(),
+        a.k8s.kubelet_token_file.clone(),
+        a.k8s.kubelet_ca_file.clone(),
+        a.k8s.kubelet_insecure_tls,
+    );
     if let Some(n) = &a.node {
         opts.node = n.clone();
     }
