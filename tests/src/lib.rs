@@ -13,11 +13,14 @@
 //! - [`collector_support`]: in-process agents' exporters against a collector (gRPC tests)
 //! - [`tools`]: `go tool pprof`, headless Chromium and the test artefacts folder
 //! - [`wire`]: packet capture of a server port on loopback, the timing reference
+//! - [`k8s`]: the manifests' schema validator, the DaemonSet's capability set, a kubelet-shaped
+//!   cgroup to run a server in
 
 pub mod agent;
 pub mod client;
 pub mod collector_support;
 pub mod compare;
+pub mod k8s;
 pub mod load;
 pub mod paths;
 pub mod prereq;

@@ -236,17 +236,10 @@ impl KubeletClient {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::io::{Read as _, Write as _};
+    pub(crate) use crate::metadata::fake_kubelet::{fake_kubelet, FakeKubelet};
     use std::net::TcpListener;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A real `kubectl get pods -o json` capture from a minikube node (Docker runtime), as
-    /// published in github.com/gpdgpa/kuard `temp.sh` (commit 8b6fbf3). The kubelet's `/pods`
-    /// serves the same `v1.Pod` objects, with `"kind": "PodList"` on the envelope.
-    pub(crate) const RECORDED: &str = include_str!("testdata/minikube-pods.json");
-    pub(crate) const RECORDED_UID: &str = "d8aa9a47-ad0f-4bbe-bc12-ab31605d3211";
-    pub(crate) const RECORDED_ID: &str =
-        "d8e1e33309272b4a4267e15f995ff7b6612532240cb61dc03a118659620226f2";
+    pub(crate) use crate::metadata::fake_kubelet::{RECORDED, RECORDED_ID, RECORDED_UID};
 
     #[test]
     fn parses_the_recorded_pod_list() {
@@ -308,80 +301,6 @@ pub(crate) mod tests {
         assert!(PodIndex::parse(b"{\"items\": []}").unwrap().pods.is_empty());
     }
 
-    /// A local HTTPS server that answers `GET /pods` with `body` when the bearer token matches
-    /// (401 otherwise), with a fresh self-signed certificate for `localhost`/127.0.0.1.
-    pub(crate) struct FakeKubelet {
-        pub url: String,
-        pub ca_pem: String,
-        pub requests: Arc<AtomicUsize>,
-    }
-
-    pub(crate) fn fake_kubelet(body: String, token: &'static str) -> FakeKubelet {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .unwrap();
-        let ca_pem = ck.cert.pem();
-        let cert_der = ck.cert.der().clone();
-        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            rustls::pki_types::PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()),
-        );
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![cert_der], key_der)
-                .unwrap(),
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!(
-            "https://127.0.0.1:{}",
-            listener.local_addr().unwrap().port()
-        );
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(tcp) = stream else { continue };
-                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
-                    continue;
-                };
-                let mut tls = rustls::StreamOwned::new(conn, tcp);
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                let authorised = head.contains(&format!("authorization: bearer {token}\r\n"));
-                let (status, payload) = if !head.starts_with("get /pods ") {
-                    ("404 Not Found", String::new())
-                } else if authorised {
-                    ("200 OK", body.clone())
-                } else {
-                    ("401 Unauthorized", "Unauthorized".to_owned())
-                };
-                let _ = write!(
-                    tls,
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-                    payload.len()
-                );
-                let _ = tls.flush();
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
-            }
-        });
-        FakeKubelet {
-            url,
-            ca_pem,
-            requests,
-        }
-    }
-
     pub(crate) fn write_temp(name: &str, text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("infertap-kubelet-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -402,7 +321,7 @@ pub(crate) mod tests {
 
     #[test]
     fn fetches_the_recorded_response_over_https_with_the_token() {
-        let k = fake_kubelet(RECORDED.to_owned(), "s3cret");
+        let k = fake_kubelet(RECORDED.to_owned(), "s3cret".into());
         let client = KubeletClient::new(config(&k, "s3cret")).unwrap();
         let idx = client.fetch().unwrap();
         assert_eq!(idx.containers[RECORDED_ID].pod, "queue-l4dv8");
@@ -416,7 +335,7 @@ pub(crate) mod tests {
         );
 
         // A server whose certificate does not chain to the CA is refused...
-        let other = fake_kubelet(RECORDED.to_owned(), "s3cret");
+        let other = fake_kubelet(RECORDED.to_owned(), "s3cret".into());
         let mut cfg = config(&k, "s3cret");
         cfg.url = other.url.clone();
         let err = format!(

@@ -9,6 +9,8 @@
 //! without names until it answers).
 
 pub mod cgroup;
+#[cfg(any(test, feature = "kubelet-fake"))]
+pub mod fake_kubelet;
 pub mod kubelet;
 
 use std::collections::HashMap;
@@ -356,7 +358,7 @@ mod tests {
 
     #[test]
     fn names_arrive_from_the_kubelet_and_misses_are_rate_limited() {
-        let k = fake_kubelet(RECORDED.to_owned(), "tok");
+        let k = fake_kubelet(RECORDED.to_owned(), "tok".into());
         let o = opts(
             k.url.clone(),
             write_temp("res-ca.pem", &k.ca_pem),
@@ -400,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_failing_kubelet_backs_off_and_lookups_never_block() {
-        let k = fake_kubelet(RECORDED.to_owned(), "right");
+        let k = fake_kubelet(RECORDED.to_owned(), "right".into());
         let o = opts(
             k.url.clone(),
             write_temp("bo-ca.pem", &k.ca_pem),
