@@ -235,6 +235,38 @@ fn agent_runs_with_only_the_daemonset_capabilities() {
             (e, Err(err)) => panic!("without {drop}: expected {e:?}, got {err:#}"),
         }
     }
+    // CHECKPOINT_RESTORE: the unwinder opens the server's modules through
+    // /proc/<pid>/map_files/ (libraries deleted or replaced on disk) and falls back to
+    // /proc/<pid>/root paths without it; the kernel allows that open only with it.
+    let first_map = std::fs::read_dir(format!("/proc/{}/map_files", server.pid()))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let open_map = |caps: &[&str]| {
+        let mut cmd = std::process::Command::new(&setpriv(caps)[0]);
+        cmd.args(&setpriv(caps)[1..])
+            .args(["head", "-c", "4"])
+            .arg(&first_map);
+        cmd.output().unwrap()
+    };
+    let with = open_map(&caps);
+    assert_eq!(&with.stdout[..], b"\x7fELF", "{with:?}");
+    let fewer: Vec<&str> = caps
+        .iter()
+        .copied()
+        .filter(|c| *c != "CHECKPOINT_RESTORE")
+        .collect();
+    let without = open_map(&fewer);
+    assert!(
+        String::from_utf8_lossy(&without.stderr).contains("Operation not permitted"),
+        "{without:?}"
+    );
+    observed.push((
+        "CHECKPOINT_RESTORE",
+        "/proc/<pid>/map_files/* cannot be opened (Operation not permitted); the unwinder then reads modules through /proc/<pid>/root".into(),
+    ));
     for (cap, what) in &observed {
         eprintln!("{t}: without CAP_{cap}: {what}");
     }
