@@ -189,6 +189,14 @@ fn agent_runs_with_only_the_daemonset_capabilities() {
     assert!(agent.log().contains("Python frames on"), "{}", agent.log());
     let exit = agent.stop().unwrap();
     assert!(exit.status.success(), "{}", exit.log);
+    assert!(
+        exit.log.contains(&format!(
+            "tracing pid {} (1 open connection(s) adopted)",
+            server.pid()
+        )),
+        "{}",
+        exit.log
+    );
     for bad in ["Permission denied", "Operation not permitted"] {
         assert!(
             !exit.log.contains(bad),
@@ -228,13 +236,27 @@ fn agent_runs_with_only_the_daemonset_capabilities() {
             (Without::Degraded(msg), Ok(agent)) => {
                 busy_until(&server, &agent, msg);
                 agent.wait_records(1, WAIT).unwrap();
-                observed.push((drop, format!("traces requests; logs \"{msg}\"")));
+                // The early keep-alive connection is still open: did it get adopted?
+                let log = agent.log();
+                let adopted = log
+                    .lines()
+                    .find_map(|l| l.split_once("tracing pid ").map(|x| x.1.to_owned()))
+                    .unwrap_or_default();
+                observed.push((drop, format!("traces requests; logs \"{msg}\"; {adopted}")));
                 agent.stop().unwrap();
             }
             (e, Ok(agent)) => panic!("without {drop}: expected {e:?}, it ran:\n{}", agent.log()),
             (e, Err(err)) => panic!("without {drop}: expected {e:?}, got {err:#}"),
         }
     }
+    // The early connection stayed open through every run above, so "0 adopted" there is the
+    // missing capability, not a closed connection.
+    assert!(rt.block_on(early.request(&spec())).error.is_none());
+    assert!(observed
+        .iter()
+        .filter(|(c, _)| *c == "SYS_PTRACE" || *c == "DAC_READ_SEARCH")
+        .all(|(_, w)| w.contains("(0 open connection(s) adopted)")));
+
     // CHECKPOINT_RESTORE: the unwinder opens the server's modules through
     // /proc/<pid>/map_files/ (libraries deleted or replaced on disk) and falls back to
     // /proc/<pid>/root paths without it; the kernel allows that open only with it.
