@@ -613,7 +613,9 @@ mod tests {
 
     #[test]
     fn pod_labels_are_optional_on_per_request_series_only() {
-        let names = |v: &[&'static str]| v.to_vec().into_iter();
+        fn names(v: &'static [&'static str]) -> impl ExactSizeIterator<Item = &'static str> {
+            v.iter().copied()
+        }
         let r = &REQUESTS;
         assert!(r.takes_pod_labels());
         assert!(r.accepts_label_names(names(&[LABEL_MODEL, LABEL_OUTCOME])));
