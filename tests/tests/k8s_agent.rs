@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use infertap::metadata::fake_kubelet::{self, RECORDED, RECORDED_ID, RECORDED_UID};
-use infertap_tests::agent::{Agent, AgentOptions};
+use infertap_tests::agent::{Agent, AgentOptions, Collector};
 use infertap_tests::client::{ClientConn, Endpoint, RequestSpec};
 use infertap_tests::k8s::{self, PodCgroup, AGENT_CAPABILITIES};
 use infertap_tests::load::run_sequences_blocking;
@@ -351,8 +351,11 @@ fn pod_metadata_from_cgroup_and_kubelet() {
     let ca = dir.path().join("ca.crt");
     std::fs::write(&token, "e2e-token\n").unwrap();
     std::fs::write(&ca, &kubelet.ca_pem).unwrap();
+    let collector = Collector::spawn().unwrap();
     let agent = Agent::spawn(&AgentOptions {
         pids: vec![in_pod.pid(), outside.pid()],
+        collector: Some(collector.url()),
+        interval: Some("1s".into()),
         extra_args: vec![
             "--k8s".into(),
             "on".into(),
@@ -435,6 +438,21 @@ fn pod_metadata_from_cgroup_and_kubelet() {
         ),
         0.0
     );
+    // The collector accepts the pod labels and keeps them next to its node/agent labels.
+    let merged = wait_for(WAIT, "pod-labelled series on the collector", || {
+        let cm = collector.metrics().ok()?;
+        (cm.sum("infertap_requests_total", &with_pod) == 3.0).then_some(cm)
+    })
+    .unwrap();
+    assert_eq!(
+        merged.sum("infertap_requests_total", &[("outcome", "ok")]),
+        4.0
+    );
+    assert!(merged
+        .samples
+        .iter()
+        .filter(|s| s.labels.contains_key("pod"))
+        .all(|s| s.labels.contains_key("node") && s.labels.contains_key("agent")));
     agent.stop().unwrap();
     drop(in_pod);
     drop(cg);
