@@ -56,7 +56,7 @@ pub struct PodInfo {
 }
 
 /// What one `/pods` answer says, indexed for lookups by container id and pod UID.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodIndex {
     /// By runtime container id (hex, without the `containerd://` scheme).
     pub containers: HashMap<String, Arc<ContainerInfo>>,

@@ -135,17 +135,33 @@ pub struct ResolverCounters {
 #[derive(Debug, Default)]
 struct Shared {
     index: RwLock<PodIndex>,
-    /// Bumped on every successful kubelet answer; cached lookups of an older one are redone.
+    /// Bumped when a kubelet answer changed the index; cached lookups of an older one are
+    /// redone.
     generation: AtomicU64,
     counters: ResolverCounters,
+}
+
+/// Kubelet requests one unresolved process may trigger: at `min_refresh` × 1, 2, 4, ... after
+/// it was first seen (a container's id reaches the kubelet's status a moment after it starts),
+/// then only the periodic re-read.
+const MAX_ASKS_PER_PROCESS: u32 = 6;
+
+/// What the resolver knows about one process.
+struct PidState {
+    ids: Option<CgroupIds>,
+    /// Index generation `meta` was resolved against (`u64::MAX`: never).
+    gen: u64,
+    meta: Option<Arc<PodMetadata>>,
+    asks: u32,
+    next_ask: Instant,
 }
 
 /// pid → [`PodMetadata`], cached. Owned by the pipeline task.
 pub struct Resolver {
     shared: Arc<Shared>,
     wake: Option<SyncSender<()>>,
-    ids: HashMap<u32, Option<CgroupIds>>,
-    resolved: HashMap<u32, (u64, Option<Arc<PodMetadata>>)>,
+    pids: HashMap<u32, PidState>,
+    min_refresh: Duration,
     /// Injected cgroup reader (tests); `None`: `/proc/<pid>/cgroup`.
     read_cgroup: fn(u32) -> Option<CgroupIds>,
 }
@@ -172,8 +188,8 @@ impl Resolver {
         Ok(Resolver {
             shared,
             wake,
-            ids: HashMap::new(),
-            resolved: HashMap::new(),
+            pids: HashMap::new(),
+            min_refresh: opts.min_refresh,
             read_cgroup: cgroup::read_pid,
         })
     }
@@ -182,55 +198,47 @@ impl Resolver {
         &self.shared.counters
     }
 
-    /// The metadata of `pid`'s container (cheap after the first call per pid and kubelet
-    /// answer). `None` for a process in no container.
+    /// The metadata of `pid`'s container: map lookups after the first call per pid (one
+    /// `/proc/<pid>/cgroup` read) and per kubelet answer that changed something. `None` for a
+    /// process in no container.
     pub fn lookup(&mut self, pid: u32) -> Option<Arc<PodMetadata>> {
         let gen = self.shared.generation.load(Ordering::Acquire);
-        if let Some((g, m)) = self.resolved.get(&pid) {
-            if *g == gen {
-                return m.clone();
-            }
-        }
         let read = self.read_cgroup;
-        let ids = self.ids.entry(pid).or_insert_with(|| read(pid)).clone();
-        let meta = ids.filter(|i| !i.is_empty()).map(|ids| {
-            let index = self
-                .shared
-                .index
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let container = ids
-                .container_id
-                .as_deref()
-                .and_then(|id| index.containers.get(id));
-            let pod = ids.pod_uid.as_deref().and_then(|u| index.pods.get(u));
-            Arc::new(PodMetadata {
-                namespace: container
-                    .map(|c| c.namespace.clone())
-                    .or_else(|| pod.map(|p| p.namespace.clone())),
-                pod: container
-                    .map(|c| c.pod.clone())
-                    .or_else(|| pod.map(|p| p.pod.clone())),
-                container: container.map(|c| c.container.clone()),
-                container_id: ids.container_id.clone(),
-                pod_uid: ids
-                    .pod_uid
-                    .clone()
-                    .or_else(|| container.map(|c| c.pod_uid.clone())),
-            })
+        let st = self.pids.entry(pid).or_insert_with(|| PidState {
+            ids: read(pid).filter(|i| !i.is_empty()),
+            gen: u64::MAX,
+            meta: None,
+            asks: 0,
+            next_ask: Instant::now(),
         });
-        if meta.as_ref().is_some_and(|m| m.names().is_none()) {
-            // A container the kubelet has not told us about (new since the last answer): ask
-            // again; the refresher coalesces and rate-limits.
-            if let Some(tx) = &self.wake {
-                match tx.try_send(()) {
-                    Ok(()) | Err(TrySendError::Full(())) => {}
-                    Err(TrySendError::Disconnected(())) => self.wake = None,
+        if st.gen != gen {
+            st.gen = gen;
+            st.meta = st.ids.as_ref().map(|ids| {
+                let index = self
+                    .shared
+                    .index
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                Arc::new(resolve(ids, &index))
+            });
+        }
+        let unnamed = st.meta.as_ref().is_some_and(|m| m.names().is_none());
+        if unnamed && st.asks < MAX_ASKS_PER_PROCESS {
+            // A container the kubelet has not told us about (new since its last answer): ask
+            // again, less and less often; the refresher coalesces and rate-limits.
+            let now = Instant::now();
+            if now >= st.next_ask {
+                st.asks += 1;
+                st.next_ask = now + self.min_refresh * (1 << st.asks);
+                if let Some(tx) = &self.wake {
+                    match tx.try_send(()) {
+                        Ok(()) | Err(TrySendError::Full(())) => {}
+                        Err(TrySendError::Disconnected(())) => self.wake = None,
+                    }
                 }
             }
         }
-        self.resolved.insert(pid, (gen, meta.clone()));
-        meta
+        st.meta.clone()
     }
 
     /// Counts a record that went out without names (see [`ResolverCounters`]).
@@ -245,8 +253,30 @@ impl Resolver {
 
     /// Forgets an exited process (its pid may be reused by another container).
     pub fn forget(&mut self, pid: u32) {
-        self.ids.remove(&pid);
-        self.resolved.remove(&pid);
+        self.pids.remove(&pid);
+    }
+}
+
+/// Joins a process's cgroup ids with the kubelet's names.
+fn resolve(ids: &CgroupIds, index: &PodIndex) -> PodMetadata {
+    let container = ids
+        .container_id
+        .as_deref()
+        .and_then(|id| index.containers.get(id));
+    let pod = ids.pod_uid.as_deref().and_then(|u| index.pods.get(u));
+    PodMetadata {
+        namespace: container
+            .map(|c| c.namespace.clone())
+            .or_else(|| pod.map(|p| p.namespace.clone())),
+        pod: container
+            .map(|c| c.pod.clone())
+            .or_else(|| pod.map(|p| p.pod.clone())),
+        container: container.map(|c| c.container.clone()),
+        container_id: ids.container_id.clone(),
+        pod_uid: ids
+            .pod_uid
+            .clone()
+            .or_else(|| container.map(|c| c.pod_uid.clone())),
     }
 }
 
@@ -258,7 +288,14 @@ fn refresher(client: KubeletClient, shared: Arc<Shared>, rx: mpsc::Receiver<()>,
     let mut next_allowed = Instant::now();
     let mut last_error: Option<String> = None;
     loop {
-        match rx.recv_timeout(o.resync) {
+        // After a failure the refresher retries on its own (at the backoff); otherwise it
+        // waits for a miss or the periodic re-read.
+        let idle = if last_error.is_some() {
+            next_allowed.saturating_duration_since(Instant::now())
+        } else {
+            o.resync
+        };
+        match rx.recv_timeout(idle) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
@@ -276,11 +313,16 @@ fn refresher(client: KubeletClient, shared: Arc<Shared>, rx: mpsc::Receiver<()>,
         match client.fetch() {
             Ok(index) => {
                 let (pods, containers) = (index.pods.len(), index.containers.len());
-                *shared
+                let mut current = shared
                     .index
                     .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = index;
-                shared.generation.fetch_add(1, Ordering::AcqRel);
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Cached lookups are redone only when the answer changed.
+                if *current != index {
+                    *current = index;
+                    shared.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                drop(current);
                 shared
                     .counters
                     .kubelet_fetches
@@ -401,6 +443,33 @@ mod tests {
     }
 
     #[test]
+    fn a_container_the_kubelet_never_lists_costs_a_few_requests_not_one_per_record() {
+        let k = fake_kubelet(RECORDED.to_owned(), "tok2".into());
+        let o = opts(
+            k.url.clone(),
+            write_temp("nl-ca.pem", &k.ca_pem),
+            write_temp("nl-token", "tok2"),
+        );
+        let mut r = Resolver::start(&o).unwrap();
+        r.read_cgroup = unknown_ids;
+        let start = Instant::now();
+        let mut n = 0;
+        while start.elapsed() < Duration::from_millis(1500) {
+            assert!(r.lookup(9).unwrap().names().is_none());
+            n += 1;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let made = k.requests.load(Ordering::SeqCst);
+        // The start-up fetch, then asks at 0, 0.4 and 1.2 s (200 ms × 2, 4, ...).
+        assert!(
+            (1..=5).contains(&made),
+            "{made} kubelet requests for {n} lookups"
+        );
+        assert!(n > 500);
+    }
+
+    #[test]
     fn a_failing_kubelet_backs_off_and_lookups_never_block() {
         let k = fake_kubelet(RECORDED.to_owned(), "right".into());
         let o = opts(
@@ -423,6 +492,15 @@ mod tests {
         // 200 ms doubling to the 1 s cap: about 0, 0.4, 1.2, 2.2 s → 3-4 attempts, not hundreds.
         assert!((2..=6).contains(&errors), "{errors} kubelet attempts");
         assert_eq!(r.counters().kubelet_fetches.load(Ordering::Relaxed), 0);
+        // The token is fixed (it is re-read per request): the refresher retries on its own,
+        // without further misses, and the names arrive.
+        std::fs::write(write_temp("bo-token", "right"), "right").unwrap();
+        assert!(wait_for(|| r
+            .counters()
+            .kubelet_fetches
+            .load(Ordering::Relaxed)
+            > 0));
+        assert!(r.lookup(7).unwrap().names().is_some());
     }
 
     #[test]
