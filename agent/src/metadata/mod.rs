@@ -101,7 +101,13 @@ impl K8sOptions {
         let existing = |p: &str| Some(PathBuf::from(p)).filter(|p| p.exists());
         let kubelet = match url {
             Some(url) => Some(KubeletConfig {
-                token_file: token_file.or_else(|| existing(kubelet::SERVICE_ACCOUNT_TOKEN)),
+                // The read-only port (plain http) needs no token: never send the service
+                // account's in clear text unless told to.
+                token_file: token_file.or_else(|| {
+                    url.starts_with("https://")
+                        .then(|| existing(kubelet::SERVICE_ACCOUNT_TOKEN))
+                        .flatten()
+                }),
                 ca_file: ca_file.or_else(|| existing(kubelet::SERVICE_ACCOUNT_CA)),
                 url,
                 insecure_tls,
@@ -546,5 +552,17 @@ mod tests {
         let k = o.kubelet.unwrap();
         assert_eq!(k.url, "https://10.0.0.5:10250");
         assert!(k.insecure_tls);
+        let ro = K8sOptions::resolve(
+            K8sMode::On,
+            Some("http://10.0.0.5:10255".into()),
+            None,
+            None,
+            false,
+        )
+        .unwrap();
+        assert!(
+            ro.kubelet.unwrap().token_file.is_none(),
+            "no token over plain http"
+        );
     }
 }
