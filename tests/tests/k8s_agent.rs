@@ -369,16 +369,6 @@ fn pod_metadata_from_cgroup_and_kubelet() {
         ..Default::default()
     })
     .unwrap();
-    // The agent asks the kubelet as soon as it traces a containerised process.
-    wait_for(WAIT, "a kubelet request", || {
-        (kubelet.requests.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
-    })
-    .unwrap();
-    let c = run_sequences_blocking(in_pod.addr(), vec![vec![spec(), spec(), spec()]]).unwrap();
-    assert!(c.iter().flatten().all(|r| r.error.is_none()));
-    let c = run_sequences_blocking(outside.addr(), vec![vec![spec()]]).unwrap();
-    assert!(c[0][0].error.is_none());
-    let recs = agent.wait_records(4, WAIT).unwrap();
     let want = json!({
         "namespace": "default",
         "pod": "queue-l4dv8",
@@ -386,11 +376,44 @@ fn pod_metadata_from_cgroup_and_kubelet() {
         "container_id": cid,
         "pod_uid": uid,
     });
+    // The agent asks the kubelet as soon as it traces a containerised process; requests that
+    // complete before the answer is in carry the ids only. Warm up until one has the names.
+    wait_for(WAIT, "a request line with the pod's names", || {
+        let c = run_sequences_blocking(in_pod.addr(), vec![vec![spec()]]).ok()?;
+        assert!(c[0][0].error.is_none());
+        let n = c.len();
+        let recs = agent.wait_records(n, WAIT).ok()?;
+        recs.iter()
+            .any(|r| r.k8s.as_ref() == Some(&want))
+            .then_some(())
+    })
+    .unwrap();
+    let warm = agent.records().unwrap().len();
+    let c = run_sequences_blocking(in_pod.addr(), vec![vec![spec(), spec(), spec()]]).unwrap();
+    assert!(c.iter().flatten().all(|r| r.error.is_none()));
+    let c = run_sequences_blocking(outside.addr(), vec![vec![spec()]]).unwrap();
+    assert!(c[0][0].error.is_none());
+    let recs = agent.wait_records(warm + 4, WAIT).unwrap();
     let pod_recs: Vec<_> = recs.iter().filter(|r| r.pid == in_pod.pid()).collect();
-    assert_eq!(pod_recs.len(), 3);
+    assert_eq!(pod_recs.len(), warm + 3);
+    // Every line of the pod's server has its ids (from the cgroup); all after the warm-up
+    // have the names too.
     for r in &pod_recs {
+        let k = r.k8s.as_ref().expect("k8s object");
+        assert_eq!(
+            (&k["container_id"], &k["pod_uid"]),
+            (&want["container_id"], &want["pod_uid"])
+        );
+    }
+    for r in &pod_recs[warm..] {
         assert_eq!(r.k8s.as_ref(), Some(&want), "{r:#?}");
     }
+    let named = pod_recs
+        .iter()
+        .filter(|r| r.k8s.as_ref() == Some(&want))
+        .count() as f64;
+    let unnamed = pod_recs.len() as f64 - named;
+    eprintln!("{t}: {named} request lines with the pod's names, {unnamed} (ids only) before the kubelet's answer was in");
     let plain: Vec<_> = recs.iter().filter(|r| r.pid == outside.pid()).collect();
     assert_eq!(plain.len(), 1);
     assert!(plain[0].k8s.is_none(), "{:#?}", plain[0]);
@@ -403,22 +426,32 @@ fn pod_metadata_from_cgroup_and_kubelet() {
     ];
     let mut with_pod = vec![("outcome", "ok")];
     with_pod.extend(pod);
-    assert_eq!(m.sum("infertap_requests_total", &with_pod), 3.0);
-    assert_eq!(m.sum("infertap_requests_total", &[("outcome", "ok")]), 4.0);
+    assert_eq!(m.sum("infertap_requests_total", &with_pod), named);
+    assert_eq!(
+        m.sum("infertap_requests_total", &[("outcome", "ok")]),
+        recs.len() as f64
+    );
     assert_eq!(
         m.sum("infertap_time_to_first_token_seconds_count", &pod),
-        3.0
+        named
     );
-    assert_eq!(m.sum("infertap_output_tokens_total", &pod), 18.0);
-    // The request outside any pod: a series without pod labels; node-level series never get
-    // them.
+    assert_eq!(m.sum("infertap_output_tokens_total", &pod), 6.0 * named);
+    // The request outside any pod (and any pod request before the names came): series without
+    // pod labels, counted as unresolved; node-level series never get them.
     let unlabelled: f64 = m
         .samples
         .iter()
         .filter(|s| s.name == "infertap_requests_total" && !s.labels.contains_key("pod"))
         .map(|s| s.value)
         .sum();
-    assert_eq!(unlabelled, 1.0);
+    assert_eq!(unlabelled, 1.0 + unnamed);
+    assert_eq!(
+        m.sum(
+            "infertap_events_dropped_total",
+            &[("reason", "k8s_metadata_unresolved")]
+        ),
+        unnamed
+    );
     let pod_label_names: BTreeSet<&str> = m
         .samples
         .iter()
@@ -431,23 +464,14 @@ fn pod_metadata_from_cgroup_and_kubelet() {
             .all(|n| !n.starts_with("infertap_events_dropped") && !n.contains("requests_running")),
         "{pod_label_names:?}"
     );
-    assert_eq!(
-        m.sum(
-            "infertap_events_dropped_total",
-            &[("reason", "k8s_metadata_unresolved")]
-        ),
-        0.0
-    );
     // The collector accepts the pod labels and keeps them next to its node/agent labels.
     let merged = wait_for(WAIT, "pod-labelled series on the collector", || {
         let cm = collector.metrics().ok()?;
-        (cm.sum("infertap_requests_total", &with_pod) == 3.0).then_some(cm)
+        let all = cm.sum("infertap_requests_total", &[("outcome", "ok")]);
+        (cm.sum("infertap_requests_total", &with_pod) == named && all == recs.len() as f64)
+            .then_some(cm)
     })
     .unwrap();
-    assert_eq!(
-        merged.sum("infertap_requests_total", &[("outcome", "ok")]),
-        4.0
-    );
     assert!(merged
         .samples
         .iter()
