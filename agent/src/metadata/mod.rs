@@ -449,6 +449,38 @@ mod tests {
     }
 
     #[test]
+    fn cached_lookups_return_the_same_metadata_without_rereading() {
+        use std::sync::atomic::AtomicUsize;
+        static READS: AtomicUsize = AtomicUsize::new(0);
+        let o = K8sOptions {
+            kubelet: None,
+            min_refresh: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1),
+            resync: Duration::from_secs(1),
+        };
+        let mut r = Resolver::start(&o).unwrap();
+        r.read_cgroup = |pid| {
+            READS.fetch_add(1, Ordering::Relaxed);
+            recorded_ids(pid)
+        };
+        let first = r.lookup(5).unwrap();
+        let n = 200_000;
+        let t = Instant::now();
+        for _ in 0..n {
+            assert!(Arc::ptr_eq(&r.lookup(5).unwrap(), &first));
+        }
+        eprintln!(
+            "cached pod metadata lookup: {:.0} ns",
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
+        assert_eq!(
+            READS.load(Ordering::Relaxed),
+            1,
+            "one cgroup read per process"
+        );
+    }
+
+    #[test]
     fn a_container_the_kubelet_never_lists_costs_a_few_requests_not_one_per_record() {
         let k = fake_kubelet(RECORDED.to_owned(), "tok2".into());
         let o = opts(
