@@ -19,6 +19,10 @@
 //!   count from the server's read, and `infertap_request_queue_time_seconds` is the difference
 //!   (every record with a kernel arrival stamp); `infertap_accept_queue_time_seconds`: first
 //!   exchanges of new connections.
+//!
+//! On Kubernetes, every series labelled by model also carries the serving pod's `namespace`,
+//! `pod` and `container` ([`infertap_proto::schema::POD_LABELS`], from the record's pod
+//! metadata), capped like `model_name`; records without resolved pod names get none.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -32,6 +36,9 @@ use crate::record::RequestRecord;
 
 /// Default cap on distinct `model_name` label values; later models are reported as "other".
 pub const DEFAULT_MAX_MODELS: usize = 32;
+/// Default cap on distinct (namespace, pod, container) label triples; later ones are reported as
+/// "other" in all three. A node runs at most 110 pods by default, few of them inference servers.
+pub const DEFAULT_MAX_PODS: usize = 64;
 
 /// The agent's cumulative metrics, readable from other tasks (the Prometheus endpoint).
 #[derive(Clone, Debug, Default)]
@@ -63,6 +70,8 @@ pub struct Aggregator {
     interval_start_unix_ns: u64,
     models: HashSet<String>,
     max_models: usize,
+    pods: HashSet<(String, String, String)>,
+    max_pods: usize,
 }
 
 impl Aggregator {
@@ -75,6 +84,8 @@ impl Aggregator {
             interval_start_unix_ns: now_unix_ns,
             models: HashSet::new(),
             max_models,
+            pods: HashSet::new(),
+            max_pods: DEFAULT_MAX_PODS,
         };
         // Gauges exist from the start so scrapes see 0 rather than nothing.
         agg.set_in_flight(0, 0);
@@ -98,24 +109,61 @@ impl Aggregator {
         schema::MODEL_OTHER.to_owned()
     }
 
+    /// Changes the cap on distinct pod label triples (see [`DEFAULT_MAX_PODS`]).
+    pub fn set_max_pods(&mut self, max_pods: usize) {
+        self.max_pods = max_pods;
+    }
+
+    /// The one place per-request series get their pod labels: `labels` (a per-request metric's
+    /// schema labels) followed by namespace, pod and container when the record's pod is known,
+    /// capped at `max_pods` distinct triples (overflow: "other").
+    fn with_pod_labels(&mut self, mut labels: Labels, r: &RequestRecord) -> Labels {
+        let Some((ns, pod, container)) = r.k8s.as_deref().and_then(|m| m.names()) else {
+            return labels;
+        };
+        let key = (
+            schema::clamp_label_value(ns).to_owned(),
+            schema::clamp_label_value(pod).to_owned(),
+            schema::clamp_label_value(container).to_owned(),
+        );
+        let (ns, pod, container) = if self.pods.contains(&key) || self.pods.len() < self.max_pods {
+            self.pods.insert(key.clone());
+            key
+        } else {
+            let o = schema::POD_OTHER.to_owned();
+            (o.clone(), o.clone(), o)
+        };
+        labels.extend([
+            (schema::LABEL_NAMESPACE.to_owned(), ns),
+            (schema::LABEL_POD.to_owned(), pod),
+            (schema::LABEL_CONTAINER.to_owned(), container),
+        ]);
+        labels
+    }
+
     /// Adds one completed exchange.
     pub fn observe(&mut self, r: &RequestRecord) {
         self.observe_accept_wait(r);
         let model = self.model_label(r.model.as_deref());
-        let by_model: Labels = vec![(schema::LABEL_MODEL.to_owned(), model.clone())];
-        let outcome = r.error.map_or(schema::OUTCOME_OK, |e| e.as_str());
+        let by_model: Labels =
+            self.with_pod_labels(vec![(schema::LABEL_MODEL.to_owned(), model.clone())], r);
+        let requests_labels = self.with_pod_labels(
+            vec![
+                (schema::LABEL_MODEL.to_owned(), model),
+                (
+                    schema::LABEL_OUTCOME.to_owned(),
+                    r.error
+                        .map_or(schema::OUTCOME_OK, |e| e.as_str())
+                        .to_owned(),
+                ),
+            ],
+            r,
+        );
         let ok = r.error.is_none();
         let secs = |ns: u64| ns as f64 / 1e9;
 
         let mut store = self.cumulative.lock();
-        store.add_counter(
-            &schema::REQUESTS,
-            vec![
-                (schema::LABEL_MODEL.to_owned(), model),
-                (schema::LABEL_OUTCOME.to_owned(), outcome.to_owned()),
-            ],
-            1,
-        );
+        store.add_counter(&schema::REQUESTS, requests_labels, 1);
         store.add_counter(
             &schema::REQUESTS_BY_STREAM_KIND,
             vec![(
@@ -202,7 +250,8 @@ impl Aggregator {
     /// Adds a request's GPU attribution (from `gpu::correlate`).
     pub fn observe_gpu(&mut self, r: &RequestRecord, gpu: &crate::gpu::correlate::RequestGpuStats) {
         let model = self.model_label(r.model.as_deref());
-        let by_model: Labels = vec![(schema::LABEL_MODEL.to_owned(), model)];
+        let by_model: Labels =
+            self.with_pod_labels(vec![(schema::LABEL_MODEL.to_owned(), model)], r);
         let mut store = self.cumulative.lock();
         let mut observe = |def: &'static MetricDef, v: Option<f64>| {
             if let Some(v) = v {
@@ -639,6 +688,122 @@ mod tests {
         assert_eq!(
             agg.shared().snapshot().counter(&schema::REQUESTS, &ok),
             Some(2)
+        );
+    }
+
+    fn in_pod(mut r: RequestRecord, ns: &str, pod: &str, container: Option<&str>) -> RequestRecord {
+        r.k8s = Some(std::sync::Arc::new(crate::metadata::PodMetadata {
+            namespace: Some(ns.into()),
+            pod: Some(pod.into()),
+            container: container.map(Into::into),
+            container_id: Some("ab".repeat(32)),
+            pod_uid: Some("4c2d8e0a-3b1f-4a6e-9c7d-1e2f3a4b5c6d".into()),
+        }));
+        r
+    }
+
+    fn with_pod(mut l: Labels, ns: &str, pod: &str, c: &str) -> Labels {
+        l.extend([
+            (schema::LABEL_NAMESPACE.into(), ns.into()),
+            (schema::LABEL_POD.into(), pod.into()),
+            (schema::LABEL_CONTAINER.into(), c.into()),
+        ]);
+        l
+    }
+
+    #[test]
+    fn pod_labels_ride_on_per_request_series_and_are_capped() {
+        let mut agg = Aggregator::new(DEFAULT_MAX_MODELS, 0);
+        agg.set_max_pods(2);
+        agg.observe(&in_pod(
+            record("llama", &[10, 20], 30, None),
+            "ml",
+            "vllm-0",
+            Some("engine"),
+        ));
+        agg.observe(&in_pod(
+            record("llama", &[10], 30, None),
+            "ml",
+            "vllm-1",
+            Some("engine"),
+        ));
+        // Third distinct pod: over the cap.
+        agg.observe(&in_pod(
+            record("llama", &[10], 30, None),
+            "ml",
+            "vllm-2",
+            Some("engine"),
+        ));
+        // The first pod again: still its own series.
+        agg.observe(&in_pod(
+            record("llama", &[10], 30, None),
+            "ml",
+            "vllm-0",
+            Some("engine"),
+        ));
+        // Ids but no names yet (kubelet not answered), and no metadata at all: no pod labels.
+        agg.observe(&in_pod(
+            record("llama", &[10], 30, None),
+            "ml",
+            "vllm-3",
+            None,
+        ));
+        agg.observe(&record("llama", &[10], 30, None));
+        let s = agg.shared().snapshot();
+        let e2e = |l: &Labels| {
+            s.histogram(&schema::E2E_REQUEST_LATENCY, l)
+                .map(|h| h.count)
+        };
+        assert_eq!(
+            e2e(&with_pod(m("llama"), "ml", "vllm-0", "engine")),
+            Some(2)
+        );
+        assert_eq!(
+            e2e(&with_pod(m("llama"), "ml", "vllm-1", "engine")),
+            Some(1)
+        );
+        assert_eq!(e2e(&with_pod(m("llama"), "ml", "vllm-2", "engine")), None);
+        assert_eq!(
+            e2e(&with_pod(m("llama"), "other", "other", "other")),
+            Some(1)
+        );
+        assert_eq!(e2e(&m("llama")), Some(2));
+        let ok = vec![
+            (schema::LABEL_MODEL.into(), "llama".into()),
+            (schema::LABEL_OUTCOME.into(), "ok".into()),
+        ];
+        assert_eq!(
+            s.counter(
+                &schema::REQUESTS,
+                &with_pod(ok.clone(), "ml", "vllm-0", "engine")
+            ),
+            Some(2)
+        );
+        assert_eq!(s.counter(&schema::REQUESTS, &ok), Some(2));
+        let itl = s
+            .histogram(
+                &schema::INTER_TOKEN_LATENCY,
+                &with_pod(m("llama"), "ml", "vllm-0", "engine"),
+            )
+            .unwrap();
+        assert_eq!(itl.count, 1);
+        // Node-level series never get them.
+        let kind = vec![(schema::LABEL_STREAM_KIND.into(), "openai_chat".into())];
+        assert_eq!(s.counter(&schema::REQUESTS_BY_STREAM_KIND, &kind), Some(6));
+        // The interval report carries them, and a collector-side store accepts it.
+        let report = agg.take_interval(1);
+        let mut merged = infertap_proto::store::MetricStore::new();
+        let errors = merged.apply_report(&report, &[], |_, v| v.to_owned());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            merged.counter(&schema::REQUESTS, &with_pod(ok, "ml", "vllm-1", "engine")),
+            Some(1)
+        );
+        // The exposition shows them as ordinary labels.
+        let text = agg.shared().encode_openmetrics().unwrap();
+        assert!(
+            text.contains(r#"infertap_requests_total{model_name="llama",outcome="ok",namespace="ml",pod="vllm-0",container="engine"} 2"#),
+            "{text}"
         );
     }
 }

@@ -11,6 +11,7 @@
 //!   gpu          CUDA uprobe aggregates, CUPTI records, NVML samples, request<->GPU correlation
 //!   aggregate    interval histograms/counters (mergeable) from records
 //!   sinks        JSON lines, Prometheus endpoint, gRPC stream to the collector
+//!   metadata     pid -> cgroup -> container/pod (Kubernetes) for labels and JSON lines
 //! ```
 //! `pipeline` wires the stages together; `main.rs` is only the CLI.
 
@@ -19,6 +20,8 @@ pub mod clock;
 pub mod events;
 pub mod external_counter;
 pub mod gpu;
+pub mod health;
+pub mod metadata;
 pub mod pipeline;
 pub mod probes;
 pub mod profiling;

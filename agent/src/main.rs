@@ -190,6 +190,8 @@ struct AgentArgs {
     no_server_metrics: bool,
     #[command(flatten)]
     otlp: OtlpArgs,
+    #[command(flatten)]
+    k8s: K8sArgs,
 }
 
 /// OTLP export (spans per request, the metrics of the Prometheus endpoint).
@@ -213,6 +215,29 @@ struct OtlpArgs {
     /// counted (`infertap_events_dropped_total{reason="otlp_queue_full"}`).
     #[arg(long, default_value_t = 4096, value_name = "SPANS")]
     otlp_queue_size: usize,
+}
+
+/// Kubernetes pod metadata on series and request lines.
+#[derive(Args, Debug, Clone)]
+struct K8sArgs {
+    /// Pod metadata: auto (on inside a pod, i.e. with KUBERNETES_SERVICE_HOST set, or with
+    /// --kubelet-url), on, off.
+    #[arg(long = "k8s", value_enum, default_value_t = infertap::metadata::K8sMode::Auto)]
+    mode: infertap::metadata::K8sMode,
+    /// Kubelet base URL for pod names (`/pods` is appended). Default: https://$NODE_IP:10250.
+    #[arg(long, value_name = "URL")]
+    kubelet_url: Option<String>,
+    /// Bearer token for the kubelet (re-read per request). Default: the pod's service-account
+    /// token when present.
+    #[arg(long, value_name = "PATH")]
+    kubelet_token_file: Option<PathBuf>,
+    /// CA bundle the kubelet's serving certificate must chain to. Default: the pod's
+    /// service-account CA when present.
+    #[arg(long, value_name = "PATH")]
+    kubelet_ca_file: Option<PathBuf>,
+    /// Do not verify the kubelet's certificate (self-signed kubelet serving certificates).
+    #[arg(long)]
+    kubelet_insecure_tls: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -396,6 +421,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
         profile_dir: None,
         otlp: None,
         server_metrics: false,
+        k8s: None,
     })
 }
 
@@ -440,6 +466,13 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     opts.interval = a.interval;
     opts.profile_dir = a.profile_dir.clone();
     opts.server_metrics = !a.no_server_metrics;
+    opts.k8s = infertap::metadata::K8sOptions::resolve(
+        a.k8s.mode,
+        a.k8s.kubelet_url.clone(),
+        a.k8s.kubelet_token_file.clone(),
+        a.k8s.kubelet_ca_file.clone(),
+        a.k8s.kubelet_insecure_tls,
+    );
     if let Some(n) = &a.node {
         opts.node = n.clone();
     }

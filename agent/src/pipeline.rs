@@ -76,6 +76,8 @@ pub struct AgentOptions {
     pub otlp: Option<OtlpConfig>,
     /// Read the traced servers' own `/metrics` (`server_metrics`), once per `interval`.
     pub server_metrics: bool,
+    /// Container/pod metadata on records and series (None: off).
+    pub k8s: Option<crate::metadata::K8sOptions>,
 }
 
 /// CUDA launch-path probing.
@@ -136,6 +138,11 @@ pub struct Pipeline {
     profiler_report: Option<ProfilerReport>,
     /// Completed requests with their GPU attribution (`keep_requests`).
     pub kept: Vec<CorrelatedRequest>,
+    /// pid → container/pod metadata (`--k8s`).
+    metadata: Option<crate::metadata::Resolver>,
+    /// Exited processes whose metadata is forgotten at the next tick (after their last
+    /// records went out).
+    exited_pids: Vec<u32>,
 }
 
 impl Pipeline {
@@ -200,7 +207,15 @@ impl Pipeline {
             }
             _ => None,
         };
+        let metadata = opts
+            .k8s
+            .as_ref()
+            .map(crate::metadata::Resolver::start)
+            .transpose()
+            .context("pod metadata")?;
         Ok(Self {
+            metadata,
+            exited_pids: Vec::new(),
             aggregator,
             exporter,
             otlp,
@@ -261,6 +276,11 @@ impl Pipeline {
         self.probes.add_target(pid)?;
         if let Some(p) = &self.profiler {
             p.add_root(pid);
+        }
+        if let Some(m) = self.metadata.as_mut() {
+            // Reads the process's cgroup once and, for a container the kubelet has not
+            // named yet, wakes the refresher before the first request completes.
+            m.lookup(pid);
         }
         if self.known_pids.insert(pid) {
             // One /proc read per process: the ports it listens on now (the kernel's listen()
@@ -371,6 +391,7 @@ impl Pipeline {
                 self.recon.on_process_exit(pid, ts_ns, &mut self.records);
                 self.probes.forget_process(pid);
                 self.known_pids.remove(&pid);
+                self.exited_pids.push(pid);
                 if let Some(p) = &self.profiler {
                     p.process_exited(pid);
                 }
@@ -417,13 +438,16 @@ impl Pipeline {
     /// Completed requests go to the GPU stage (which holds them until their GPU data arrived)
     /// or, with no GPU source active, straight to the sinks.
     fn flush_records(&mut self) {
-        for r in std::mem::take(&mut self.records) {
+        for mut r in std::mem::take(&mut self.records) {
             if let (Some(sm), Some(peer)) = (&self.server_metrics, r.peer) {
                 if sm.own_scrapes().contains(peer) {
                     // The agent's own GET /metrics: not a user request.
                     self.own_scrapes_dropped += 1;
                     continue;
                 }
+            }
+            if let Some(m) = self.metadata.as_mut() {
+                r.k8s = m.lookup(r.pid);
             }
             if let Some(r) = self.gpu.finish_request(r) {
                 self.emit(r, None);
@@ -432,7 +456,13 @@ impl Pipeline {
     }
 
     /// Writes one completed request to every sink.
-    fn emit(&mut self, r: RequestRecord, gpu: Option<RequestGpuStats>) {
+    fn emit(&mut self, mut r: RequestRecord, gpu: Option<RequestGpuStats>) {
+        if let Some(m) = self.metadata.as_mut() {
+            if r.k8s.is_none() {
+                r.k8s = m.lookup(r.pid);
+            }
+            m.note_record(r.k8s.as_deref());
+        }
         self.stats
             .requests_completed
             .fetch_add(1, Ordering::Relaxed);
@@ -494,6 +524,13 @@ impl Pipeline {
             sm.set_pids(self.known_pids.iter().copied().collect());
             self.aggregator.set_server_series(&sm.series());
         }
+        if let Some(m) = self.metadata.as_mut() {
+            for pid in self.exited_pids.drain(..) {
+                m.forget(pid);
+            }
+        } else {
+            self.exited_pids.clear();
+        }
         self.update_drops();
     }
 
@@ -534,6 +571,12 @@ impl Pipeline {
             ),
         ];
         drops.extend(self.gpu.drops());
+        if let Some(m) = &self.metadata {
+            drops.push((
+                "k8s_metadata_unresolved",
+                m.counters().unresolved_records.load(Ordering::Relaxed),
+            ));
+        }
         if let Some(p) = &self.profiler {
             use std::sync::atomic::Ordering::Relaxed;
             let c = p.counters();
@@ -641,6 +684,13 @@ impl Pipeline {
                 .with_context(|| format!("writing --ready-file {}", path.display()))?;
         }
         info!("infertap: ready");
+        let readiness = self.metrics_server.as_ref().map(|m| m.readiness());
+        if let Some(r) = &readiness {
+            // A pass every poll tick; many missed ones in a row mean the drain is stuck.
+            r.set_stall_after(crate::health::DEFAULT_STALL_AFTER.max(self.opts.poll_interval * 20));
+            r.set_attached(true);
+            r.drained();
+        }
 
         let deadline = self.opts.duration.map(|d| tokio::time::Instant::now() + d);
         let mut poll = tokio::time::interval(self.opts.poll_interval);
@@ -663,6 +713,9 @@ impl Pipeline {
                     self.drain(ring.get_mut());
                 }
             }
+            if let Some(r) = &readiness {
+                r.drained();
+            }
             let now = Instant::now();
             if now - last_housekeeping >= Duration::from_millis(250) {
                 last_housekeeping = now;
@@ -681,6 +734,9 @@ impl Pipeline {
                 last_interval = now;
                 self.interval();
             }
+        }
+        if let Some(r) = &readiness {
+            r.set_attached(false);
         }
         // Take what the kernel wrote up to the stop, finish what waits for GPU data, and hand
         // the last interval to the collector.

@@ -1253,6 +1253,7 @@ impl Side {
             request_bytes: ex.request_bytes,
             response_bytes,
             error,
+            k8s: None,
         });
     }
 }

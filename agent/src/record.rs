@@ -134,6 +134,9 @@ pub struct RequestRecord {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub error: Option<RequestError>,
+    /// The serving process's container and Kubernetes pod (`None` off Kubernetes, or for a
+    /// process in no container); attached by the pipeline from [`crate::metadata`].
+    pub k8s: Option<std::sync::Arc<crate::metadata::PodMetadata>>,
 }
 
 impl RequestRecord {

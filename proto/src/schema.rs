@@ -20,6 +20,18 @@ pub const LABEL_NODE: &str = "node";
 /// Collector only: the agent's id.
 pub const LABEL_AGENT: &str = "agent";
 
+/// Kubernetes pod labels (namespace, pod name, container name of the serving process, from the
+/// agent's pod metadata). Only per-request series ([`MetricDef::takes_pod_labels`]) carry them,
+/// after their schema labels, and only when the agent resolved the pod: off Kubernetes series
+/// are exactly as without them.
+pub const LABEL_NAMESPACE: &str = "namespace";
+pub const LABEL_POD: &str = "pod";
+pub const LABEL_CONTAINER: &str = "container";
+/// The optional pod labels, in the order series carry them.
+pub const POD_LABELS: &[&str] = &[LABEL_NAMESPACE, LABEL_POD, LABEL_CONTAINER];
+/// Value of all three pod labels once an agent's cap on distinct containers is reached.
+pub const POD_OTHER: &str = "other";
+
 pub const OUTCOME_OK: &str = "ok";
 /// Model label value for requests whose body named no model.
 pub const MODEL_UNKNOWN: &str = "unknown";
@@ -80,6 +92,27 @@ impl MetricDef {
             return self.bounds.len();
         }
         self.bounds.partition_point(|&b| b < v)
+    }
+}
+
+impl MetricDef {
+    /// Whether series of this metric may carry [`POD_LABELS`] after their own: the per-request
+    /// metrics, i.e. those labelled by model.
+    pub fn takes_pod_labels(&self) -> bool {
+        self.labels.first() == Some(&LABEL_MODEL)
+    }
+
+    /// Whether `names` is a valid label list for this metric: its schema labels, followed by
+    /// the pod labels where it takes them.
+    pub fn accepts_label_names<'a>(&self, names: impl ExactSizeIterator<Item = &'a str>) -> bool {
+        let n = names.len();
+        let with_pod = self.takes_pod_labels() && n == self.labels.len() + POD_LABELS.len();
+        if n != self.labels.len() && !with_pod {
+            return false;
+        }
+        names
+            .zip(self.labels.iter().chain(POD_LABELS.iter()))
+            .all(|(got, want)| got == *want)
     }
 }
 
@@ -846,5 +879,46 @@ mod tests {
         let c = clamp_label_value(&long);
         assert!(c.len() <= MAX_LABEL_VALUE_LEN && c.chars().all(|ch| ch == 'é'));
         assert_eq!(clamp_label_value("llama"), "llama");
+    }
+
+    #[test]
+    fn pod_labels_are_optional_on_per_request_series_only() {
+        fn names(v: &'static [&'static str]) -> impl ExactSizeIterator<Item = &'static str> {
+            v.iter().copied()
+        }
+        let r = &REQUESTS;
+        assert!(r.takes_pod_labels());
+        assert!(r.accepts_label_names(names(&[LABEL_MODEL, LABEL_OUTCOME])));
+        assert!(r.accepts_label_names(names(&[
+            LABEL_MODEL,
+            LABEL_OUTCOME,
+            LABEL_NAMESPACE,
+            LABEL_POD,
+            LABEL_CONTAINER
+        ])));
+        // Not a subset, not another order.
+        assert!(!r.accepts_label_names(names(&[LABEL_MODEL, LABEL_OUTCOME, LABEL_NAMESPACE])));
+        assert!(!r.accepts_label_names(names(&[
+            LABEL_MODEL,
+            LABEL_OUTCOME,
+            LABEL_POD,
+            LABEL_NAMESPACE,
+            LABEL_CONTAINER
+        ])));
+        // Node-level series never take them.
+        assert!(!EVENTS_DROPPED.takes_pod_labels());
+        assert!(!EVENTS_DROPPED.accepts_label_names(names(&[
+            LABEL_REASON,
+            LABEL_NAMESPACE,
+            LABEL_POD,
+            LABEL_CONTAINER
+        ])));
+        for d in ALL {
+            assert!(
+                !d.labels.iter().any(|l| POD_LABELS.contains(l)),
+                "{} lists a pod label itself",
+                d.name
+            );
+        }
     }
 }

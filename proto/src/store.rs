@@ -335,8 +335,7 @@ impl MetricStore {
     ) -> Vec<StoreError> {
         let mut errors = Vec::new();
         let mut labels_for = |def: &MetricDef, got: &[pb::Label]| -> Result<Labels, StoreError> {
-            let names_match = got.len() == def.labels.len()
-                && got.iter().zip(def.labels).all(|(l, n)| l.name == *n);
+            let names_match = def.accepts_label_names(got.iter().map(|l| l.name.as_str()));
             if !names_match {
                 return Err(StoreError::WrongLabels {
                     metric: def.name.to_owned(),

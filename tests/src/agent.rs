@@ -62,6 +62,9 @@ pub struct AgentRecord {
     pub request_bytes: u64,
     #[serde(default)]
     pub response_bytes: u64,
+    /// The serving container and pod (`namespace`, `pod`, `container`, `container_id`,
+    /// `pod_uid`), when pod metadata is on.
+    pub k8s: Option<serde_json::Value>,
 }
 
 /// One entry of a request line's `choices`.
@@ -100,6 +103,8 @@ pub struct AgentOptions {
     pub extra_args: Vec<String>,
     /// How long to wait for the ready file (default 60 s).
     pub ready_timeout: Option<Duration>,
+    /// Command the agent runs under (e.g. `setpriv --bounding-set ... --`); empty: none.
+    pub wrapper: Vec<String>,
 }
 
 impl AgentOptions {
@@ -138,7 +143,14 @@ impl Agent {
         let ready = dir.path().join("ready");
         let log_path = dir.path().join("agent.log");
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         for p in &opts.pids {
             cmd.arg("--pid").arg(p.to_string());
         }

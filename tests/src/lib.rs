@@ -14,11 +14,14 @@
 //! - [`tools`]: `go tool pprof`, headless Chromium and the test artefacts folder
 //! - [`otlp`]: the OTLP/gRPC receiver decoding with the official protobuf definitions
 //! - [`wire`]: packet capture of a server port on loopback, the timing reference
+//! - [`k8s`]: the manifests' schema validator, the DaemonSet's capability set, a kubelet-shaped
+//!   cgroup to run a server in
 
 pub mod agent;
 pub mod client;
 pub mod collector_support;
 pub mod compare;
+pub mod k8s;
 pub mod load;
 pub mod otlp;
 pub mod paths;

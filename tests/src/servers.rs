@@ -137,14 +137,38 @@ impl ScriptedServer {
     /// Like [`ScriptedServer::start`] with extra command-line options (e.g. `--max-conns 4`,
     /// `--accept-delay-ms 20`, `--backlog 8` for overload).
     pub fn start_with(script: &serde_json::Value, args: &[&str]) -> Result<Self> {
+        Self::start_under(script, args, &[], "python3")
+    }
+
+    /// Like [`ScriptedServer::start_with`], run by `python` under the command `wrapper` (e.g.
+    /// `setpriv --reuid 65534 ...`: a server of another user, as in another container). The
+    /// server's directory is then world-writable so that user can write its port and log.
+    pub fn start_under(
+        script: &serde_json::Value,
+        args: &[&str],
+        wrapper: &[String],
+        python: &str,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("infertap-scripted-")
             .tempdir()?;
+        if !wrapper.is_empty() {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+        }
         let script_path = dir.path().join("script.json");
         std::fs::write(&script_path, serde_json::to_vec(script)?)?;
         let port_file = dir.path().join("port");
         let emit_log = dir.path().join("emissions.jsonl");
-        let child = Command::new("python3")
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(python);
+                c
+            }
+            None => Command::new(python),
+        };
+        let child = cmd
             .arg(paths::scripted_server_script())
             .arg("--script")
             .arg(&script_path)
@@ -156,7 +180,7 @@ impl ScriptedServer {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("spawn python3 scripted_sse.py")?;
+            .with_context(|| format!("spawn {python} scripted_sse.py"))?;
         let mut s = ScriptedServer {
             child,
             port: 0,

@@ -27,8 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: nightly + rust-src, LLVM 22, bpf-linker, tracefs, the Python venv
-    /// with the real llama.cpp server and model, the OTLP receiver's venv.
+    /// Install what is missing: nightly + rust-src, LLVM 22, bpf-linker, tracefs, the reference
+    /// tools, the Kubernetes manifest validator, the Python venv with the real llama.cpp server
+    /// and model, the OTLP receiver's venv.
     Setup(SetupArgs),
     /// Build the agent (eBPF + userspace), collector and test tools in release mode.
     Build,
@@ -339,6 +340,7 @@ fn setup(args: &SetupArgs) -> Result<()> {
     }
 
     setup_reference_tools()?;
+    setup_kubernetes_validate()?;
 
     if args.no_venv {
         step("python venv: skipped (--no-venv)");
@@ -378,6 +380,49 @@ fn setup_reference_tools() -> Result<()> {
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
+/// Schema validator of `deploy/kubernetes` (PyPI `kubernetes-validate`, which ships the
+/// Kubernetes JSON schemas of every version it supports) in its own small venv, apart from the
+/// llama.cpp one: `~/.cache/infertap/kubernetes-validate` (`INFERTAP_K8S_VENV`). Pure Python,
+/// a few seconds to install.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+fn setup_kubernetes_validate() -> Result<()> {
+    let venv = std::env::var_os("INFERTAP_K8S_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache/infertap/kubernetes-validate"));
+    let bin = venv.join("bin/kubernetes-validate");
+    if probe(Command::new(&bin).arg("--version")) {
+        step(&format!(
+            "kubernetes-validate: present in {}",
+            venv.display()
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "kubernetes-validate: installing {KUBERNETES_VALIDATE} into {}",
+        venv.display()
+    ));
+    if let Some(parent) = venv.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if !probe(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
+        run(sudo_prefix("apt-get").args(["install", "-y", "python3-venv"]))?;
+    }
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/python")).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-cache-dir",
+        KUBERNETES_VALIDATE,
+    ]))?;
+    if !probe(Command::new(&bin).arg("--version")) {
+        bail!("{} does not run after installing it", bin.display());
     }
     Ok(())
 }

@@ -66,6 +66,10 @@ pub struct RequestLine<'a> {
     /// GPU attribution (present when GPU data sources are active).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<serde_json::Value>,
+    /// The serving container and pod (namespace, pod, container, container_id, pod_uid; present
+    /// when pod metadata is on and the process runs in a container).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<&'a crate::metadata::PodMetadata>,
 }
 
 /// One choice of a response with parallel choices.
@@ -148,6 +152,7 @@ impl<'a> RequestLine<'a> {
                 })
                 .collect(),
             gpu: None,
+            k8s: r.k8s.as_deref(),
         }
     }
 }
@@ -288,5 +293,39 @@ mod tests {
         assert_eq!(v["itl_ms_max"], 3.5);
         assert_eq!(v["itl_ms_median"], 1.0);
         assert_eq!(v["output_tokens"], 5);
+    }
+
+    #[test]
+    fn pod_metadata_is_a_k8s_object_and_absent_off_kubernetes() {
+        let clock = Clock::measure();
+        let mut r = record();
+        let v = serde_json::to_value(RequestLine::new(&r, &clock)).unwrap();
+        assert!(v.get("k8s").is_none());
+        r.k8s = Some(std::sync::Arc::new(crate::metadata::PodMetadata {
+            namespace: Some("ml".into()),
+            pod: Some("vllm-0".into()),
+            container: Some("engine".into()),
+            container_id: Some("ab".repeat(32)),
+            pod_uid: Some("4c2d8e0a-3b1f-4a6e-9c7d-1e2f3a4b5c6d".into()),
+        }));
+        let v = serde_json::to_value(RequestLine::new(&r, &clock)).unwrap();
+        assert_eq!(
+            v["k8s"],
+            serde_json::json!({
+                "namespace": "ml", "pod": "vllm-0", "container": "engine",
+                "container_id": "ab".repeat(32),
+                "pod_uid": "4c2d8e0a-3b1f-4a6e-9c7d-1e2f3a4b5c6d",
+            })
+        );
+        // Ids only (kubelet not answered yet): the names are left out, not null.
+        r.k8s = Some(std::sync::Arc::new(crate::metadata::PodMetadata {
+            container_id: Some("cd".repeat(32)),
+            ..Default::default()
+        }));
+        let v = serde_json::to_value(RequestLine::new(&r, &clock)).unwrap();
+        assert_eq!(
+            v["k8s"],
+            serde_json::json!({"container_id": "cd".repeat(32)})
+        );
     }
 }

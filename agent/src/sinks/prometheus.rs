@@ -1,5 +1,6 @@
-//! The agent's Prometheus endpoint: `/metrics` (OpenMetrics text of the cumulative aggregates)
-//! and `/healthz`, served with axum until shut down.
+//! The agent's Prometheus endpoint: `/metrics` (OpenMetrics text of the cumulative aggregates),
+//! `/healthz` (the process answers) and `/readyz` (probes attached and the event drain running,
+//! see [`crate::health`]), served with axum until shut down.
 
 use std::net::SocketAddr;
 
@@ -12,6 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::aggregate::SharedMetrics;
+use crate::health::{Readiness, ReadyState};
 
 /// Content type of OpenMetrics text, which Prometheus negotiates and parses.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -23,6 +25,7 @@ pub struct MetricsServer {
     local_addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
+    readiness: Readiness,
 }
 
 /// Extra node-local metric families appended to `/metrics` (OpenMetrics text; a trailing
@@ -44,12 +47,15 @@ pub async fn serve_with(
         .await
         .with_context(|| format!("binding metrics address {addr}"))?;
     let local_addr = listener.local_addr()?;
+    let readiness = Readiness::default();
+    let ready = readiness.clone();
     let app = Router::new()
         .route(
             "/metrics",
             get(move || metrics_response(metrics.clone(), extra.clone())),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(move || readyz(ready.clone())));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -63,7 +69,18 @@ pub async fn serve_with(
         local_addr,
         stop,
         task,
+        readiness,
     })
+}
+
+/// `/readyz`: 200 `ready` or 503 with the reason.
+async fn readyz(readiness: Readiness) -> axum::response::Response {
+    let state = readiness.state();
+    let code = match state {
+        ReadyState::Ready => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, state.describe()).into_response()
 }
 
 async fn metrics_response(
@@ -98,6 +115,11 @@ impl MetricsServer {
         self.local_addr
     }
 
+    /// The state `/readyz` reports; the pipeline marks it attached and beats it per drain.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
     /// Stops accepting, lets in-flight scrapes finish, and waits for the server task.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
@@ -105,5 +127,57 @@ impl MetricsServer {
             .await
             .context("metrics server task")?
             .context("metrics server")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_owned();
+        (code, body)
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_attachment_and_drain() {
+        let srv = serve("127.0.0.1:0".parse().unwrap(), SharedMetrics::default())
+            .await
+            .unwrap();
+        let addr = srv.local_addr();
+        let r = srv.readiness();
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (503, "not ready: probes not attached\n")
+        );
+        r.set_attached(true);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        r.drained();
+        assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
+        r.set_stall_after(std::time::Duration::from_millis(50));
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(
+            body.starts_with("not ready: event drain stalled for"),
+            "{body}"
+        );
+        srv.shutdown().await.unwrap();
     }
 }
