@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent (the default when no subcommand is given).
-    Run(AgentArgs),
+    Run(Box<AgentArgs>),
     /// Record a Perfetto-loadable timeline (requests, tokens, CUDA calls, GPU kernels, power).
     Trace(TraceArgs),
     /// Watch for a while, then explain the slowest requests and tokens with their GPU causes.
@@ -617,7 +617,7 @@ async fn run_profile(a: ProfileArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Run(cli.agent));
+    let command = cli.command.unwrap_or(Command::Run(Box::new(cli.agent)));
     let log = match &command {
         Command::Run(a) => &a.target.log,
         Command::Trace(a) => &a.target.log,
@@ -634,7 +634,7 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async {
         match command {
-            Command::Run(a) => run_agent(a).await,
+            Command::Run(a) => run_agent(*a).await,
             Command::Trace(a) => run_trace(a).await,
             Command::Explain(a) => run_explain(a).await,
             Command::Profile(a) => run_profile(a).await,
