@@ -18,6 +18,7 @@ pub mod aggregate;
 pub mod clock;
 pub mod events;
 pub mod gpu;
+pub mod identity;
 pub mod pipeline;
 pub mod probes;
 pub mod profiling;

@@ -51,9 +51,9 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::forward::{ForwardConfig, ForwardMetrics, Forwarder};
+use crate::profiles::{Ingested, ProfileMetrics, ProfileStore, ProfileStoreConfig};
 use crate::remote_write::{RemoteWrite, RemoteWriteConfig};
 use crate::state::StateDir;
-use crate::profiles::{Ingested, ProfileMetrics, ProfileStore, ProfileStoreConfig};
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -487,7 +487,15 @@ impl Fleet {
 
     /// Takes a checkpoint under the lock (a clone: quick) and starts a new epoch. Returns the
     /// epoch the checkpoint covers, the state to persist and the merged view.
-    fn checkpoint(&self) -> (u64, MetricStore, Vec<infertap_proto::state_pb::AgentInstance>, Vec<String>, MetricStore) {
+    fn checkpoint(
+        &self,
+    ) -> (
+        u64,
+        MetricStore,
+        Vec<infertap_proto::state_pb::AgentInstance>,
+        Vec<String>,
+        MetricStore,
+    ) {
         let mut st = self.lock();
         let epoch = st.epoch;
         st.epoch += 1;
@@ -501,8 +509,7 @@ impl Fleet {
                 agent: k.agent.clone(),
                 instance: k.instance,
                 last_sequence: a.last_sequence,
-                last_seen_unix_ns: now_ns
-                    .saturating_sub(a.last_seen.elapsed().as_nanos() as u64),
+                last_seen_unix_ns: now_ns.saturating_sub(a.last_seen.elapsed().as_nanos() as u64),
             })
             .collect();
         let models = st.models.iter().cloned().collect();
@@ -535,7 +542,10 @@ impl Fleet {
         let mut rejected = 0usize;
         let split = |labels: &[infertap_proto::pb::Label]| {
             let n = identity.len().min(labels.len());
-            let ok = labels[..n].iter().zip(identity).all(|(l, id)| l.name == *id);
+            let ok = labels[..n]
+                .iter()
+                .zip(identity)
+                .all(|(l, id)| l.name == *id);
             let prefix: Vec<(String, String)> = labels[..n]
                 .iter()
                 .map(|l| (l.name.clone(), l.value.clone()))
@@ -551,7 +561,12 @@ impl Fleet {
                 }],
                 ..Default::default()
             };
-            if !ok || !st.totals.apply_report(&one, &prefix, |_, v| v.to_owned()).is_empty() {
+            if !ok
+                || !st
+                    .totals
+                    .apply_report(&one, &prefix, |_, v| v.to_owned())
+                    .is_empty()
+            {
                 rejected += 1;
             }
         }
@@ -564,12 +579,20 @@ impl Fleet {
                 }],
                 ..Default::default()
             };
-            if !ok || !st.totals.apply_report(&one, &prefix, |_, v| v.to_owned()).is_empty() {
+            if !ok
+                || !st
+                    .totals
+                    .apply_report(&one, &prefix, |_, v| v.to_owned())
+                    .is_empty()
+            {
                 rejected += 1;
             }
         }
         if rejected > 0 {
-            tracing::warn!(rejected, "saved series that no longer match the schema were not restored");
+            tracing::warn!(
+                rejected,
+                "saved series that no longer match the schema were not restored"
+            );
             self.metrics
                 .rejected_series
                 .get_or_create(&vec![("reason".into(), "state_restore".into())])
@@ -1020,7 +1043,9 @@ pub async fn start(
     }
     if state_dir.is_some() || rw_cfg.is_some() {
         let (cp_stop, cp_stopped) = oneshot::channel::<()>();
-        let rw_every = rw_cfg.as_ref().map(|c| c.interval.max(Duration::from_millis(100)));
+        let rw_every = rw_cfg
+            .as_ref()
+            .map(|c| c.interval.max(Duration::from_millis(100)));
         let task = tokio::spawn(run_checkpoints(
             fleet.clone(),
             state_dir,

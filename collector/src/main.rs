@@ -64,7 +64,11 @@ struct Args {
     profiles_queue: usize,
     /// Directory of the persisted totals and dedupe state (`state.bin`), loaded at start and
     /// written every `--state-interval` and on shutdown.
-    #[arg(long, default_value = "/var/lib/infertap-collector", env = "INFERTAP_COLLECTOR_STATE_DIR")]
+    #[arg(
+        long,
+        default_value = "/var/lib/infertap-collector",
+        env = "INFERTAP_COLLECTOR_STATE_DIR"
+    )]
     state_dir: PathBuf,
     /// Keep everything in memory only (totals reset on restart; acks sent at once).
     #[arg(long)]
@@ -74,7 +78,11 @@ struct Args {
     state_interval: Duration,
     /// Prometheus remote-write endpoint (repeatable), e.g.
     /// `http://victoria:8428/api/v1/write` or `http://prometheus:9090/api/v1/write`.
-    #[arg(long = "remote-write-url", env = "INFERTAP_REMOTE_WRITE_URL", value_delimiter = ',')]
+    #[arg(
+        long = "remote-write-url",
+        env = "INFERTAP_REMOTE_WRITE_URL",
+        value_delimiter = ','
+    )]
     remote_write_urls: Vec<String>,
     /// Snapshot period of remote write.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -95,6 +103,10 @@ struct Args {
     /// `X-Scope-OrgID: tenant1` (Mimir) or `Authorization: Bearer ...`.
     #[arg(long = "remote-write-header", value_parser = parse_header)]
     remote_write_headers: Vec<(String, String)>,
+    /// Longest wait between retries of a failed remote-write request (backoff doubles from
+    /// 500 ms up to this; a store's Retry-After is honoured).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    remote_write_max_backoff: Duration,
     /// Timeout of one remote-write request.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     remote_write_timeout: Duration,
@@ -214,6 +226,7 @@ async fn main() -> anyhow::Result<()> {
             rw.external_labels = args.remote_write_labels.clone();
             rw.headers = args.remote_write_headers.clone();
             rw.timeout = args.remote_write_timeout;
+            rw.backoff_max = args.remote_write_max_backoff.max(rw.backoff_min);
             rw
         }),
         max_series: args.max_series,

@@ -23,6 +23,7 @@ pub mod paths;
 pub mod prereq;
 pub mod report;
 pub mod servers;
+pub mod stores;
 pub mod tools;
 pub mod wire;
 

@@ -74,11 +74,8 @@ pub fn collect(
     ts_ms: i64,
 ) -> Vec<TimeSeries> {
     let mut out = Vec::with_capacity(view.series_count() * 4);
-    let pairs = |l: &Vec<(String, String)>| {
-        l.iter()
-            .map(|(n, v)| label(n, v))
-            .collect::<Vec<Label>>()
-    };
+    let pairs =
+        |l: &Vec<(String, String)>| l.iter().map(|(n, v)| label(n, v)).collect::<Vec<Label>>();
     for def in schema::ALL {
         match def.kind {
             Kind::Histogram => {
@@ -257,7 +254,10 @@ mod tests {
         let first = &s[0];
         let names: Vec<&str> = first.labels.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["__name__", "cluster", "le", "model_name", "node"]);
-        assert_eq!(first.labels[2].value, dtoa::Buffer::new().format(def.bounds[0]));
+        assert_eq!(
+            first.labels[2].value,
+            dtoa::Buffer::new().format(def.bounds[0])
+        );
         assert_eq!(first.samples[0].value, 2.0);
         let third = &s[2];
         assert_eq!(third.samples[0].value, 5.0, "buckets are cumulative");
@@ -281,10 +281,7 @@ mod tests {
             .map(|i| series(format!("m{i}"), [], &[], i as f64, 5))
             .collect();
         let b = encode_batches(s.clone(), 10);
-        assert_eq!(
-            b.iter().map(|b| b.samples).collect::<Vec<_>>(),
-            [10, 10, 5]
-        );
+        assert_eq!(b.iter().map(|b| b.samples).collect::<Vec<_>>(), [10, 10, 5]);
         let back: Vec<TimeSeries> = b
             .iter()
             .flat_map(|b| decode_batch(&b.body).unwrap().timeseries)

@@ -224,7 +224,13 @@ pub fn queue_dir(parent: &Path, uri: &Uri) -> PathBuf {
         uri.port_u16().unwrap_or(0)
     )
     .chars()
-    .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+    .map(|c| {
+        if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+            c
+        } else {
+            '_'
+        }
+    })
     .collect();
     parent.join(format!("{host}-{sum:08x}"))
 }
@@ -345,7 +351,10 @@ impl RemoteWrite {
         for t in &self.targets {
             match t.queue.append(ts_ms, &refs) {
                 Ok(a) => {
-                    self.metrics.enqueued.get_or_create(&t.label).inc_by(samples);
+                    self.metrics
+                        .enqueued
+                        .get_or_create(&t.label)
+                        .inc_by(samples);
                     if a.dropped_samples > 0 {
                         self.metrics
                             .dropped
@@ -502,14 +511,19 @@ impl RemoteWrite {
             .uri(t.uri.clone())
             .header(header::CONTENT_ENCODING, "snappy")
             .header(header::CONTENT_TYPE, "application/x-protobuf")
-            .header(header::USER_AGENT, concat!("infertap-collector/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("infertap-collector/", env!("CARGO_PKG_VERSION")),
+            )
             .header("X-Prometheus-Remote-Write-Version", "0.1.0");
         for (k, v) in &self.cfg.headers {
             req = req.header(k.as_str(), v.as_str());
         }
         let req = match req.body(Full::new(Bytes::from(body))) {
             Ok(r) => r,
-            Err(e) => return Outcome::Rejected(StatusCode::BAD_REQUEST, format!("bad request: {e}")),
+            Err(e) => {
+                return Outcome::Rejected(StatusCode::BAD_REQUEST, format!("bad request: {e}"))
+            }
         };
         let res = tokio::time::timeout(self.cfg.timeout, async {
             let resp = client.request(req).await?;
@@ -533,7 +547,9 @@ impl RemoteWrite {
                 why: format!("{e:#}"),
             },
             Ok(Ok((status, after, body))) => {
-                let text = String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_owned();
+                let text = String::from_utf8_lossy(&body[..body.len().min(512)])
+                    .trim()
+                    .to_owned();
                 if status.is_success() {
                     Outcome::Ok
                 } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
@@ -554,7 +570,10 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes
 enum Outcome {
     Ok,
     Rejected(StatusCode, String),
-    Retry { after: Option<Duration>, why: String },
+    Retry {
+        after: Option<Duration>,
+        why: String,
+    },
 }
 
 /// `Retry-After`: delay seconds or an HTTP date.
@@ -563,9 +582,13 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     if let Ok(s) = v.parse::<u64>() {
         return Some(Duration::from_secs(s));
     }
-    let at_ms = chrono::DateTime::parse_from_rfc2822(v).ok()?.timestamp_millis();
+    let at_ms = chrono::DateTime::parse_from_rfc2822(v)
+        .ok()?
+        .timestamp_millis();
     let now_ms = (crate::unix_now_ns() / 1_000_000) as i64;
-    Some(Duration::from_millis(at_ms.saturating_sub(now_ms).max(0) as u64))
+    Some(Duration::from_millis(
+        at_ms.saturating_sub(now_ms).max(0) as u64
+    ))
 }
 
 /// Sleeps `d` unless stopped first; returns whether it was stopped.
@@ -584,20 +607,37 @@ mod tests {
     fn retry_after_reads_seconds_and_dates() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         let secs = (crate::unix_now_ns() / 1_000_000_000) as i64 + 60;
-        let in_a_minute = chrono::DateTime::from_timestamp(secs, 0).unwrap().to_rfc2822();
+        let in_a_minute = chrono::DateTime::from_timestamp(secs, 0)
+            .unwrap()
+            .to_rfc2822();
         let d = parse_retry_after(&in_a_minute).unwrap();
-        assert!(d > Duration::from_secs(50) && d <= Duration::from_secs(60), "{d:?}");
+        assert!(
+            d > Duration::from_secs(50) && d <= Duration::from_secs(60),
+            "{d:?}"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]
     fn url_labels_drop_credentials_and_queue_dirs_differ_per_path() {
-        let u: Uri = "https://user:secret@mimir.example:443/api/v1/push?x=1".parse().unwrap();
+        let u: Uri = "https://user:secret@mimir.example:443/api/v1/push?x=1"
+            .parse()
+            .unwrap();
         assert_eq!(url_label(&u), "https://mimir.example:443/api/v1/push");
         let a: Uri = "http://vm:8428/api/v1/write".parse().unwrap();
-        let b: Uri = "http://vm:8428/insert/0/prometheus/api/v1/write".parse().unwrap();
-        let (da, db) = (queue_dir(Path::new("/q"), &a), queue_dir(Path::new("/q"), &b));
+        let b: Uri = "http://vm:8428/insert/0/prometheus/api/v1/write"
+            .parse()
+            .unwrap();
+        let (da, db) = (
+            queue_dir(Path::new("/q"), &a),
+            queue_dir(Path::new("/q"), &b),
+        );
         assert_ne!(da, db);
-        assert!(da.file_name().unwrap().to_str().unwrap().starts_with("vm_8428-"));
+        assert!(da
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("vm_8428-"));
     }
 }

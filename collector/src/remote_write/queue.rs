@@ -206,10 +206,7 @@ impl Queue {
         lock.try_lock().map_err(|e| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
-                format!(
-                    "{} is in use by another collector ({e})",
-                    dir.display()
-                ),
+                format!("{} is in use by another collector ({e})", dir.display()),
             )
         })?;
         let acked = match fs::read_to_string(dir.join("acked")) {
@@ -233,7 +230,10 @@ impl Queue {
             let (records, good) = scan(&data);
             if good < data.len() {
                 opened.corrupt_bytes += (data.len() - good) as u64;
-                OpenOptions::new().write(true).open(&path)?.set_len(good as u64)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(good as u64)?;
             }
             let seg = Segment {
                 first_id,
@@ -469,7 +469,13 @@ mod tests {
             // Segments roll over at 100 bytes: 64 bytes per record, so 2 per segment.
             let segs = fs::read_dir(dir.path())
                 .unwrap()
-                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "seg")
+                })
                 .count();
             assert_eq!(segs, 5);
             let r = q.peek().unwrap().unwrap().unwrap();
@@ -479,7 +485,10 @@ mod tests {
             assert_eq!(q.stats().oldest_pending_ms, Some(1003));
         }
         let (q, o) = Queue::open(dir.path(), cfg(1 << 20, 100)).unwrap();
-        assert_eq!((o.pending_records, o.pending_samples), (7, 3 + 4 + 5 + 6 + 7 + 8 + 9));
+        assert_eq!(
+            (o.pending_records, o.pending_samples),
+            (7, 3 + 4 + 5 + 6 + 7 + 8 + 9)
+        );
         let got = drain(&q);
         assert_eq!(
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
@@ -504,12 +513,17 @@ mod tests {
         let len = fs::metadata(&seg).unwrap().len();
         // A crash mid-write: half a record of garbage after the good ones.
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        f.write_all(&[0x52, 0x57, 0x51, 0x31, 200, 0, 0, 0, 1, 2, 3]).unwrap();
+        f.write_all(&[0x52, 0x57, 0x51, 0x31, 200, 0, 0, 0, 1, 2, 3])
+            .unwrap();
         drop(f);
         let (q, o) = Queue::open(dir.path(), cfg(1 << 20, 1 << 20)).unwrap();
         assert_eq!(o.corrupt_bytes, 11);
         assert_eq!(o.pending_records, 2);
-        assert_eq!(fs::metadata(&seg).unwrap().len(), len, "truncated to the good part");
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            len,
+            "truncated to the good part"
+        );
         // A flipped payload byte in the second record: the first still reads.
         drop(q);
         let mut data = fs::read(&seg).unwrap();
@@ -517,7 +531,10 @@ mod tests {
         data[last] ^= 0xff;
         fs::write(&seg, &data).unwrap();
         let (q, o) = Queue::open(dir.path(), cfg(1 << 20, 1 << 20)).unwrap();
-        assert_eq!((o.pending_records, o.corrupt_bytes), (1, (HEADER + 6) as u64));
+        assert_eq!(
+            (o.pending_records, o.corrupt_bytes),
+            (1, (HEADER + 6) as u64)
+        );
         assert_eq!(drain(&q), vec![(5, b"hello".to_vec())]);
     }
 
