@@ -111,7 +111,7 @@ impl Store {
     }
 
     fn api(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let (status, body) = http_get(self.addr, path)?;
+        let (status, body) = get_http10(self.addr, path)?;
         anyhow::ensure!(status == 200, "{path}: HTTP {status}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body)?;
         anyhow::ensure!(v["status"] == "success", "{path}: {body}");
@@ -172,6 +172,26 @@ impl Drop for Store {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// GET over HTTP/1.0, so the answer is never chunked (the body runs to the close).
+fn get_http10(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of the response head")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    Ok((status, body.to_owned()))
 }
 
 fn labels_of(m: &serde_json::Value) -> BTreeMap<String, String> {

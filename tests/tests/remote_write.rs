@@ -202,16 +202,26 @@ async fn store_matches_metrics_exactly(kind: Kind, test: &str) {
         sent(m) >= after && all_delivered(m)
     })
     .await;
-    let got: BTreeMap<BTreeMap<String, String>, f64> = store
-        .query(
-            r#"{__name__=~"infertap_.+",__name__!~"infertap_collector_.+"}"#,
-            now_s(),
-        )
-        .unwrap()
-        .into_iter()
-        .collect();
+    // A store makes new series searchable after a short indexing delay: poll until it has
+    // them all, then compare exactly.
+    let query = r#"{__name__=~"infertap_.+",__name__!~"infertap_collector_.+"}"#;
+    let end = Instant::now() + WAIT;
+    let got: BTreeMap<BTreeMap<String, String>, f64> = loop {
+        let got: BTreeMap<_, _> = store.query(query, now_s()).unwrap().into_iter().collect();
+        if got.len() >= expected.len() || Instant::now() > end {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     for (labels, v) in &expected {
-        assert_eq!(got.get(labels), Some(v), "{kind:?} differs for {labels:?}");
+        assert_eq!(
+            got.get(labels),
+            Some(v),
+            "{kind:?} differs for {labels:?}; it has {:?}",
+            got.keys()
+                .map(|k| &k["__name__"])
+                .collect::<std::collections::BTreeSet<_>>()
+        );
     }
     assert_eq!(
         got.len(),
@@ -271,6 +281,11 @@ fn keep_reporting(
         }
     });
     (stop_tx, task)
+}
+
+/// The exporter back from the reporting task (which has ended).
+fn own(ex: std::sync::Arc<GrpcExporter>) -> GrpcExporter {
+    std::sync::Arc::try_unwrap(ex).unwrap_or_else(|_| panic!("exporter still shared"))
 }
 
 /// Timestamps of one series have no gap longer than `max_gap_ms`; with `counter`, values never
@@ -351,7 +366,7 @@ async fn store_outage_loses_no_samples() {
         during >= 12,
         "samples from the outage window: {during} in {samples:?}"
     );
-    assert_eq!(ex.shutdown(Duration::from_secs(10)).await, 0);
+    assert_eq!(own(ex).shutdown(Duration::from_secs(10)).await, 0);
     assert!(n > 20);
 }
 
@@ -400,12 +415,12 @@ async fn sigkilled_collector_resumes_totals_and_queue() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.send(true).unwrap();
     let n = task.await.unwrap();
+    assert_eq!(ex.dropped_reports(), 0);
     assert_eq!(
-        ex.shutdown(Duration::from_secs(20)).await,
+        own(ex).shutdown(Duration::from_secs(20)).await,
         0,
         "every report acked"
     );
-    assert_eq!(ex.dropped_reports(), 0);
     let total = requests_in(0..n) as f64;
     let m = wait_scrape(&c, "every report applied exactly once", |m| {
         m.get("infertap_requests_total", &labels) == Some(total)
@@ -482,5 +497,5 @@ async fn queue_bound_drops_oldest_and_delivers_the_rest() {
         "the oldest snapshots were dropped: first at {first}, started {started}"
     );
     assert_continuous(samples, 2_000, false, "delivered snapshots");
-    assert_eq!(ex.shutdown(Duration::from_secs(10)).await, 0);
+    assert_eq!(own(ex).shutdown(Duration::from_secs(10)).await, 0);
 }
