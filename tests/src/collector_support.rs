@@ -138,6 +138,11 @@ impl CollectorProcess {
         })
     }
 
+    /// The collector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no graceful shutdown, like a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();
