@@ -433,6 +433,31 @@ impl MetricStore {
         Ok(refused)
     }
 
+    /// The series of `self` that `other` does not hold (values from `self`): what disappeared
+    /// between two snapshots.
+    pub fn without(&self, other: &MetricStore) -> MetricStore {
+        MetricStore {
+            histograms: self
+                .histograms
+                .iter()
+                .filter(|(k, _)| !other.histograms.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            counters: self
+                .counters
+                .iter()
+                .filter(|(k, _)| !other.counters.contains_key(*k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            gauges: self
+                .gauges
+                .iter()
+                .filter(|(k, _)| !other.gauges.contains_key(*k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        }
+    }
+
     /// Keeps only the series whose labels `keep` accepts; returns how many were removed.
     pub fn retain_series(&mut self, mut keep: impl FnMut(&Labels) -> bool) -> usize {
         let before = self.series_count();

@@ -236,8 +236,28 @@ async fn store_matches_metrics_exactly(kind: Kind, test: &str) {
         )
         .unwrap();
     assert_eq!(own.len(), 1, "{own:?}");
-    assert_eq!(a.shutdown(Duration::from_secs(10)).await, 0);
+    // An agent that leaves cleanly loses its gauges on the collector; the next snapshot marks
+    // them stale, so the store stops answering them at once (not after its 5 min lookback).
     assert_eq!(b.shutdown(Duration::from_secs(10)).await, 0);
+    let gauge = r#"infertap_requests_running{node="node-2"}"#;
+    let end = Instant::now() + WAIT;
+    loop {
+        let left = store.query(gauge, now_s()).unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "{kind:?} still shows {left:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        store
+            .query(r#"infertap_requests_running{node="node-1"}"#, now_s())
+            .unwrap()
+            .len(),
+        1,
+        "the other agent's gauge stays"
+    );
+    assert_eq!(a.shutdown(Duration::from_secs(10)).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,7 +104,14 @@ fn main() -> Result<()> {
         }
         Cmd::BenchCollector { args } => {
             let st = cargo()
-                .args(["build", "--release", "-p", "infertap-collector", "--bin", "infertap-collector"])
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "infertap-collector",
+                    "--bin",
+                    "infertap-collector",
+                ])
                 .status()?;
             if !st.success() {
                 bail!("building the collector failed ({st})");

@@ -74,6 +74,57 @@ pub fn collect(
     ts_ms: i64,
 ) -> Vec<TimeSeries> {
     let mut out = Vec::with_capacity(view.series_count() * 4);
+    visit(view, self_text, external, ts_ms, &mut |t| out.push(t));
+    out
+}
+
+/// Prometheus's staleness marker: the NaN that tells a store a series ended (`value.StaleNaN`).
+pub const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
+
+/// The snapshot straight into encoded requests of at most `max_samples` samples each, without
+/// holding every series in memory at once (a 1,000-agent fleet has hundreds of thousands).
+/// Series of `gone` (in the previous snapshot, not in this one: a departed agent's gauges, a
+/// pruned agent's totals) get a staleness marker, as Prometheus's own scrapes write, so stores
+/// stop showing them at once instead of for their lookback window.
+pub fn encode_snapshot(
+    view: &MetricStore,
+    gone: Option<&MetricStore>,
+    self_text: &str,
+    external: &[(String, String)],
+    ts_ms: i64,
+    max_samples: usize,
+) -> Vec<EncodedBatch> {
+    let max = max_samples.max(1);
+    let mut out = Vec::new();
+    let mut batch = Vec::with_capacity(max.min(100_000));
+    let mut push = |t: TimeSeries, out: &mut Vec<EncodedBatch>| {
+        batch.push(t);
+        if batch.len() >= max {
+            out.push(encode_one(std::mem::take(&mut batch)));
+        }
+    };
+    visit(view, self_text, external, ts_ms, &mut |t| push(t, &mut out));
+    if let Some(gone) = gone {
+        visit(gone, "", external, ts_ms, &mut |mut t| {
+            for s in &mut t.samples {
+                s.value = f64::from_bits(STALE_NAN);
+            }
+            push(t, &mut out)
+        });
+    }
+    if !batch.is_empty() {
+        out.push(encode_one(batch));
+    }
+    out
+}
+
+fn visit(
+    view: &MetricStore,
+    self_text: &str,
+    external: &[(String, String)],
+    ts_ms: i64,
+    out: &mut impl FnMut(TimeSeries),
+) {
     let pairs =
         |l: &Vec<(String, String)>| l.iter().map(|(n, v)| label(n, v)).collect::<Vec<Label>>();
     for def in schema::ALL {
@@ -90,7 +141,7 @@ pub fn collect(
                         };
                         let mut l = base.clone();
                         l.push(label("le", &le));
-                        out.push(series(
+                        out(series(
                             format!("{}_bucket", def.name),
                             l,
                             external,
@@ -98,14 +149,14 @@ pub fn collect(
                             ts_ms,
                         ));
                     }
-                    out.push(series(
+                    out(series(
                         format!("{}_sum", def.name),
                         base.clone(),
                         external,
                         h.sum,
                         ts_ms,
                     ));
-                    out.push(series(
+                    out(series(
                         format!("{}_count", def.name),
                         base,
                         external,
@@ -116,7 +167,7 @@ pub fn collect(
             }
             Kind::Counter => {
                 for (labels, v) in view.counters(def) {
-                    out.push(series(
+                    out(series(
                         def.name.to_owned(),
                         pairs(labels),
                         external,
@@ -127,7 +178,7 @@ pub fn collect(
             }
             Kind::Gauge => {
                 for (labels, v) in view.gauges(def) {
-                    out.push(series(
+                    out(series(
                         def.name.to_owned(),
                         pairs(labels),
                         external,
@@ -139,9 +190,8 @@ pub fn collect(
         }
     }
     for (name, labels, value) in parse_exposition(self_text) {
-        out.push(series(name, labels, external, value, ts_ms));
+        out(series(name, labels, external, value, ts_ms));
     }
-    out
 }
 
 /// Samples of an OpenMetrics/Prometheus text exposition as written by `prometheus-client`
@@ -198,19 +248,23 @@ pub fn encode_batches(series: Vec<TimeSeries>, max_samples: usize) -> Vec<Encode
     let mut out = Vec::with_capacity(series.len() / max + 1);
     let mut it = series.into_iter().peekable();
     while it.peek().is_some() {
-        let chunk: Vec<TimeSeries> = it.by_ref().take(max).collect();
-        let samples = chunk.iter().map(|s| s.samples.len()).sum::<usize>() as u32;
-        let req = WriteRequest {
-            timeseries: chunk,
-            metadata: Vec::new(),
-        };
-        let raw = req.encode_to_vec();
-        let body = snap::raw::Encoder::new()
-            .compress_vec(&raw)
-            .expect("snappy compresses any input below 4 GiB");
-        out.push(EncodedBatch { body, samples });
+        out.push(encode_one(it.by_ref().take(max).collect()));
     }
     out
+}
+
+fn encode_one(chunk: Vec<TimeSeries>) -> EncodedBatch {
+    let samples = chunk.iter().map(|s| s.samples.len()).sum::<usize>() as u32;
+    let raw = WriteRequest {
+        timeseries: chunk,
+        metadata: Vec::new(),
+    }
+    .encode_to_vec();
+    // A request is far below snappy's 4 GiB input limit, so this cannot fail.
+    let body = snap::raw::Encoder::new()
+        .compress_vec(&raw)
+        .unwrap_or_default();
+    EncodedBatch { body, samples }
 }
 
 /// Decodes a request body (tests, tools): snappy block → `WriteRequest`.
@@ -273,6 +327,34 @@ mod tests {
         assert_eq!(x.samples[0].value, 7.0);
         assert_eq!(s[s.len() - 1].samples[0].value, 1.5);
         assert!(s.iter().all(|t| t.samples[0].timestamp == 1000));
+    }
+
+    #[test]
+    fn streamed_snapshot_encoding_equals_collect_then_batch() {
+        let mut view = MetricStore::new();
+        let def = &schema::TIME_TO_FIRST_TOKEN;
+        view.histogram_mut(def, vec![("model_name".into(), "m".into())])
+            .observe(def, 0.02);
+        let text = "a 1\nb{x=\"y\"} 2\n";
+        let whole = encode_batches(collect(&view, text, &[], 9), 7);
+        assert_eq!(encode_snapshot(&view, None, text, &[], 9, 7), whole);
+        assert!(whole.len() > 1);
+        // A series gone since the last snapshot gets one staleness marker per sample series.
+        let mut before = view.clone();
+        before.set_gauge(
+            &schema::REQUESTS_RUNNING,
+            vec![("node".into(), "n".into())],
+            3.0,
+        );
+        let gone = before.without(&view);
+        let b = encode_snapshot(&view, Some(&gone), "", &[], 9, 1000);
+        let ts: Vec<TimeSeries> = b
+            .iter()
+            .flat_map(|b| decode_batch(&b.body).unwrap().timeseries)
+            .collect();
+        let stale = ts.last().unwrap();
+        assert_eq!(stale.labels[0].value, schema::REQUESTS_RUNNING.name);
+        assert_eq!(stale.samples[0].value.to_bits(), STALE_NAN);
     }
 
     #[test]

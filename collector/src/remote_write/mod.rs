@@ -23,7 +23,7 @@ pub mod queue;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -247,6 +247,8 @@ pub struct RemoteWrite {
     cfg: RemoteWriteConfig,
     targets: Vec<Arc<Target>>,
     metrics: RemoteWriteMetrics,
+    /// The last snapshot's series, to mark the ones that disappear as stale.
+    prev_view: Mutex<Option<MetricStore>>,
 }
 
 impl std::fmt::Debug for RemoteWrite {
@@ -298,6 +300,7 @@ impl RemoteWrite {
             cfg,
             targets,
             metrics,
+            prev_view: Mutex::new(None),
         })
     }
 
@@ -340,8 +343,23 @@ impl RemoteWrite {
     /// disk): call it on the blocking pool.
     pub fn enqueue_snapshot(&self, view: &MetricStore, self_text: &str, ts_ms: i64) {
         let started = Instant::now();
-        let series = encode::collect(view, self_text, &self.cfg.external_labels, ts_ms);
-        let batches = encode::encode_batches(series, self.cfg.max_samples_per_send);
+        let gone = {
+            let mut prev = self
+                .prev_view
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let gone = prev.as_ref().map(|p| p.without(view));
+            *prev = Some(view.clone());
+            gone
+        };
+        let batches = encode::encode_snapshot(
+            view,
+            gone.as_ref().filter(|g| g.series_count() > 0),
+            self_text,
+            &self.cfg.external_labels,
+            ts_ms,
+            self.cfg.max_samples_per_send,
+        );
         let samples: u64 = batches.iter().map(|b| u64::from(b.samples)).sum();
         self.metrics.snapshot_samples.set(samples as i64);
         let refs: Vec<(u32, &[u8])> = batches
