@@ -169,6 +169,24 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
     scrape(addr).map(|m| m.sum(name, &[])).unwrap_or(f64::NAN)
 }
 
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        dir_bytes(&p)
+                    } else {
+                        e.metadata().map_or(0, |m| m.len())
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn now_s() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -319,6 +337,15 @@ async fn main() -> anyhow::Result<()> {
         let addr = c.metrics_addr;
         let m = tokio::task::spawn_blocking(move || scrape(addr)).await??;
         let end = now_s();
+        // Every sample VictoriaMetrics holds, counted back over the whole run.
+        let window = (end - started) as u64 + 60;
+        let in_vm = store
+            .query(
+                &format!("sum(count_over_time({{__name__=~\".+\"}}[{window}s]))"),
+                end,
+            )?
+            .first()
+            .map_or(0.0, |r| r.1);
         // The probe series: one sample per snapshot, every 15 s since the start.
         let series = store.raw(
             r#"infertap_collector_remote_write_snapshot_samples"#,
@@ -348,6 +375,8 @@ async fn main() -> anyhow::Result<()> {
             "samples_sent": sent,
             "samples_dropped": dropped,
             "samples_lost": enq - sent - dropped,
+            "samples_in_victoria_metrics": in_vm,
+            "queue_dir_bytes_after_drain": dir_bytes(&q),
             "probe_series_samples_in_vm": samples,
             "probe_series_max_gap_s": max_gap_s,
         });
