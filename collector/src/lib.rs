@@ -1454,4 +1454,124 @@ mod tests {
             Some(3.0)
         );
     }
+
+    #[test]
+    fn series_and_agent_caps_refuse_and_count() {
+        let fleet = Fleet::new(CollectorConfig {
+            max_series: 3,
+            max_agents: 2,
+            ..Default::default()
+        });
+        let (k1, k2, k3) = (key("n1"), key("n2"), key("n3"));
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
+        let err = fleet.connect(&k3).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // A second stream of a known identity is not a new agent.
+        fleet.connect(&k1).unwrap();
+        // n1: histogram + counter + gauge = 3 series; n2's are all new and refused.
+        fleet.apply(&k1, &report(1, 1, 1.0));
+        fleet.apply(&k2, &report(1, 1, 1.0));
+        let view = fleet.snapshot();
+        assert_eq!(view.series_count(), 3);
+        assert_eq!(
+            view.counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", "n2"), ("agent", "a")])
+            ),
+            None
+        );
+        let text = fleet.encode_openmetrics().unwrap();
+        assert!(
+            text.contains(r#"infertap_collector_rejected_series_total{reason="series_limit"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"infertap_collector_agents_rejected_total{reason="agent_limit"} 1"#),
+            "{text}"
+        );
+        // Existing series keep taking deltas.
+        fleet.apply(&k1, &report(2, 5, 1.0));
+        assert_eq!(
+            fleet.snapshot().counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", "n1"), ("agent", "a")])
+            ),
+            Some(6)
+        );
+    }
+
+    #[test]
+    fn stale_agents_are_pruned_after_the_retention() {
+        let fleet = Fleet::new(CollectorConfig {
+            agent_retention: Duration::from_millis(50),
+            agent_timeout: Duration::from_millis(10),
+            ..Default::default()
+        });
+        let (k1, k2) = (key("n1"), key("n2"));
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
+        fleet.apply(&k1, &report(1, 1, 1.0));
+        fleet.apply(&k2, &report(1, 2, 1.0));
+        fleet.disconnect(&k1, true);
+        std::thread::sleep(Duration::from_millis(80));
+        fleet.sweep();
+        let view = fleet.snapshot();
+        let c = |n: &str| {
+            view.counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", n), ("agent", "a")]),
+            )
+        };
+        assert_eq!(c("n1"), None, "gone longer than the retention: pruned");
+        assert_eq!(c("n2"), Some(2), "still connected: kept");
+        // Its dedupe state went too: the same instance starts over.
+        fleet.connect(&k1).unwrap();
+        assert_eq!(
+            fleet.apply(&k1, &report(1, 1, 1.0)),
+            ApplyResult::Applied { rejected_series: 0 }
+        );
+    }
+
+    #[test]
+    fn checkpoint_restores_totals_and_dedupe_exactly() {
+        let fleet = Fleet::new(CollectorConfig::default());
+        let (k1, k2) = (key("n1"), key("n2"));
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
+        fleet.apply(&k1, &report(1, 3, 1.0));
+        fleet.apply(&k1, &report(2, 4, 1.0));
+        fleet.apply(&k2, &report(5, 7, 2.0));
+        let (epoch, totals, instances, models, _) = fleet.checkpoint();
+        let (epoch2, ..) = fleet.checkpoint();
+        assert_eq!(epoch2, epoch + 1);
+        let saved = infertap_proto::state_pb::CollectorState {
+            format_version: state::FORMAT_VERSION,
+            schema_version: schema::SCHEMA_VERSION,
+            written_unix_ns: unix_now_ns(),
+            aggregate_by: "agent".into(),
+            totals: Some(totals.interval_report(&MetricStore::new(), 0, 0)),
+            instances,
+            models,
+        };
+        let back = Fleet::new(CollectorConfig::default());
+        assert_eq!(back.restore(saved), totals.series_count());
+        let mut restored = back.snapshot();
+        restored.clear_gauges();
+        assert_eq!(restored, totals);
+        // Re-sent reports the saved state covers are duplicates; newer ones apply.
+        back.connect(&k1).unwrap();
+        assert_eq!(back.apply(&k1, &report(2, 4, 1.0)), ApplyResult::Duplicate);
+        assert_eq!(
+            back.apply(&k1, &report(3, 1, 1.0)),
+            ApplyResult::Applied { rejected_series: 0 }
+        );
+        assert_eq!(
+            back.snapshot().counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", "n1"), ("agent", "a")])
+            ),
+            Some(8)
+        );
+    }
 }
