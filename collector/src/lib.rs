@@ -207,6 +207,27 @@ pub struct Fleet {
     cpu_permits: Arc<tokio::sync::Semaphore>,
 }
 
+/// One checkpoint's data, cloned under the fleet lock.
+struct Checkpoint {
+    epoch: u64,
+    totals: MetricStore,
+    instances: Vec<infertap_proto::state_pb::AgentInstance>,
+    models: Vec<String>,
+    gauges: Vec<MetricStore>,
+}
+
+impl Checkpoint {
+    /// The merged view (`/metrics`' series): totals plus the live agents' gauges.
+    fn view(&self) -> MetricStore {
+        let mut view = self.totals.clone();
+        for g in &self.gauges {
+            // Gauges only: merging cannot hit a histogram layout mismatch.
+            let _ = view.merge(g);
+        }
+        view
+    }
+}
+
 /// What happened to one report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyResult {
@@ -488,17 +509,10 @@ impl Fleet {
         self.metrics.series.set(st.totals.series_count() as i64);
     }
 
-    /// Takes a checkpoint under the lock (a clone: quick) and starts a new epoch. Returns the
-    /// epoch the checkpoint covers, the state to persist and the merged view.
-    fn checkpoint(
-        &self,
-    ) -> (
-        u64,
-        MetricStore,
-        Vec<infertap_proto::state_pb::AgentInstance>,
-        Vec<String>,
-        MetricStore,
-    ) {
+    /// Takes a checkpoint under the lock (clones only) and starts a new epoch: the epoch it
+    /// covers, the totals, dedupe state and models to persist, and the live agents' gauges
+    /// (merged into the view by [`Checkpoint::view`], off the lock).
+    fn checkpoint(&self) -> Checkpoint {
         let mut st = self.lock();
         let epoch = st.epoch;
         st.epoch += 1;
@@ -516,13 +530,18 @@ impl Fleet {
             })
             .collect();
         let models = st.models.iter().cloned().collect();
-        let mut view = totals.clone();
-        for a in st.agents.values() {
-            if let Some(g) = &a.gauges {
-                let _ = view.merge(g);
-            }
+        let gauges = st
+            .agents
+            .values()
+            .filter_map(|a| a.gauges.clone())
+            .collect();
+        Checkpoint {
+            epoch,
+            totals,
+            instances,
+            models,
+            gauges,
         }
-        (epoch, totals, instances, models, view)
     }
 
     fn aggregate_name(&self) -> &'static str {
@@ -1189,7 +1208,7 @@ async fn run_checkpoints(
 }
 
 async fn checkpoint_once(fleet: &Arc<Fleet>, state_dir: Option<Arc<StateDir>>, remote: bool) {
-    let (epoch, totals, instances, models, view) = fleet.checkpoint();
+    let cp = fleet.checkpoint();
     let self_text = if remote {
         fleet.encode_self_metrics().unwrap_or_default()
     } else {
@@ -1197,6 +1216,14 @@ async fn checkpoint_once(fleet: &Arc<Fleet>, state_dir: Option<Arc<StateDir>>, r
     };
     let f = fleet.clone();
     let done = tokio::task::spawn_blocking(move || {
+        let view = remote.then(|| cp.view());
+        let Checkpoint {
+            epoch,
+            totals,
+            instances,
+            models,
+            ..
+        } = cp;
         if let Some(sd) = state_dir {
             let started = Instant::now();
             let saved = infertap_proto::state_pb::CollectorState {
@@ -1229,10 +1256,8 @@ async fn checkpoint_once(fleet: &Arc<Fleet>, state_dir: Option<Arc<StateDir>>, r
                 .set(started.elapsed().as_secs_f64());
         }
         f.durable.send_modify(|d| *d = (*d).max(epoch));
-        if remote {
-            if let Some(rw) = f.remote_write.get() {
-                rw.enqueue_snapshot(&view, &self_text, (unix_now_ns() / 1_000_000) as i64);
-            }
+        if let (Some(view), Some(rw)) = (view, f.remote_write.get()) {
+            rw.enqueue_snapshot(&view, &self_text, (unix_now_ns() / 1_000_000) as i64);
         }
     })
     .await;
@@ -1542,9 +1567,14 @@ mod tests {
         fleet.apply(&k1, &report(1, 3, 1.0));
         fleet.apply(&k1, &report(2, 4, 1.0));
         fleet.apply(&k2, &report(5, 7, 2.0));
-        let (epoch, totals, instances, models, _) = fleet.checkpoint();
-        let (epoch2, ..) = fleet.checkpoint();
-        assert_eq!(epoch2, epoch + 1);
+        let Checkpoint {
+            epoch,
+            totals,
+            instances,
+            models,
+            ..
+        } = fleet.checkpoint();
+        assert_eq!(fleet.checkpoint().epoch, epoch + 1);
         let saved = infertap_proto::state_pb::CollectorState {
             format_version: state::FORMAT_VERSION,
             schema_version: schema::SCHEMA_VERSION,
