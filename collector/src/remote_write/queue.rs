@@ -364,8 +364,21 @@ impl Queue {
     /// changed under us) is skipped and returned as `Err` with its sample count, so the caller
     /// can count it.
     pub fn peek(&self) -> io::Result<Option<Result<Record, (u64, u32)>>> {
-        let inner = self.lock();
-        let id = inner.acked + 1;
+        let mut inner = self.lock();
+        let mut id = inner.acked + 1;
+        // A segment cut short at open (a damaged record) leaves a gap in the ids: skip it.
+        if !inner
+            .segments
+            .iter()
+            .any(|s| s.first_id <= id && id < s.end_id())
+        {
+            let Some(next) = inner.segments.iter().map(|s| s.first_id).find(|f| *f > id) else {
+                return Ok(None);
+            };
+            inner.acked = next - 1;
+            self.write_acked(inner.acked)?;
+            id = next;
+        }
         let Some(seg) = inner
             .segments
             .iter()
@@ -536,6 +549,26 @@ mod tests {
             (1, (HEADER + 6) as u64)
         );
         assert_eq!(drain(&q), vec![(5, b"hello".to_vec())]);
+    }
+
+    #[test]
+    fn damage_in_an_older_segment_skips_to_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // 64-byte records, 2 per segment: ids 1-2, 3-4, 5-6.
+            let (q, _) = Queue::open(dir.path(), cfg(1 << 20, 100)).unwrap();
+            for i in 0..6u32 {
+                q.append(i as i64, &[(i, &[i as u8; 40])]).unwrap();
+            }
+        }
+        let seg = dir.path().join(seg_name(3));
+        let mut data = fs::read(&seg).unwrap();
+        data[HEADER + 1] ^= 0xff; // record 3's payload
+        fs::write(&seg, &data).unwrap();
+        let (q, o) = Queue::open(dir.path(), cfg(1 << 20, 100)).unwrap();
+        assert_eq!(o.corrupt_bytes, 128, "records 3 and 4 cut");
+        let got: Vec<u32> = drain(&q).into_iter().map(|g| g.0).collect();
+        assert_eq!(got, [0, 1, 4, 5], "ids 1, 2, then 5, 6: the gap is skipped");
     }
 
     #[test]
