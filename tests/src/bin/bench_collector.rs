@@ -268,7 +268,7 @@ async fn main() -> anyhow::Result<()> {
         "series": m.sum("infertap_collector_series", &[]),
         "snapshot_samples": m.sum("infertap_collector_remote_write_snapshot_samples", &[]),
         "samples_sent": m.sum("infertap_collector_remote_write_samples_sent_total", &[]),
-        "samples_dropped": m.sum("infertap_collector_remote_write_samples_dropped_total", &[]),
+        "samples_dropped": m.sum("infertap_collector_remote_write_samples_dropped_total", &[]) + 0.0,
         "state_file_bytes": m.sum("infertap_collector_state_bytes", &[]),
         "state_write_s": m.sum("infertap_collector_state_write_seconds", &[]),
         "reports_acked": acked,
@@ -363,7 +363,7 @@ async fn main() -> anyhow::Result<()> {
             &[],
         );
         let sent = m.sum("infertap_collector_remote_write_samples_sent_total", &[]);
-        let dropped = m.sum("infertap_collector_remote_write_samples_dropped_total", &[]);
+        let dropped = m.sum("infertap_collector_remote_write_samples_dropped_total", &[]) + 0.0;
         drop(c);
         let _ = fleet.await;
         out["outage"] = serde_json::json!({
