@@ -347,6 +347,18 @@ impl Aggregator {
             .set_counter(&schema::CONNECTIONS_UNTRACED, labels, cumulative_total);
     }
 
+    /// Sets `infertap_otlp_exports_total{signal,result}` to the OTLP exporter's cumulative count
+    /// of export calls (`signal`: traces|metrics, `result`: ok|error).
+    pub fn set_otlp_exports(&mut self, signal: &str, result: &str, cumulative_total: u64) {
+        let labels = vec![
+            (schema::LABEL_SIGNAL.to_owned(), signal.to_owned()),
+            (schema::LABEL_RESULT.to_owned(), result.to_owned()),
+        ];
+        self.cumulative
+            .lock()
+            .set_counter(&schema::OTLP_EXPORTS, labels, cumulative_total);
+    }
+
     /// Ends the current interval at `now_unix_ns` and returns what changed during it (histogram
     /// and counter deltas, current gauges). `sequence` is 0: the gRPC exporter assigns it.
     pub fn take_interval(&mut self, now_unix_ns: u64) -> IntervalReport {

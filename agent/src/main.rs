@@ -13,6 +13,7 @@ use infertap::{
     },
     profiling::{aggregate::ProfileType, stage::ProfilerOptions},
     sinks::explain::{render_explain_with, ExplainOptions, RankBy},
+    sinks::otlp::OtlpConfig,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -190,6 +191,31 @@ struct AgentArgs {
     /// <type>-<start unix ms>.pb.gz; the newest 360 per type are kept.
     #[arg(long, value_name = "DIR")]
     profile_dir: Option<PathBuf>,
+    #[command(flatten)]
+    otlp: OtlpArgs,
+}
+
+/// OTLP export (spans per request, the metrics of the Prometheus endpoint).
+#[derive(Args, Debug, Clone)]
+struct OtlpArgs {
+    /// Export one span per request and the metrics to this OTLP/gRPC endpoint (e.g.
+    /// http://otel-collector:4317).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// gRPC metadata sent with every OTLP export, e.g. `authorization=Bearer …` (repeatable).
+    #[arg(long = "otlp-header", value_name = "KEY=VALUE", value_parser = infertap::sinks::otlp::parse_header)]
+    otlp_headers: Vec<(String, String)>,
+    /// `service.name` of the exported resources.
+    #[arg(long, default_value = "infertap", value_name = "NAME")]
+    otlp_service_name: String,
+    /// How often the metrics are exported over OTLP (default: the aggregation --interval; 0s
+    /// exports spans only).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    otlp_interval: Option<Duration>,
+    /// Spans held for the OTLP exporter while it is busy; beyond it spans are dropped and
+    /// counted (`infertap_events_dropped_total{reason="otlp_queue_full"}`).
+    #[arg(long, default_value_t = 4096, value_name = "SPANS")]
+    otlp_queue_size: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -373,6 +399,7 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
         trace: false,
         profiler,
         profile_dir: None,
+        otlp: None,
     })
 }
 
@@ -423,6 +450,15 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     }
     if let Some(p) = opts.profiler.as_mut() {
         p.node = opts.node.clone();
+    }
+    if let Some(url) = &a.otlp.otlp_endpoint {
+        let mut cfg = OtlpConfig::new(url.clone(), opts.node.clone());
+        cfg.client.headers = a.otlp.otlp_headers.clone();
+        cfg.service_name = a.otlp.otlp_service_name.clone();
+        cfg.queue_capacity = a.otlp.otlp_queue_size;
+        let every = a.otlp.otlp_interval.unwrap_or(a.interval);
+        cfg.metrics_interval = (!every.is_zero()).then_some(every);
+        opts.otlp = Some(cfg);
     }
     let p = Pipeline::new(opts).await?.run(shutdown_signal()).await?;
     summary(&p);

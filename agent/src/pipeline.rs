@@ -33,6 +33,7 @@ use crate::{
     sinks::jsonl::{self, JsonLines, RequestLine},
     sinks::{
         grpc::{ExporterConfig, GrpcExporter},
+        otlp::{self, OtlpConfig, OtlpExporter},
         prometheus::{self, MetricsServer},
     },
     targets,
@@ -73,6 +74,8 @@ pub struct AgentOptions {
     pub profiler: Option<ProfilerOptions>,
     /// Also write every interval's profiles as files into this directory.
     pub profile_dir: Option<PathBuf>,
+    /// Export spans and metrics over OTLP/gRPC (`--otlp-endpoint`).
+    pub otlp: Option<OtlpConfig>,
 }
 
 /// CUDA launch-path probing.
@@ -119,6 +122,7 @@ pub struct Pipeline {
     cuda_observers: Vec<CudaObserver>,
     aggregator: Aggregator,
     exporter: Option<GrpcExporter>,
+    otlp: Option<OtlpExporter>,
     metrics_server: Option<MetricsServer>,
     gpu: GpuStage,
     profiler: Option<Profiler>,
@@ -142,7 +146,8 @@ impl Pipeline {
             }
         }
         let jsonl = opts.requests.as_deref().map(JsonLines::open).transpose()?;
-        let aggregator = Aggregator::new(DEFAULT_MAX_MODELS, clock::unix_ns());
+        let started_unix_ns = clock::unix_ns();
+        let aggregator = Aggregator::new(DEFAULT_MAX_MODELS, started_unix_ns);
         let clock = Clock::measure();
         let mut gpu = GpuStage::start(&opts.gpu);
         if opts.trace {
@@ -172,6 +177,13 @@ impl Pipeline {
             }
             None => None,
         };
+        let otlp = match &opts.otlp {
+            Some(cfg) => Some(
+                OtlpExporter::spawn(cfg.clone(), Some((aggregator.shared(), started_unix_ns)))
+                    .with_context(|| format!("--otlp-endpoint {}", cfg.client.endpoint))?,
+            ),
+            None => None,
+        };
         let profiler = match (&opts.profiler, probes.take_profile()) {
             (Some(po), Some(pp)) => {
                 let to_collector = exporter.as_ref().map(|e| e.profile_sink());
@@ -194,6 +206,7 @@ impl Pipeline {
         Ok(Self {
             aggregator,
             exporter,
+            otlp,
             metrics_server,
             gpu,
             profiler,
@@ -410,10 +423,16 @@ impl Pipeline {
         self.stats
             .requests_completed
             .fetch_add(1, Ordering::Relaxed);
-        if let Some(out) = self.jsonl.as_mut() {
+        if self.jsonl.is_some() || self.otlp.is_some() {
+            // One line for both: the span reuses the line's times and figures.
             let mut line = RequestLine::new(&r, &self.clock);
-            line.gpu = gpu.as_ref().and_then(|g| serde_json::to_value(g).ok());
-            out.write(&line);
+            if let Some(o) = &self.otlp {
+                o.submit_with(|| otlp::request_span(&r, &line, gpu.as_ref(), &self.clock));
+            }
+            if let Some(out) = self.jsonl.as_mut() {
+                line.gpu = gpu.as_ref().and_then(|g| serde_json::to_value(g).ok());
+                out.write(&line);
+            }
         }
         if self.opts.print {
             eprintln!("{}", jsonl::human_line(&r));
@@ -520,6 +539,12 @@ impl Pipeline {
                 infertap_proto::schema::DROP_REASON_PROFILE_TOO_LARGE,
                 e.oversized_profiles(),
             ));
+        }
+        if let Some(o) = &self.otlp {
+            drops.extend(o.drops());
+            for (signal, result, n) in o.exports() {
+                self.aggregator.set_otlp_exports(signal, result, n);
+            }
         }
         for (reason, n) in drops {
             self.aggregator.set_drops(reason, n);
@@ -663,6 +688,12 @@ impl Pipeline {
             let lost = e.shutdown(Duration::from_secs(3)).await;
             if lost > 0 {
                 warn!("{lost} interval report(s) could not be delivered to the collector");
+            }
+        }
+        if let Some(o) = self.otlp.take() {
+            let lost = o.shutdown(Duration::from_secs(5)).await;
+            if lost > 0 {
+                warn!("the OTLP exporter did not finish in time: {lost} span(s) lost");
             }
         }
         if let Some(m) = self.metrics_server.take() {

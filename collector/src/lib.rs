@@ -20,6 +20,7 @@
 
 pub mod forward;
 mod http;
+pub mod otlp;
 pub mod profiles;
 pub mod query;
 pub mod remote_write;
@@ -186,6 +187,7 @@ struct SelfMetrics {
     state_writes: Family<Vec<(String, String)>, Counter>,
     state_bytes: Gauge,
     state_write_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    otlp: otlp::OtlpExportMetrics,
 }
 
 /// The merged fleet state, shared by the gRPC service and the metrics endpoint.
@@ -273,6 +275,11 @@ impl Fleet {
         .await
         .context("profile task panicked")?;
         Ok(out)
+    }
+
+    /// The OTLP exporter's counters (`--otlp-endpoint`), on this fleet's `/metrics`.
+    pub fn otlp_metrics(&self) -> otlp::OtlpExportMetrics {
+        self.metrics.otlp.clone()
     }
 
     /// The profile store.
@@ -736,6 +743,7 @@ impl Fleet {
                 f.queued.clone(),
             );
         }
+        self.metrics.otlp.register(&mut registry);
         let mut out = String::new();
         encode(&mut out, &registry)?;
         Ok(out)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use infertap_collector::forward::ForwardConfig;
+use infertap_collector::otlp::{OtlpMetricsConfig, OtlpMetricsExporter};
 use infertap_collector::profiles::ProfileStoreConfig;
 use infertap_collector::remote_write::RemoteWriteConfig;
 use infertap_collector::{AggregateBy, CollectorConfig};
@@ -119,6 +120,8 @@ struct Args {
     /// Remove the series of an agent gone (no stream, no report) for this long.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     agent_retention: Duration,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 /// `name=value` for `--remote-write-label`.
@@ -145,6 +148,24 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
     hyper::http::HeaderName::from_bytes(k.trim().as_bytes()).map_err(|e| format!("{k:?}: {e}"))?;
     hyper::http::HeaderValue::from_str(v.trim()).map_err(|e| format!("{s:?}: {e}"))?;
     Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+/// OTLP export of the merged metrics.
+#[derive(Debug, clap::Args)]
+struct OtlpArgs {
+    /// Export the merged fleet metrics to this OTLP/gRPC endpoint (e.g.
+    /// http://otel-collector:4317).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// gRPC metadata sent with every OTLP export, e.g. `authorization=Bearer …` (repeatable).
+    #[arg(long = "otlp-header", value_name = "KEY=VALUE", value_parser = infertap_proto::otlp::parse_header)]
+    otlp_headers: Vec<(String, String)>,
+    /// `service.name` of the exported resource.
+    #[arg(long, default_value = "infertap-collector", value_name = "NAME")]
+    otlp_service_name: String,
+    /// Time between OTLP metrics exports.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    otlp_interval: Duration,
 }
 
 /// A byte size: a number with an optional K/M/G (×1000) or KiB/MiB/GiB (×1024) suffix.
@@ -234,6 +255,22 @@ async fn main() -> anyhow::Result<()> {
         agent_retention: args.agent_retention,
     };
     let mut collector = infertap_collector::start(cfg, grpc, metrics).await?;
+    let otlp = match &args.otlp.otlp_endpoint {
+        Some(url) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into());
+            let mut c = OtlpMetricsConfig::new(url.clone(), host);
+            c.client.headers = args.otlp.otlp_headers.clone();
+            c.service_name = args.otlp.otlp_service_name.clone();
+            c.interval = args.otlp.otlp_interval;
+            Some(
+                OtlpMetricsExporter::spawn(c, collector.fleet().clone())
+                    .with_context(|| format!("--otlp-endpoint {url}"))?,
+            )
+        }
+        None => None,
+    };
     // One machine-readable line on stdout, for scripts and tests started with port 0.
     println!(
         "listening grpc={} metrics={}",
@@ -246,6 +283,11 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
         _ = term.recv() => tracing::info!("terminated, shutting down"),
         err = collector.wait_failure() => return Err(err),
+    }
+    if let Some(o) = otlp {
+        if !o.shutdown(Duration::from_secs(5)).await {
+            tracing::warn!("the final OTLP metrics export did not finish in time");
+        }
     }
     collector.shutdown().await
 }

@@ -2,8 +2,10 @@
 //! metric schema both sides share (`schema`), plus the mergeable metric store (`store`) that the
 //! agent's and the collector's Prometheus endpoints both encode from, so metric names, label names
 //! and bucket bounds cannot drift apart. `pprof` builds, decodes, validates and merges the
-//! profiles that reports carry.
+//! profiles that reports carry; `otlp` turns a store into OTLP metrics and exports over
+//! OTLP/gRPC (agent and collector `--otlp-endpoint`).
 
+pub mod otlp;
 pub mod pprof;
 pub mod schema;
 pub mod store;

@@ -426,6 +426,17 @@ pub static PROFILE_OFFCPU_ONE_IN: MetricDef = MetricDef {
     bounds: &[],
 };
 
+/// OTLP signal of an export call (`traces`, `metrics`).
+pub const LABEL_SIGNAL: &str = "signal";
+
+pub static OTLP_EXPORTS: MetricDef = MetricDef {
+    name: "infertap_otlp_exports_total",
+    help: "OTLP export calls made by the agent, by signal (traces, metrics) and result (ok, error; a retried export counts each attempt)",
+    kind: Kind::Counter,
+    labels: &[LABEL_SIGNAL, LABEL_RESULT],
+    bounds: &[],
+};
+
 /// Every metric, in exposition order.
 pub static ALL: &[&MetricDef] = &[
     &TIME_TO_FIRST_TOKEN,
@@ -460,6 +471,7 @@ pub static ALL: &[&MetricDef] = &[
     &PROFILE_PYTHON_SAMPLES,
     &PROFILE_PYTHON_PROCESSES,
     &PROFILE_OFFCPU_ONE_IN,
+    &OTLP_EXPORTS,
 ];
 
 /// The definition of a metric by its exposition name.

@@ -39,6 +39,8 @@ SCENARIO keys (defaults in brackets):
                   application/json lines of no known shape) | "unknown_sse" (SSE of no known
                   shape)
   n               "openai" shape: parallel choices, events interleaved choice by choice [1]
+  text            stream mode: words put before each content event's token text (e.g. a
+                  marker a privacy test must never find in the agent's output)  [""]
   await_eof_ms    before responding, wait up to this long for the client to shut down its
                   sending side (a read returning 0, as a server watching for disconnects
                   does); a half-closed client is still answered in full, then the
@@ -77,7 +79,7 @@ DEFAULTS = {
     "tokens_per_event": 1, "role_chunk": True, "usage": True, "done": True, "split": "none",
     "fragment_gap_ms": 1, "coalesce": 3, "close_after": None, "reset": False,
     "exit_after": None, "truncate_after": None, "keep_alive": True, "chunked": False,
-    "shape": "openai", "n": 1, "await_eof_ms": 0,
+    "shape": "openai", "n": 1, "await_eof_ms": 0, "text": "",
 }
 
 
@@ -177,8 +179,8 @@ def chunk(data):
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def content_event(chat, model, i, n_tok):
-    text = "".join("tok%d " % (i * n_tok + k) for k in range(n_tok))
+def content_event(chat, model, i, n_tok, prefix=""):
+    text = prefix + "".join("tok%d " % (i * n_tok + k) for k in range(n_tok))
     logprobs = {"content": [{"token": "t", "logprob": -0.1} for _ in range(n_tok)]}
     if chat:
         choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
@@ -426,9 +428,10 @@ class Shape:
             has_usage = self.usage
         self.usage_tokens = self.total if has_usage else None
         self.seq = 0
+        self.prefix = sc["text"]
 
     def text(self, i):
-        return "".join("tok%d " % (i * self.per + k) for k in range(self.per))
+        return self.prefix + "".join("tok%d " % (i * self.per + k) for k in range(self.per))
 
     def preamble(self):
         m = self.model
@@ -480,7 +483,7 @@ class Shape:
     def event(self, i, c):
         m, text = self.model, self.text(i)
         if self.name == "openai":
-            ev = content_event(self.chat, m, i, self.per)
+            ev = content_event(self.chat, m, i, self.per, self.prefix)
             ev["choices"][0]["index"] = c
             return sse(ev)
         if self.name == "responses":

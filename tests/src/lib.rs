@@ -12,6 +12,7 @@
 //! - [`paths`]: where binaries, the venv and the model live
 //! - [`collector_support`]: in-process agents' exporters against a collector (gRPC tests)
 //! - [`tools`]: `go tool pprof`, headless Chromium and the test artefacts folder
+//! - [`otlp`]: the OTLP/gRPC receiver decoding with the official protobuf definitions
 //! - [`wire`]: packet capture of a server port on loopback, the timing reference
 
 pub mod agent;
@@ -19,8 +20,10 @@ pub mod client;
 pub mod collector_support;
 pub mod compare;
 pub mod load;
+pub mod otlp;
 pub mod paths;
 pub mod prereq;
+pub mod prometheus;
 pub mod report;
 pub mod servers;
 pub mod stores;

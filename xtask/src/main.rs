@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing: nightly + rust-src, LLVM 22, bpf-linker, tracefs, the Python venv
-    /// with the real llama.cpp server and model.
+    /// with the real llama.cpp server and model, the OTLP receiver's venv.
     Setup(SetupArgs),
     /// Build the agent (eBPF + userspace), collector and test tools in release mode.
     Build,
@@ -191,6 +191,64 @@ fn venv_dir() -> PathBuf {
         .unwrap_or_else(|| home().join(".cache/infertap/venv"))
 }
 
+/// The OTLP receiver's venv (`INFERTAP_OTLP_VENV` or `~/.cache/infertap/otlp-venv`): the
+/// official OpenTelemetry protobuf definitions and gRPC for Python, so `e2e_otlp` checks the
+/// agent's exports with a decoder independent of its own code.
+fn otlp_venv_dir() -> PathBuf {
+    std::env::var_os("INFERTAP_OTLP_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache/infertap/otlp-venv"))
+}
+
+/// Pinned so a receiver on any machine decodes the same protocol version.
+const OTLP_RECEIVER_PACKAGES: &[&str] = &[
+    "opentelemetry-proto==1.45.2",
+    "grpcio==1.85.3",
+    "protobuf==7.36.2",
+];
+
+fn setup_otlp_venv() -> Result<()> {
+    let venv = otlp_venv_dir();
+    let python = venv.join("bin/python");
+    let ready = || {
+        probe(Command::new(&python).args([
+            "-c",
+            "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc, \
+             opentelemetry.proto.collector.metrics.v1.metrics_service_pb2_grpc",
+        ]))
+    };
+    if ready() {
+        step(&format!("OTLP receiver venv: ready at {}", venv.display()));
+        return Ok(());
+    }
+    if !python.is_file() {
+        step(&format!("OTLP receiver venv: creating {}", venv.display()));
+        if let Some(parent) = venv.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if !probe(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
+            step("OTLP receiver venv: installing python3-venv with apt-get");
+            run(sudo_prefix("apt-get").args(["install", "-y", "python3-venv"]))?;
+        }
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    step(&format!(
+        "OTLP receiver venv: pip install {}",
+        OTLP_RECEIVER_PACKAGES.join(" ")
+    ));
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(OTLP_RECEIVER_PACKAGES))?;
+    if !ready() {
+        bail!(
+            "the OTLP receiver venv at {} does not import grpc and opentelemetry.proto",
+            venv.display()
+        );
+    }
+    step("OTLP receiver venv: ready");
+    Ok(())
+}
+
 /// Runs a command, streaming its output; fails with the command line on a non-zero exit.
 fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
@@ -322,6 +380,7 @@ fn setup(args: &SetupArgs) -> Result<()> {
     } else {
         setup_venv()?;
     }
+    setup_otlp_venv()?;
 
     step("done");
     Ok(())
