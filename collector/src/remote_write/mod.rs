@@ -90,7 +90,8 @@ type Labels = Vec<(String, String)>;
 /// Remote-write self-metrics, each labelled with the store's `url` (and `reason` for drops).
 #[derive(Clone, Debug)]
 pub struct RemoteWriteMetrics {
-    /// `infertap_collector_remote_write_samples_enqueued_total`
+    /// `infertap_collector_remote_write_samples_enqueued_total`: appended to the queue, plus
+    /// those found queued on disk at start (so enqueued = sent + dropped + pending).
     pub enqueued: Family<Labels, Counter>,
     /// `infertap_collector_remote_write_samples_sent_total`: acknowledged by the store.
     pub sent: Family<Labels, Counter>,
@@ -146,7 +147,7 @@ impl RemoteWriteMetrics {
         let p = "infertap_collector_remote_write";
         r.register(
             format!("{p}_samples_enqueued"),
-            "Samples appended to the remote-write queue",
+            "Samples appended to the remote-write queue (and found queued on disk at start)",
             self.enqueued.clone(),
         );
         r.register(
@@ -289,6 +290,12 @@ impl RemoteWrite {
             if opened.pending_records > 0 {
                 tracing::info!(url = %label[0].1, requests = opened.pending_records, samples = opened.pending_samples, "resuming the remote-write queue");
             }
+            // Resumed samples count as enqueued by this process, so enqueued = sent + dropped +
+            // pending holds across restarts.
+            metrics
+                .enqueued
+                .get_or_create(&label)
+                .inc_by(opened.pending_samples);
             targets.push(Arc::new(Target {
                 uri,
                 label,
