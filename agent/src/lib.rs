@@ -22,6 +22,7 @@ pub mod external_counter;
 pub mod gpu;
 pub mod health;
 pub mod metadata;
+pub mod identity;
 pub mod pipeline;
 pub mod probes;
 pub mod profiling;

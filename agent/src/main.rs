@@ -180,6 +180,13 @@ struct AgentArgs {
     /// Node name reported to the collector (default: the host name).
     #[arg(long)]
     node: Option<String>,
+    /// Agent name reported to the collector (its `agent` label). Default: an id generated once
+    /// and kept in `--state-dir`, so restarts keep their series.
+    #[arg(long, env = "INFERTAP_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Where the agent keeps its generated id.
+    #[arg(long, default_value = infertap::identity::DEFAULT_STATE_DIR, env = "INFERTAP_STATE_DIR")]
+    state_dir: PathBuf,
     /// Also write each interval's profiles (pprof) into this directory as
     /// <type>-<start unix ms>.pb.gz; the newest 360 per type are kept.
     #[arg(long, value_name = "DIR")]
@@ -415,6 +422,8 @@ fn options_with(t: &TargetArgs, d: SamplingDefaults) -> Result<AgentOptions> {
         collector: None,
         interval: Duration::from_secs(10),
         node: host_name(),
+        agent_id: None,
+        state_dir: PathBuf::from(infertap::identity::DEFAULT_STATE_DIR),
         keep_requests: false,
         trace: false,
         profiler,
@@ -463,6 +472,8 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         ),
     };
     opts.collector = a.collector.clone();
+    opts.agent_id = a.agent_id.clone();
+    opts.state_dir = a.state_dir.clone();
     opts.interval = a.interval;
     opts.profile_dir = a.profile_dir.clone();
     opts.server_metrics = !a.no_server_metrics;

@@ -64,6 +64,10 @@ pub struct AgentOptions {
     pub interval: Duration,
     /// Node name reported to the collector.
     pub node: String,
+    /// `--agent-id`: the agent label on the collector (None: persisted in `state_dir`).
+    pub agent_id: Option<String>,
+    /// Where the generated agent id is kept (`--state-dir`).
+    pub state_dir: PathBuf,
     /// Keep every completed request with its GPU attribution (`infertap explain`).
     pub keep_requests: bool,
     /// Record a Perfetto trace of the run (`infertap trace`).
@@ -174,7 +178,11 @@ impl Pipeline {
         };
         let exporter = match &opts.collector {
             Some(url) => {
-                let agent_id = format!("{}-{}", opts.node, std::process::id());
+                let agent_id = crate::identity::agent_id(
+                    opts.agent_id.as_deref(),
+                    &opts.state_dir,
+                    &opts.node,
+                );
                 let mut cfg = ExporterConfig::new(url.clone(), opts.node.clone(), agent_id);
                 cfg.pids = opts.pids.clone();
                 Some(GrpcExporter::spawn(cfg).with_context(|| format!("--collector {url}"))?)

@@ -23,6 +23,8 @@ mod http;
 pub mod otlp;
 pub mod profiles;
 pub mod query;
+pub mod remote_write;
+pub mod state;
 mod ui;
 
 use std::collections::{HashMap, HashSet};
@@ -51,6 +53,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::forward::{ForwardConfig, ForwardMetrics, Forwarder};
 use crate::profiles::{Ingested, ProfileMetrics, ProfileStore, ProfileStoreConfig};
+use crate::remote_write::{RemoteWrite, RemoteWriteConfig};
+use crate::state::StateDir;
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -80,6 +84,22 @@ pub struct CollectorConfig {
     pub max_message_bytes: usize,
     /// Forward every stored profile to this Pyroscope-compatible backend.
     pub forward: Option<ForwardConfig>,
+    /// Persist totals and dedupe state here (None: in memory only, acks sent at once).
+    pub state_dir: Option<std::path::PathBuf>,
+    /// How often the state is written; with a state dir, acks wait for the write that
+    /// covers their report (at most this long).
+    pub state_interval: Duration,
+    /// Remote write to Prometheus-compatible stores.
+    pub remote_write: Option<RemoteWriteConfig>,
+    /// Most merged series (totals and gauges); new series past it are refused and counted
+    /// (`rejected_series{reason="series_limit"}`).
+    pub max_series: usize,
+    /// Most distinct agent identities (node + agent id) known at once; a new one past it is
+    /// refused at its hello (`agents_rejected{reason="agent_limit"}`).
+    pub max_agents: usize,
+    /// An agent identity with no open stream and no report for this long has its series
+    /// removed from the merged view (and its dedupe state forgotten).
+    pub agent_retention: Duration,
 }
 
 /// Default [`CollectorConfig::max_message_bytes`]: 64 MiB (agents put at most 16 MiB of
@@ -95,9 +115,20 @@ impl Default for CollectorConfig {
             profiles: ProfileStoreConfig::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             forward: None,
+            state_dir: None,
+            state_interval: Duration::from_secs(5),
+            remote_write: None,
+            max_series: DEFAULT_MAX_SERIES,
+            max_agents: DEFAULT_MAX_AGENTS,
+            agent_retention: Duration::from_secs(3600),
         }
     }
 }
+
+/// Default [`CollectorConfig::max_series`].
+pub const DEFAULT_MAX_SERIES: usize = 2_000_000;
+/// Default [`CollectorConfig::max_agents`].
+pub const DEFAULT_MAX_AGENTS: usize = 10_000;
 
 /// Wall-clock now, unix ns.
 pub(crate) fn unix_now_ns() -> u64 {
@@ -134,6 +165,9 @@ struct FleetState {
     totals: MetricStore,
     agents: HashMap<InstanceKey, AgentState>,
     models: HashSet<String>,
+    /// Checkpoint epoch: reports applied now become durable with the checkpoint that takes
+    /// this number ([`Fleet::checkpoint`]).
+    epoch: u64,
 }
 
 /// Collector's own metrics, next to the merged ones.
@@ -144,6 +178,15 @@ struct SelfMetrics {
     rejected_series: Family<Vec<(String, String)>, Counter>,
     profiles: ProfileMetrics,
     forward: ForwardMetrics,
+    agents_rejected: Family<Vec<(String, String)>, Counter>,
+    series_pruned: Counter,
+    series: Gauge,
+    /// 1 for the result of loading the state at start (loaded, missing, corrupt,
+    /// version_mismatch, disabled).
+    state_load: Family<Vec<(String, String)>, Gauge>,
+    state_writes: Family<Vec<(String, String)>, Counter>,
+    state_bytes: Gauge,
+    state_write_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     otlp: otlp::OtlpExportMetrics,
 }
 
@@ -155,10 +198,36 @@ pub struct Fleet {
     metrics: SelfMetrics,
     profiles: ProfileStore,
     forwarder: OnceLock<Forwarder>,
+    remote_write: OnceLock<Arc<RemoteWrite>>,
+    /// Highest checkpoint epoch whose state is on disk (acks wait for it with a state dir).
+    durable: tokio::sync::watch::Sender<u64>,
+    /// An ack is waiting for the next state write (wakes the checkpoint task early).
+    ack_wanted: tokio::sync::Notify,
     /// Bounds the CPU-heavy profile work (decoding on ingest, merging for queries) running at
     /// once, to the number of cores: many agents or queries wait instead of piling up threads
     /// and memory.
     cpu_permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// One checkpoint's data, cloned under the fleet lock.
+struct Checkpoint {
+    epoch: u64,
+    totals: MetricStore,
+    instances: Vec<infertap_proto::state_pb::AgentInstance>,
+    models: Vec<String>,
+    gauges: Vec<MetricStore>,
+}
+
+impl Checkpoint {
+    /// The merged view (`/metrics`' series): totals plus the live agents' gauges.
+    fn view(&self) -> MetricStore {
+        let mut view = self.totals.clone();
+        for g in &self.gauges {
+            // Gauges only: merging cannot hit a histogram layout mismatch.
+            let _ = view.merge(g);
+        }
+        view
+    }
 }
 
 /// What happened to one report.
@@ -178,6 +247,9 @@ impl Fleet {
             metrics,
             profiles,
             forwarder: OnceLock::new(),
+            remote_write: OnceLock::new(),
+            durable: tokio::sync::watch::Sender::new(0),
+            ack_wanted: tokio::sync::Notify::new(),
             cpu_permits: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
@@ -247,8 +319,30 @@ impl Fleet {
         }
     }
 
-    fn connect(&self, key: &InstanceKey) {
+    /// Registers a stream of `key`; refuses a new identity past `max_agents`.
+    fn connect(&self, key: &InstanceKey) -> Result<(), Status> {
         let mut st = self.lock();
+        let known = st
+            .agents
+            .keys()
+            .any(|k| k.node == key.node && k.agent == key.agent);
+        if !known {
+            let identities: HashSet<(&str, &str)> = st
+                .agents
+                .keys()
+                .map(|k| (k.node.as_str(), k.agent.as_str()))
+                .collect();
+            if identities.len() >= self.cfg.max_agents {
+                self.metrics
+                    .agents_rejected
+                    .get_or_create(&vec![("reason".into(), "agent_limit".into())])
+                    .inc();
+                return Err(Status::resource_exhausted(format!(
+                    "collector already tracks {} agents (--max-agents)",
+                    identities.len()
+                )));
+            }
+        }
         let a = st.agents.entry(key.clone()).or_insert(AgentState {
             last_sequence: 0,
             last_seen: Instant::now(),
@@ -258,6 +352,7 @@ impl Fleet {
         a.streams += 1;
         a.last_seen = Instant::now();
         self.metrics.agents_connected.inc();
+        Ok(())
     }
 
     fn disconnect(&self, key: &InstanceKey, clean: bool) {
@@ -272,13 +367,20 @@ impl Fleet {
         self.metrics.agents_connected.dec();
     }
 
+    #[cfg(test)]
     fn apply(&self, key: &InstanceKey, report: &IntervalReport) -> ApplyResult {
+        self.apply_at_epoch(key, report).0
+    }
+
+    /// Applies a report; also returns the checkpoint epoch whose state will hold it.
+    fn apply_at_epoch(&self, key: &InstanceKey, report: &IntervalReport) -> (ApplyResult, u64) {
         let prefix = self.prefix(key);
         let mut guard = self.lock();
         let st = &mut *guard;
+        let epoch = st.epoch;
         let Some(agent) = st.agents.get_mut(key) else {
             // `connect` always runs first; treat a missing entry as a protocol bug, not a panic.
-            return ApplyResult::Duplicate;
+            return (ApplyResult::Duplicate, epoch);
         };
         agent.last_seen = Instant::now();
         if report.sequence <= agent.last_sequence {
@@ -286,7 +388,7 @@ impl Fleet {
                 .reports
                 .get_or_create(&vec![("result".into(), "duplicate".into())])
                 .inc();
-            return ApplyResult::Duplicate;
+            return (ApplyResult::Duplicate, epoch);
         }
         agent.last_sequence = report.sequence;
         let max_models = self.cfg.max_models;
@@ -302,10 +404,37 @@ impl Fleet {
             schema::MODEL_OTHER.to_owned()
         };
         let (gauges_only, counted) = split_gauges(report);
-        let mut errors = st.totals.apply_report(&counted, &prefix, &mut cap_models);
+        let mut delta = MetricStore::new();
+        let mut errors = delta.apply_report(&counted, &prefix, &mut cap_models);
         let mut gauges = MetricStore::new();
         errors.extend(gauges.apply_report(&gauges_only, &prefix, &mut cap_models));
-        agent.gauges = Some(gauges);
+        // The series cap counts totals plus every live agent's gauges.
+        let gauge_series: usize = st
+            .agents
+            .iter()
+            .filter(|(k, _)| *k != key)
+            .filter_map(|(_, a)| a.gauges.as_ref().map(MetricStore::series_count))
+            .sum();
+        let room = self.cfg.max_series.saturating_sub(gauge_series);
+        let mut refused = st.totals.merge_capped(&delta, room).unwrap_or_else(|e| {
+            tracing::warn!("histogram layout mismatch while merging: {e}");
+            0
+        });
+        let room_for_gauges = room.saturating_sub(st.totals.series_count());
+        let mut capped = MetricStore::new();
+        refused += capped.merge_capped(&gauges, room_for_gauges).unwrap_or(0);
+        if refused > 0 {
+            self.metrics
+                .rejected_series
+                .get_or_create(&vec![("reason".into(), "series_limit".into())])
+                .inc_by(refused as u64);
+            tracing::warn!(node = %key.node, agent = %key.agent, refused, limit = self.cfg.max_series, "series limit (--max-series) reached; new series refused");
+        }
+        self.metrics.series.set(st.totals.series_count() as i64);
+        let Some(agent) = st.agents.get_mut(key) else {
+            return (ApplyResult::Duplicate, epoch);
+        };
+        agent.gauges = Some(capped);
         self.metrics
             .reports
             .get_or_create(&vec![("result".into(), "applied".into())])
@@ -319,9 +448,12 @@ impl Fleet {
         if let Some(first) = errors.first() {
             tracing::warn!(node = %key.node, agent = %key.agent, sequence = report.sequence, rejected = errors.len(), "report had series outside the schema, skipped them; first: {first}");
         }
-        ApplyResult::Applied {
-            rejected_series: errors.len(),
-        }
+        (
+            ApplyResult::Applied {
+                rejected_series: errors.len(),
+            },
+            epoch,
+        )
     }
 
     /// Drops gauges of agents silent for longer than the timeout and forgets long-gone ones.
@@ -337,6 +469,184 @@ impl Fleet {
         }
         st.agents
             .retain(|_, a| a.streams > 0 || a.last_seen.elapsed() < FORGET_AFTER.max(timeout));
+        self.prune_stale(&mut st);
+    }
+
+    /// Removes the series of agent identities gone for longer than `agent_retention` (with
+    /// `--aggregate-by node`, of nodes all of whose agents are gone; never with `fleet`).
+    fn prune_stale(&self, st: &mut FleetState) {
+        let retention = self.cfg.agent_retention;
+        let live = |a: &AgentState| a.streams > 0 || a.last_seen.elapsed() < retention;
+        let mut stale: HashSet<(String, String)> = HashSet::new();
+        let mut alive: HashSet<(String, String)> = HashSet::new();
+        for (k, a) in &st.agents {
+            let id = (k.node.clone(), k.agent.clone());
+            if live(a) {
+                alive.insert(id);
+            } else {
+                stale.insert(id);
+            }
+        }
+        stale.retain(|id| !alive.contains(id));
+        if stale.is_empty() {
+            return;
+        }
+        let removed = match self.cfg.aggregate_by {
+            AggregateBy::Agent => st.totals.retain_series(|l| {
+                !(l.len() >= 2 && stale.contains(&(l[0].1.clone(), l[1].1.clone())))
+            }),
+            AggregateBy::Node => {
+                let live_nodes: HashSet<&String> = alive.iter().map(|(n, _)| n).collect();
+                let gone: HashSet<&String> = stale
+                    .iter()
+                    .map(|(n, _)| n)
+                    .filter(|n| !live_nodes.contains(n))
+                    .collect();
+                st.totals
+                    .retain_series(|l| !(l.first().is_some_and(|(_, n)| gone.contains(n))))
+            }
+            AggregateBy::Fleet => 0,
+        };
+        st.agents
+            .retain(|k, _| !stale.contains(&(k.node.clone(), k.agent.clone())));
+        for (node, agent) in &stale {
+            tracing::info!(%node, %agent, series = removed, "agent gone for longer than --agent-retention ({}); pruned its series", humantime::format_duration(retention));
+        }
+        self.metrics.series_pruned.inc_by(removed as u64);
+        self.metrics.series.set(st.totals.series_count() as i64);
+    }
+
+    /// Takes a checkpoint under the lock (clones only) and starts a new epoch: the epoch it
+    /// covers, the totals, dedupe state and models to persist, and the live agents' gauges
+    /// (merged into the view by [`Checkpoint::view`], off the lock).
+    fn checkpoint(&self) -> Checkpoint {
+        let mut st = self.lock();
+        let epoch = st.epoch;
+        st.epoch += 1;
+        let totals = st.totals.clone();
+        let now_ns = unix_now_ns();
+        let instances = st
+            .agents
+            .iter()
+            .map(|(k, a)| infertap_proto::state_pb::AgentInstance {
+                node: k.node.clone(),
+                agent: k.agent.clone(),
+                instance: k.instance,
+                last_sequence: a.last_sequence,
+                last_seen_unix_ns: now_ns.saturating_sub(a.last_seen.elapsed().as_nanos() as u64),
+            })
+            .collect();
+        let models = st.models.iter().cloned().collect();
+        let gauges = st
+            .agents
+            .values()
+            .filter_map(|a| a.gauges.clone())
+            .collect();
+        Checkpoint {
+            epoch,
+            totals,
+            instances,
+            models,
+            gauges,
+        }
+    }
+
+    fn aggregate_name(&self) -> &'static str {
+        match self.cfg.aggregate_by {
+            AggregateBy::Agent => "agent",
+            AggregateBy::Node => "node",
+            AggregateBy::Fleet => "fleet",
+        }
+    }
+
+    /// Loads a persisted state into this (empty) fleet; returns the series restored.
+    fn restore(&self, saved: infertap_proto::state_pb::CollectorState) -> usize {
+        let identity: &[&str] = match self.cfg.aggregate_by {
+            AggregateBy::Agent => &[schema::LABEL_NODE, schema::LABEL_AGENT],
+            AggregateBy::Node => &[schema::LABEL_NODE],
+            AggregateBy::Fleet => &[],
+        };
+        let mut st = self.lock();
+        let totals = saved.totals.unwrap_or_default();
+        let mut rejected = 0usize;
+        let split = |labels: &[infertap_proto::pb::Label]| {
+            let n = identity.len().min(labels.len());
+            let ok = labels[..n]
+                .iter()
+                .zip(identity)
+                .all(|(l, id)| l.name == *id);
+            let prefix: Vec<(String, String)> = labels[..n]
+                .iter()
+                .map(|l| (l.name.clone(), l.value.clone()))
+                .collect();
+            (ok, prefix, labels[n..].to_vec())
+        };
+        for h in &totals.histograms {
+            let (ok, prefix, rest) = split(&h.labels);
+            let one = IntervalReport {
+                histograms: vec![infertap_proto::pb::Histogram {
+                    labels: rest,
+                    ..h.clone()
+                }],
+                ..Default::default()
+            };
+            if !ok
+                || !st
+                    .totals
+                    .apply_report(&one, &prefix, |_, v| v.to_owned())
+                    .is_empty()
+            {
+                rejected += 1;
+            }
+        }
+        for c in &totals.counters {
+            let (ok, prefix, rest) = split(&c.labels);
+            let one = IntervalReport {
+                counters: vec![infertap_proto::pb::Counter {
+                    labels: rest,
+                    ..c.clone()
+                }],
+                ..Default::default()
+            };
+            if !ok
+                || !st
+                    .totals
+                    .apply_report(&one, &prefix, |_, v| v.to_owned())
+                    .is_empty()
+            {
+                rejected += 1;
+            }
+        }
+        if rejected > 0 {
+            tracing::warn!(
+                rejected,
+                "saved series that no longer match the schema were not restored"
+            );
+            self.metrics
+                .rejected_series
+                .get_or_create(&vec![("reason".into(), "state_restore".into())])
+                .inc_by(rejected as u64);
+        }
+        let now_ns = unix_now_ns();
+        for i in saved.instances {
+            let ago = Duration::from_nanos(now_ns.saturating_sub(i.last_seen_unix_ns));
+            st.agents.insert(
+                InstanceKey {
+                    node: i.node,
+                    agent: i.agent,
+                    instance: i.instance,
+                },
+                AgentState {
+                    last_sequence: i.last_sequence,
+                    last_seen: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now),
+                    streams: 0,
+                    gauges: None,
+                },
+            );
+        }
+        st.models.extend(saved.models);
+        self.metrics.series.set(st.totals.series_count() as i64);
+        st.totals.series_count()
     }
 
     /// The merged view: counter and histogram totals plus the gauges of live agents.
@@ -354,8 +664,21 @@ impl Fleet {
 
     /// OpenMetrics text of the merged view and the collector's own metrics.
     pub fn encode_openmetrics(&self) -> Result<String, std::fmt::Error> {
+        self.encode_with(Some(self.snapshot()))
+    }
+
+    /// OpenMetrics text of the collector's own metrics only (what remote write adds to the
+    /// merged view).
+    pub fn encode_self_metrics(&self) -> Result<String, std::fmt::Error> {
+        self.encode_with(None)
+    }
+
+    fn encode_with(&self, view: Option<MetricStore>) -> Result<String, std::fmt::Error> {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(self.snapshot()));
+        if let Some(view) = view {
+            registry.register_collector(Box::new(view));
+        }
+        self.register_fleet_metrics(&mut registry);
         registry.register(
             "infertap_collector_agent_streams",
             "Open agent streams",
@@ -424,6 +747,50 @@ impl Fleet {
         let mut out = String::new();
         encode(&mut out, &registry)?;
         Ok(out)
+    }
+
+    /// Self-metrics of the caps, the persisted state and remote write.
+    fn register_fleet_metrics(&self, registry: &mut Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "infertap_collector_agents_rejected",
+            "Agent streams refused at their hello, by reason (agent_limit: --max-agents)",
+            m.agents_rejected.clone(),
+        );
+        registry.register(
+            "infertap_collector_series",
+            "Merged counter and histogram series held (gauges not included)",
+            m.series.clone(),
+        );
+        registry.register(
+            "infertap_collector_series_pruned",
+            "Series removed because their agent was gone for longer than --agent-retention",
+            m.series_pruned.clone(),
+        );
+        registry.register(
+            "infertap_collector_state_load",
+            "1 for how loading the --state-dir state went at start (loaded, missing, corrupt, version_mismatch, disabled)",
+            m.state_load.clone(),
+        );
+        registry.register(
+            "infertap_collector_state_writes",
+            "State checkpoints written to --state-dir, by result (ok, error)",
+            m.state_writes.clone(),
+        );
+        registry.register(
+            "infertap_collector_state_bytes",
+            "Size of the last state file written",
+            m.state_bytes.clone(),
+        );
+        registry.register(
+            "infertap_collector_state_write_seconds",
+            "Duration of the last state checkpoint write (serialize, write, fsync, rename)",
+            m.state_write_seconds.clone(),
+        );
+        if let Some(rw) = self.remote_write.get() {
+            rw.refresh_gauges();
+            rw.metrics().register(registry);
+        }
     }
 }
 
@@ -501,10 +868,28 @@ impl Collector for CollectorService {
             node = %key.node, agent = %key.agent, instance = format_args!("{:016x}", key.instance),
             pids = ?hello.pids, version = %hello.version, ?peer, "agent connected"
         );
-        self.fleet.connect(&key);
+        self.fleet
+            .connect(&key)
+            .inspect_err(|e| tracing::warn!(node = %key.node, agent = %key.agent, "refused agent: {}", e.message()))?;
         // Acks queue here; one per report, so an agent's unacked window bounds it in practice.
         let (tx, rx) = mpsc::channel(64);
         let fleet = self.fleet.clone();
+        // With a state dir, an ack leaves only once the state holding its report is on disk,
+        // so a collector crash never loses an acked report: the agent re-sends the rest.
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, u64)>();
+        let ack_out = tx.clone();
+        let gated = fleet.cfg.state_dir.is_some();
+        let mut durable = fleet.durable.subscribe();
+        tokio::spawn(async move {
+            while let Some((sequence, epoch)) = ack_rx.recv().await {
+                if gated && durable.wait_for(|d| *d >= epoch).await.is_err() {
+                    return;
+                }
+                if ack_out.send(Ok(Ack { sequence })).await.is_err() {
+                    return;
+                }
+            }
+        });
         tokio::spawn(async move {
             let clean = loop {
                 match inbound.message().await {
@@ -522,7 +907,8 @@ impl Collector for CollectorService {
                         msg: Some(agent_message::Msg::Report(report)),
                     })) => {
                         let seq = report.sequence;
-                        match fleet.apply(&key, &report) {
+                        let (applied, epoch) = fleet.apply_at_epoch(&key, &report);
+                        match applied {
                             ApplyResult::Duplicate => {
                                 tracing::debug!(node = %key.node, agent = %key.agent, seq, "duplicate report acked again")
                             }
@@ -546,8 +932,11 @@ impl Collector for CollectorService {
                                 tracing::debug!(node = %key.node, agent = %key.agent, seq, "report applied")
                             }
                         }
-                        if tx.send(Ok(Ack { sequence: seq })).await.is_err() {
+                        if ack_tx.send((seq, epoch)).is_err() {
                             break false;
+                        }
+                        if gated {
+                            fleet.ack_wanted.notify_one();
                         }
                     }
                     Ok(Some(_)) => {
@@ -605,7 +994,41 @@ pub async fn start(
         (cfg.agent_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let max_message = cfg.max_message_bytes;
     let forward = cfg.forward.clone();
+    let state_interval = cfg.state_interval.max(Duration::from_millis(100));
+    let rw_cfg = cfg.remote_write.clone();
+    let state_dir = match &cfg.state_dir {
+        Some(d) => Some(Arc::new(
+            StateDir::open(d).with_context(|| format!("--state-dir {}", d.display()))?,
+        )),
+        None => None,
+    };
     let fleet = Arc::new(Fleet::new(cfg));
+    let load_result = match &state_dir {
+        None => "disabled",
+        Some(sd) => match sd.load(fleet.aggregate_name()) {
+            Ok(None) => {
+                tracing::info!(path = %sd.path().display(), "no saved state; starting empty");
+                "missing"
+            }
+            Ok(Some(saved)) => {
+                let written = saved.written_unix_ns;
+                let instances = saved.instances.len();
+                let series = fleet.restore(saved);
+                let age = Duration::from_nanos(unix_now_ns().saturating_sub(written));
+                tracing::info!(path = %sd.path().display(), series, instances, age = %humantime::format_duration(Duration::from_secs(age.as_secs())), "restored saved totals and dedupe state");
+                "loaded"
+            }
+            Err(e) => {
+                tracing::error!(path = %sd.path().display(), "saved state not loaded ({e}); starting empty, the next checkpoint replaces it");
+                e.result()
+            }
+        },
+    };
+    fleet
+        .metrics
+        .state_load
+        .get_or_create(&vec![("result".into(), load_result.into())])
+        .set(1);
     let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
     let (http_stop, http_stopped) = oneshot::channel::<()>();
     let (sweep_stop, mut sweep_stopped) = oneshot::channel::<()>();
@@ -644,6 +1067,29 @@ pub async fn start(
             .await
             .context("metrics server")
     });
+
+    let (rw_stop_tx, rw_stop) = tokio::sync::watch::channel(false);
+    if let Some(rc) = rw_cfg.clone() {
+        let rw = Arc::new(RemoteWrite::open(rc)?);
+        tasks.extend(rw.spawn_senders(rw_stop)?);
+        let _ = fleet.remote_write.set(rw);
+    }
+    if state_dir.is_some() || rw_cfg.is_some() {
+        let (cp_stop, cp_stopped) = oneshot::channel::<()>();
+        let rw_every = rw_cfg
+            .as_ref()
+            .map(|c| c.interval.max(Duration::from_millis(100)));
+        let task = tokio::spawn(run_checkpoints(
+            fleet.clone(),
+            state_dir,
+            state_interval,
+            rw_every,
+            cp_stopped,
+            rw_stop_tx,
+        ));
+        stop.push(cp_stop);
+        tasks.push(task);
+    }
 
     let sweep_fleet = fleet.clone();
     let sweep_task = tokio::spawn(async move {
@@ -704,6 +1150,127 @@ impl RunningCollector {
             Ok(Err(e)) => e,
             Err(e) => anyhow::Error::new(e).context("collector task panicked"),
         }
+    }
+}
+
+/// Checkpoints: the state is written every `state_interval`, and sooner when acks are waiting
+/// for it (group commit: one write covers every report applied before it), but never more
+/// often than ten times the last write took (at least 100 ms apart), so writing the state costs
+/// at most about a tenth of a core however busy the fleet. Acks waiting for it are then
+/// released. Every `rw_every` the same checkpoint also goes to remote write. The snapshot sent
+/// is the state just persisted, so a restarted collector never reports less than a store has
+/// already seen (no false counter resets). On stop: a last checkpoint, up to 5 s for the
+/// senders to drain, then the senders stop.
+async fn run_checkpoints(
+    fleet: Arc<Fleet>,
+    state_dir: Option<Arc<StateDir>>,
+    state_interval: Duration,
+    rw_every: Option<Duration>,
+    mut stopped: oneshot::Receiver<()>,
+    rw_stop: tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let mut state_tick = tokio::time::interval(state_interval);
+    state_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rw_tick = tokio::time::interval(rw_every.unwrap_or(Duration::from_secs(3600)));
+    rw_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_write = Instant::now();
+    let mut last_took = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = state_tick.tick(), if state_dir.is_some() => {
+                let t = Instant::now();
+                checkpoint_once(&fleet, state_dir.clone(), false).await;
+                (last_write, last_took) = (Instant::now(), t.elapsed());
+            }
+            _ = fleet.ack_wanted.notified(), if state_dir.is_some() => {
+                let gap = (last_took * 10).max(Duration::from_millis(100)).min(state_interval);
+                let wait = gap.saturating_sub(last_write.elapsed());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut stopped => break,
+                }
+                let t = Instant::now();
+                checkpoint_once(&fleet, state_dir.clone(), false).await;
+                (last_write, last_took) = (Instant::now(), t.elapsed());
+            }
+            _ = rw_tick.tick(), if rw_every.is_some() => {
+                let t = Instant::now();
+                checkpoint_once(&fleet, state_dir.clone(), true).await;
+                (last_write, last_took) = (Instant::now(), t.elapsed());
+            }
+            _ = &mut stopped => break,
+        }
+    }
+    checkpoint_once(&fleet, state_dir.clone(), rw_every.is_some()).await;
+    if let Some(rw) = fleet.remote_write.get() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if rw.all_sent() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let _ = rw_stop.send(true);
+    Ok(())
+}
+
+async fn checkpoint_once(fleet: &Arc<Fleet>, state_dir: Option<Arc<StateDir>>, remote: bool) {
+    let cp = fleet.checkpoint();
+    let self_text = if remote {
+        fleet.encode_self_metrics().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let f = fleet.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let view = remote.then(|| cp.view());
+        let Checkpoint {
+            epoch,
+            totals,
+            instances,
+            models,
+            ..
+        } = cp;
+        if let Some(sd) = state_dir {
+            let started = Instant::now();
+            let saved = infertap_proto::state_pb::CollectorState {
+                format_version: state::FORMAT_VERSION,
+                schema_version: schema::SCHEMA_VERSION,
+                written_unix_ns: unix_now_ns(),
+                aggregate_by: f.aggregate_name().into(),
+                totals: Some(totals.interval_report(&MetricStore::new(), 0, 0)),
+                instances,
+                models,
+            };
+            let result = match sd.write(&saved) {
+                Ok(bytes) => {
+                    f.metrics.state_bytes.set(bytes as i64);
+                    "ok"
+                }
+                Err(e) => {
+                    // Acks are released anyway: holding them would only make agents buffer
+                    // until their own bound; the log and the counter say state is not durable.
+                    tracing::error!(path = %sd.path().display(), "writing the state checkpoint failed: {e}");
+                    "error"
+                }
+            };
+            f.metrics
+                .state_writes
+                .get_or_create(&vec![("result".into(), result.into())])
+                .inc();
+            f.metrics
+                .state_write_seconds
+                .set(started.elapsed().as_secs_f64());
+        }
+        f.durable.send_modify(|d| *d = (*d).max(epoch));
+        if let (Some(view), Some(rw)) = (view, f.remote_write.get()) {
+            rw.enqueue_snapshot(&view, &self_text, (unix_now_ns() / 1_000_000) as i64);
+        }
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!("checkpoint task failed: {e}");
     }
 }
 
@@ -791,8 +1358,8 @@ mod tests {
             ..Default::default()
         });
         let (k1, k2) = (key("n1"), key("n2"));
-        fleet.connect(&k1);
-        fleet.connect(&k2);
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
         assert_eq!(
             fleet.apply(&k1, &report(1, 2, 1.0)),
             ApplyResult::Applied { rejected_series: 0 }
@@ -827,8 +1394,8 @@ mod tests {
             ..Default::default()
         });
         let (k1, k2) = (key("n1"), key("n2"));
-        fleet.connect(&k1);
-        fleet.connect(&k2);
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
         fleet.apply(&k1, &report(1, 1, 3.0));
         fleet.apply(&k2, &report(1, 1, 5.0));
         let g = |f: &Fleet, n: &str| {
@@ -865,7 +1432,7 @@ mod tests {
             ..Default::default()
         });
         let k = key("n");
-        fleet.connect(&k);
+        fleet.connect(&k).unwrap();
         let mut r = report(1, 1, 0.0);
         fleet.apply(&k, &r);
         r.sequence = 2;
@@ -900,7 +1467,7 @@ mod tests {
             instance: 3,
         };
         for (k, n) in [(&a, 1), (&b, 2), (&c, 4)] {
-            fleet.connect(k);
+            fleet.connect(k).unwrap();
             fleet.apply(k, &report(1, n, n as f64));
         }
         let view = fleet.snapshot();
@@ -918,6 +1485,131 @@ mod tests {
                 &vec![("node".into(), "n1".into())]
             ),
             Some(3.0)
+        );
+    }
+
+    #[test]
+    fn series_and_agent_caps_refuse_and_count() {
+        let fleet = Fleet::new(CollectorConfig {
+            max_series: 3,
+            max_agents: 2,
+            ..Default::default()
+        });
+        let (k1, k2, k3) = (key("n1"), key("n2"), key("n3"));
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
+        let err = fleet.connect(&k3).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // A second stream of a known identity is not a new agent.
+        fleet.connect(&k1).unwrap();
+        // n1: histogram + counter + gauge = 3 series; n2's are all new and refused.
+        fleet.apply(&k1, &report(1, 1, 1.0));
+        fleet.apply(&k2, &report(1, 1, 1.0));
+        let view = fleet.snapshot();
+        assert_eq!(view.series_count(), 3);
+        assert_eq!(
+            view.counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", "n2"), ("agent", "a")])
+            ),
+            None
+        );
+        let text = fleet.encode_openmetrics().unwrap();
+        assert!(
+            text.contains(r#"infertap_collector_rejected_series_total{reason="series_limit"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"infertap_collector_agents_rejected_total{reason="agent_limit"} 1"#),
+            "{text}"
+        );
+        // Existing series keep taking deltas.
+        fleet.apply(&k1, &report(2, 5, 1.0));
+        assert_eq!(
+            fleet.snapshot().counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", "n1"), ("agent", "a")])
+            ),
+            Some(6)
+        );
+    }
+
+    #[test]
+    fn stale_agents_are_pruned_after_the_retention() {
+        let fleet = Fleet::new(CollectorConfig {
+            agent_retention: Duration::from_millis(50),
+            agent_timeout: Duration::from_millis(10),
+            ..Default::default()
+        });
+        let (k1, k2) = (key("n1"), key("n2"));
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
+        fleet.apply(&k1, &report(1, 1, 1.0));
+        fleet.apply(&k2, &report(1, 2, 1.0));
+        fleet.disconnect(&k1, true);
+        std::thread::sleep(Duration::from_millis(80));
+        fleet.sweep();
+        let view = fleet.snapshot();
+        let c = |n: &str| {
+            view.counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", n), ("agent", "a")]),
+            )
+        };
+        assert_eq!(c("n1"), None, "gone longer than the retention: pruned");
+        assert_eq!(c("n2"), Some(2), "still connected: kept");
+        // Its dedupe state went too: the same instance starts over.
+        fleet.connect(&k1).unwrap();
+        assert_eq!(
+            fleet.apply(&k1, &report(1, 1, 1.0)),
+            ApplyResult::Applied { rejected_series: 0 }
+        );
+    }
+
+    #[test]
+    fn checkpoint_restores_totals_and_dedupe_exactly() {
+        let fleet = Fleet::new(CollectorConfig::default());
+        let (k1, k2) = (key("n1"), key("n2"));
+        fleet.connect(&k1).unwrap();
+        fleet.connect(&k2).unwrap();
+        fleet.apply(&k1, &report(1, 3, 1.0));
+        fleet.apply(&k1, &report(2, 4, 1.0));
+        fleet.apply(&k2, &report(5, 7, 2.0));
+        let Checkpoint {
+            epoch,
+            totals,
+            instances,
+            models,
+            ..
+        } = fleet.checkpoint();
+        assert_eq!(fleet.checkpoint().epoch, epoch + 1);
+        let saved = infertap_proto::state_pb::CollectorState {
+            format_version: state::FORMAT_VERSION,
+            schema_version: schema::SCHEMA_VERSION,
+            written_unix_ns: unix_now_ns(),
+            aggregate_by: "agent".into(),
+            totals: Some(totals.interval_report(&MetricStore::new(), 0, 0)),
+            instances,
+            models,
+        };
+        let back = Fleet::new(CollectorConfig::default());
+        assert_eq!(back.restore(saved), totals.series_count());
+        let mut restored = back.snapshot();
+        restored.clear_gauges();
+        assert_eq!(restored, totals);
+        // Re-sent reports the saved state covers are duplicates; newer ones apply.
+        back.connect(&k1).unwrap();
+        assert_eq!(back.apply(&k1, &report(2, 4, 1.0)), ApplyResult::Duplicate);
+        assert_eq!(
+            back.apply(&k1, &report(3, 1, 1.0)),
+            ApplyResult::Applied { rejected_series: 0 }
+        );
+        assert_eq!(
+            back.snapshot().counter(
+                &schema::REQUESTS,
+                &req_labels(&[("node", "n1"), ("agent", "a")])
+            ),
+            Some(8)
         );
     }
 }

@@ -3,6 +3,7 @@
 //! the library docs for the merging rules.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,6 +11,7 @@ use clap::Parser;
 use infertap_collector::forward::ForwardConfig;
 use infertap_collector::otlp::{OtlpMetricsConfig, OtlpMetricsExporter};
 use infertap_collector::profiles::ProfileStoreConfig;
+use infertap_collector::remote_write::RemoteWriteConfig;
 use infertap_collector::{AggregateBy, CollectorConfig};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -61,8 +63,91 @@ struct Args {
     /// Profiles waiting to be forwarded; past it new ones are dropped (and counted).
     #[arg(long, default_value_t = 1024)]
     profiles_queue: usize,
+    /// Directory of the persisted totals and dedupe state (`state.bin`), loaded at start and
+    /// written every `--state-interval` and on shutdown.
+    #[arg(
+        long,
+        default_value = "/var/lib/infertap-collector",
+        env = "INFERTAP_COLLECTOR_STATE_DIR"
+    )]
+    state_dir: PathBuf,
+    /// Keep everything in memory only (totals reset on restart; acks sent at once).
+    #[arg(long)]
+    no_state: bool,
+    /// How often the state is written; acks wait for the write covering their report.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    state_interval: Duration,
+    /// Prometheus remote-write endpoint (repeatable), e.g.
+    /// `http://victoria:8428/api/v1/write` or `http://prometheus:9090/api/v1/write`.
+    #[arg(
+        long = "remote-write-url",
+        env = "INFERTAP_REMOTE_WRITE_URL",
+        value_delimiter = ','
+    )]
+    remote_write_urls: Vec<String>,
+    /// Snapshot period of remote write.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    remote_write_interval: Duration,
+    /// Parent directory of the durable per-URL remote-write queues.
+    #[arg(long, default_value = "/var/lib/infertap-collector/remote-write")]
+    remote_write_dir: PathBuf,
+    /// Byte bound of each URL's queue; past it the oldest data is dropped (and counted).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    remote_write_max_bytes: usize,
+    /// Most samples in one remote-write request.
+    #[arg(long, default_value_t = 10_000)]
+    remote_write_max_samples: usize,
+    /// Label added to every remote-written series (repeatable), e.g. `cluster=eu1`.
+    #[arg(long = "remote-write-label", value_parser = parse_label)]
+    remote_write_labels: Vec<(String, String)>,
+    /// Header sent with every remote-write request (repeatable), e.g.
+    /// `X-Scope-OrgID: tenant1` (Mimir) or `Authorization: Bearer ...`.
+    #[arg(long = "remote-write-header", value_parser = parse_header)]
+    remote_write_headers: Vec<(String, String)>,
+    /// Longest wait between retries of a failed remote-write request (backoff doubles from
+    /// 500 ms up to this; a store's Retry-After is honoured).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    remote_write_max_backoff: Duration,
+    /// Timeout of one remote-write request.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    remote_write_timeout: Duration,
+    /// Most merged series; new series past it are refused and counted.
+    #[arg(long, default_value_t = infertap_collector::DEFAULT_MAX_SERIES)]
+    max_series: usize,
+    /// Most distinct agents (node + agent id); a new one past it is refused at its hello.
+    #[arg(long, default_value_t = infertap_collector::DEFAULT_MAX_AGENTS)]
+    max_agents: usize,
+    /// Remove the series of an agent gone (no stream, no report) for this long.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    agent_retention: Duration,
     #[command(flatten)]
     otlp: OtlpArgs,
+}
+
+/// `name=value` for `--remote-write-label`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected name=value"))?;
+    let k = k.trim();
+    let valid = !k.is_empty()
+        && !k.starts_with("__")
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !k.starts_with(|c: char| c.is_ascii_digit());
+    if !valid {
+        return Err(format!("{k:?} is not a valid label name"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// `Name: value` for `--remote-write-header`.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected 'Name: value'"))?;
+    hyper::http::HeaderName::from_bytes(k.trim().as_bytes()).map_err(|e| format!("{k:?}: {e}"))?;
+    hyper::http::HeaderValue::from_str(v.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
 /// OTLP export of the merged metrics.
@@ -130,6 +215,10 @@ async fn main() -> anyhow::Result<()> {
         args.profile_retention > Duration::ZERO,
         "--profile-retention must be positive"
     );
+    anyhow::ensure!(
+        args.state_interval > Duration::ZERO && args.remote_write_interval > Duration::ZERO,
+        "--state-interval and --remote-write-interval must be positive"
+    );
     let cfg = CollectorConfig {
         agent_timeout: args.agent_timeout,
         aggregate_by: args.aggregate_by,
@@ -145,6 +234,25 @@ async fn main() -> anyhow::Result<()> {
             f.queue = args.profiles_queue;
             f
         }),
+        state_dir: (!args.no_state).then(|| args.state_dir.clone()),
+        state_interval: args.state_interval,
+        remote_write: (!args.remote_write_urls.is_empty()).then(|| {
+            let mut rw = RemoteWriteConfig::new(
+                args.remote_write_urls.clone(),
+                args.remote_write_dir.clone(),
+            );
+            rw.interval = args.remote_write_interval;
+            rw.max_bytes = args.remote_write_max_bytes as u64;
+            rw.max_samples_per_send = args.remote_write_max_samples.max(1);
+            rw.external_labels = args.remote_write_labels.clone();
+            rw.headers = args.remote_write_headers.clone();
+            rw.timeout = args.remote_write_timeout;
+            rw.backoff_max = args.remote_write_max_backoff.max(rw.backoff_min);
+            rw
+        }),
+        max_series: args.max_series,
+        max_agents: args.max_agents,
+        agent_retention: args.agent_retention,
     };
     let mut collector = infertap_collector::start(cfg, grpc, metrics).await?;
     let otlp = match &args.otlp.otlp_endpoint {

@@ -14,3 +14,14 @@ pub mod store;
 pub mod pb {
     tonic::include_proto!("infertap.v1");
 }
+
+/// Prometheus remote-write 1.0 messages (`prometheus.WriteRequest`, `TimeSeries`, ...), generated
+/// from Prometheus's own `prompb/remote.proto` and `prompb/types.proto` (vendored in `proto/`).
+pub mod prompb {
+    tonic::include_proto!("prometheus");
+}
+
+/// The collector's persisted state (`--state-dir`): merged totals and per-instance dedupe.
+pub mod state_pb {
+    tonic::include_proto!("infertap.state.v1");
+}

@@ -398,6 +398,92 @@ impl MetricStore {
         errors
     }
 
+    /// Every counter series of `def` (cumulative totals in a merged store), in label order.
+    pub fn counters<'a>(&'a self, def: &MetricDef) -> impl Iterator<Item = (&'a Labels, u64)> + 'a {
+        series(&self.counters, def.name).map(|(l, v)| (l, *v))
+    }
+
+    /// Every gauge series of `def`, in label order.
+    pub fn gauges<'a>(&'a self, def: &MetricDef) -> impl Iterator<Item = (&'a Labels, f64)> + 'a {
+        series(&self.gauges, def.name).map(|(l, v)| (l, *v))
+    }
+
+    /// Like [`MetricStore::merge`], but a series `self` does not hold yet is only added while
+    /// `self` has fewer than `max_series` series; the others are left out and counted (the
+    /// return value). Existing series always take their deltas.
+    pub fn merge_capped(
+        &mut self,
+        other: &MetricStore,
+        max_series: usize,
+    ) -> Result<usize, StoreError> {
+        let mut refused = 0;
+        for ((name, labels), h) in &other.histograms {
+            let total = self.series_count();
+            match self.histograms.get_mut(&(*name, labels.clone())) {
+                Some(mine) => mine.merge(h)?,
+                None if total < max_series => {
+                    self.histograms.insert((name, labels.clone()), h.clone());
+                }
+                None => refused += 1,
+            }
+        }
+        for ((name, labels), v) in &other.counters {
+            let total = self.series_count();
+            match self.counters.get_mut(&(*name, labels.clone())) {
+                Some(c) => *c = c.saturating_add(*v),
+                None if total < max_series => {
+                    self.counters.insert((name, labels.clone()), *v);
+                }
+                None => refused += 1,
+            }
+        }
+        for ((name, labels), v) in &other.gauges {
+            let total = self.series_count();
+            match self.gauges.get_mut(&(*name, labels.clone())) {
+                Some(g) => *g += v,
+                None if total < max_series => {
+                    self.gauges.insert((name, labels.clone()), *v);
+                }
+                None => refused += 1,
+            }
+        }
+        Ok(refused)
+    }
+
+    /// The series of `self` that `other` does not hold (values from `self`): what disappeared
+    /// between two snapshots.
+    pub fn without(&self, other: &MetricStore) -> MetricStore {
+        MetricStore {
+            histograms: self
+                .histograms
+                .iter()
+                .filter(|(k, _)| !other.histograms.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            counters: self
+                .counters
+                .iter()
+                .filter(|(k, _)| !other.counters.contains_key(*k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            gauges: self
+                .gauges
+                .iter()
+                .filter(|(k, _)| !other.gauges.contains_key(*k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        }
+    }
+
+    /// Keeps only the series whose labels `keep` accepts; returns how many were removed.
+    pub fn retain_series(&mut self, mut keep: impl FnMut(&Labels) -> bool) -> usize {
+        let before = self.series_count();
+        self.histograms.retain(|k, _| keep(&k.1));
+        self.counters.retain(|k, _| keep(&k.1));
+        self.gauges.retain(|k, _| keep(&k.1));
+        before - self.series_count()
+    }
+
     /// OpenMetrics text of this store alone (see [`Collector`] to combine it with other metrics).
     pub fn encode_openmetrics(&self) -> Result<String, fmt::Error> {
         let mut registry = Registry::default();

@@ -311,6 +311,8 @@ impl Collector {
             .arg(grpc_addr.to_string())
             .arg("--metrics-addr")
             .arg(metrics_addr.to_string())
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

@@ -61,13 +61,33 @@ pub struct CollectorProcess {
     child: Child,
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// Temporary `--state-dir` when the caller gave none.
+    _state: Option<tempfile::TempDir>,
 }
 
 impl CollectorProcess {
     /// Starts the collector with `--grpc-addr grpc --metrics-addr 127.0.0.1:0` plus `extra` args
     /// and waits for its "listening" line.
+    /// Without `--state-dir`/`--no-state` in `extra`, the state goes to a temporary directory
+    /// (the default `/var/lib/infertap-collector` would be shared by parallel tests).
     pub fn start(grpc: SocketAddr, extra: &[&str]) -> anyhow::Result<CollectorProcess> {
-        let mut child = Command::new(collector_binary()?)
+        let own_state = !extra
+            .iter()
+            .any(|a| *a == "--state-dir" || *a == "--no-state");
+        let state = if own_state {
+            Some(
+                tempfile::Builder::new()
+                    .prefix("infertap-cstate-")
+                    .tempdir()?,
+            )
+        } else {
+            None
+        };
+        let mut cmd = Command::new(collector_binary()?);
+        if let Some(d) = &state {
+            cmd.arg("--state-dir").arg(d.path());
+        }
+        let mut child = cmd
             .args([
                 "--grpc-addr",
                 &grpc.to_string(),
@@ -114,7 +134,13 @@ impl CollectorProcess {
             child,
             grpc_addr,
             metrics_addr,
+            _state: state,
         })
+    }
+
+    /// The collector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no graceful shutdown, like a crash.
@@ -282,6 +308,11 @@ impl Metrics {
             text: text.to_owned(),
             samples,
         })
+    }
+
+    /// Every sample: name, labels, value.
+    pub fn samples(&self) -> &[(String, BTreeMap<String, String>, f64)] {
+        &self.samples
     }
 
     /// The sample `name` whose labels are exactly `labels`.

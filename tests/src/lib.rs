@@ -29,6 +29,7 @@ pub mod prereq;
 pub mod prometheus;
 pub mod report;
 pub mod servers;
+pub mod stores;
 pub mod tools;
 pub mod wire;
 

@@ -56,6 +56,14 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
+    /// Collector under a simulated fleet remote-writing into a real VictoriaMetrics: 1,000
+    /// agents at a 10 s interval (CPU, RSS, remote-write lag, report size), then a 5-minute
+    /// store outage at 100 agents (samples lost, disk used); JSON in target/bench/collector.json.
+    BenchCollector {
+        /// Arguments for the driver (`--agents`, `--interval`, `--duration`, `--outage`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Set up, build, then measure fidelity and overhead (needs root), the cost and unwind
     /// success of continuous profiling, then the GPU-side costs (CUDA uprobes, NVML sampler,
     /// CUPTI records); JSON in target/bench/.
@@ -94,6 +102,33 @@ fn main() -> Result<()> {
             setup(&SetupArgs::default())?;
             build()?;
             exec_as_root(&release_bin("demo"), &args)
+        }
+        Cmd::BenchCollector { args } => {
+            let st = cargo()
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "infertap-collector",
+                    "--bin",
+                    "infertap-collector",
+                ])
+                .status()?;
+            if !st.success() {
+                bail!("building the collector failed ({st})");
+            }
+            let st = cargo()
+                .args(["build", "-p", "infertap-tests", "--bin", "bench_collector"])
+                .env("AYA_BUILD_SKIP", "1")
+                .status()?;
+            if !st.success() {
+                bail!("building bench_collector failed ({st})");
+            }
+            let st = Command::new(target_dir().join("debug").join("bench_collector"))
+                .args(&args)
+                .env("INFERTAP_COLLECTOR_BIN", release_bin("infertap-collector"))
+                .status()?;
+            std::process::exit(st.code().unwrap_or(1));
         }
         Cmd::Bench { gpu_only, args } => {
             setup(&SetupArgs::default())?;
