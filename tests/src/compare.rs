@@ -213,6 +213,7 @@ mod tests {
             request_last_unix_ns: t0 + 10,
             request_bytes: 50,
             request_complete: true,
+            request_target: "POST /v1/chat/completions".into(),
             response: Some(resp(t0)),
         };
         WireRun {
@@ -236,6 +237,35 @@ mod tests {
                 exchanges: vec![ex(0, 1_000), ex(1, 10_000), ex(2, 20_000)],
             }],
         }
+    }
+
+    #[test]
+    fn metrics_scrapes_on_the_wire_are_not_judged() {
+        let mut wire = wire_run();
+        wire.conns[0].exchanges[2].request_target = "GET /metrics".into();
+        let a = |seq: u32, t0: u64| AgentRecord {
+            peer: Some("[::1]:5000".into()),
+            seq_on_conn: seq,
+            start_unix_ns: t0,
+            first_token_unix_ns: Some(t0 + 1_000),
+            token_unix_ns: vec![t0 + 1_000, t0 + 2_000],
+            end_unix_ns: t0 + 3_000,
+            output_tokens: Some(2),
+            ..Default::default()
+        };
+        let f = wire_fidelity(&[a(0, 1_000), a(1, 10_000)], &wire, None);
+        assert_eq!(
+            (
+                f.wire_exchanges,
+                f.metrics_scrapes,
+                f.joined,
+                f.unmatched_wire
+            ),
+            (2, 1, 2, 0)
+        );
+        // An agent record for the scrape is one the agent should not have made.
+        let f = wire_fidelity(&[a(0, 1_000), a(1, 10_000), a(2, 20_000)], &wire, None);
+        assert_eq!((f.joined, f.unmatched_agent), (2, 1));
     }
 
     #[test]
@@ -503,6 +533,10 @@ pub struct WireFidelity {
     pub unmatched_agent: usize,
     /// Wire exchanges with a response but no agent record.
     pub unmatched_wire: usize,
+    /// `GET /metrics` exchanges on the wire: the agent's own reads of the engine's metrics
+    /// endpoint (the tests' clients never ask for it), which it does not report as requests.
+    /// Not judged; an agent record for one counts in `unmatched_agent`.
+    pub metrics_scrapes: usize,
     /// Joined records in which the agent reported `arrival_unix_ns`.
     pub agent_arrival_reported: usize,
     /// Agent start (arrival, else start) − packet carrying the request's first byte (the
@@ -593,6 +627,10 @@ pub fn wire_fidelity(
     };
     for (conn, x) in wire.exchanges() {
         let Some(r) = &x.response else { continue };
+        if x.request_target == "GET /metrics" {
+            out.metrics_scrapes += 1;
+            continue;
+        }
         out.wire_exchanges += 1;
         let key = (conn.client.as_str(), x.seq_on_conn);
         let who = format!("{} seq {}", conn.client, x.seq_on_conn);

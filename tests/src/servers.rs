@@ -203,9 +203,15 @@ impl ScriptedServer {
         self.child.id()
     }
 
-    /// Every exchange logged so far.
+    /// Every exchange logged so far, but the agent's own reads of the server's `/metrics`
+    /// (`GET /metrics`: the tests' clients never ask for it; the agent reads it on every
+    /// listening port of a traced server and does not report those reads as requests).
     pub fn emissions(&self) -> Result<Vec<Emission>> {
-        read_jsonl(&self.emit_log)
+        let all: Vec<Emission> = read_jsonl(&self.emit_log)?;
+        Ok(all
+            .into_iter()
+            .filter(|e| !(e.method == "GET" && e.path == "/metrics"))
+            .collect())
     }
 
     /// Waits until at least `n` exchanges are logged.

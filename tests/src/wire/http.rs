@@ -49,6 +49,8 @@ pub struct WireExchange {
     pub request_bytes: u64,
     /// False when the connection ended before the whole request was sent.
     pub request_complete: bool,
+    /// Method and path of the request line, without the query (`GET /metrics`).
+    pub request_target: String,
     pub response: Option<WireResponse>,
 }
 
@@ -219,6 +221,17 @@ fn frame_body(d: &[u8], at: usize, h: &Head, until_close: bool) -> (Body, usize,
         (body, d.len(), true)
     } else {
         (body, at, true)
+    }
+}
+
+/// `METHOD /path` of a request's first line (query cut off); empty when it has none.
+fn request_target(req: &[u8]) -> String {
+    let line_end = find(req, b"\r\n", 0).unwrap_or(req.len());
+    let line = String::from_utf8_lossy(&req[..line_end]);
+    let mut it = line.split(' ');
+    match (it.next(), it.next()) {
+        (Some(m), Some(t)) => format!("{m} {}", t.split('?').next().unwrap_or(t)),
+        _ => String::new(),
     }
 }
 
@@ -463,6 +476,7 @@ pub fn exchanges(c: &TcpConn) -> WireConn {
             request_last_unix_ns: q.time_of(a, e).unwrap_or(0),
             request_bytes: (e - a) as u64,
             request_complete: complete,
+            request_target: request_target(&q.data[a..e]),
             response: None,
         };
         // Responses in order; interim 1xx responses (except 101) precede the final one.

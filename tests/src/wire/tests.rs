@@ -168,6 +168,7 @@ fn keep_alive_exchanges_with_coalesced_and_split_events() {
         (Some(80), Some(81))
     );
     assert_eq!(c.exchanges.len(), 2);
+    assert_eq!(c.exchanges[0].request_target, "POST /v1/chat/completions");
     let x = &c.exchanges[0];
     assert_eq!(
         (
@@ -402,4 +403,14 @@ fn syn_retransmit_is_one_connection_a_new_isn_another() {
     assert_eq!(conns[1].syn_count, 1);
     assert_eq!(conns[1].exchanges[0].request_first_unix_ns, 5_010);
     assert_eq!(conns[1].request_bytes, REQ.len() as u64);
+}
+
+#[test]
+fn request_target_is_method_and_path_without_query() {
+    let mut cv = Conv::new(C, S);
+    cv.client(10, b"GET /metrics?name=x HTTP/1.1\r\nHost: x\r\n\r\n");
+    cv.server(20, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    cv.fins(30);
+    let conns = from_packets(&cv.out, 8000);
+    assert_eq!(conns[0].exchanges[0].request_target, "GET /metrics");
 }
