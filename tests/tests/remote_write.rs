@@ -228,13 +228,21 @@ async fn store_matches_metrics_exactly(kind: Kind, test: &str) {
         expected.len(),
         "{kind:?} has other series: {got:?}"
     );
-    // The collector's own metrics travel too.
-    let own = store
-        .query(
-            "infertap_collector_remote_write_samples_sent_total",
-            now_s(),
-        )
-        .unwrap();
+    // The collector's own metrics travel too (polled like the others: the store indexes a
+    // new series after a short delay).
+    let end = Instant::now() + WAIT;
+    let own = loop {
+        let own = store
+            .query(
+                "infertap_collector_remote_write_samples_sent_total",
+                now_s(),
+            )
+            .unwrap();
+        if !own.is_empty() || Instant::now() > end {
+            break own;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     assert_eq!(own.len(), 1, "{own:?}");
     // An agent that leaves cleanly loses its gauges on the collector; the next snapshot marks
     // them stale, so the store stops answering them at once (not after its 5 min lookback).
