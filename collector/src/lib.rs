@@ -581,15 +581,9 @@ impl Fleet {
                 .collect();
             (ok, prefix, labels[n..].to_vec())
         };
-        for h in &totals.histograms {
-            let (ok, prefix, rest) = split(&h.labels);
-            let one = IntervalReport {
-                histograms: vec![infertap_proto::pb::Histogram {
-                    labels: rest,
-                    ..h.clone()
-                }],
-                ..Default::default()
-            };
+        // Each saved series is applied on its own, as a one-series report under its identity
+        // prefix, so one that no longer fits the schema is skipped and counted alone.
+        let mut apply = |ok: bool, prefix: Vec<(String, String)>, one: IntervalReport| {
             if !ok
                 || !st
                     .totals
@@ -598,24 +592,36 @@ impl Fleet {
             {
                 rejected += 1;
             }
+        };
+        for h in &totals.histograms {
+            let (ok, prefix, rest) = split(&h.labels);
+            let histograms = vec![infertap_proto::pb::Histogram {
+                labels: rest,
+                ..h.clone()
+            }];
+            apply(
+                ok,
+                prefix,
+                IntervalReport {
+                    histograms,
+                    ..Default::default()
+                },
+            );
         }
         for c in &totals.counters {
             let (ok, prefix, rest) = split(&c.labels);
-            let one = IntervalReport {
-                counters: vec![infertap_proto::pb::Counter {
-                    labels: rest,
-                    ..c.clone()
-                }],
-                ..Default::default()
-            };
-            if !ok
-                || !st
-                    .totals
-                    .apply_report(&one, &prefix, |_, v| v.to_owned())
-                    .is_empty()
-            {
-                rejected += 1;
-            }
+            let counters = vec![infertap_proto::pb::Counter {
+                labels: rest,
+                ..c.clone()
+            }];
+            apply(
+                ok,
+                prefix,
+                IntervalReport {
+                    counters,
+                    ..Default::default()
+                },
+            );
         }
         if rejected > 0 {
             tracing::warn!(

@@ -320,21 +320,12 @@ impl OtlpClient {
         attempts: u32,
         on_failure: &mut (dyn FnMut(&tonic::Status) + Send),
     ) -> Option<ExportTraceServiceResponse> {
-        let mut backoff = self.cfg.backoff_min;
-        for attempt in 1..=attempts.max(1) {
-            match self.traces.clone().export(self.request(msg.clone())).await {
-                Ok(r) => return Some(r.into_inner()),
-                Err(status) => {
-                    on_failure(&status);
-                    if !retryable(status.code()) || attempt >= attempts {
-                        return None;
-                    }
-                }
-            }
-            tokio::time::sleep(jitter(backoff)).await;
-            backoff = (backoff * 2).min(self.cfg.backoff_max);
-        }
-        None
+        self.with_retries(attempts, on_failure, || {
+            let mut c = self.traces.clone();
+            let req = self.request(msg.clone());
+            async move { c.export(req).await }
+        })
+        .await
     }
 
     /// Exports metrics, like [`OtlpClient::export_traces`].
@@ -344,9 +335,29 @@ impl OtlpClient {
         attempts: u32,
         on_failure: &mut (dyn FnMut(&tonic::Status) + Send),
     ) -> Option<ExportMetricsServiceResponse> {
+        self.with_retries(attempts, on_failure, || {
+            let mut c = self.metrics.clone();
+            let req = self.request(msg.clone());
+            async move { c.export(req).await }
+        })
+        .await
+    }
+
+    /// Runs `call` until it succeeds, fails with a non-retryable code or has been made
+    /// `attempts` times, with capped exponential backoff and jitter between calls.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        attempts: u32,
+        on_failure: &mut (dyn FnMut(&tonic::Status) + Send),
+        mut call: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let mut backoff = self.cfg.backoff_min;
         for attempt in 1..=attempts.max(1) {
-            match self.metrics.clone().export(self.request(msg.clone())).await {
+            match call().await {
                 Ok(r) => return Some(r.into_inner()),
                 Err(status) => {
                     on_failure(&status);
